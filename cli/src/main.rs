@@ -1,0 +1,52 @@
+//! The `kubeshift` binary: parses the command line and calls the libraries.
+
+mod lab_cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kubeshift", version, about = "Migrate a live Kubernetes cluster from iptables networking to an eBPF datapath, node pool by node pool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A real multi-node cluster on this machine, to rehearse migrations and to test kubeshift.
+    Lab(lab_cmd::LabArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=off,kube_client=off,hyper=warn,rustls=warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // CNI plugins speak JSON on stdout and must not log there or start a runtime.
+    if let Command::Lab(lab_cmd::LabArgs { command: lab_cmd::LabCommand::CniPlugin { name } }) = &cli.command {
+        return if kubeshift_lab::cni_plugins::main(name) { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Lab(args) => lab_cmd::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

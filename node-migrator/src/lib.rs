@@ -1,0 +1,2 @@
+//! The per-node migration state machine (DESIGN.md, "Phases of one node").
+//! Not built yet: see the open node-migrator issue.

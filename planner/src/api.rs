@@ -1,0 +1,137 @@
+//! What the Kubernetes API says about Services and their ready endpoints, in
+//! plain data. Discovery fills it from core/v1 Services plus EndpointSlices (or
+//! core/v1 Endpoints where slices are not served); tests build it by hand.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    ClientIP,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiServicePort {
+    /// Empty for a single unnamed port.
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP` as the API spells it.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    #[serde(default)]
+    pub node_port: Option<u16>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiEndpointPort {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+/// One endpoint address with its ports (EndpointSlice shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiEndpoint {
+    pub ip: String,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    pub ports: Vec<ApiEndpointPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiService {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub service_type: ServiceType,
+    /// `None` or `"None"` for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    pub ports: Vec<ApiServicePort>,
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
+    /// status.loadBalancer.ingress[].ip
+    #[serde(default, rename = "lbIngressIPs")]
+    pub lb_ingress_ips: Vec<String>,
+    #[serde(default)]
+    pub lb_source_ranges: Vec<String>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    /// sessionAffinityConfig.clientIP.timeoutSeconds (API default 10800).
+    #[serde(default)]
+    pub session_affinity_timeout: Option<u32>,
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
+    #[serde(default)]
+    pub endpoints: Vec<ApiEndpoint>,
+}
+
+impl ApiService {
+    /// kube-proxy writes no rules for these.
+    pub fn is_proxied(&self) -> bool {
+        self.service_type != ServiceType::ExternalName
+            && matches!(self.cluster_ip.as_deref(), Some(ip) if !ip.is_empty() && ip != "None")
+    }
+
+    /// Ready `ip:port` targets of one service port, optionally only those on `node`.
+    pub fn ready_targets(&self, port: &ApiServicePort, node: Option<&str>) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter(|e| node.is_none() || e.node_name.as_deref() == node)
+            .filter_map(|e| {
+                e.ports
+                    .iter()
+                    .find(|p| p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol))
+                    .map(|p| format!("{}:{}", e.ip, p.port))
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ApiServices {
+    pub services: Vec<ApiService>,
+}
