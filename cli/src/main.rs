@@ -1,5 +1,7 @@
 //! The `kubeshift` binary: parses the command line and calls the libraries.
 
+mod connectivity_cmd;
+mod kubeconfig;
 mod lab_cmd;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +18,8 @@ struct Cli {
 enum Command {
     /// A real multi-node cluster on this machine, to rehearse migrations and to test kubeshift.
     Lab(lab_cmd::LabArgs),
+    /// The connectivity suite: the gate between migration steps.
+    Connectivity(connectivity_cmd::ConnectivityArgs),
 }
 
 fn init_tracing() {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Lab(args) => lab_cmd::run(args).await,
+            Command::Connectivity(args) => connectivity_cmd::run(args).await,
         }
     });
     match result {

@@ -109,6 +109,12 @@ async fn smoke(lab: &Lab) {
     })
     .await;
     let new_ip = replacement.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    // The kubelet stand-in tore the old sandbox down (CNI DEL, netns removed).
+    let old_ns = pod_netns(&lab.name, &backend);
+    eventually(&format!("netns {old_ns} of the deleted pod to be removed"), Duration::from_secs(30), || async {
+        Ok((!kubeshift_lab::sys::netns_exists(&old_ns)).then_some(()))
+    })
+    .await;
     for node in NODES {
         eventually(&format!("{node}'s rules to drop {backend_ip} and add {new_ip}"), Duration::from_secs(60), || async {
             let s = lab.iptables_save(node);

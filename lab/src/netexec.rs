@@ -61,6 +61,43 @@ fn serve_http(mut s: TcpStream) {
     let _ = write!(s, "HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
 }
 
+/// Replies leave from the address the request was sent to (IP_PKTINFO). On a node
+/// with several addresses (cni0, eth0) the routing table would otherwise pick the
+/// source, and a client's connected UDP socket drops the mismatched reply.
+fn serve_udp(sock: &UdpSocket) -> Result<()> {
+    use nix::sys::socket::{recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+    setsockopt(sock, sockopt::Ipv4PacketInfo, &true)?;
+    let fd = sock.as_raw_fd();
+    let mut buf = [0u8; 2048];
+    loop {
+        let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+        let (n, from, local) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+            let local = msg.cmsgs()?.find_map(|c| match c {
+                ControlMessageOwned::Ipv4PacketInfo(pi) => Some(pi.ipi_addr),
+                _ => None,
+            });
+            (msg.bytes, msg.address, local)
+        };
+        let Some(from) = from else { continue };
+        let reply = udp_reply(&String::from_utf8_lossy(&buf[..n]), &std::net::SocketAddrV4::from(from).to_string());
+        let iov = [IoSlice::new(reply.as_bytes())];
+        let r = match local {
+            Some(addr) => {
+                let pi = libc::in_pktinfo { ipi_ifindex: 0, ipi_spec_dst: addr, ipi_addr: addr };
+                sendmsg(fd, &iov, &[ControlMessage::Ipv4PacketInfo(&pi)], MsgFlags::empty(), Some(&from))
+            }
+            None => sendmsg(fd, &iov, &[], MsgFlags::empty(), Some(&from)),
+        };
+        if let Err(e) = r {
+            eprintln!("netexec: UDP reply to {from}: {e}");
+        }
+    }
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let mut http = 8080u16;
     let mut udp = None;
@@ -74,10 +111,8 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(port) = udp {
         let sock = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("netexec: UDP port {port}"))?;
         std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let reply = udp_reply(&String::from_utf8_lossy(&buf[..n]), &from.to_string());
-                let _ = sock.send_to(reply.as_bytes(), from);
+            if let Err(e) = serve_udp(&sock) {
+                eprintln!("netexec: UDP: {e}");
             }
         });
     }

@@ -1,0 +1,113 @@
+//! `kubeshift connectivity test` and the hidden in-pod `agent`.
+
+use crate::kubeconfig::ClusterArgs;
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use kubeshift_connectivity_test::{agent, deploy::DeployConfig, report, suite};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ConnectivityArgs {
+    #[command(subcommand)]
+    pub command: ConnectivityCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ConnectivityCommand {
+    /// Deploy probe pods, run every scenario, report, clean up.
+    Test {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[arg(long, default_value = "kubeshift-connectivity")]
+        namespace: String,
+        /// Only scenarios whose name matches this regex.
+        #[arg(long)]
+        test: Option<String>,
+        /// Timeout of one probe, e.g. 2s or 500ms.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        probe_timeout: Duration,
+        /// Nodes to place test pods on (repeat); default: the first two Ready nodes.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// How long failing probes are retried before they count (datapath programming lag).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        settle: Duration,
+        /// Save the verdict matrix here.
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Compare the verdict matrix with one saved earlier; every changed pair fails the run.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Print the report as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Leave the test namespace in place for debugging.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, default_value = "registry.k8s.io/e2e-test-images/agnhost:2.39")]
+        echo_image: String,
+        #[arg(long, default_value = "docker.io/kubeshift/kubeshift:0.1.0")]
+        agent_image: String,
+        /// The command that starts kubeshift inside the agent image.
+        #[arg(long, default_value = "kubeshift")]
+        agent_command: String,
+    },
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        sa_dir: PathBuf,
+        #[arg(long)]
+        server: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+pub async fn run(args: ConnectivityArgs) -> Result<()> {
+    match args.command {
+        ConnectivityCommand::Agent { namespace, pod, sa_dir, server } => agent::run(agent::AgentArgs { namespace, pod, sa_dir, server }).await,
+        ConnectivityCommand::Test { cluster, namespace, test, probe_timeout, settle, nodes, save, compare, junit, json, keep, echo_image, agent_image, agent_command } => {
+            let filter = test.map(|t| regex::Regex::new(&t).with_context(|| format!("--test {t:?} is not a valid regex"))).transpose()?;
+            let client = cluster.client().await?;
+            let opts = suite::SuiteOptions {
+                deploy: DeployConfig { namespace, echo_image, agent_image, agent_command: agent_command.split_whitespace().map(String::from).collect(), nodes },
+                probe_timeout,
+                settle,
+                filter,
+                keep,
+                compare,
+                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let r = suite::run(&client, &opts).await?;
+            if let Some(p) = &save {
+                std::fs::write(p, serde_json::to_string_pretty(&r.matrix)?).with_context(|| format!("writing {}", p.display()))?;
+            }
+            if let Some(p) = &junit {
+                std::fs::write(p, report::junit(&r)).with_context(|| format!("writing {}", p.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", report::text(&r));
+            }
+            anyhow::ensure!(r.passed(), "connectivity test failed");
+            Ok(())
+        }
+    }
+}

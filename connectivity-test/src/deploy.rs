@@ -1,0 +1,253 @@
+//! The suite's own namespace: echo servers and probe agents pinned to nodes (two pod
+//! endpoints and one host-network endpoint per node), a Service and a NodePort per
+//! pod endpoint, and the RBAC the agents need to report. Everything lives in one
+//! namespace, so clean-up is one delete.
+
+use anyhow::{anyhow, bail, Context, Result};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::Client;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+pub const PART_OF: &str = "kubeshift-connectivity";
+pub const POD_PORTS: (u16, u16) = (8080, 8081);
+pub const HOST_PORTS: (u16, u16) = (40080, 40081);
+
+#[derive(Debug, Clone)]
+pub struct DeployConfig {
+    pub namespace: String,
+    pub echo_image: String,
+    pub agent_image: String,
+    /// Command that starts kubeshift in the agent image.
+    pub agent_command: Vec<String>,
+    /// Nodes to place endpoints on; empty = the first two Ready nodes.
+    pub nodes: Vec<String>,
+}
+
+/// One test endpoint as deployed: a pod (or host-network pod) that echoes and probes.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub pod: String,
+    /// Stable name for matrices: "node-1/pod-1", "node-1/host".
+    pub key: String,
+    pub node: String,
+    pub node_ip: String,
+    pub ip: String,
+    pub host: bool,
+    pub tcp: u16,
+    pub udp: u16,
+    pub service_ip: Option<String>,
+    pub node_port: Option<u16>,
+}
+
+pub async fn pick_nodes(client: &Client, wanted: &[String]) -> Result<Vec<(String, String)>> {
+    let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.context("listing nodes")?;
+    let mut ready: Vec<(String, String)> = nodes
+        .items
+        .iter()
+        .filter(|n| {
+            n.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")).unwrap_or(false)
+                && !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+        })
+        .filter_map(|n| {
+            let ip = n.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == "InternalIP")?.address.clone();
+            Some((n.metadata.name.clone()?, ip))
+        })
+        .collect();
+    ready.sort();
+    if !wanted.is_empty() {
+        let picked: Vec<(String, String)> = wanted
+            .iter()
+            .map(|w| ready.iter().find(|(n, _)| n == w).cloned().ok_or_else(|| anyhow!("node {w} is not a Ready, schedulable node")))
+            .collect::<Result<_>>()?;
+        return Ok(picked);
+    }
+    if ready.len() < 2 {
+        bail!("the connectivity suite needs two Ready, schedulable nodes (same-node and cross-node checks); found {}", ready.len());
+    }
+    ready.truncate(2);
+    Ok(ready)
+}
+
+/// Where the agents report to: the apiserver's own endpoint, not its ClusterIP.
+pub async fn api_server_endpoint(client: &Client) -> Result<String> {
+    let ep = Api::<Endpoints>::namespaced(client.clone(), "default").get("kubernetes").await.context("reading default/kubernetes Endpoints")?;
+    let s = ep.subsets.unwrap_or_default().into_iter().next().ok_or_else(|| anyhow!("default/kubernetes has no endpoints"))?;
+    let ip = s.addresses.unwrap_or_default().into_iter().next().ok_or_else(|| anyhow!("default/kubernetes has no address"))?.ip;
+    let port = s.ports.unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("https")).map(|p| p.port).unwrap_or(443);
+    Ok(format!("https://{ip}:{port}"))
+}
+
+async fn apply(client: &Client, ns: &str, v: Value) -> Result<()> {
+    let kind = v["kind"].as_str().unwrap_or("").to_string();
+    let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let pp = PatchParams::apply("kubeshift-connectivity").force();
+    let r = match kind.as_str() {
+        "Namespace" => Api::<Namespace>::all(client.clone()).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
+        "Pod" => Api::<Pod>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
+        "Service" => Api::<Service>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
+        _ => {
+            let (group, version) = match v["apiVersion"].as_str().unwrap_or("").split_once('/') {
+                Some((g, v)) => (g.to_string(), v.to_string()),
+                None => (String::new(), v["apiVersion"].as_str().unwrap_or("v1").to_string()),
+            };
+            let ar = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(&group, &version, &kind));
+            Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &ar).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ())
+        }
+    };
+    r.with_context(|| format!("creating {kind} {ns}/{name}"))
+}
+
+fn pod_manifest(cfg: &DeployConfig, server: &str, name: &str, node: &str, host: bool) -> Value {
+    let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
+    let mut agent_args = vec![
+        "connectivity".to_string(), "agent".into(),
+        "--namespace".into(), cfg.namespace.clone(),
+        "--pod".into(), "$(POD_NAME)".into(),
+        "--sa-dir".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+        "--server".into(), server.to_string(),
+    ];
+    let mut command = cfg.agent_command.clone();
+    command.append(&mut agent_args);
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": cfg.namespace, "labels": {
+            "app.kubernetes.io/part-of": PART_OF, "kubeshift.io/endpoint": name}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "hostNetwork": host,
+            "serviceAccountName": "kubeshift-connectivity",
+            "terminationGracePeriodSeconds": 1,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {"name": "echo", "image": cfg.echo_image,
+                 "args": ["netexec", format!("--http-port={tcp}"), format!("--udp-port={udp}")],
+                 "ports": [{"name": "http", "containerPort": tcp}, {"name": "udp", "containerPort": udp, "protocol": "UDP"}],
+                 "readinessProbe": {"httpGet": {"path": "/healthz", "port": tcp}, "periodSeconds": 1}},
+                {"name": "agent", "image": cfg.agent_image, "command": command,
+                 "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+            ]
+        }
+    })
+}
+
+pub async fn deploy(client: &Client, cfg: &DeployConfig, nodes: &[(String, String)]) -> Result<()> {
+    let ns = &cfg.namespace;
+    let server = api_server_endpoint(client).await?;
+    apply(client, ns, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": PART_OF}}})).await?;
+    apply(client, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kubeshift-connectivity", "namespace": ns}})).await?;
+    apply(client, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "kubeshift-connectivity-agent", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "patch"]}]})).await?;
+    apply(client, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "kubeshift-connectivity-agent", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeshift-connectivity-agent"},
+        "subjects": [{"kind": "ServiceAccount", "name": "kubeshift-connectivity", "namespace": ns}]})).await?;
+    for (node, _) in nodes {
+        for (i, host) in [(1, false), (2, false), (0, true)] {
+            let name = endpoint_pod_name(node, i, host);
+            apply(client, ns, pod_manifest(cfg, &server, &name, node, host)).await?;
+            if !host {
+                apply(client, ns, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{name}"), "namespace": ns},
+                    "spec": {"selector": {"kubeshift.io/endpoint": name}, "ports": [
+                        {"name": "http", "port": 80, "targetPort": POD_PORTS.0, "protocol": "TCP"},
+                        {"name": "udp", "port": POD_PORTS.1, "targetPort": POD_PORTS.1, "protocol": "UDP"}]}})).await?;
+                apply(client, ns, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("np-{name}"), "namespace": ns},
+                    "spec": {"type": "NodePort", "selector": {"kubeshift.io/endpoint": name}, "ports": [
+                        {"name": "http", "port": 80, "targetPort": POD_PORTS.0, "protocol": "TCP"}]}})).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint_pod_name(node: &str, i: u8, host: bool) -> String {
+    if host {
+        format!("host-{node}")
+    } else {
+        format!("pod-{i}-{node}")
+    }
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")).unwrap_or(false)
+}
+
+/// Waits for every endpoint to be Ready and returns them with their addresses.
+pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(String, String)], timeout: Duration, progress: impl Fn(usize, usize)) -> Result<Vec<Endpoint>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &cfg.namespace);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &cfg.namespace);
+    let want = nodes.len() * 3;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/part-of={PART_OF}"))).await?;
+        let n_ready = list.items.iter().filter(|p| ready(p)).count();
+        progress(n_ready, want);
+        if n_ready >= want {
+            let mut out = vec![];
+            for (node, node_ip) in nodes {
+                for (i, host) in [(1, false), (2, false), (0, true)] {
+                    let name = endpoint_pod_name(node, i, host);
+                    let p = list.items.iter().find(|p| p.metadata.name.as_deref() == Some(&name)).ok_or_else(|| anyhow!("pod {name} vanished"))?;
+                    let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).ok_or_else(|| anyhow!("pod {name} has no IP"))?;
+                    let (service_ip, node_port) = if host {
+                        (None, None)
+                    } else {
+                        let s = svcs.get(&format!("svc-{name}")).await?;
+                        let np = svcs.get(&format!("np-{name}")).await?;
+                        (
+                            s.spec.and_then(|s| s.cluster_ip),
+                            np.spec.and_then(|s| s.ports).and_then(|p| p.first().and_then(|p| p.node_port)).map(|p| p as u16),
+                        )
+                    };
+                    let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
+                    out.push(Endpoint {
+                        key: if host { format!("{node}/host") } else { format!("{node}/pod-{i}") },
+                        pod: name,
+                        node: node.clone(),
+                        node_ip: node_ip.clone(),
+                        ip,
+                        host,
+                        tcp,
+                        udp,
+                        service_ip,
+                        node_port,
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        if Instant::now() > deadline {
+            let not_ready: Vec<String> = list
+                .items
+                .iter()
+                .filter(|p| !ready(p))
+                .map(|p| {
+                    let why = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| {
+                        c.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref().and_then(|w| w.message.clone().or(w.reason.clone())))
+                    });
+                    format!("{} ({})", p.metadata.name.as_deref().unwrap_or(""), why.unwrap_or_else(|| "not ready".into()))
+                })
+                .collect();
+            bail!("test pods not Ready after {timeout:?}: {}", not_ready.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Deletes the suite's namespace and waits until it is gone.
+pub async fn cleanup(client: &Client, ns: &str, timeout: Duration) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    match api.delete(ns, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(e).context(format!("deleting namespace {ns}")),
+    }
+    let deadline = Instant::now() + timeout;
+    while api.get_opt(ns).await?.is_some() {
+        if Instant::now() > deadline {
+            bail!("namespace {ns} still terminating after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! One run of the suite: deploy, wait, hand out probes, collect reports, judge, clean up.
+
+use crate::agent::{result_configmap, PROBES_CONFIGMAP};
+use crate::deploy::{self, DeployConfig, Endpoint};
+use crate::model::{pair_key, Assignment, Change, Matrix, ProbeResult, Report, Verdict};
+use crate::scenarios::{self, Check};
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    pub deploy: DeployConfig,
+    pub probe_timeout: Duration,
+    pub filter: Option<regex::Regex>,
+    pub keep: bool,
+    pub compare: Option<PathBuf>,
+    pub progress: bool,
+    /// Failed probes are repeated until they pass or this much time has passed since
+    /// the first round: a datapath programs new Services a moment after the API has
+    /// them, and the gate must not fail on that lag.
+    pub settle: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub from: String,
+    pub to: String,
+    pub address: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioOutcome {
+    pub name: String,
+    pub description: String,
+    pub checks: usize,
+    pub failures: Vec<Failure>,
+    /// Slowest probe of the scenario.
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SuiteReport {
+    pub nodes: Vec<String>,
+    pub scenarios: Vec<ScenarioOutcome>,
+    pub matrix: Matrix,
+    pub changes: Option<Vec<Change>>,
+    pub seconds: f64,
+}
+
+impl SuiteReport {
+    pub fn passed(&self) -> bool {
+        self.scenarios.iter().all(|s| s.failures.is_empty()) && self.changes.as_ref().map(|c| c.is_empty()).unwrap_or(true)
+    }
+}
+
+pub async fn run(client: &Client, opts: &SuiteOptions) -> Result<SuiteReport> {
+    // Bad input is refused before anything is created.
+    let before = match &opts.compare {
+        Some(p) => Some(Matrix::load(p)?),
+        None => None,
+    };
+    let nodes = deploy::pick_nodes(client, &opts.deploy.nodes).await?;
+    let started = Instant::now();
+    let r = run_deployed(client, opts, &nodes, before).await;
+    if !opts.keep {
+        if let Err(e) = deploy::cleanup(client, &opts.deploy.namespace, Duration::from_secs(120)).await {
+            tracing::warn!("clean-up: {e:#}");
+            if r.is_ok() {
+                return Err(e);
+            }
+        }
+    }
+    let mut report = r?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn bar(show: bool, len: u64, msg: &str) -> indicatif::ProgressBar {
+    let b = if show { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
+    b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len}").unwrap().progress_chars("=> "));
+    b.set_message(msg.to_string());
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}
+
+async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, String)], before: Option<Matrix>) -> Result<SuiteReport> {
+    deploy::deploy(client, &opts.deploy, nodes).await?;
+    let pb = bar(opts.progress, (nodes.len() * 3) as u64, "test pods ready");
+    let eps = deploy::wait_endpoints(client, &opts.deploy, nodes, Duration::from_secs(180), |n, _| pb.set_position(n as u64)).await?;
+    pb.finish_and_clear();
+
+    let timeout_ms = opts.probe_timeout.as_millis() as u64;
+    let scen: Vec<scenarios::Scenario> = scenarios::all(&eps, timeout_ms)
+        .into_iter()
+        .filter(|s| opts.filter.as_ref().map(|f| f.is_match(s.name)).unwrap_or(true))
+        .collect();
+    let matrix_checks = scenarios::matrix_checks(&eps, timeout_ms);
+    let mut checks: Vec<&Check> = scen.iter().flat_map(|s| s.checks.iter()).collect();
+    checks.extend(matrix_checks.iter());
+
+    let mut results = run_round(client, opts, &eps, &checks).await?;
+    let settle_until = Instant::now() + opts.settle;
+    loop {
+        let failed: Vec<&Check> = checks.iter().copied().filter(|c| !passes(c, results.get(&c.probe.id))).collect();
+        if failed.is_empty() || Instant::now() > settle_until {
+            break;
+        }
+        tracing::debug!("{} probes failed, repeating", failed.len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        results.extend(run_round(client, opts, &eps, &failed).await?);
+    }
+
+    let outcome = |c: &Check| -> Option<Failure> {
+        let r = results.get(&c.probe.id);
+        (!passes(c, r)).then(|| Failure {
+            from: c.from_key.clone(),
+            to: c.target.clone(),
+            address: format!("{}:{}/{:?}", c.probe.addr, c.probe.port, c.probe.proto).to_lowercase(),
+            detail: match r {
+                Some(r) if r.ok => format!("answered by {:?}, expected {:?}", r.detail, c.expect),
+                Some(r) => r.detail.clone(),
+                None => "no result".into(),
+            },
+        })
+    };
+    let scenarios = scen
+        .iter()
+        .map(|s| ScenarioOutcome {
+            name: s.name.to_string(),
+            description: s.description.to_string(),
+            checks: s.checks.len(),
+            failures: s.checks.iter().filter_map(outcome).collect(),
+            max_ms: s.checks.iter().filter_map(|c| results.get(&c.probe.id)).map(|r| r.micros as f64 / 1000.0).fold(0.0, f64::max),
+        })
+        .collect();
+    let mut matrix = Matrix::new();
+    for c in &matrix_checks {
+        let allowed = results.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
+        matrix.entries.insert(pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto), if allowed { Verdict::Allowed } else { Verdict::Denied });
+    }
+    let changes = before.map(|b| Matrix::compare(&b, &matrix));
+    Ok(SuiteReport { nodes: nodes.iter().map(|n| n.0.clone()).collect(), scenarios, matrix, changes, seconds: 0.0 })
+}
+
+fn passes(c: &Check, r: Option<&ProbeResult>) -> bool {
+    r.map(|r| r.ok && (c.expect.is_empty() || c.expect.contains(&r.detail))).unwrap_or(false)
+}
+
+/// Hands every agent its probes in one ConfigMap write and waits for all reports of
+/// this round. An agent that does not report is an error naming it and its node.
+async fn run_round(client: &Client, opts: &SuiteOptions, eps: &[Endpoint], checks: &[&Check]) -> Result<HashMap<String, ProbeResult>> {
+    let ns = &opts.deploy.namespace;
+    let round = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let mut per_agent: BTreeMap<String, Assignment> = BTreeMap::new();
+    for c in checks {
+        per_agent.entry(c.from.clone()).or_insert_with(|| Assignment { round, probes: vec![] }).probes.push(c.probe.clone());
+    }
+    let mut data = serde_json::Map::new();
+    for (pod, a) in &per_agent {
+        data.insert(pod.clone(), json!(serde_json::to_string(a)?));
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PROBES_CONFIGMAP, "namespace": ns}, "data": data});
+    cms.patch(PROBES_CONFIGMAP, &PatchParams::apply("kubeshift-connectivity").force(), &Patch::Apply(&cm))
+        .await
+        .context("writing the probe assignments")?;
+
+    let pb = bar(opts.progress, per_agent.len() as u64, "agents reported");
+    let deadline = Instant::now() + opts.probe_timeout * 4 + Duration::from_secs(60);
+    let mut results = HashMap::new();
+    let mut pending: Vec<String> = per_agent.keys().cloned().collect();
+    while !pending.is_empty() {
+        let mut still = vec![];
+        for pod in pending {
+            let report: Option<Report> = cms
+                .get_opt(&result_configmap(&pod))
+                .await?
+                .and_then(|c| c.data)
+                .and_then(|d| d.get("report").cloned())
+                .and_then(|s| serde_json::from_str(&s).ok());
+            match report {
+                Some(r) if r.round == round => {
+                    for x in r.results {
+                        results.insert(x.id.clone(), x);
+                    }
+                    pb.inc(1);
+                }
+                _ => still.push(pod),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            if Instant::now() > deadline {
+                pb.finish_and_clear();
+                let who: Vec<String> = pending
+                    .iter()
+                    .map(|p| format!("{p} on {}", eps.iter().find(|e| &e.pod == p).map(|e| e.node.as_str()).unwrap_or("?")))
+                    .collect();
+                bail!("probe agents did not report: {} (can they reach the apiserver?)", who.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(results)
+}
