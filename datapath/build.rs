@@ -5,12 +5,17 @@
 //! be generated: the build does not depend on the build machine's kernel.
 //!
 //! Without clang, a prebuilt object committed next to the source
-//! (`bpf/prebuilt/<name>.o`) is used, so the crate still builds on machines that only
-//! run it.
+//! (`bpf/prebuilt/<name>.o`, made by `bpf/build-prebuilt.sh`) is used, so the crate
+//! still builds on machines that only run it; a warning says when it is older than the
+//! source.
 
 use std::{env, path::PathBuf, process::Command};
 
 const PROGRAMS: &[&str] = &["sock_lb"];
+
+// A second build of sock_lb that differs only in its build id, so the tests can
+// exercise an in-place program upgrade. Only built when clang is available.
+const UPGRADE_VARIANT: (&str, &str, &str) = ("sock_lb", "sock_lb_build2", "-DKS_BUILD_ID=2");
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
@@ -22,6 +27,20 @@ fn main() {
     // asm/types.h lives under the multiarch include directory on Debian.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
+
+    println!("cargo::rustc-check-cfg=cfg(ks_upgrade_variant)");
+    let (src_name, out_name, define) = UPGRADE_VARIANT;
+    let variant = Command::new(&clang)
+        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", define])
+        .arg(format!("-I{multiarch}"))
+        .arg("-c")
+        .arg(manifest.join("bpf").join(format!("{src_name}.c")))
+        .arg("-o")
+        .arg(out.join(format!("{out_name}.o")))
+        .status();
+    if matches!(variant, Ok(s) if s.success()) {
+        println!("cargo:rustc-cfg=ks_upgrade_variant");
+    }
 
     for name in PROGRAMS {
         let src = manifest.join("bpf").join(format!("{name}.c"));
@@ -49,8 +68,31 @@ fn main() {
                     "cargo:warning=clang not available ({e}); using {}",
                     prebuilt.display()
                 );
+                if is_stale(&src, &prebuilt.with_extension("c.cksum")) {
+                    println!(
+                        "cargo:warning={} was built from an older {}; run bpf/build-prebuilt.sh",
+                        prebuilt.display(),
+                        src.display()
+                    );
+                }
                 std::fs::copy(&prebuilt, &obj).expect("copy prebuilt object");
             }
         }
     }
+}
+
+/// Compares the POSIX cksum of the source with the one recorded by build-prebuilt.sh.
+/// Unknown (no cksum binary, no record) counts as not stale: this only feeds a warning.
+fn is_stale(src: &std::path::Path, record: &std::path::Path) -> bool {
+    let Ok(recorded) = std::fs::read_to_string(record) else {
+        return false;
+    };
+    let Ok(file) = std::fs::File::open(src) else {
+        return false;
+    };
+    let Ok(out) = Command::new("cksum").stdin(file).output() else {
+        return false;
+    };
+    let current = String::from_utf8_lossy(&out.stdout);
+    current.split_whitespace().next() != recorded.split_whitespace().next()
 }

@@ -26,6 +26,15 @@ fn in_node(lab: &Lab, node: &str, args: &[&str]) {
     assert!(out.status.success(), "{args:?} in {node}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+const POLICY_SCENARIOS: [&str; 6] = [
+    "policy-all-ingress-deny",
+    "policy-all-egress-deny",
+    "policy-allow-from-label",
+    "policy-allow-from-namespace",
+    "policy-port-restricted",
+    "policy-ip-block",
+];
+
 const SCENARIOS: [&str; 10] = [
     "pod-to-pod-same-node",
     "pod-to-pod-cross-node",
@@ -54,9 +63,14 @@ fn flannel_healthy_passes_broken_is_caught_and_matrix_changes_are_listed() {
     for s in SCENARIOS {
         assert!(t.contains(&format!("PASS {s}")), "{s} did not pass:\n{t}");
     }
-    assert!(t.contains("10 passed, 0 failed"), "{t}");
+    // Flannel enforces no NetworkPolicy: the suite detects it and says so.
+    for s in POLICY_SCENARIOS {
+        assert!(t.contains(&format!("SKIP {s}")), "{s} was not skipped:\n{t}");
+    }
+    assert!(t.contains("does not enforce NetworkPolicy"), "{t}");
+    assert!(t.contains("10 passed, 0 failed, 6 skipped"), "{t}");
     let j = std::fs::read_to_string(&junit).unwrap();
-    assert!(j.contains("tests=\"10\" failures=\"0\""), "{j}");
+    assert!(j.contains("tests=\"16\" failures=\"0\" skipped=\"6\""), "{j}");
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&before).unwrap()).unwrap();
     assert_eq!(m["entries"]["node-1/pod-1 -> node-2/pod-1 8080/tcp"], "allowed");
 
@@ -106,12 +120,42 @@ fn flannel_healthy_passes_broken_is_caught_and_matrix_changes_are_listed() {
 }
 
 #[test]
-fn calico_healthy_cluster_passes_every_scenario() {
+fn calico_healthy_cluster_passes_every_scenario_policies_included() {
     let lab = Lab::up("tconnc", &["--nodes", "2", "--cni", "calico", "--no-demo"]);
-    let o = connectivity(&lab, &[]);
+    let dir = std::env::temp_dir().join(format!("ks-connc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let before = dir.join("before.json");
+    let o = connectivity(&lab, &["--save", before.to_str().unwrap()]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("10 passed, 0 failed"), "{t}");
+    for s in SCENARIOS.iter().chain(POLICY_SCENARIOS.iter()) {
+        assert!(t.contains(&format!("PASS {s}")), "{s} did not pass:\n{t}");
+    }
+    assert!(t.contains("16 passed, 0 failed, 0 skipped"), "{t}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&before).unwrap()).unwrap();
+    let e = &m["entries"];
+    assert_eq!(e["policy-allow-from-label: node-1/pod-1 -> node-2/pod-1 8080/tcp"], "allowed", "{e}");
+    assert_eq!(e["policy-allow-from-label: node-1/pod-2 -> node-2/pod-1 8080/tcp"], "denied", "{e}");
+
+    // A policy edit changes verdicts; --compare lists exactly the changed pairs. The
+    // demo namespace's kind of policy is applied here to the suite's own pods: every
+    // ingress to the suite namespace is denied while the matrix is taken.
+    let deny = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "edit-deny-all", "namespace": "ks-conn"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+    let f = dir.join("deny.json");
+    std::fs::write(&f, deny.to_string()).unwrap();
+    // The suite deletes its namespace at the end; the policy goes with it. It is
+    // applied while the suite's pods run, via --keep and a second pass.
+    let o = connectivity(&lab, &["--keep", "--test", "^pod-to-pod-cross-node$"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let k = Command::new("kubectl").arg("--kubeconfig").arg(lab.kubeconfig()).args(["apply", "-f"]).arg(&f).output().unwrap();
+    assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
+    let o = connectivity(&lab, &["--compare", before.to_str().unwrap(), "--test", "^pod-to-pod-cross-node$"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("node-1/pod-1 -> node-2/pod-1 8080/tcp: allowed -> denied"), "{t}");
+    assert!(t.contains("node-2/host -> node-1/pod-1 8080/tcp: allowed -> denied"), "{t}");
+    std::fs::remove_dir_all(&dir).unwrap();
     // The suite cleaned up its namespace.
     let ns = tokio::runtime::Runtime::new().unwrap().block_on(async {
         kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(lab.client().await).get_opt("ks-conn").await.unwrap()

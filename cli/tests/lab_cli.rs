@@ -25,7 +25,7 @@ fn status_of_a_lab_that_is_not_up_says_so() {
 #[test]
 fn down_cleans_up_after_lab_up_is_killed_midway() {
     let name = "tcrash";
-    let _guard = Lab { name: name.into() };
+    let _guard = Lab::named(name);
     let mut child = kubeshift().args(["lab", "up", "--name", name, "--nodes", "2", "--no-demo"]).spawn().unwrap();
     // Kill `lab up` once it has started processes and made namespaces.
     let state = kubeshift_lab::spec::state_dir(name);

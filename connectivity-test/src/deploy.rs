@@ -99,7 +99,12 @@ async fn apply(client: &Client, ns: &str, v: Value) -> Result<()> {
     r.with_context(|| format!("creating {kind} {ns}/{name}"))
 }
 
-fn pod_manifest(cfg: &DeployConfig, server: &str, name: &str, node: &str, host: bool) -> Value {
+/// The second namespace: one endpoint there lets policy scenarios select by namespace.
+pub fn peer_namespace(cfg: &DeployConfig) -> String {
+    format!("{}-peer", cfg.namespace)
+}
+
+fn pod_manifest(cfg: &DeployConfig, pod_ns: &str, server: &str, name: &str, node: &str, host: bool) -> Value {
     let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
     let mut agent_args = vec![
         "connectivity".to_string(), "agent".into(),
@@ -112,7 +117,7 @@ fn pod_manifest(cfg: &DeployConfig, server: &str, name: &str, node: &str, host: 
     command.append(&mut agent_args);
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": cfg.namespace, "labels": {
+        "metadata": {"name": name, "namespace": pod_ns, "labels": {
             "app.kubernetes.io/part-of": PART_OF, "kubeshift.io/endpoint": name}},
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": node},
@@ -135,17 +140,23 @@ fn pod_manifest(cfg: &DeployConfig, server: &str, name: &str, node: &str, host: 
 pub async fn deploy(client: &Client, cfg: &DeployConfig, nodes: &[(String, String)]) -> Result<()> {
     let ns = &cfg.namespace;
     let server = api_server_endpoint(client).await?;
-    apply(client, ns, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": PART_OF}}})).await?;
-    apply(client, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kubeshift-connectivity", "namespace": ns}})).await?;
+    let peer = peer_namespace(cfg);
+    for (n, role) in [(ns, "main"), (&peer, "peer")] {
+        apply(client, n, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "labels": {"app.kubernetes.io/part-of": PART_OF, "kubeshift.io/connectivity": role}}})).await?;
+        apply(client, n, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kubeshift-connectivity", "namespace": n}})).await?;
+    }
     apply(client, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "kubeshift-connectivity-agent", "namespace": ns},
         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "patch"]}]})).await?;
     apply(client, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "kubeshift-connectivity-agent", "namespace": ns},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeshift-connectivity-agent"},
-        "subjects": [{"kind": "ServiceAccount", "name": "kubeshift-connectivity", "namespace": ns}]})).await?;
+        "subjects": [{"kind": "ServiceAccount", "name": "kubeshift-connectivity", "namespace": ns},
+                     {"kind": "ServiceAccount", "name": "kubeshift-connectivity", "namespace": peer}]})).await?;
+    let (first, _) = &nodes[0];
+    apply(client, &peer, pod_manifest(cfg, &peer, &server, &format!("peer-{first}"), first, false)).await?;
     for (node, _) in nodes {
         for (i, host) in [(1, false), (2, false), (0, true)] {
             let name = endpoint_pod_name(node, i, host);
-            apply(client, ns, pod_manifest(cfg, &server, &name, node, host)).await?;
+            apply(client, ns, pod_manifest(cfg, ns, &server, &name, node, host)).await?;
             if !host {
                 apply(client, ns, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{name}"), "namespace": ns},
                     "spec": {"selector": {"kubeshift.io/endpoint": name}, "ports": [
@@ -174,12 +185,15 @@ fn ready(p: &Pod) -> bool {
 
 /// Waits for every endpoint to be Ready and returns them with their addresses.
 pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(String, String)], timeout: Duration, progress: impl Fn(usize, usize)) -> Result<Vec<Endpoint>> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &cfg.namespace);
+    let pods: Api<Pod> = Api::all(client.clone());
     let svcs: Api<Service> = Api::namespaced(client.clone(), &cfg.namespace);
-    let want = nodes.len() * 3;
+    let peer = peer_namespace(cfg);
+    let want = nodes.len() * 3 + 1;
     let deadline = Instant::now() + timeout;
     loop {
-        let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/part-of={PART_OF}"))).await?;
+        let mut list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/part-of={PART_OF}"))).await?;
+        let ours = [cfg.namespace.as_str(), peer.as_str()];
+        list.items.retain(|p| ours.contains(&p.metadata.namespace.as_deref().unwrap_or("")));
         let n_ready = list.items.iter().filter(|p| ready(p)).count();
         progress(n_ready, want);
         if n_ready >= want {
@@ -214,6 +228,21 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
                     });
                 }
             }
+            let (first, first_ip) = &nodes[0];
+            let name = format!("peer-{first}");
+            let p = list.items.iter().find(|p| p.metadata.name.as_deref() == Some(&name)).ok_or_else(|| anyhow!("pod {name} vanished"))?;
+            out.push(Endpoint {
+                key: format!("{first}/peer"),
+                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()).ok_or_else(|| anyhow!("pod {name} has no IP"))?,
+                pod: name,
+                node: first.clone(),
+                node_ip: first_ip.clone(),
+                host: false,
+                tcp: POD_PORTS.0,
+                udp: POD_PORTS.1,
+                service_ip: None,
+                node_port: None,
+            });
             return Ok(out);
         }
         if Instant::now() > deadline {
@@ -234,8 +263,13 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
     }
 }
 
-/// Deletes the suite's namespace and waits until it is gone.
-pub async fn cleanup(client: &Client, ns: &str, timeout: Duration) -> Result<()> {
+/// Deletes the suite's namespaces and waits until they are gone.
+pub async fn cleanup(client: &Client, cfg: &DeployConfig, timeout: Duration) -> Result<()> {
+    delete_namespace(client, &peer_namespace(cfg), timeout).await?;
+    delete_namespace(client, &cfg.namespace, timeout).await
+}
+
+async fn delete_namespace(client: &Client, ns: &str, timeout: Duration) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     match api.delete(ns, &DeleteParams::default()).await {
         Ok(_) => {}

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod deploy;
 pub mod model;
+pub mod policy;
 pub mod report;
 pub mod scenarios;
 pub mod suite;

@@ -57,8 +57,13 @@ impl Builder<'_> {
 }
 
 pub fn all(eps: &[Endpoint], timeout_ms: u64) -> Vec<Scenario> {
-    let mut nodes: Vec<&str> = eps.iter().map(|e| e.node.as_str()).collect();
-    nodes.dedup();
+    // In deployment order (the first node first), each once.
+    let mut nodes: Vec<&str> = vec![];
+    for e in eps {
+        if !nodes.contains(&e.node.as_str()) {
+            nodes.push(e.node.as_str());
+        }
+    }
     let mut b = Builder { eps, timeout_ms, n: 0 };
     let mut out = vec![];
     let pairs: Vec<(&str, &str)> = nodes.iter().zip(nodes.iter().cycle().skip(1)).map(|(a, b)| (*a, *b)).collect();

@@ -42,6 +42,8 @@ pub struct ScenarioOutcome {
     pub description: String,
     pub checks: usize,
     pub failures: Vec<Failure>,
+    /// Why the scenario was not judged (e.g. the cluster enforces no NetworkPolicy).
+    pub skipped: Option<String>,
     /// Slowest probe of the scenario.
     pub max_ms: f64,
 }
@@ -71,7 +73,7 @@ pub async fn run(client: &Client, opts: &SuiteOptions) -> Result<SuiteReport> {
     let started = Instant::now();
     let r = run_deployed(client, opts, &nodes, before).await;
     if !opts.keep {
-        if let Err(e) = deploy::cleanup(client, &opts.deploy.namespace, Duration::from_secs(120)).await {
+        if let Err(e) = deploy::cleanup(client, &opts.deploy, Duration::from_secs(120)).await {
             tracing::warn!("clean-up: {e:#}");
             if r.is_ok() {
                 return Err(e);
@@ -106,52 +108,116 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
     let mut checks: Vec<&Check> = scen.iter().flat_map(|s| s.checks.iter()).collect();
     checks.extend(matrix_checks.iter());
 
-    let mut results = run_round(client, opts, &eps, &checks).await?;
-    let settle_until = Instant::now() + opts.settle;
-    loop {
-        let failed: Vec<&Check> = checks.iter().copied().filter(|c| !passes(c, results.get(&c.probe.id))).collect();
-        if failed.is_empty() || Instant::now() > settle_until {
-            break;
-        }
-        tracing::debug!("{} probes failed, repeating", failed.len());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        results.extend(run_round(client, opts, &eps, &failed).await?);
-    }
-
-    let outcome = |c: &Check| -> Option<Failure> {
-        let r = results.get(&c.probe.id);
-        (!passes(c, r)).then(|| Failure {
-            from: c.from_key.clone(),
-            to: c.target.clone(),
-            address: format!("{}:{}/{:?}", c.probe.addr, c.probe.port, c.probe.proto).to_lowercase(),
-            detail: match r {
-                Some(r) if r.ok => format!("answered by {:?}, expected {:?}", r.detail, c.expect),
-                Some(r) => r.detail.clone(),
-                None => "no result".into(),
-            },
-        })
-    };
-    let scenarios = scen
-        .iter()
-        .map(|s| ScenarioOutcome {
-            name: s.name.to_string(),
-            description: s.description.to_string(),
-            checks: s.checks.len(),
-            failures: s.checks.iter().filter_map(outcome).collect(),
-            max_ms: s.checks.iter().filter_map(|c| results.get(&c.probe.id)).map(|r| r.micros as f64 / 1000.0).fold(0.0, f64::max),
-        })
-        .collect();
+    let results = settle_round(client, opts, &eps, &checks).await?;
+    let mut scenarios: Vec<ScenarioOutcome> = scen.iter().map(|s| outcome(s.name, s.description, &s.checks, &results)).collect();
     let mut matrix = Matrix::new();
     for c in &matrix_checks {
         let allowed = results.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
         matrix.entries.insert(pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto), if allowed { Verdict::Allowed } else { Verdict::Denied });
     }
-    let changes = before.map(|b| Matrix::compare(&b, &matrix));
+
+    // Policy scenarios, one at a time. Their verdicts join the matrix, so a migration
+    // that changes what policies allow shows up in --compare.
+    let api = deploy::api_server_endpoint(client).await?;
+    let mut enforcing: Option<bool> = None;
+    for ps in crate::policy::all(&eps, &opts.deploy.namespace, &api, timeout_ms) {
+        if !opts.filter.as_ref().map(|f| f.is_match(ps.name)).unwrap_or(true) {
+            continue;
+        }
+        apply_policies(client, &ps.policies, false).await?;
+        let refs: Vec<&Check> = ps.checks.iter().collect();
+        let r = settle_round(client, opts, &eps, &refs).await;
+        apply_policies(client, &ps.policies, true).await?;
+        let r = r?;
+        let mut o = outcome(ps.name, ps.description, &ps.checks, &r);
+        for c in &ps.checks {
+            let allowed = r.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
+            matrix.entries.insert(format!("{}: {}", ps.name, pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto)), if allowed { Verdict::Allowed } else { Verdict::Denied });
+        }
+        // A deny-all that denies nothing means the cluster enforces no policy at all
+        // (Flannel): say so instead of failing every policy scenario.
+        if enforcing.is_none() && ps.name == "policy-all-ingress-deny" {
+            enforcing = Some(ps.checks.iter().any(|c| r.get(&c.probe.id).map(|r| !r.ok).unwrap_or(false)));
+        }
+        if enforcing == Some(false) {
+            o.skipped = Some("this cluster does not enforce NetworkPolicy: a deny-all ingress policy left every probe allowed".into());
+            o.failures.clear();
+        }
+        scenarios.push(o);
+    }
+    let changes = before.map(|mut b| {
+        // A run narrowed with --test measured only some pairs; only those compare.
+        if opts.filter.is_some() {
+            b.entries.retain(|k, _| matrix.entries.contains_key(k));
+        }
+        Matrix::compare(&b, &matrix)
+    });
     Ok(SuiteReport { nodes: nodes.iter().map(|n| n.0.clone()).collect(), scenarios, matrix, changes, seconds: 0.0 })
 }
 
+/// An empty expectation means the probe must be refused or time out.
 fn passes(c: &Check, r: Option<&ProbeResult>) -> bool {
-    r.map(|r| r.ok && (c.expect.is_empty() || c.expect.contains(&r.detail))).unwrap_or(false)
+    match r {
+        None => false,
+        Some(r) if c.expect.is_empty() => !r.ok,
+        Some(r) => r.ok && c.expect.contains(&r.detail),
+    }
+}
+
+/// Runs `checks` and repeats the failing ones until they pass or `settle` has passed.
+async fn settle_round(client: &Client, opts: &SuiteOptions, eps: &[Endpoint], checks: &[&Check]) -> Result<HashMap<String, ProbeResult>> {
+    let mut results = run_round(client, opts, eps, checks).await?;
+    let until = Instant::now() + opts.settle;
+    loop {
+        let failed: Vec<&Check> = checks.iter().copied().filter(|c| !passes(c, results.get(&c.probe.id))).collect();
+        if failed.is_empty() || Instant::now() > until {
+            return Ok(results);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        results.extend(run_round(client, opts, eps, &failed).await?);
+    }
+}
+
+fn failure(c: &Check, r: Option<&ProbeResult>) -> Failure {
+    Failure {
+        from: c.from_key.clone(),
+        to: c.target.clone(),
+        address: format!("{}:{}/{:?}", c.probe.addr, c.probe.port, c.probe.proto).to_lowercase(),
+        detail: match r {
+            Some(r) if r.ok && c.expect.is_empty() => format!("allowed (answered by {:?}), expected denied", r.detail),
+            Some(r) if r.ok => format!("answered by {:?}, expected {:?}", r.detail, c.expect),
+            Some(r) => r.detail.clone(),
+            None => "no result".into(),
+        },
+    }
+}
+
+fn outcome(name: &str, description: &str, checks: &[Check], results: &HashMap<String, ProbeResult>) -> ScenarioOutcome {
+    ScenarioOutcome {
+        name: name.to_string(),
+        description: description.to_string(),
+        checks: checks.len(),
+        failures: checks.iter().filter(|c| !passes(c, results.get(&c.probe.id))).map(|c| failure(c, results.get(&c.probe.id))).collect(),
+        skipped: None,
+        max_ms: checks.iter().filter_map(|c| results.get(&c.probe.id)).map(|r| r.micros as f64 / 1000.0).fold(0.0, f64::max),
+    }
+}
+
+async fn apply_policies(client: &Client, policies: &[serde_json::Value], delete: bool) -> Result<()> {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    for p in policies {
+        let ns = p["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = p["metadata"]["name"].as_str().unwrap_or_default();
+        let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+        if delete {
+            api.delete(name, &Default::default()).await.with_context(|| format!("deleting NetworkPolicy {ns}/{name}"))?;
+        } else {
+            api.patch(name, &PatchParams::apply("kubeshift-connectivity").force(), &Patch::Apply(p))
+                .await
+                .with_context(|| format!("creating NetworkPolicy {ns}/{name}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Hands every agent its probes in one ConfigMap write and waits for all reports of

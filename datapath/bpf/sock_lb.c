@@ -15,7 +15,7 @@
 //
 // All addresses and ports are kept in network byte order, exactly as the kernel hands
 // them to us in struct bpf_sock_addr, so the loader and the programs never disagree
-// about endianness. The layouts below are mirrored in src/maps.rs.
+// about endianness. The layouts below are mirrored in src/raw.rs.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -24,7 +24,16 @@
 
 #define ECONNREFUSED 111
 
+// Stamped into every flow event so a reader can tell which program build emitted it,
+// e.g. across an in-place upgrade (the tests build a second variant with another id).
+#ifndef KS_BUILD_ID
+#define KS_BUILD_ID 1
+#endif
+
 #define SVC_F_AFFINITY_CLIENTIP 0x1
+
+// ks_config flags. Zero (the array's initial value) is the default behaviour.
+#define CFG_F_NO_FLOW_EVENTS 0x1
 
 #define VERDICT_FORWARDED 1
 #define VERDICT_REFUSED_NO_BACKENDS 2
@@ -110,7 +119,8 @@ struct flow_event {
 	__u8 verdict;
 	__u8 hook;
 	__u8 v4mapped; // 1 when the socket is IPv6 and used a v4-mapped address
-	__u8 pad[6];
+	__u8 build;    // KS_BUILD_ID
+	__u8 pad[5];
 };
 
 struct {
@@ -143,6 +153,18 @@ struct {
 	__type(value, struct revnat_val);
 } ks_revnat SEC(".maps");
 
+struct ks_config {
+	__u32 flags;
+};
+
+// Run-time switches the agent flips without reloading anything.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ks_config);
+} ks_config SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
@@ -154,7 +176,14 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 hook, __u8 v6,
 {
 	struct flow_event *ev;
 	struct bpf_sock *sk;
+	struct ks_config *cfg;
+	__u32 zero = 0;
 
+	// Off when the agent says nobody observes (measured cost < 0.1 us per connect, but a
+	// full ring of unread events helps no one).
+	cfg = bpf_map_lookup_elem(&ks_config, &zero);
+	if (cfg && (cfg->flags & CFG_F_NO_FLOW_EVENTS))
+		return;
 	// A full ring means nobody is reading; dropping the event must never cost the
 	// connection, so a failed reserve is silently ignored.
 	ev = bpf_ringbuf_reserve(&ks_flows, sizeof(*ev), 0);
@@ -180,6 +209,7 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 hook, __u8 v6,
 	ev->verdict = verdict;
 	ev->hook = hook;
 	ev->v4mapped = v6;
+	ev->build = KS_BUILD_ID;
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
 	bpf_ringbuf_submit(ev, 0);
 }
@@ -292,8 +322,15 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 hook, int v
 		return 0;
 	}
 
-	if (pick_backend(ctx, svc, &b) < 0)
-		return 1;
+	if (pick_backend(ctx, svc, &b) < 0) {
+		// The loader deletes a service's old slot range right after flipping the
+		// service entry to the new one; a lookup that read the entry just before the
+		// flip can find its slot gone. The entry it finds now points at the new,
+		// complete range, so one retry is enough.
+		svc = bpf_map_lookup_elem(&ks_services, &key);
+		if (!svc || svc->count == 0 || pick_backend(ctx, svc, &b) < 0)
+			return 1;
+	}
 
 	set_ip(ctx, v6, b.ip);
 	ctx->user_port = b.port;

@@ -58,6 +58,25 @@ pub struct AffinityVal {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevnatKey {
+    pub cookie: u64,
+    pub ip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevnatVal {
+    pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub svc_id: u32,
+    pub pad2: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEventRaw {
     pub ts_ns: u64,
     pub cookie: u64,
@@ -73,10 +92,14 @@ pub struct FlowEventRaw {
     pub verdict: u8,
     pub hook: u8,
     pub v4mapped: u8,
-    pub pad: [u8; 6],
+    pub build: u8,
+    pub pad: [u8; 5],
 }
 
 pub const SVC_F_AFFINITY_CLIENTIP: u8 = 0x1;
+
+/// `ks_config[0]` is a u32 of these (struct ks_config in C).
+pub const CFG_F_NO_FLOW_EVENTS: u32 = 0x1;
 
 pub const VERDICT_FORWARDED: u8 = 1;
 pub const VERDICT_REFUSED_NO_BACKENDS: u8 = 2;
@@ -92,6 +115,8 @@ unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for BackendVal {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityVal {}
+unsafe impl aya::Pod for RevnatKey {}
+unsafe impl aya::Pod for RevnatVal {}
 
 const _: () = assert!(std::mem::size_of::<SvcKey>() == 8);
 const _: () = assert!(std::mem::size_of::<SvcVal>() == 16);
@@ -99,4 +124,6 @@ const _: () = assert!(std::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(std::mem::size_of::<BackendVal>() == 8);
 const _: () = assert!(std::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(std::mem::size_of::<AffinityVal>() == 24);
+const _: () = assert!(std::mem::size_of::<RevnatKey>() == 16);
+const _: () = assert!(std::mem::size_of::<RevnatVal>() == 16);
 const _: () = assert!(std::mem::size_of::<FlowEventRaw>() == 56);

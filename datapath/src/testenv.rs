@@ -260,9 +260,20 @@ impl Lab {
     /// thread: four server threads competing for two cores would be measured instead of
     /// the datapath.
     pub fn tcp_server_multi(&mut self, addrs: &[SocketAddrV4], id: &str) -> io::Result<()> {
+        let ns = self.backend.path();
+        self.tcp_server_in(ns, addrs, id)
+    }
+
+    /// A TCP server on the client's side, for a client that is its own backend
+    /// (hairpin). `addr` must be the client's address or loopback.
+    pub fn client_tcp_server(&mut self, addr: SocketAddrV4, id: &str) -> io::Result<()> {
+        let ns = self.client.path();
+        self.tcp_server_in(ns, &[addr], id)
+    }
+
+    fn tcp_server_in(&mut self, ns: PathBuf, addrs: &[SocketAddrV4], id: &str) -> io::Result<()> {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let ns = self.backend.path();
         let greeting = format!("{id}\n");
         let stop2 = stop.clone();
         let addrs = addrs.to_vec();

@@ -245,6 +245,20 @@ fn ipv6_sockets_with_v4_mapped_addresses_are_balanced_too() {
 }
 
 #[test]
+fn a_client_that_is_its_own_backend_reaches_itself() {
+    let mut ctx = Ctx::new();
+    let me = SocketAddrV4::new(kubeshift_datapath::testenv::CLIENT_IP, 9090);
+    ctx.lab.client_tcp_server(me, "self").unwrap();
+    ctx.dp()
+        .upsert_service(tcp_svc(), vec![be(*me.ip(), me.port())], Affinity::None)
+        .unwrap();
+    for f in ok_fields(&ctx.probe("tcp", vip_tcp(), 3)) {
+        assert_eq!(f["id"], "self");
+        assert_eq!(f["peer"], vip_tcp().to_string());
+    }
+}
+
+#[test]
 fn two_backends_are_both_picked() {
     let mut ctx = Ctx::new();
     ctx.dp()
@@ -321,6 +335,47 @@ fn client_ip_affinity_sticks_and_follows_endpoint_removal() {
         ids(&ctx.probe("tcp", SocketAddrV4::new(VIP, 81), 60)).len(),
         2
     );
+}
+
+#[test]
+fn client_ip_affinity_applies_to_unconnected_udp() {
+    let mut ctx = Ctx::new();
+    let affinity = Affinity::ClientIp {
+        timeout: Duration::from_secs(600),
+    };
+    ctx.dp()
+        .upsert_service(
+            udp_svc(),
+            vec![be(B1, UDP_PORT), be(B2, UDP_PORT)],
+            affinity,
+        )
+        .unwrap();
+    let seen = ids(&ctx.probe("udp", vip_udp(), 30));
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+#[test]
+fn a_failing_test_leaves_nothing_behind() {
+    use std::sync::Mutex;
+    let names: Mutex<Option<(PathBuf, PathBuf, PathBuf, PathBuf)>> = Mutex::new(None);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut ctx = Ctx::new();
+        ctx.dp()
+            .upsert_service(tcp_svc(), vec![be(B1, TCP_PORT)], Affinity::None)
+            .unwrap();
+        *names.lock().unwrap() = Some((
+            ctx.pin_dir.clone(),
+            ctx.lab.cgroup.path.clone(),
+            ctx.lab.client.path(),
+            ctx.lab.backend.path(),
+        ));
+        panic!("deliberate failure in the middle of a test");
+    }));
+    assert!(result.is_err());
+    let (pins, cgroup, client_ns, backend_ns) = names.into_inner().unwrap().unwrap();
+    for p in [pins, cgroup, client_ns, backend_ns] {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
 }
 
 #[test]
@@ -444,6 +499,41 @@ fn endpoint_changes_take_effect_on_the_next_connect() {
 }
 
 #[test]
+fn endpoint_flapping_under_load_never_fails_a_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut ctx = Ctx::new();
+    let svc = tcp_svc();
+    ctx.dp()
+        .upsert_service(svc, vec![be(B1, TCP_PORT)], Affinity::None)
+        .unwrap();
+    let done = AtomicBool::new(false);
+    let Ctx { dp, lab, .. } = &mut ctx;
+    let dp = dp.as_mut().unwrap();
+    let (lines, flips) = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            let out = lab.probe(probe_bin(), &["tcp", &vip_tcp().to_string(), "300"]);
+            done.store(true, Ordering::SeqCst);
+            out.unwrap()
+        });
+        // Replace the whole backend set, back and forth, as fast as the loader can.
+        let mut flips = 0u32;
+        while !done.load(Ordering::SeqCst) {
+            let to = if flips.is_multiple_of(2) { B2 } else { B1 };
+            dp.set_backends(svc, vec![be(to, TCP_PORT)]).unwrap();
+            flips += 1;
+        }
+        (client.join().unwrap(), flips)
+    });
+    eprintln!("{flips} endpoint changes during 300 connects");
+    let seen = ids(&lines); // panics on any failed connect
+    assert_eq!(seen.values().sum::<usize>(), 300);
+    assert!(
+        flips > 10,
+        "only {flips} endpoint changes happened during the traffic"
+    );
+}
+
+#[test]
 fn restart_reopens_pins_and_traffic_never_stops() {
     let mut ctx = Ctx::new();
     let affinity = Affinity::ClientIp {
@@ -487,14 +577,21 @@ fn restart_reopens_pins_and_traffic_never_stops() {
     let orphan_key = ["key", "hex", "e7", "03", "00", "00", "00", "00", "00", "00"];
     let mut update = vec!["update"];
     update.extend_from_slice(&orphan_key);
-    update.extend_from_slice(&["value", "hex", "0a", "c8", "00", "02", "1f", "90", "00", "00"]);
+    update.extend_from_slice(&[
+        "value", "hex", "0a", "c8", "00", "02", "1f", "90", "00", "00",
+    ]);
     assert!(bpftool_map(&update));
 
     // The "agent" comes back: it must find its state instead of reloading.
+    let t = std::time::Instant::now();
     let dp = Datapath::load(ctx.config()).unwrap();
+    eprintln!("reopen took {:?}", t.elapsed());
     let mut lookup = vec!["lookup"];
     lookup.extend_from_slice(&orphan_key);
-    assert!(!bpftool_map(&lookup), "orphan backend slot must be collected on reopen");
+    assert!(
+        !bpftool_map(&lookup),
+        "orphan backend slot must be collected on reopen"
+    );
     assert!(dp.reopened());
     // services() is sorted by key: port 53 before port 80.
     assert_eq!(
@@ -520,6 +617,185 @@ fn restart_reopens_pins_and_traffic_never_stops() {
 }
 
 #[test]
+fn flow_events_switch_off_and_a_lost_map_pin_is_recovered_in_place() {
+    let mut ctx = Ctx::new();
+    ctx.dp()
+        .upsert_service(tcp_svc(), vec![be(B1, TCP_PORT)], Affinity::None)
+        .unwrap();
+    assert!(ctx.dp().flow_events_enabled().unwrap());
+    ctx.dp().set_flow_events(false).unwrap();
+    ok_fields(&ctx.probe("tcp", vip_tcp(), 2));
+    assert_eq!(ctx.dp().read_flows(), vec![]);
+    ctx.dp().set_flow_events(true).unwrap();
+    ok_fields(&ctx.probe("tcp", vip_tcp(), 1));
+    assert_eq!(ctx.dp().read_flows().len(), 1);
+
+    // What a build that adds a map looks like to `load`: one map pin is missing. The
+    // running programs must be moved to the new map, not left on one nobody can reach.
+    drop(ctx.dp.take());
+    std::fs::remove_file(ctx.pin_dir.join("maps/ks_config")).unwrap();
+    let dp = Datapath::load(ctx.config()).unwrap();
+    assert!(!dp.reopened());
+    assert_eq!(dp.upgraded_programs(), 8);
+    assert!(ctx.pin_dir.join("maps/ks_config").exists());
+    ctx.dp = Some(dp);
+    assert_eq!(attached_programs(&ctx.lab.cgroup.path).len(), 8);
+    ctx.dp().set_flow_events(false).unwrap();
+    let f = ok_fields(&ctx.probe("tcp", vip_tcp(), 2));
+    assert!(f.iter().all(|f| f["id"] == "b1"), "services survive: {f:?}");
+    assert_eq!(
+        ctx.dp().read_flows(),
+        vec![],
+        "programs must read the new config map"
+    );
+}
+
+#[test]
+fn a_build_with_another_map_layout_is_refused_and_the_running_one_keeps_serving() {
+    let mut ctx = Ctx::new();
+    ctx.dp()
+        .upsert_service(tcp_svc(), vec![be(B1, TCP_PORT)], Affinity::None)
+        .unwrap();
+    drop(ctx.dp.take());
+    // Stand-in for pins written by a build with another layout: ks_revnat with 8-byte
+    // values instead of 16. The running programs keep their own map by reference.
+    let pin = ctx.pin_dir.join("maps/ks_revnat");
+    std::fs::remove_file(&pin).unwrap();
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "16",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "ks_revnat",
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let err = match Datapath::load(ctx.config()) {
+        Ok(_) => panic!("a mismatching map layout must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("size"), "{err}");
+    assert_eq!(attached_programs(&ctx.lab.cgroup.path).len(), 8);
+    let f = ok_fields(&ctx.probe("tcp", vip_tcp(), 2));
+    assert!(f
+        .iter()
+        .all(|f| f["id"] == "b1" && f["peer"] == vip_tcp().to_string()));
+}
+
+fn attached_programs(cgroup: &Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("ks_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(ks_upgrade_variant)]
+#[test]
+fn new_program_build_is_swapped_in_place_under_traffic_and_can_roll_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut ctx = Ctx::new();
+    ctx.dp()
+        .upsert_service(
+            tcp_svc(),
+            vec![be(B1, TCP_PORT), be(B2, TCP_PORT)],
+            Affinity::None,
+        )
+        .unwrap();
+    assert_eq!(attached_programs(&ctx.lab.cgroup.path).len(), 8);
+
+    // Same build again: reopened, nothing replaced.
+    drop(ctx.dp.take());
+    let dp = Datapath::load(ctx.config()).unwrap();
+    assert!(dp.reopened());
+    assert_eq!(dp.upgraded_programs(), 0);
+    drop(dp);
+
+    // A new build arrives while a client keeps connecting: the client has finished one
+    // batch before the swap starts and runs batches until after it has finished.
+    let done = AtomicBool::new(false);
+    let cfg = ctx.config();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (lines, dp) = std::thread::scope(|s| {
+        let lab = &ctx.lab;
+        let done = &done;
+        let client = s.spawn(move || {
+            let mut all = Vec::new();
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let batch = lab
+                    .probe(probe_bin(), &["tcp", &vip_tcp().to_string(), "20"])
+                    .unwrap();
+                all.extend(batch);
+                let _ = started_tx.send(());
+                if finished {
+                    return all;
+                }
+            }
+        });
+        started_rx.recv().unwrap();
+        let dp =
+            Datapath::load_object(cfg.clone(), kubeshift_datapath::SOCK_LB_OBJ_BUILD2).unwrap();
+        done.store(true, Ordering::SeqCst);
+        (client.join().unwrap(), dp)
+    });
+    ctx.dp = Some(dp);
+    // Only connect4/6 and sendmsg4/6 emit events, so only their code differs; the
+    // reverse-translation programs are identical and stay as they are.
+    assert_eq!(ctx.dp().upgraded_programs(), 4);
+    // At least one batch before and one after the swap; ok_fields panics on any failure.
+    assert!(lines.len() >= 40, "{}", lines.len());
+    assert!(ok_fields(&lines)
+        .iter()
+        .all(|f| f["peer"] == vip_tcp().to_string()));
+    assert_eq!(
+        attached_programs(&ctx.lab.cgroup.path).len(),
+        8,
+        "replaced, not added"
+    );
+
+    // Events from before and after the swap, in order, and the maps kept their content.
+    ok_fields(&ctx.probe("tcp", vip_tcp(), 3));
+    let builds: Vec<u8> = ctx
+        .dp()
+        .read_flows()
+        .iter()
+        .map(|f| f.program_build)
+        .collect();
+    assert_eq!(builds.first(), Some(&1), "{builds:?}");
+    assert_eq!(builds.last(), Some(&2), "{builds:?}");
+    assert!(builds.windows(2).all(|w| w[0] <= w[1]), "{builds:?}");
+    assert_eq!(ctx.dp().services().len(), 1);
+
+    // Rolling back is the same operation with the old build.
+    drop(ctx.dp.take());
+    ctx.dp = Some(Datapath::load(ctx.config()).unwrap());
+    assert_eq!(ctx.dp().upgraded_programs(), 4);
+    ok_fields(&ctx.probe("tcp", vip_tcp(), 2));
+    let after: Vec<u8> = ctx
+        .dp()
+        .read_flows()
+        .iter()
+        .map(|f| f.program_build)
+        .collect();
+    assert_eq!(after, vec![1, 1]);
+}
+
+#[test]
 fn detach_and_unpin_leaves_nothing_and_traffic_is_untouched() {
     let mut ctx = Ctx::new();
     ctx.dp()
@@ -534,14 +810,6 @@ fn detach_and_unpin_leaves_nothing_and_traffic_is_untouched() {
         ctx.probe("tcp", vip_tcp(), 1),
         vec![format!("ERR {}", libc::ENETUNREACH)]
     );
-    let attached = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&ctx.lab.cgroup.path)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
-        "programs still attached: {}",
-        String::from_utf8_lossy(&attached.stdout)
-    );
+    let attached = attached_programs(&ctx.lab.cgroup.path);
+    assert!(attached.is_empty(), "programs still attached: {attached:?}");
 }

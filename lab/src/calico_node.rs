@@ -98,8 +98,11 @@ pub async fn run_calico_node(a: CalicoArgs<'_>) -> Result<()> {
         ensure_jump("filter", "FORWARD", "cali-FORWARD")?;
     }
     tracing::info!("calico-node: block {cidr}, pool {:?}", pool);
+    let policy = tokio::spawn(crate::calico_policy::enforce(client.clone(), a.node.to_string()));
     let mut backend = CalicoPeers { vxlan: pool.vxlan };
-    peers::sync_peers(&client, a.node, &mut backend).await
+    let r = peers::sync_peers(&client, a.node, &mut backend).await;
+    policy.abort();
+    r
 }
 
 struct CalicoPeers {

@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod calico_node;
+pub mod calico_policy;
 pub mod cni_plugins;
 pub mod control_plane;
 pub mod down;

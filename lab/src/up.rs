@@ -227,7 +227,7 @@ async fn wait_port_file(p: &Path) -> Result<u16> {
 async fn wait_nodes_ready(client: &Client, spec: &LabSpec) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let want = spec.nodes;
-    api::wait_for(&format!("{want} nodes to be Ready"), Duration::from_secs(120), || {
+    api::wait_for(&format!("{want} nodes to be Ready"), Duration::from_secs(180), || {
         let nodes = nodes.clone();
         async move {
             let list = nodes.list(&ListParams::default()).await?;
@@ -239,15 +239,15 @@ async fn wait_nodes_ready(client: &Client, spec: &LabSpec) -> Result<()> {
 }
 
 async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
-    let mut sets = vec![("kube-system", "kube-proxy")];
+    let mut sets = vec![("kube-system", "kube-proxy", "k8s-app=kube-proxy")];
     match spec.cni {
-        Cni::Flannel => sets.push(("kube-flannel", "kube-flannel-ds")),
-        Cni::Calico => sets.push(("kube-system", "calico-node")),
+        Cni::Flannel => sets.push(("kube-flannel", "kube-flannel-ds", "app=flannel")),
+        Cni::Calico => sets.push(("kube-system", "calico-node", "k8s-app=calico-node")),
     }
-    for (ns, name) in sets {
+    for (ns, name, selector) in sets {
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
         let want = spec.nodes as i32;
-        api::wait_for(&format!("DaemonSet {ns}/{name} ready on {want} nodes"), Duration::from_secs(120), || {
+        let r = api::wait_for(&format!("DaemonSet {ns}/{name} ready on {want} nodes"), Duration::from_secs(180), || {
             let api = api.clone();
             async move {
                 let ds = api.get(name).await?;
@@ -255,9 +255,41 @@ async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
                 Ok((ready >= want).then_some(()))
             }
         })
-        .await?;
+        .await;
+        if let Err(e) = r {
+            return Err(e.context(pod_states(client, ns, selector).await));
+        }
     }
     Ok(())
+}
+
+/// One line per pod: where it runs and why it is not ready, for timeout messages.
+async fn pod_states(client: &Client, ns: &str, selector: &str) -> String {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    match pods.list(&ListParams::default().labels(selector)).await {
+        Ok(l) => l
+            .items
+            .iter()
+            .map(|p| {
+                let st = p.status.clone().unwrap_or_default();
+                let why: Vec<String> = st
+                    .container_statuses
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| format!("{} ready={} restarts={} {:?}", c.name, c.ready, c.restart_count, c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone())))
+                    .collect();
+                format!(
+                    "{} on {}: {} {}",
+                    p.metadata.name.as_deref().unwrap_or(""),
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("(unscheduled)"),
+                    st.phase.unwrap_or_default(),
+                    why.join("; ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("pods of {selector} could not be listed: {e}"),
+    }
 }
 
 pub async fn wait_deployments(client: &Client, namespaces: &[&str], timeout: Duration) -> Result<()> {

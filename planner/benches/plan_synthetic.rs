@@ -7,7 +7,10 @@
 use std::time::Instant;
 
 fn main() {
-    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let input = kubeshift_planner::planning::synthetic_input(5_000, 150_000);
     let mut times = Vec::new();
     let mut size = 0;
@@ -17,7 +20,12 @@ fn main() {
         let yaml = plan.to_yaml();
         let el = t.elapsed().as_secs_f64();
         size = yaml.len();
-        println!("run {run}: {el:.3} s ({} waves, {} bytes of YAML, critical path {} s)", plan.waves.len(), yaml.len(), plan.estimates.total_seconds);
+        println!(
+            "run {run}: {el:.3} s ({} waves, {} bytes of YAML, critical path {} s)",
+            plan.waves.len(),
+            yaml.len(),
+            plan.estimates.total_seconds
+        );
         times.push(el);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());

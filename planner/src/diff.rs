@@ -94,7 +94,12 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
     let by_key: HashMap<String, &ServiceRules> = model
         .services
         .iter()
-        .map(|s| (service_port_key(&s.namespace, &s.name, &s.port_name, &s.protocol), s))
+        .map(|s| {
+            (
+                service_port_key(&s.namespace, &s.name, &s.port_name, &s.protocol),
+                s,
+            )
+        })
         .collect();
     let mut api_keys = BTreeSet::new();
 
@@ -138,7 +143,8 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             reason: format!("chain {c} exists but no rule jumps to it; it is left over and can be removed with the other KUBE-* chains"),
         });
     }
-    out.findings.sort_by(|a, b| (a.kind, &a.service).cmp(&(b.kind, &b.service)));
+    out.findings
+        .sort_by(|a, b| (a.kind, &a.service).cmp(&(b.kind, &b.service)));
     out
 }
 
@@ -168,7 +174,14 @@ fn missing(svc: &ApiService, port: &crate::api::ApiServicePort, key: &str) -> Fi
     }
 }
 
-fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key: &str, s: &ServiceRules, f: &mut Vec<Finding>) {
+fn compare(
+    node: &str,
+    svc: &ApiService,
+    port: &crate::api::ApiServicePort,
+    key: &str,
+    s: &ServiceRules,
+    f: &mut Vec<Finding>,
+) {
     let mut push = |kind, reason: String| {
         f.push(Finding {
             kind,
@@ -196,7 +209,11 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
     // endpoints (KUBE-SVL), and there is no cluster-wide list to compare.
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let (want, have, which) = if internal_local {
-        (svc.ready_targets(port, Some(node)), targets(&s.local_endpoints), "local endpoints (internalTrafficPolicy Local)")
+        (
+            svc.ready_targets(port, Some(node)),
+            targets(&s.local_endpoints),
+            "local endpoints (internalTrafficPolicy Local)",
+        )
     } else {
         (all_ready.clone(), targets(&s.endpoints), "endpoints")
     };
@@ -204,7 +221,10 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
         if !have.is_empty() {
             push(
                 FindingKind::EndpointMismatch,
-                format!("the API lists no ready endpoint but the rules still send traffic to {}", show(&have)),
+                format!(
+                    "the API lists no ready endpoint but the rules still send traffic to {}",
+                    show(&have)
+                ),
             );
         } else if !s.reject_no_endpoints {
             push(
@@ -217,12 +237,21 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
         if !missing.is_empty() || !extra.is_empty() {
             let mut parts = Vec::new();
             if !missing.is_empty() {
-                parts.push(format!("ready in the API but not in the rules: {}", show(&missing)));
+                parts.push(format!(
+                    "ready in the API but not in the rules: {}",
+                    show(&missing)
+                ));
             }
             if !extra.is_empty() {
-                parts.push(format!("in the rules but not ready in the API: {}", show(&extra)));
+                parts.push(format!(
+                    "in the rules but not ready in the API: {}",
+                    show(&extra)
+                ));
             }
-            push(FindingKind::EndpointMismatch, format!("{which} differ; {}", parts.join("; ")));
+            push(
+                FindingKind::EndpointMismatch,
+                format!("{which} differ; {}", parts.join("; ")),
+            );
         }
         if s.reject_no_endpoints {
             push(
@@ -264,12 +293,23 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
 
     if let Some(np) = port.node_port {
         if !s.node_ports.contains(&np) {
-            push(FindingKind::NodePortMismatch, format!("the API allocates node port {np}; the rules have {:?}", s.node_ports));
+            push(
+                FindingKind::NodePortMismatch,
+                format!(
+                    "the API allocates node port {np}; the rules have {:?}",
+                    s.node_ports
+                ),
+            );
         }
     }
     for np in &s.node_ports {
         if port.node_port != Some(*np) {
-            push(FindingKind::NodePortMismatch, format!("the rules open node port {np}, which the API does not allocate to this port"));
+            push(
+                FindingKind::NodePortMismatch,
+                format!(
+                    "the rules open node port {np}, which the API does not allocate to this port"
+                ),
+            );
         }
     }
 
@@ -279,10 +319,17 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
             SessionAffinity::None => None,
         };
         if want != s.affinity_seconds {
-            let fmt = |v: Option<u32>| v.map(|s| format!("ClientIP for {s} s")).unwrap_or_else(|| "none".into());
+            let fmt = |v: Option<u32>| {
+                v.map(|s| format!("ClientIP for {s} s"))
+                    .unwrap_or_else(|| "none".into())
+            };
             push(
                 FindingKind::AffinityMismatch,
-                format!("session affinity in the API: {}; in the rules: {}", fmt(want), fmt(s.affinity_seconds)),
+                format!(
+                    "session affinity in the API: {}; in the rules: {}",
+                    fmt(want),
+                    fmt(s.affinity_seconds)
+                ),
             );
         }
     }
@@ -290,7 +337,12 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
     if all_ready.is_empty() {
         // Without endpoints kube-proxy writes one REJECT per external address
         // and the rule no longer says whether it is an external or an LB IP.
-        let mut want: Vec<String> = svc.external_ips.iter().chain(&svc.lb_ingress_ips).cloned().collect();
+        let mut want: Vec<String> = svc
+            .external_ips
+            .iter()
+            .chain(&svc.lb_ingress_ips)
+            .cloned()
+            .collect();
         let mut have: Vec<String> = s.external_ips.iter().chain(&s.lb_ips).cloned().collect();
         want.sort();
         want.dedup();
@@ -299,7 +351,11 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
         if want != have {
             push(
                 FindingKind::ExternalAddressMismatch,
-                format!("external and load balancer IPs: API has [{}], rules have [{}]", show(&want), show(&have)),
+                format!(
+                    "external and load balancer IPs: API has [{}], rules have [{}]",
+                    show(&want),
+                    show(&have)
+                ),
             );
         }
         return;
@@ -321,19 +377,33 @@ fn compare(node: &str, svc: &ApiService, port: &crate::api::ApiServicePort, key:
     if !miss_ext.is_empty() || !extra_ext.is_empty() {
         push(
             FindingKind::ExternalAddressMismatch,
-            format!("external IPs: API has [{}], rules have [{}]", show(&svc.external_ips), show(&s.external_ips)),
+            format!(
+                "external IPs: API has [{}], rules have [{}]",
+                show(&svc.external_ips),
+                show(&s.external_ips)
+            ),
         );
     }
     let (miss_lb, extra_lb) = set_diff(&svc.lb_ingress_ips, &s.lb_ips);
     if !miss_lb.is_empty() || !extra_lb.is_empty() {
         push(
             FindingKind::ExternalAddressMismatch,
-            format!("load balancer IPs: API has [{}], rules have [{}]", show(&svc.lb_ingress_ips), show(&s.lb_ips)),
+            format!(
+                "load balancer IPs: API has [{}], rules have [{}]",
+                show(&svc.lb_ingress_ips),
+                show(&s.lb_ips)
+            ),
         );
     }
 }
 
 /// Diffs every node; `models` pairs node names with their parsed rules.
-pub fn diff_nodes<'a>(models: impl IntoIterator<Item = (&'a str, &'a RuleModel)>, api: &ApiServices) -> Vec<NodeDiff> {
-    models.into_iter().map(|(n, m)| diff_node(n, m, api)).collect()
+pub fn diff_nodes<'a>(
+    models: impl IntoIterator<Item = (&'a str, &'a RuleModel)>,
+    api: &ApiServices,
+) -> Vec<NodeDiff> {
+    models
+        .into_iter()
+        .map(|(n, m)| diff_node(n, m, api))
+        .collect()
 }

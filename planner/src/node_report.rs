@@ -6,7 +6,7 @@
 //! fails is recorded in `problems` instead of aborting, because a partial
 //! report of a broken node is exactly what the operator needs to see.
 
-use crate::iptables::{parse_iptables_save, RuleSummary};
+use crate::iptables::{parse_iptables_save, ParseError, RuleModel, RuleSummary};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,6 +87,9 @@ pub struct IptablesInfo {
     /// The nft backend warns that legacy tables exist too: kube-proxy may
     /// have written to the other backend.
     pub legacy_tables_present: bool,
+    /// What iptables-save printed on stderr (1.8.9 writes its warnings there).
+    #[serde(default)]
+    pub save_warnings: Vec<String>,
     pub rules: Option<RuleSummary>,
     pub parse_error: Option<String>,
 }
@@ -192,8 +195,18 @@ impl NodeReport {
         v
     }
 
+    /// The full rule model of the `iptables-save` text in the report (the
+    /// report itself only carries the summary), for `diff::diff_node`.
+    /// `None` when the report has no iptables-save output.
+    pub fn rule_model(&self) -> Option<Result<RuleModel, ParseError>> {
+        let save = self.iptables.save.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(parse_iptables_save(&format!("{node}:iptables-save"), save))
+    }
+
     pub fn from_json(text: &str, name: &str) -> Result<Self, String> {
-        let r: NodeReport = serde_json::from_str(text).map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
+        let r: NodeReport = serde_json::from_str(text)
+            .map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
         if r.report_version > NODE_REPORT_VERSION {
             return Err(format!(
                 "{name}: node report version {} is newer than this kubeshift understands ({NODE_REPORT_VERSION})",
@@ -208,6 +221,12 @@ impl NodeReport {
 /// exit status and stderr. Exit status is checked because some iptables
 /// front-ends print nothing and still fail.
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    run_with_stderr(cmd, args).map(|(out, _)| out)
+}
+
+/// Like [`run`], also returning stderr, where iptables-nft-save 1.8.9 writes
+/// its "legacy tables present" warning.
+fn run_with_stderr(cmd: &str, args: &[&str]) -> Result<(String, String), String> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -220,18 +239,24 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    String::from_utf8(out.stdout).map_err(|_| format!("`{cmd} {}` printed non-UTF-8 output", args.join(" ")))
+    let stdout = String::from_utf8(out.stdout)
+        .map_err(|_| format!("`{cmd} {}` printed non-UTF-8 output", args.join(" ")))?;
+    Ok((stdout, String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
 pub(crate) fn parse_kernel_release(release: &str) -> (u32, u32) {
-    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
     let major = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let minor = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     (major, minor)
 }
 
 fn read_trim(p: &str) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn kernel(problems: &mut Vec<String>) -> KernelInfo {
@@ -253,9 +278,15 @@ fn kernel(problems: &mut Vec<String>) -> KernelInfo {
 fn btf() -> BtfInfo {
     // Under `ip netns exec` /sys is a fresh sysfs; BTF is still there, but
     // fall back to PID 1's view in case a private /sys hides it.
-    for p in ["/sys/kernel/btf/vmlinux", "/proc/1/root/sys/kernel/btf/vmlinux"] {
+    for p in [
+        "/sys/kernel/btf/vmlinux",
+        "/proc/1/root/sys/kernel/btf/vmlinux",
+    ] {
         if Path::new(p).exists() {
-            return BtfInfo { present: true, path: p.into() };
+            return BtfInfo {
+                present: true,
+                path: p.into(),
+            };
         }
     }
     BtfInfo {
@@ -316,11 +347,19 @@ fn iptables(opts: &CollectOptions, problems: &mut Vec<String>) -> IptablesInfo {
         }
         Err(e) => problems.push(e),
     }
-    match run(&opts.iptables_save, &[]) {
-        Ok(out) => {
+    match run_with_stderr(&opts.iptables_save, &[]) {
+        Ok((out, err)) => {
+            info.save_warnings = err
+                .lines()
+                .map(|l| l.trim_start_matches('#').trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let legacy = |w: &String| w.contains("iptables-legacy tables present");
+            info.legacy_tables_present = info.save_warnings.iter().any(legacy);
             match parse_iptables_save(&format!("{} output", opts.iptables_save), &out) {
                 Ok(model) => {
-                    info.legacy_tables_present = model.warnings.iter().any(|w| w.contains("iptables-legacy tables present"));
+                    // Older iptables printed the warning into the dump itself.
+                    info.legacy_tables_present |= model.warnings.iter().any(legacy);
                     info.rules = Some(model.summary());
                 }
                 Err(e) => info.parse_error = Some(e.to_string()),
@@ -348,22 +387,36 @@ pub fn read_cni_dir(dir: &Path, problems: &mut Vec<String>) -> CniInfo {
     };
     let mut names: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conf" | "conflist" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("conf" | "conflist" | "json")
+            )
+        })
         .collect();
     names.sort();
     for p in names {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         match std::fs::read_to_string(&p) {
             Ok(content) => {
-                let plugin_types = serde_json::from_str::<serde_json::Value>(&content).ok().map(|v| {
-                    let mut t = Vec::new();
-                    if let Some(list) = v.get("plugins").and_then(|p| p.as_array()) {
-                        t.extend(list.iter().filter_map(|p| p.get("type")?.as_str().map(str::to_string)));
-                    } else if let Some(ty) = v.get("type").and_then(|t| t.as_str()) {
-                        t.push(ty.to_string());
-                    }
-                    t
-                });
+                let plugin_types = serde_json::from_str::<serde_json::Value>(&content)
+                    .ok()
+                    .map(|v| {
+                        let mut t = Vec::new();
+                        if let Some(list) = v.get("plugins").and_then(|p| p.as_array()) {
+                            t.extend(
+                                list.iter()
+                                    .filter_map(|p| p.get("type")?.as_str().map(str::to_string)),
+                            );
+                        } else if let Some(ty) = v.get("type").and_then(|t| t.as_str()) {
+                            t.push(ty.to_string());
+                        }
+                        t
+                    });
                 if plugin_types.is_none() {
                     problems.push(format!("CNI conf {} is not valid JSON", p.display()));
                 }
@@ -409,7 +462,8 @@ struct LinkInfoJson {
 
 /// Parses `ip -d -j addr` output.
 pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, String> {
-    let raw: Vec<IpAddrJson> = serde_json::from_str(text).map_err(|e| format!("ip -j addr output: {e}"))?;
+    let raw: Vec<IpAddrJson> =
+        serde_json::from_str(text).map_err(|e| format!("ip -j addr output: {e}"))?;
     Ok(raw
         .into_iter()
         .map(|r| Interface {
@@ -447,7 +501,8 @@ pub fn parse_ip_route_json(text: &str, family: u8) -> Result<Vec<Route>, String>
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let raw: Vec<IpRouteJson> = serde_json::from_str(text).map_err(|e| format!("ip -j route output: {e}"))?;
+    let raw: Vec<IpRouteJson> =
+        serde_json::from_str(text).map_err(|e| format!("ip -j route output: {e}"))?;
     Ok(raw
         .into_iter()
         .map(|r| Route {
@@ -470,16 +525,19 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
     let cgroup = cgroup(&mut problems);
     let iptables = iptables(opts, &mut problems);
     let cni = read_cni_dir(&opts.cni_conf_dir, &mut problems);
-    let interfaces = match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
-        Ok(v) => v,
-        Err(e) => {
-            problems.push(e);
-            Vec::new()
-        }
-    };
+    let interfaces =
+        match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
     let mut routes = Vec::new();
     for (fam, flag) in [(4u8, "-4"), (6u8, "-6")] {
-        match run(&opts.ip, &[flag, "-j", "route", "show"]).and_then(|o| parse_ip_route_json(&o, fam)) {
+        match run(&opts.ip, &[flag, "-j", "route", "show"])
+            .and_then(|o| parse_ip_route_json(&o, fam))
+        {
             Ok(v) => routes.extend(v),
             Err(e) => problems.push(e),
         }
@@ -512,7 +570,8 @@ pub fn collect_in_netns(netns: &str, opts: &CollectOptions) -> Result<NodeReport
     } else {
         Path::new("/run/netns").join(netns)
     };
-    let file = std::fs::File::open(&path).map_err(|e| format!("cannot open network namespace {}: {e}", path.display()))?;
+    let file = std::fs::File::open(&path)
+        .map_err(|e| format!("cannot open network namespace {}: {e}", path.display()))?;
     let opts = opts.clone();
     std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -526,6 +585,20 @@ pub fn collect_in_netns(netns: &str, opts: &CollectOptions) -> Result<NodeReport
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_model_from_a_report_names_the_node() {
+        let mut r = NodeReport {
+            node_name: Some("node-7".into()),
+            ..Default::default()
+        };
+        assert!(r.rule_model().is_none());
+        r.iptables.save = Some("*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n".into());
+        assert!(r.rule_model().unwrap().unwrap().services.is_empty());
+        r.iptables.save = Some("*nat\n:KUBE-SERVICES - [0:0]\n".into());
+        let e = r.rule_model().unwrap().unwrap_err();
+        assert!(e.to_string().starts_with("node-7:iptables-save:1: "), "{e}");
+    }
 
     #[test]
     fn kernel_versions() {
@@ -543,8 +616,14 @@ mod tests {
 
     #[test]
     fn backend_from_version() {
-        assert_eq!(parse_backend("iptables v1.8.9 (nf_tables)"), IptablesBackend::Nft);
-        assert_eq!(parse_backend("iptables v1.8.9 (legacy)"), IptablesBackend::Legacy);
+        assert_eq!(
+            parse_backend("iptables v1.8.9 (nf_tables)"),
+            IptablesBackend::Nft
+        );
+        assert_eq!(
+            parse_backend("iptables v1.8.9 (legacy)"),
+            IptablesBackend::Legacy
+        );
         assert_eq!(parse_backend("iptables v1.4.21"), IptablesBackend::Unknown);
     }
 
@@ -572,13 +651,20 @@ mod tests {
             }
         }
         let _rm = Rm(dir.clone());
-        std::fs::write(dir.join("10-flannel.conflist"), r#"{"name":"cbr0","plugins":[{"type":"flannel"},{"type":"portmap"}]}"#).unwrap();
+        std::fs::write(
+            dir.join("10-flannel.conflist"),
+            r#"{"name":"cbr0","plugins":[{"type":"flannel"},{"type":"portmap"}]}"#,
+        )
+        .unwrap();
         std::fs::write(dir.join("99-broken.conf"), "{not json").unwrap();
         std::fs::write(dir.join("README"), "ignored").unwrap();
         let mut problems = Vec::new();
         let info = read_cni_dir(&dir, &mut problems);
         assert_eq!(info.files.len(), 2);
-        assert_eq!(info.files[0].plugin_types.as_deref(), Some(&["flannel".to_string(), "portmap".to_string()][..]));
+        assert_eq!(
+            info.files[0].plugin_types.as_deref(),
+            Some(&["flannel".to_string(), "portmap".to_string()][..])
+        );
         assert_eq!(info.files[1].plugin_types, None);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("99-broken.conf is not valid JSON"));

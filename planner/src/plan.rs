@@ -20,15 +20,27 @@ pub const KIND: &str = "Plan";
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{path}: cannot read: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax { path: String, line: usize, column: usize, message: String },
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}: apiVersion is {found:?}, this kubeshift reads {API_VERSION:?} (was the plan written by another kubeshift version?)")]
     ApiVersion { path: String, found: String },
     #[error("{path}: kind is {found:?}, expected {KIND:?}")]
     Kind { path: String, found: String },
     #[error("{path}: the plan was made for cluster {plan}, but this cluster's fingerprint is {cluster}; re-run `kubeshift migrate plan` against this cluster")]
-    FingerprintMismatch { path: String, plan: String, cluster: String },
+    FingerprintMismatch {
+        path: String,
+        plan: String,
+        cluster: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -209,7 +221,10 @@ struct Header {
 }
 
 fn syntax(path: &str, e: serde_yaml::Error) -> PlanError {
-    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
     // serde_yaml appends " at line X column Y"; the prefix already says it.
     let mut message = e.to_string();
     if let Some(i) = message.find(" at line ") {
@@ -225,7 +240,11 @@ fn syntax(path: &str, e: serde_yaml::Error) -> PlanError {
 
 /// Parses and validates a plan. `cluster_fingerprint` is the live cluster's,
 /// when known (apply always knows it; `plan show` may not).
-pub fn parse_plan(path: &str, text: &str, cluster_fingerprint: Option<&str>) -> Result<Plan, PlanError> {
+pub fn parse_plan(
+    path: &str,
+    text: &str,
+    cluster_fingerprint: Option<&str>,
+) -> Result<Plan, PlanError> {
     let header: Header = serde_yaml::from_str(text).map_err(|e| syntax(path, e))?;
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
@@ -262,7 +281,10 @@ pub fn parse_plan(path: &str, text: &str, cluster_fingerprint: Option<&str>) -> 
 /// Reads, parses and validates a plan file.
 pub fn load_plan(path: &Path, cluster_fingerprint: Option<&str>) -> Result<Plan, PlanError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io { path: name.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+        path: name.clone(),
+        source,
+    })?;
     parse_plan(&name, &text, cluster_fingerprint)
 }
 
@@ -276,9 +298,13 @@ impl Plan {
     }
 
     pub fn all_steps(&self) -> impl Iterator<Item = (&Wave, &NodePlan, &Step)> {
-        self.waves
-            .iter()
-            .flat_map(|w| w.batches.iter().flat_map(move |b| b.nodes.iter().flat_map(move |n| n.steps.iter().map(move |s| (w, n, s)))))
+        self.waves.iter().flat_map(|w| {
+            w.batches.iter().flat_map(move |b| {
+                b.nodes
+                    .iter()
+                    .flat_map(move |n| n.steps.iter().map(move |s| (w, n, s)))
+            })
+        })
     }
 
     /// Structural checks beyond what serde enforces.
@@ -300,7 +326,10 @@ impl Plan {
                 }
                 for n in &b.nodes {
                     if let Some(prev) = seen_nodes.insert(&n.name, &w.name) {
-                        return Err(format!("node {} appears twice (waves {prev} and {})", n.name, w.name));
+                        return Err(format!(
+                            "node {} appears twice (waves {prev} and {})",
+                            n.name, w.name
+                        ));
                     }
                     if n.steps.is_empty() {
                         return Err(format!("node {} has no steps", n.name));
@@ -339,7 +368,10 @@ impl StepGraph {
     pub fn build(plan: &Plan) -> Result<StepGraph, String> {
         let mut g: DiGraph<StepNode, ()> = DiGraph::new();
         let mut index: HashMap<String, NodeIndex> = HashMap::new();
-        let add = |g: &mut DiGraph<StepNode, ()>, index: &mut HashMap<String, NodeIndex>, n: StepNode| -> Result<NodeIndex, String> {
+        let add = |g: &mut DiGraph<StepNode, ()>,
+                   index: &mut HashMap<String, NodeIndex>,
+                   n: StepNode|
+         -> Result<NodeIndex, String> {
             if index.contains_key(&n.id) {
                 return Err(format!("step id {} is used twice", n.id));
             }
@@ -414,7 +446,10 @@ impl StepGraph {
             g.add_edge(d, i, ());
         }
         if let Err(cycle) = petgraph::algo::toposort(&g, None) {
-            return Err(format!("the steps form a cycle through {}", g[cycle.node_id()].id));
+            return Err(format!(
+                "the steps form a cycle through {}",
+                g[cycle.node_id()].id
+            ));
         }
         Ok(StepGraph { graph: g, index })
     }
@@ -448,7 +483,10 @@ impl StepGraph {
     }
 
     fn label(n: &StepNode) -> String {
-        let action = serde_yaml::to_string(&n.action).unwrap_or_default().trim().to_string();
+        let action = serde_yaml::to_string(&n.action)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         match &n.node {
             Some(node) => format!("{node}: {action}"),
             None => format!("wave {}: {action}", n.wave),
@@ -457,7 +495,9 @@ impl StepGraph {
 
     /// Graphviz DOT. Gates are diamonds, rollback points have a double border.
     pub fn to_dot(&self) -> String {
-        let mut s = String::from("digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"sans-serif\"];\n");
+        let mut s = String::from(
+            "digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"sans-serif\"];\n",
+        );
         for i in self.graph.node_indices() {
             let n = &self.graph[i];
             let mut attrs = format!("label=\"{}\"", Self::label(n).replace('"', "\\\""));

@@ -2,40 +2,27 @@
 //! root (as the lab does). Only the test's own namespace is changed: the
 //! interface and the iptables rules are added with `ip netns exec`.
 
-use kubeshift_planner::node_report::{collect_in_netns, CollectOptions, IptablesBackend, NodeReport};
-use std::path::PathBuf;
+use kubeshift_planner::node_report::{
+    collect_in_netns, CollectOptions, IptablesBackend, NodeReport,
+};
 use std::process::Command;
 
-/// Deletes the namespace and the temp dir on drop, so a failed assertion
-/// leaves nothing behind.
-struct Netns {
-    name: String,
-    tmp: PathBuf,
+mod common;
+use common::Netns;
+
+trait Populate {
+    fn populate(&self);
+    fn opts(&self) -> CollectOptions;
 }
 
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ksplan-{}-{tag}", std::process::id());
-        let tmp = std::env::temp_dir().join(&name);
-        // Construct the guard before creating anything, so a half-made
-        // setup is cleaned too.
-        let ns = Netns { name, tmp };
-        sh("ip", &["netns", "add", &ns.name]);
-        std::fs::create_dir_all(&ns.tmp).unwrap();
-        ns
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut a = vec!["netns", "exec", &self.name];
-        a.extend_from_slice(args);
-        sh("ip", &a);
-    }
-
+impl Populate for Netns {
     /// A veth pair, an address and kube-proxy-shaped rules, all inside.
     fn populate(&self) {
         self.exec(&["ip", "link", "set", "lo", "up"]);
         // A veth pair with both ends inside (this kernel has no dummy driver).
-        self.exec(&["ip", "link", "add", "ksdummy0", "type", "veth", "peer", "name", "ksdummy1"]);
+        self.exec(&[
+            "ip", "link", "add", "ksdummy0", "type", "veth", "peer", "name", "ksdummy1",
+        ]);
         self.exec(&["ip", "addr", "add", "10.123.0.1/24", "dev", "ksdummy0"]);
         self.exec(&["ip", "link", "set", "ksdummy0", "up"]);
         for rule in [
@@ -67,23 +54,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = std::fs::remove_dir_all(&self.tmp);
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{cmd} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn check(r: &NodeReport) {
     assert_eq!(r.node_name.as_deref(), Some("node-test"));
     let save = r.iptables.save.as_deref().expect("iptables-save output");
@@ -92,15 +62,38 @@ fn check(r: &NodeReport) {
     let rules = r.iptables.rules.as_ref().unwrap();
     assert_eq!(rules.services, 1);
     assert_eq!(rules.endpoints, 1);
-    assert_ne!(r.iptables.backend, IptablesBackend::Unknown, "{}", r.iptables.version);
-    let dummy = r.interfaces.iter().find(|i| i.ifname == "ksdummy0").expect("interface from inside the netns");
+    assert_ne!(
+        r.iptables.backend,
+        IptablesBackend::Unknown,
+        "{}",
+        r.iptables.version
+    );
+    let dummy = r
+        .interfaces
+        .iter()
+        .find(|i| i.ifname == "ksdummy0")
+        .expect("interface from inside the netns");
     assert_eq!(dummy.kind.as_deref(), Some("veth"));
-    assert!(dummy.addresses.iter().any(|a| a.local == "10.123.0.1" && a.prefixlen == 24));
+    assert!(dummy
+        .addresses
+        .iter()
+        .any(|a| a.local == "10.123.0.1" && a.prefixlen == 24));
     // Only lo and the veth pair: proof that the host's interfaces were not read.
-    assert_eq!(r.interfaces.len(), 3, "{:?}", r.interfaces.iter().map(|i| &i.ifname).collect::<Vec<_>>());
-    assert!(r.routes.iter().any(|rt| rt.dst == "10.123.0.0/24" && rt.dev.as_deref() == Some("ksdummy0")));
+    assert_eq!(
+        r.interfaces.len(),
+        3,
+        "{:?}",
+        r.interfaces.iter().map(|i| &i.ifname).collect::<Vec<_>>()
+    );
+    assert!(r
+        .routes
+        .iter()
+        .any(|rt| rt.dst == "10.123.0.0/24" && rt.dev.as_deref() == Some("ksdummy0")));
     assert_eq!(r.cni.files.len(), 1);
-    assert_eq!(r.cni.files[0].plugin_types.as_deref(), Some(&["bridge".to_string(), "portmap".to_string()][..]));
+    assert_eq!(
+        r.cni.files[0].plugin_types.as_deref(),
+        Some(&["bridge".to_string(), "portmap".to_string()][..])
+    );
     assert!(r.kernel.major > 0);
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
@@ -114,12 +107,28 @@ fn host_has_test_rules() -> bool {
 fn collect_inside_a_netns_via_setns() {
     let ns = Netns::new("setns");
     ns.populate();
+    // A legacy-backend table beside the nft one, as on a node where two
+    // components disagree on the backend: the report must flag it.
+    ns.exec(&["iptables-legacy", "-t", "mangle", "-N", "KSPLAN-LEGACY"]);
     let r = collect_in_netns(&ns.name, &ns.opts()).expect("collect");
     check(&r);
+    assert_eq!(
+        r.iptables.backend,
+        IptablesBackend::Nft,
+        "this machine's default iptables is nft"
+    );
+    assert!(
+        r.iptables.legacy_tables_present,
+        "{:?}",
+        r.iptables.save_warnings
+    );
     // On this machine BTF and cgroup v2 exist; the report must see them.
     assert!(r.btf.present);
     assert!(r.cgroup.v2_mounted, "{:?}", r.cgroup);
-    assert!(!host_has_test_rules(), "test rules leaked into the host namespace");
+    assert!(
+        !host_has_test_rules(),
+        "test rules leaked into the host namespace"
+    );
     let json = serde_json::to_string(&r).unwrap();
     let back = NodeReport::from_json(&json, "report.json").unwrap();
     assert_eq!(back, r);
@@ -174,6 +183,14 @@ fn collect_under_ip_netns_exec() {
 fn bad_report_json_names_the_place() {
     let e = NodeReport::from_json("{\n \"report_version\": \"x\"\n}", "n1.json").unwrap_err();
     assert!(e.starts_with("n1.json:2:"), "{e}");
-    let e = NodeReport::from_json(&serde_json::to_string(&NodeReport { report_version: 99, ..Default::default() }).unwrap(), "n1.json").unwrap_err();
+    let e = NodeReport::from_json(
+        &serde_json::to_string(&NodeReport {
+            report_version: 99,
+            ..Default::default()
+        })
+        .unwrap(),
+        "n1.json",
+    )
+    .unwrap_err();
     assert!(e.contains("newer"), "{e}");
 }

@@ -14,6 +14,7 @@
 //!
 //! Usage: kubeshift-dp-bench [--sizes 10,1000,10000] [--count 2000] [--repeats 3]
 //!        [--wide 10000]   (also run N services x 4 endpoints; 0 to skip)
+//!        [--no-flow-events]
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -35,6 +36,7 @@ struct Args {
     count: usize,
     repeats: usize,
     wide: usize,
+    flow_events: bool,
 }
 
 fn parse_args() -> Args {
@@ -43,10 +45,16 @@ fn parse_args() -> Args {
         count: 2000,
         repeats: 3,
         wide: 10_000,
+        flow_events: true,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--no-flow-events" {
+            a.flow_events = false;
+            i += 1;
+            continue;
+        }
         let v = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--sizes" => a.sizes = v.split(',').map(|s| s.parse().expect("size")).collect(),
@@ -93,10 +101,10 @@ fn measure_mix(
     lab: &Lab,
     floor_cg: &Path,
     probe: &Path,
-    targets: [SocketAddrV4; 3],
+    targets: [String; 3],
     count: usize,
 ) -> Vec<Stats> {
-    let list = targets.map(|t| t.to_string()).join(",");
+    let list = targets.join(",");
     let floor_env = format!(
         "{}|{}|{}",
         floor_cg.display(),
@@ -117,9 +125,7 @@ fn measure_mix(
         let (Some("T"), Some(i), Some(ns)) = (f.next(), f.next(), f.next()) else {
             panic!("bad probe line {l}");
         };
-        let ns: u64 = ns
-            .parse()
-            .unwrap_or_else(|_| panic!("connect failed: {l}"));
+        let ns: u64 = ns.parse().unwrap_or_else(|_| panic!("connect failed: {l}"));
         samples[i.parse::<usize>().unwrap()].push(ns);
     }
     samples.into_iter().map(stats).collect()
@@ -169,10 +175,10 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         .unwrap();
     lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1").unwrap();
-    for p in 0..backends_per_svc as u16 {
-        lab.tcp_server(SocketAddrV4::new(B1, PORT + p), "b1")
-            .unwrap();
-    }
+    let b1_addrs: Vec<SocketAddrV4> = (0..backends_per_svc as u16)
+        .map(|p| SocketAddrV4::new(B1, PORT + p))
+        .collect();
+    lab.tcp_server_multi(&b1_addrs, "b1").unwrap();
     lab.tcp_server(SocketAddrV4::new(B2, PORT), "b2").unwrap();
     let direct = SocketAddrV4::new(B1, PORT);
 
@@ -187,6 +193,7 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
         cgroup: lab.cgroup.path.clone(),
     })
     .expect("load");
+    dp.set_flow_events(a.flow_events).expect("set_flow_events");
     let backends: Vec<Backend> = (0..backends_per_svc as u16)
         .map(|p| Backend {
             ip: B1,
@@ -219,9 +226,16 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
         prog_hit_ns: 0.0,
         prog_miss_ns: 0.0,
     };
+    // The pod-IP variants rotate through the same endpoints the service picks from, so
+    // a 4-endpoint service is compared with connects spread over the same 4 sockets.
+    let pods = b1_addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join("+");
+    let targets = [last.to_string(), first.to_string(), pods];
     for r in 0..a.repeats {
-        let mut m = measure_mix(&lab, &floor_cg.path, probe, [last, first, direct], a.count)
-            .into_iter();
+        let mut m = measure_mix(&lab, &floor_cg.path, probe, targets.clone(), a.count).into_iter();
         row.last.push(m.next().unwrap());
         row.first.push(m.next().unwrap());
         row.direct.push(m.next().unwrap());
@@ -234,7 +248,7 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
         let mut changed = backends.clone();
         changed[0] = Backend { ip: B2, port: PORT };
         // Alternate between the changed and the original set, one change per round.
-        let to = if r % 2 == 0 {
+        let to = if r.is_multiple_of(2) {
             changed
         } else {
             backends.clone()
@@ -295,9 +309,9 @@ fn main() {
         rows.push(run_size(&probe, a.wide, 4, &a));
     }
     println!(
-        "| services | ClusterIP (last inserted) p50 / p99 µs | ClusterIP (first inserted) p50 / p99 µs | pod IP, hooks attached p50 / p99 µs | pod IP, no program (floor) p50 / p99 µs | ClusterIP last ÷ floor, p50 | one endpoint change applied | connect4 run time per call: service / non-service |"
+        "| services | ClusterIP (last inserted) p50 / p99 µs | ClusterIP (first inserted) p50 / p99 µs | pod IP, hooks attached p50 / p99 µs | pod IP, no program (floor) p50 / p99 µs | ClusterIP last ÷ floor, p50 | ClusterIP last ÷ pod IP (hooks), p50 | one endpoint change applied | connect4 run time per call: service / non-service |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         // median of the repeats, then the range over repeats in brackets
         let cell = |s: &[Stats]| {
@@ -311,24 +325,26 @@ fn main() {
                 range(&p99)
             )
         };
-        let ratios: Vec<f64> = r
-            .last
-            .iter()
-            .zip(&r.floor)
-            .map(|(l, f)| l.p50_us / f.p50_us)
-            .collect();
-        let lo = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let ratio = |base: &[Stats]| {
+            let v: Vec<f64> = r
+                .last
+                .iter()
+                .zip(base)
+                .map(|(l, f)| l.p50_us / f.p50_us)
+                .collect();
+            let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            format!("{:.2} [{lo:.2}–{hi:.2}]", median(&v))
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} [{:.2}–{:.2}] | {:.0} [{}] µs | {:.0} ns / {:.0} ns |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} [{}] µs | {:.0} ns / {:.0} ns |",
             r.label,
             cell(&r.last),
             cell(&r.first),
             cell(&r.direct),
             cell(&r.floor),
-            median(&ratios),
-            lo,
-            hi,
+            ratio(&r.floor),
+            ratio(&r.direct),
             median(&r.change_us),
             range(&r.change_us),
             r.prog_hit_ns,

@@ -92,14 +92,17 @@ fn time_connect(addr: SocketAddr) -> String {
 /// what is measured). Its variant index is the number of addresses.
 fn connect_mix(list: &str, count: usize) {
     const BLOCK: usize = 50;
-    let addrs: Vec<SocketAddr> = list
-        .split(',')
-        .map(|a| SocketAddr::V4(a.parse().expect("ADDR:PORT")))
-        .collect();
+    // A variant may name several addresses joined by '+': it then rotates through them,
+    // e.g. the pod IPs behind a 4-endpoint service, to compare like with like.
+    let parse = |v: &str| -> Vec<SocketAddr> {
+        v.split('+')
+            .map(|a| SocketAddr::V4(a.parse().expect("ADDR:PORT")))
+            .collect()
+    };
+    let variants: Vec<Vec<SocketAddr>> = list.split(',').map(parse).collect();
     let floor = std::env::var("KS_PROBE_FLOOR").ok().map(|v| {
         let p: Vec<String> = v.split('|').map(str::to_string).collect();
-        let addr: SocketAddrV4 = p[2].parse().expect("floor ADDR:PORT");
-        (p[0].clone(), p[1].clone(), SocketAddr::V4(addr))
+        (p[0].clone(), p[1].clone(), parse(&p[2]))
     });
     let enter = |cg: &str| {
         std::fs::write(format!("{cg}/cgroup.procs"), "0").expect("move to cgroup");
@@ -108,15 +111,16 @@ fn connect_mix(list: &str, count: usize) {
     let mut done = 0;
     while done < count {
         let n = BLOCK.min(count - done);
-        for _ in 0..n {
-            for (i, a) in addrs.iter().enumerate() {
-                out.push_str(&format!("T {i} {}\n", time_connect(*a)));
+        for k in done..done + n {
+            for (i, a) in variants.iter().enumerate() {
+                out.push_str(&format!("T {i} {}\n", time_connect(a[k % a.len()])));
             }
         }
-        if let Some((floor_cg, lb_cg, addr)) = &floor {
+        if let Some((floor_cg, lb_cg, a)) = &floor {
             enter(floor_cg);
-            for _ in 0..n {
-                out.push_str(&format!("T {} {}\n", addrs.len(), time_connect(*addr)));
+            for k in done..done + n {
+                let t = time_connect(a[k % a.len()]);
+                out.push_str(&format!("T {} {t}\n", variants.len()));
             }
             enter(lb_cg);
         }

@@ -7,7 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     match kubeshift_planner::iptables::parse_iptables_save("fuzz", text) {
         Ok(model) => {
             let json = serde_json::to_string(&model).expect("model serializes");

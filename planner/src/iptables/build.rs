@@ -5,8 +5,20 @@ use super::lexer::{host_ip, split_host_port, Rule};
 use super::{ChainCount, ChainLayout, EndpointRule, RuleModel, ServiceRules, TableSummary};
 use std::collections::BTreeMap;
 
-const PER_SERVICE_PREFIXES: &[&str] = &["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-XLB-"];
-const IPVS_CHAINS: &[&str] = &["KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER", "KUBE-SOURCE-RANGES-FIREWALL"];
+const PER_SERVICE_PREFIXES: &[&str] = &[
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-XLB-",
+];
+const IPVS_CHAINS: &[&str] = &[
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+];
 
 /// Splits a per-service chain name into (prefix, hash).
 fn per_service(chain: &str) -> Option<(&'static str, &str)> {
@@ -19,7 +31,9 @@ fn per_service(chain: &str) -> Option<(&'static str, &str)> {
 /// Covers "ns/svc:p cluster IP", "ns/svc:p -> 10.0.0.1:80", "Balancing rule 0
 /// for ns/svc:p" and "masquerade LOCAL traffic for ns/svc:p LB IP".
 fn comment_service(comment: &str) -> Option<(&str, &str, &str)> {
-    let word = comment.split(' ').find(|w| w.contains('/') && !w.starts_with('/'))?;
+    let word = comment
+        .split(' ')
+        .find(|w| w.contains('/') && !w.starts_with('/'))?;
     let (ns, rest) = word.split_once('/')?;
     let (name, port) = match rest.split_once(':') {
         Some((n, p)) => (n, p),
@@ -33,7 +47,10 @@ fn comment_service(comment: &str) -> Option<(&str, &str, &str)> {
 
 /// Key used to join rules, API objects and diffs: `ns/name:port/proto`.
 pub fn service_port_key(namespace: &str, name: &str, port_name: &str, protocol: &str) -> String {
-    format!("{namespace}/{name}:{port_name}/{}", protocol.to_ascii_lowercase())
+    format!(
+        "{namespace}/{name}:{port_name}/{}",
+        protocol.to_ascii_lowercase()
+    )
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, x: T) {
@@ -46,11 +63,15 @@ struct Builder<'d> {
     services: Vec<ServiceRules>,
     by_hash: FastMap<&'d str, usize>,
     by_key: FastMap<String, usize>,
-    referenced: FastSet<&'d str>,
 }
 
 impl<'d> Builder<'d> {
-    fn get(&mut self, hash: Option<&'d str>, name: Option<(&str, &str, &str)>, proto: Option<&str>) -> Option<usize> {
+    fn get(
+        &mut self,
+        hash: Option<&'d str>,
+        name: Option<(&str, &str, &str)>,
+        proto: Option<&str>,
+    ) -> Option<usize> {
         if let Some(h) = hash {
             if let Some(&i) = self.by_hash.get(h) {
                 let s = &mut self.services[i];
@@ -80,7 +101,9 @@ impl<'d> Builder<'d> {
         if let (Some((ns, n, p)), Some(pr)) = (name, proto) {
             if let Some(&i) = self.by_key.get(&service_port_key(ns, n, p, pr)) {
                 if let Some(h) = hash {
-                    self.services[i].chain_hash.get_or_insert_with(|| h.to_string());
+                    self.services[i]
+                        .chain_hash
+                        .get_or_insert_with(|| h.to_string());
                     self.by_hash.insert(h, i);
                 }
                 return Some(i);
@@ -133,7 +156,6 @@ impl<'d> Builder<'d> {
 fn read_endpoints<'d>(
     nat: &Table<'d>,
     rules: &[Rule<'d>],
-    referenced: &mut FastSet<&'d str>,
     proto: &mut Option<&'d str>,
 ) -> (Vec<EndpointRule>, Option<u32>) {
     let mut eps: Vec<EndpointRule> = Vec::new();
@@ -144,7 +166,6 @@ fn read_endpoints<'d>(
         if !target.starts_with("KUBE-SEP-") {
             continue;
         }
-        referenced.insert(target);
         // ClientIP affinity rules come first and repeat every endpoint; they
         // carry the timeout but are not extra endpoints.
         if let Some(rec) = r.recent() {
@@ -223,11 +244,15 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                     "KUBE-PROXY-FIREWALL" => saw_current = true,
                     n if IPVS_CHAINS.contains(&n) => push_unique(&mut m.ipvs_chains, n.to_string()),
                     n if n.starts_with("KUBE-XLB-") => saw_legacy = true,
-                    n if n.starts_with("KUBE-SVL-") || n.starts_with("KUBE-EXT-") => saw_current = true,
+                    n if n.starts_with("KUBE-SVL-") || n.starts_with("KUBE-EXT-") => {
+                        saw_current = true
+                    }
                     _ => {}
                 }
             } else {
-                let f = foreign.entry(foreign_family(c.name, c.builtin).to_string()).or_default();
+                let f = foreign
+                    .entry(foreign_family(c.name, c.builtin).to_string())
+                    .or_default();
                 f.chains += 1;
                 f.rules += c.rule_count;
             }
@@ -245,20 +270,23 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         }
     };
 
-    let per_service_chains = nat.chains.iter().filter(|c| c.name.starts_with("KUBE-SVC-")).count();
+    let per_service_chains = nat
+        .chains
+        .iter()
+        .filter(|c| c.name.starts_with("KUBE-SVC-"))
+        .count();
     let mut b = Builder {
         services: Vec::with_capacity(per_service_chains),
         by_hash: FastMap::with_capacity_and_hasher(per_service_chains, Default::default()),
         by_key: FastMap::with_capacity_and_hasher(per_service_chains, Default::default()),
-        referenced: FastSet::with_capacity_and_hasher(nat.chains.len(), Default::default()),
     };
 
     // Marks and postrouting.
     if let Some(c) = nat.chain("KUBE-MARK-MASQ") {
-        m.masquerade.masq_mark = c.rules.iter().find_map(|r| r.set_mark().map(str::to_string));
+        m.masquerade.masq_mark = c.rules.iter().find_map(|r| r.set_mark());
     }
     if let Some(c) = nat.chain("KUBE-MARK-DROP") {
-        m.masquerade.drop_mark = c.rules.iter().find_map(|r| r.set_mark().map(str::to_string));
+        m.masquerade.drop_mark = c.rules.iter().find_map(|r| r.set_mark());
     }
     if let Some(c) = nat.chain("KUBE-POSTROUTING") {
         for r in c.rules {
@@ -273,10 +301,19 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     // it, so that stale chains still show up with their names.
     for c in nat.chain_refs() {
         if let Some((_, hash)) = per_service(c.name) {
-            let name = c.rules.iter().find_map(|r| r.comment.as_deref().and_then(comment_service));
+            let name = c
+                .rules
+                .iter()
+                .find_map(|r| r.comment.as_deref().and_then(comment_service));
             let owned = name.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
             let proto = c.rules.iter().find_map(|r| r.proto);
-            b.get(Some(hash), owned.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())), proto);
+            b.get(
+                Some(hash),
+                owned
+                    .as_ref()
+                    .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+                proto,
+            );
         }
     }
 
@@ -288,9 +325,6 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
             match r.target {
                 Some(t) if per_service(t).is_some() => svc_entry_rules.push(r),
                 Some("KUBE-MARK-MASQ") => deferred_masq.push(r),
-                Some("KUBE-NODEPORTS") => {
-                    b.referenced.insert("KUBE-NODEPORTS");
-                }
                 _ => {}
             }
         }
@@ -298,10 +332,11 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     for r in svc_entry_rules {
         let target = r.target.unwrap();
         let (prefix, hash) = per_service(target).unwrap();
-        b.referenced.insert(target);
         let comment = r.comment.as_deref().unwrap_or("");
         let name = comment_service(comment);
-        let Some(i) = b.get(Some(hash), name, r.proto) else { continue };
+        let Some(i) = b.get(Some(hash), name, r.proto) else {
+            continue;
+        };
         let s = &mut b.services[i];
         let dst = r.dst.map(|d| host_ip(d.value).to_string());
         let port = r.dport.and_then(|p| p.parse().ok());
@@ -341,7 +376,6 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         for r in c.rules {
             let Some(t) = r.target else { continue };
             if let Some((_, hash)) = per_service(t) {
-                b.referenced.insert(t);
                 let name = r.comment.as_deref().and_then(comment_service);
                 if let Some(i) = b.get(Some(hash), name, r.proto) {
                     if let Some(p) = r.dport.and_then(|p| p.parse().ok()) {
@@ -364,7 +398,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         };
         if let Some(c) = lookup("KUBE-SVC-") {
             let mut proto = None;
-            let (eps, aff) = read_endpoints(nat, &c.rules, &mut b.referenced, &mut proto);
+            let (eps, aff) = read_endpoints(nat, c.rules, &mut proto);
             let s = &mut b.services[i];
             if s.protocol.is_empty() {
                 s.protocol = proto.unwrap_or_default().to_ascii_lowercase();
@@ -382,7 +416,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         }
         if let Some(c) = lookup("KUBE-SVL-") {
             let mut proto = None;
-            let (eps, aff) = read_endpoints(nat, &c.rules, &mut b.referenced, &mut proto);
+            let (eps, aff) = read_endpoints(nat, c.rules, &mut proto);
             let s = &mut b.services[i];
             if s.protocol.is_empty() {
                 s.protocol = proto.unwrap_or_default().to_ascii_lowercase();
@@ -398,7 +432,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         }
         if let Some(c) = lookup("KUBE-XLB-") {
             let mut proto = None;
-            let (eps, aff) = read_endpoints(nat, &c.rules, &mut b.referenced, &mut proto);
+            let (eps, aff) = read_endpoints(nat, c.rules, &mut proto);
             let s = &mut b.services[i];
             if s.protocol.is_empty() {
                 s.protocol = proto.unwrap_or_default().to_ascii_lowercase();
@@ -408,10 +442,11 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
             s.affinity_seconds = s.affinity_seconds.or(aff);
             for r in c.rules {
                 if let Some(t) = r.target {
-                    if t.starts_with("KUBE-SVC-") {
-                        b.referenced.insert(t);
-                    }
-                    if t == "KUBE-MARK-DROP" && r.comment.as_deref().is_some_and(|c| c.ends_with("has no local endpoints")) {
+                    if t == "KUBE-MARK-DROP"
+                        && r.comment
+                            .as_deref()
+                            .is_some_and(|c| c.ends_with("has no local endpoints"))
+                    {
                         s.drop_no_local_endpoints = true;
                     }
                 }
@@ -423,16 +458,13 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                 // Local policy shows as a jump to SVL, or, when this node has
                 // no local endpoint and the SVL jump is left out, as the
                 // src-type LOCAL special cases that only Local policy writes.
-                if r.src_type().is_some_and(|t| !t.negated && t.value == "LOCAL") {
+                if r.src_type()
+                    .is_some_and(|t| !t.negated && t.value == "LOCAL")
+                {
                     s.local_only = true;
                 }
-                if let Some(t) = r.target {
-                    if t.starts_with("KUBE-SVL-") {
-                        s.local_only = true;
-                    }
-                    if t.starts_with("KUBE-SVL-") || t.starts_with("KUBE-SVC-") {
-                        b.referenced.insert(t);
-                    }
+                if r.target.is_some_and(|t| t.starts_with("KUBE-SVL-")) {
+                    s.local_only = true;
                 }
             }
         }
@@ -441,7 +473,6 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
             for r in c.rules {
                 if let Some(t) = r.target {
                     if per_service(t).is_some() {
-                        b.referenced.insert(t);
                         if let Some(src) = r.src.filter(|s| !s.negated) {
                             push_unique(&mut s.lb_source_ranges, src.value.to_string());
                         }
@@ -453,17 +484,32 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
 
     // filter table: no-endpoint REJECTs, Local-policy DROPs, firewall, health checks.
     if let Some(filter) = dump.table("filter") {
-        for chain in ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-PROXY-FIREWALL", "KUBE-NODEPORTS", "KUBE-NODE-PORT"] {
-            let Some(c) = filter.chain(chain) else { continue };
+        for chain in [
+            "KUBE-SERVICES",
+            "KUBE-EXTERNAL-SERVICES",
+            "KUBE-PROXY-FIREWALL",
+            "KUBE-NODEPORTS",
+            "KUBE-NODE-PORT",
+        ] {
+            let Some(c) = filter.chain(chain) else {
+                continue;
+            };
             for r in c.rules {
                 let comment = r.comment.as_deref().unwrap_or("");
                 let Some(i) = b.by_comment(r) else { continue };
                 let s = &mut b.services[i];
-                let dst = r.dst.filter(|d| !d.negated).map(|d| host_ip(d.value).to_string());
+                let dst = r
+                    .dst
+                    .filter(|d| !d.negated)
+                    .map(|d| host_ip(d.value).to_string());
                 let port: Option<u16> = r.dport.and_then(|p| p.parse().ok());
-                let to_local = r.dst_type().is_some_and(|d| !d.negated && d.value == "LOCAL");
+                let to_local = r
+                    .dst_type()
+                    .is_some_and(|d| !d.negated && d.value == "LOCAL");
                 match (chain, r.target) {
-                    ("KUBE-NODEPORTS", Some("ACCEPT")) if comment.ends_with("health check node port") => {
+                    ("KUBE-NODEPORTS", Some("ACCEPT"))
+                        if comment.ends_with("health check node port") =>
+                    {
                         s.health_check_node_port = port;
                     }
                     ("KUBE-PROXY-FIREWALL", Some("DROP")) => {
@@ -471,7 +517,10 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                             push_unique(&mut s.lb_ips, d);
                         }
                     }
-                    (_, Some("REJECT")) | (_, Some("DROP")) if comment.ends_with("has no endpoints") || comment.ends_with("has no local endpoints") => {
+                    (_, Some("REJECT")) | (_, Some("DROP"))
+                        if comment.ends_with("has no endpoints")
+                            || comment.ends_with("has no local endpoints") =>
+                    {
                         if comment.ends_with("has no local endpoints") {
                             s.drop_no_local_endpoints = true;
                             if chain == "KUBE-EXTERNAL-SERVICES" {
@@ -509,8 +558,12 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     // rather than "has a referrer" so that a stale SVC chain does not keep its
     // stale SEP chains looking alive.
     let is_service_chain = |n: &str| per_service(n).is_some() || n.starts_with("KUBE-SEP-");
-    let mut reached: FastSet<&str> = FastSet::with_capacity_and_hasher(nat.chains.len(), Default::default());
-    let mut stack: Vec<ChainRef<'_, 'd>> = nat.chain_refs().filter(|c| !is_service_chain(c.name)).collect();
+    let mut reached: FastSet<&str> =
+        FastSet::with_capacity_and_hasher(nat.chains.len(), Default::default());
+    let mut stack: Vec<ChainRef<'_, 'd>> = nat
+        .chain_refs()
+        .filter(|c| !is_service_chain(c.name))
+        .collect();
     while let Some(c) = stack.pop() {
         for r in c.rules {
             if let Some(t) = r.target {
@@ -531,6 +584,9 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     unreferenced.sort();
     m.unreferenced_chains = unreferenced;
 
+    // Table order differs between backends (legacy-save prints nat first).
+    m.kube_proxy_canary.sort();
+    m.kubelet_canary.sort();
     m.layout = if saw_current {
         ChainLayout::Current
     } else if saw_legacy {
@@ -544,7 +600,12 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         s.node_ports.sort_unstable();
     }
     b.services.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(&b.namespace, &b.name, &b.port_name, &b.protocol))
+        (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            &b.protocol,
+        ))
     });
     m.services = b.services;
     m
@@ -564,10 +625,27 @@ mod tests {
 
     #[test]
     fn comment_names() {
-        assert_eq!(comment_service("ns/svc:p80 cluster IP"), Some(("ns", "svc", "p80")));
-        assert_eq!(comment_service("ns/svc:p80 -> 10.0.0.1:80"), Some(("ns", "svc", "p80")));
-        assert_eq!(comment_service("Balancing rule 0 for default/web:http"), Some(("default", "web", "http")));
-        assert_eq!(comment_service("default/noname"), Some(("default", "noname", "")));
-        assert_eq!(comment_service("kubernetes service nodeports; NOTE: this must be the last rule in this chain"), None);
+        assert_eq!(
+            comment_service("ns/svc:p80 cluster IP"),
+            Some(("ns", "svc", "p80"))
+        );
+        assert_eq!(
+            comment_service("ns/svc:p80 -> 10.0.0.1:80"),
+            Some(("ns", "svc", "p80"))
+        );
+        assert_eq!(
+            comment_service("Balancing rule 0 for default/web:http"),
+            Some(("default", "web", "http"))
+        );
+        assert_eq!(
+            comment_service("default/noname"),
+            Some(("default", "noname", ""))
+        );
+        assert_eq!(
+            comment_service(
+                "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+            ),
+            None
+        );
     }
 }

@@ -196,7 +196,10 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 }
                 let name = trimmed[1..].trim();
                 if name.is_empty() || name.contains(char::is_whitespace) {
-                    return Err(err(lineno, ParseErrorKind::Structure(format!("malformed table line `{trimmed}`"))));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure(format!("malformed table line `{trimmed}`")),
+                    ));
                 }
                 if let Some((_, prev)) = seen_tables.iter().find(|(n, _)| *n == name) {
                     return Err(err(
@@ -213,8 +216,9 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 // rule count) instead of doubling a ~100 MB vector several times.
                 let offset = raw.as_ptr() as usize - text.as_ptr() as usize;
                 let rest = &text[offset..];
-                let span = rest.find("\nCOMMIT").map_or(rest, |end| &rest[..end]);
-                let lines = span.bytes().filter(|&b| b == b'\n').count();
+                let span = memchr::memmem::find(rest.as_bytes(), b"\nCOMMIT")
+                    .map_or(rest, |end| &rest[..end]);
+                let lines = memchr::memchr_iter(b'\n', span.as_bytes()).count();
                 table.rules.reserve(lines);
                 table.rule_chain.reserve(lines);
                 // kube-proxy dumps have about one chain per three lines.
@@ -224,17 +228,33 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
             }
             b':' => {
                 let Some((t, _)) = open.as_mut() else {
-                    return Err(err(lineno, ParseErrorKind::Structure("chain declaration before any `*table` line".into())));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure(
+                            "chain declaration before any `*table` line".into(),
+                        ),
+                    ));
                 };
                 let mut parts = trimmed[1..].split_ascii_whitespace();
                 let name = parts.next().unwrap_or("");
                 let policy = parts.next();
                 if name.is_empty() || policy.is_none() {
-                    return Err(err(lineno, ParseErrorKind::Structure(format!("malformed chain declaration `{trimmed}`"))));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure(format!(
+                            "malformed chain declaration `{trimmed}`"
+                        )),
+                    ));
                 }
                 let builtin = policy != Some("-");
                 if t.index.contains_key(name) {
-                    return Err(err(lineno, ParseErrorKind::Structure(format!("chain {name} declared twice in table {}", t.name))));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure(format!(
+                            "chain {name} declared twice in table {}",
+                            t.name
+                        )),
+                    ));
                 }
                 t.index.insert(name, t.chains.len());
                 t.chains.push(Chain {
@@ -247,19 +267,33 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
             }
             b'-' => {
                 let Some((t, _)) = open.as_mut() else {
-                    return Err(err(lineno, ParseErrorKind::Structure("rule before any `*table` line".into())));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure("rule before any `*table` line".into()),
+                    ));
                 };
                 let rest = trimmed
                     .strip_prefix("-A ")
                     .or_else(|| trimmed.strip_prefix("--append "))
-                    .ok_or_else(|| err(lineno, ParseErrorKind::Structure(format!("unsupported rule command `{}` (iptables-save only writes -A)", trimmed.split(' ').next().unwrap_or("")))))?
+                    .ok_or_else(|| {
+                        err(
+                            lineno,
+                            ParseErrorKind::Structure(format!(
+                                "unsupported rule command `{}` (iptables-save only writes -A)",
+                                trimmed.split(' ').next().unwrap_or("")
+                            )),
+                        )
+                    })?
                     .trim_start();
                 let (chain_name, opts) = match rest.find([' ', '\t']) {
                     Some(p) => (&rest[..p], &rest[p + 1..]),
                     None => (rest, ""),
                 };
                 if chain_name.is_empty() {
-                    return Err(err(lineno, ParseErrorKind::Structure("-A without a chain name".into())));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure("-A without a chain name".into()),
+                    ));
                 }
                 // iptables-save groups rules by chain, so the previous line's
                 // chain is almost always this one: skip the hash lookup then.
@@ -274,14 +308,21 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                     ));
                 };
                 tokenize(opts, &mut toks).map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
-                let rule = parse_rule(&toks, lineno as u32).map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
+                let rule = parse_rule(&toks, lineno as u32)
+                    .map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
                 // A jump to a KUBE chain that does not exist cannot come from a
                 // real kernel dump: it means the dump was edited or mangled.
                 if let Some(target) = rule.target {
-                    if is_kube_chain(target) && !t.index.contains_key(target) && !STANDARD_TARGETS.contains(&target) {
+                    if is_kube_chain(target)
+                        && !t.index.contains_key(target)
+                        && !STANDARD_TARGETS.contains(&target)
+                    {
                         return Err(err(
                             lineno,
-                            ParseErrorKind::Structure(format!("rule jumps to chain {target}, which is not declared in table {}", t.name)),
+                            ParseErrorKind::Structure(format!(
+                                "rule jumps to chain {target}, which is not declared in table {}",
+                                t.name
+                            )),
                         ));
                     }
                 }
@@ -295,14 +336,20 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
             }
             _ if trimmed == "COMMIT" || trimmed.starts_with("COMMIT ") => {
                 let Some((mut t, _)) = open.take() else {
-                    return Err(err(lineno, ParseErrorKind::Structure("COMMIT without an open table".into())));
+                    return Err(err(
+                        lineno,
+                        ParseErrorKind::Structure("COMMIT without an open table".into()),
+                    ));
                 };
                 t.finish();
                 dump.tables.push(t);
             }
             _ => {
                 let shown: String = trimmed.chars().take(60).collect();
-                return Err(err(lineno, ParseErrorKind::Structure(format!("unrecognised line `{shown}`"))));
+                return Err(err(
+                    lineno,
+                    ParseErrorKind::Structure(format!("unrecognised line `{shown}`")),
+                ));
             }
         }
     }

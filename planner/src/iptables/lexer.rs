@@ -123,7 +123,8 @@ pub(crate) struct Extra<'a> {
     pub src_type: Option<Neg<'a>>,
     pub dst_type: Option<Neg<'a>>,
     pub mark_match: Option<Neg<'a>>,
-    pub set_mark: Option<&'a str>,
+    /// (option, value) of the MARK target, e.g. (`--or-mark`, `0x4000`).
+    pub set_mark: Option<(&'a str, &'a str)>,
     pub random_fully: bool,
 }
 
@@ -152,8 +153,17 @@ impl<'a> Rule<'a> {
     pub fn dst_type(&self) -> Option<Neg<'a>> {
         self.extra().dst_type
     }
-    pub fn set_mark(&self) -> Option<&'a str> {
-        self.extra().set_mark
+    /// The MARK target's effect as iptables-save prints it (`value/mask`):
+    /// kube-proxy writes `--or-mark 0x4000`, the kernel hands back
+    /// `--set-xmark 0x4000/0x4000`, and both must compare equal.
+    pub fn set_mark(&self) -> Option<String> {
+        let (opt, v) = self.extra().set_mark?;
+        Some(match opt {
+            "--or-mark" => format!("{v}/{v}"),
+            "--xor-mark" => format!("{v}/0x0"),
+            "--set-mark" if !v.contains('/') => format!("{v}/0xffffffff"),
+            _ => v.to_string(),
+        })
     }
     pub fn random_fully(&self) -> bool {
         self.extra().random_fully
@@ -227,7 +237,9 @@ fn classify(opt: &str) -> Opt {
         "--seconds" => Opt::Value(V::Seconds),
         "--set" => Opt::Flag(F::Set),
         "--mask" => Opt::Value(V::Ignored),
-        "--reap" | "--rsource" | "--rdest" | "--rttl" | "--update" | "--remove" => Opt::Flag(F::Other),
+        "--reap" | "--rsource" | "--rdest" | "--rttl" | "--update" | "--remove" => {
+            Opt::Flag(F::Other)
+        }
         "--src-type" => Opt::Value(V::SrcType),
         "--dst-type" => Opt::Value(V::DstType),
         "--mark" => Opt::Value(V::Mark),
@@ -237,12 +249,24 @@ fn classify(opt: &str) -> Opt {
         "--destination" => Opt::Value(V::Dst),
         "--protocol" => Opt::Value(V::Proto),
         "--jump" | "--goto" => Opt::Value(V::Jump),
-        "--match" | "--in-interface" | "--out-interface" | "--sport" | "--source-port" | "--every"
-        | "--packet" | "--hitcount" | "--and-mark" | "--to-source" | "--to-ports" | "--reject-with"
-        | "--ctstate" | "--state" => Opt::Value(V::Ignored),
-        "--random" | "--persistent" | "--physdev-is-in" | "--physdev-is-out" | "--physdev-is-bridged"
-        | "--notrack" | "--log-uid" | "--log-tcp-sequence" | "--log-tcp-options" | "--log-ip-options"
-        | "--syn" | "--fragment" | "--return-nomatch" | "--strict" | "--nflog-prefix-none" => Opt::Flag(F::Other),
+        "--match" | "--in-interface" | "--out-interface" | "--sport" | "--source-port"
+        | "--every" | "--packet" | "--hitcount" | "--and-mark" | "--to-source" | "--to-ports"
+        | "--reject-with" | "--ctstate" | "--state" => Opt::Value(V::Ignored),
+        "--random"
+        | "--persistent"
+        | "--physdev-is-in"
+        | "--physdev-is-out"
+        | "--physdev-is-bridged"
+        | "--notrack"
+        | "--log-uid"
+        | "--log-tcp-sequence"
+        | "--log-tcp-options"
+        | "--log-ip-options"
+        | "--syn"
+        | "--fragment"
+        | "--return-nomatch"
+        | "--strict"
+        | "--nflog-prefix-none" => Opt::Flag(F::Other),
         _ => Opt::Unknown,
     }
 }
@@ -269,7 +293,11 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             }
             Tok::Word(w) if w.starts_with('-') && w.len() > 1 => *w,
             Tok::Word(w) => return Err(format!("unexpected token `{w}` (expected an option)")),
-            Tok::Quoted(q) => return Err(format!("unexpected quoted value \"{q}\" (expected an option)")),
+            Tok::Quoted(q) => {
+                return Err(format!(
+                    "unexpected quoted value \"{q}\" (expected an option)"
+                ))
+            }
         };
         i += 1;
         let neg = negate;
@@ -304,14 +332,26 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             match v {
                 Tok::Word(w) => Ok(*w),
                 Tok::Quoted(Cow::Borrowed(s)) => Ok(*s),
-                Tok::Quoted(Cow::Owned(s)) => Err(format!("option {opt}: unexpected escaped value \"{s}\"")),
+                Tok::Quoted(Cow::Owned(s)) => {
+                    Err(format!("option {opt}: unexpected escaped value \"{s}\""))
+                }
             }
         };
         use ValueKind as V;
         match kind {
             V::Ignored => {}
-            V::Src => r.src = Some(Neg { negated: neg, value: word(val)? }),
-            V::Dst => r.dst = Some(Neg { negated: neg, value: word(val)? }),
+            V::Src => {
+                r.src = Some(Neg {
+                    negated: neg,
+                    value: word(val)?,
+                })
+            }
+            V::Dst => {
+                r.dst = Some(Neg {
+                    negated: neg,
+                    value: word(val)?,
+                })
+            }
             V::Proto => r.proto = Some(word(val)?),
             V::Jump => r.target = Some(word(val)?),
             V::Comment => {
@@ -329,7 +369,9 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             }
             V::Probability => {
                 let v = word(val)?;
-                let p: f64 = v.parse().map_err(|_| format!("malformed --probability value `{v}`"))?;
+                let p: f64 = v
+                    .parse()
+                    .map_err(|_| format!("malformed --probability value `{v}`"))?;
                 if !(0.0..=1.0).contains(&p) {
                     return Err(format!("--probability {v} is outside 0..1"));
                 }
@@ -338,17 +380,36 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             V::Name => recent(&mut r).name = Some(word(val)?),
             V::Seconds => {
                 let v = word(val)?;
-                let s: u32 = v.parse().map_err(|_| format!("malformed --seconds value `{v}`"))?;
+                let s: u32 = v
+                    .parse()
+                    .map_err(|_| format!("malformed --seconds value `{v}`"))?;
                 recent(&mut r).seconds = Some(s);
             }
-            V::SrcType => r.extra_mut().src_type = Some(Neg { negated: neg, value: word(val)? }),
-            V::DstType => r.extra_mut().dst_type = Some(Neg { negated: neg, value: word(val)? }),
-            V::Mark => r.extra_mut().mark_match = Some(Neg { negated: neg, value: word(val)? }),
-            V::SetMark => r.extra_mut().set_mark = Some(word(val)?),
+            V::SrcType => {
+                r.extra_mut().src_type = Some(Neg {
+                    negated: neg,
+                    value: word(val)?,
+                })
+            }
+            V::DstType => {
+                r.extra_mut().dst_type = Some(Neg {
+                    negated: neg,
+                    value: word(val)?,
+                })
+            }
+            V::Mark => {
+                r.extra_mut().mark_match = Some(Neg {
+                    negated: neg,
+                    value: word(val)?,
+                })
+            }
+            V::SetMark => r.extra_mut().set_mark = Some((opt, word(val)?)),
             V::ToDestination => {
                 let v = word(val)?;
                 if split_host_port(v).is_none() {
-                    return Err(format!("malformed --to-destination value `{v}` (expected IP:port)"));
+                    return Err(format!(
+                        "malformed --to-destination value `{v}` (expected IP:port)"
+                    ));
                 }
                 r.to_destination = Some(v);
             }
@@ -419,18 +480,31 @@ mod tests {
 
     #[test]
     fn rule_fields() {
-        let t = toks(r#"! -s 10.244.0.0/16 -d 10.96.0.10/32 -p udp -m comment --comment "kube-system/kube-dns:dns cluster IP" -m udp --dport 53 -j KUBE-MARK-MASQ"#);
+        let t = toks(
+            r#"! -s 10.244.0.0/16 -d 10.96.0.10/32 -p udp -m comment --comment "kube-system/kube-dns:dns cluster IP" -m udp --dport 53 -j KUBE-MARK-MASQ"#,
+        );
         let r = parse_rule(&t, 7).unwrap();
-        assert_eq!(r.src, Some(Neg { negated: true, value: "10.244.0.0/16" }));
+        assert_eq!(
+            r.src,
+            Some(Neg {
+                negated: true,
+                value: "10.244.0.0/16"
+            })
+        );
         assert_eq!(r.dst.unwrap().value, "10.96.0.10/32");
         assert_eq!(r.dport, Some("53"));
         assert_eq!(r.target, Some("KUBE-MARK-MASQ"));
-        assert_eq!(r.comment.as_deref(), Some("kube-system/kube-dns:dns cluster IP"));
+        assert_eq!(
+            r.comment.as_deref(),
+            Some("kube-system/kube-dns:dns cluster IP")
+        );
     }
 
     #[test]
     fn unknown_options_are_skipped_with_their_values() {
-        let t = toks("-m set --match-set cali40all-hosts-net dst,src -m physdev --physdev-is-in -j ACCEPT");
+        let t = toks(
+            "-m set --match-set cali40all-hosts-net dst,src -m physdev --physdev-is-in -j ACCEPT",
+        );
         let r = parse_rule(&t, 1).unwrap();
         assert_eq!(r.target, Some("ACCEPT"));
     }

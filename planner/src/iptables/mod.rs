@@ -124,8 +124,9 @@ impl ServiceRules {
 /// The node-wide masquerade and drop marks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct MasqueradeRules {
-    /// The mark KUBE-MARK-MASQ sets, e.g. `0x4000/0x4000` (1.20 `--set-xmark`)
-    /// or `0x4000` (current `--or-mark`).
+    /// The mark KUBE-MARK-MASQ sets, as `value/mask` the way iptables-save
+    /// prints it (`0x4000/0x4000`; current kube-proxy's `--or-mark 0x4000` is
+    /// normalized to that).
     pub masq_mark: Option<String>,
     /// The mark KUBE-MARK-DROP sets (1.20 only; current kube-proxy has no drop mark).
     pub drop_mark: Option<String>,
@@ -179,10 +180,19 @@ pub struct RuleModel {
 }
 
 impl RuleModel {
-    pub fn service(&self, ns: &str, name: &str, port_name: &str, protocol: &str) -> Option<&ServiceRules> {
-        self.services
-            .iter()
-            .find(|s| s.namespace == ns && s.name == name && s.port_name == port_name && s.protocol == protocol)
+    pub fn service(
+        &self,
+        ns: &str,
+        name: &str,
+        port_name: &str,
+        protocol: &str,
+    ) -> Option<&ServiceRules> {
+        self.services.iter().find(|s| {
+            s.namespace == ns
+                && s.name == name
+                && s.port_name == port_name
+                && s.protocol == protocol
+        })
     }
 
     /// A short summary for reports (counts only).
@@ -192,7 +202,11 @@ impl RuleModel {
             services: self.services.len(),
             endpoints: self.services.iter().map(|s| s.endpoints.len()).sum(),
             node_ports: self.services.iter().map(|s| s.node_ports.len()).sum(),
-            services_without_endpoints: self.services.iter().filter(|s| s.reject_no_endpoints).count(),
+            services_without_endpoints: self
+                .services
+                .iter()
+                .filter(|s| s.reject_no_endpoints)
+                .count(),
             local_only_services: self.services.iter().filter(|s| s.local_only).count(),
             unreferenced_chains: self.unreferenced_chains.len(),
             kube: self.kube.clone(),
