@@ -44,6 +44,13 @@ pub enum ConnectivityCommand {
         /// Print the report as JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Start long-lived connections through ClusterIPs and keep the test namespace,
+        /// for a later run with --include-conn-disrupt (e.g. before a migration step).
+        #[arg(long)]
+        conn_disrupt_setup: bool,
+        /// Check that every connection from an earlier --conn-disrupt-setup is unbroken.
+        #[arg(long)]
+        include_conn_disrupt: bool,
         /// Leave the test namespace in place for debugging.
         #[arg(long)]
         keep: bool,
@@ -65,6 +72,8 @@ pub enum ConnectivityCommand {
         sa_dir: PathBuf,
         #[arg(long)]
         server: String,
+        #[arg(long, default_value_t = 8082)]
+        stream_port: u16,
     },
 }
 
@@ -81,14 +90,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn run(args: ConnectivityArgs) -> Result<()> {
     match args.command {
-        ConnectivityCommand::Agent { namespace, pod, sa_dir, server } => agent::run(agent::AgentArgs { namespace, pod, sa_dir, server }).await,
-        ConnectivityCommand::Test { cluster, namespace, test, probe_timeout, settle, nodes, save, compare, junit, json, keep, echo_image, agent_image, agent_command } => {
+        ConnectivityCommand::Agent { namespace, pod, sa_dir, server, stream_port } => agent::run(agent::AgentArgs { namespace, pod, sa_dir, server, stream_port }).await,
+        ConnectivityCommand::Test { cluster, namespace, test, probe_timeout, settle, nodes, save, compare, junit, json, conn_disrupt_setup, include_conn_disrupt, keep, echo_image, agent_image, agent_command } => {
             let filter = test.map(|t| regex::Regex::new(&t).with_context(|| format!("--test {t:?} is not a valid regex"))).transpose()?;
             let client = cluster.client().await?;
             let opts = suite::SuiteOptions {
                 deploy: DeployConfig { namespace, echo_image, agent_image, agent_command: agent_command.split_whitespace().map(String::from).collect(), nodes },
                 probe_timeout,
                 settle,
+                conn_disrupt_setup,
+                include_conn_disrupt,
                 filter,
                 keep,
                 compare,

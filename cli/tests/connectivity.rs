@@ -74,6 +74,33 @@ fn flannel_healthy_passes_broken_is_caught_and_matrix_changes_are_listed() {
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&before).unwrap()).unwrap();
     assert_eq!(m["entries"]["node-1/pod-1 -> node-2/pod-1 8080/tcp"], "allowed");
 
+    // Long-lived connections: a kube-proxy restart on node-1 is hitless; a node that
+    // resets forwarded connections breaks exactly the ones through it.
+    let o = connectivity(&lab, &["--conn-disrupt-setup", "--test", "^pod-to-pod-same-node$"]);
+    assert!(o.status.success() && text(&o).contains("PASS conn-disrupt-setup"), "{}", text(&o));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let c = lab.client().await;
+        let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c, "kube-system");
+        let lp = kube::api::ListParams::default().labels("k8s-app=kube-proxy").fields("spec.nodeName=node-1");
+        let old = pods.list(&lp).await.unwrap().items.remove(0);
+        pods.delete(old.metadata.name.as_deref().unwrap(), &Default::default()).await.unwrap();
+        eventually("a new kube-proxy on node-1", std::time::Duration::from_secs(60), || async {
+            let l = pods.list(&lp).await?;
+            Ok(l.items.iter().any(|p| p.metadata.uid != old.metadata.uid && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(()))
+        })
+        .await;
+    });
+    let o = connectivity(&lab, &["--include-conn-disrupt", "--keep", "--test", "^pod-to-pod-same-node$"]);
+    assert!(o.status.success() && text(&o).contains("PASS no-interrupted-connections"), "{}", text(&o));
+    in_node(&lab, "node-2", &["iptables", "-I", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"]);
+    let o = connectivity(&lab, &["--include-conn-disrupt", "--test", "^pod-to-pod-same-node$"]);
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("FAIL no-interrupted-connections"), "{t}");
+    let broken: Vec<&str> = t.lines().filter(|l| l.contains(":8082)")).collect();
+    assert_eq!(broken.len(), 4, "the four connections forwarded by node-2 break, no others:\n{t}");
+    assert!(!t.contains("node-1/pod-1 -> svc-pod-2-node-1"), "a node-1-only connection was reported broken:\n{t}");
+    in_node(&lab, "node-2", &["iptables", "-D", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"]);
+
     // A verdict change: node-2 drops TCP 8080 coming from node-1's pods.
     let client = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let c = lab.client().await;

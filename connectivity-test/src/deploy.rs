@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub const PART_OF: &str = "kubeshift-connectivity";
 pub const POD_PORTS: (u16, u16) = (8080, 8081);
 pub const HOST_PORTS: (u16, u16) = (40080, 40081);
+/// The agents' line-echo port, end of the conn-disrupt connections.
+pub const STREAM_PORT: u16 = 8082;
+pub const HOST_STREAM_PORT: u16 = 40082;
 
 #[derive(Debug, Clone)]
 pub struct DeployConfig {
@@ -112,6 +115,7 @@ fn pod_manifest(cfg: &DeployConfig, pod_ns: &str, server: &str, name: &str, node
         "--pod".into(), "$(POD_NAME)".into(),
         "--sa-dir".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into(),
         "--server".into(), server.to_string(),
+        "--stream-port".into(), (if host { HOST_STREAM_PORT } else { STREAM_PORT }).to_string(),
     ];
     let mut command = cfg.agent_command.clone();
     command.append(&mut agent_args);
@@ -161,7 +165,8 @@ pub async fn deploy(client: &Client, cfg: &DeployConfig, nodes: &[(String, Strin
                 apply(client, ns, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{name}"), "namespace": ns},
                     "spec": {"selector": {"kubeshift.io/endpoint": name}, "ports": [
                         {"name": "http", "port": 80, "targetPort": POD_PORTS.0, "protocol": "TCP"},
-                        {"name": "udp", "port": POD_PORTS.1, "targetPort": POD_PORTS.1, "protocol": "UDP"}]}})).await?;
+                        {"name": "udp", "port": POD_PORTS.1, "targetPort": POD_PORTS.1, "protocol": "UDP"},
+                        {"name": "stream", "port": STREAM_PORT, "targetPort": STREAM_PORT, "protocol": "TCP"}]}})).await?;
                 apply(client, ns, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("np-{name}"), "namespace": ns},
                     "spec": {"type": "NodePort", "selector": {"kubeshift.io/endpoint": name}, "ports": [
                         {"name": "http", "port": 80, "targetPort": POD_PORTS.0, "protocol": "TCP"}]}})).await?;

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod deploy;
+pub mod disrupt;
 pub mod model;
 pub mod policy;
 pub mod report;

@@ -42,6 +42,35 @@ pub struct Report {
     pub results: Vec<ProbeResult>,
 }
 
+/// Long-lived connections an agent keeps open for the conn-disrupt check. A new
+/// generation replaces the set; the same generation leaves running streams alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamSet {
+    pub generation: u64,
+    pub streams: Vec<StreamSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamSpec {
+    pub id: String,
+    pub addr: String,
+    pub port: u16,
+}
+
+/// How one long-lived connection is doing, as its agent last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    pub id: String,
+    pub generation: u64,
+    pub established: bool,
+    pub sent: u64,
+    pub received: u64,
+    /// Set once, when the connection broke (reset, timeout, wrong echo); never cleared.
+    pub broken: Option<String>,
+    /// Unix milliseconds of the last echo received.
+    pub last_ok_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {

@@ -26,6 +26,10 @@ pub struct SuiteOptions {
     /// the first round: a datapath programs new Services a moment after the API has
     /// them, and the gate must not fail on that lag.
     pub settle: Duration,
+    /// Start long-lived connections and keep the namespace for a later check.
+    pub conn_disrupt_setup: bool,
+    /// Check that the connections of an earlier setup are unbroken.
+    pub include_conn_disrupt: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +76,7 @@ pub async fn run(client: &Client, opts: &SuiteOptions) -> Result<SuiteReport> {
     let nodes = deploy::pick_nodes(client, &opts.deploy.nodes).await?;
     let started = Instant::now();
     let r = run_deployed(client, opts, &nodes, before).await;
-    if !opts.keep {
+    if !opts.keep && !opts.conn_disrupt_setup {
         if let Err(e) = deploy::cleanup(client, &opts.deploy, Duration::from_secs(120)).await {
             tracing::warn!("clean-up: {e:#}");
             if r.is_ok() {
@@ -99,6 +103,11 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
     let eps = deploy::wait_endpoints(client, &opts.deploy, nodes, Duration::from_secs(180), |n, _| pb.set_position(n as u64)).await?;
     pb.finish_and_clear();
 
+    // The conn-disrupt check comes first: it judges what happened before this run.
+    let mut early = vec![];
+    if opts.include_conn_disrupt {
+        early.push(crate::disrupt::check(client, &opts.deploy.namespace, &eps).await?);
+    }
     let timeout_ms = opts.probe_timeout.as_millis() as u64;
     let scen: Vec<scenarios::Scenario> = scenarios::all(&eps, timeout_ms)
         .into_iter()
@@ -109,7 +118,8 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
     checks.extend(matrix_checks.iter());
 
     let results = settle_round(client, opts, &eps, &checks).await?;
-    let mut scenarios: Vec<ScenarioOutcome> = scen.iter().map(|s| outcome(s.name, s.description, &s.checks, &results)).collect();
+    let mut scenarios: Vec<ScenarioOutcome> = early;
+    scenarios.extend(scen.iter().map(|s| outcome(s.name, s.description, &s.checks, &results)));
     let mut matrix = Matrix::new();
     for c in &matrix_checks {
         let allowed = results.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
@@ -144,6 +154,9 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
             o.failures.clear();
         }
         scenarios.push(o);
+    }
+    if opts.conn_disrupt_setup {
+        scenarios.push(crate::disrupt::setup(client, &opts.deploy.namespace, &eps, Duration::from_secs(60)).await?);
     }
     let changes = before.map(|mut b| {
         // A run narrowed with --test measured only some pairs; only those compare.
