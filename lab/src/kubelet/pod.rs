@@ -142,6 +142,9 @@ fn host_network(pod: &Pod) -> bool {
 }
 
 async fn setup(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &PathBuf) -> Result<Sandbox> {
+    // Processes of this pod left by an earlier kubelet run (host-network ones do not
+    // die with a pod netns) are stopped before the pod is started again.
+    sys::cgroup_remove_tree(cgroup)?;
     std::fs::create_dir_all(dir)?;
     std::fs::create_dir_all(cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
     if host_network(pod) {
