@@ -1,8 +1,11 @@
 //! The `kubeshift` binary: parses the command line and calls the libraries.
 
+mod agent_cmd;
 mod connectivity_cmd;
 mod kubeconfig;
 mod lab_cmd;
+mod migrate_cmd;
+mod node_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -20,6 +23,12 @@ enum Command {
     Lab(lab_cmd::LabArgs),
     /// The connectivity suite: the gate between migration steps.
     Connectivity(connectivity_cmd::ConnectivityArgs),
+    /// The node datapath daemon: keeps this node's eBPF service load balancer in step with the cluster.
+    Agent(agent_cmd::AgentArgs),
+    /// What one node looks like to the migration (`node report`).
+    Node(node_cmd::NodeArgs),
+    /// Plan (and check plans for) the migration of this cluster.
+    Migrate(migrate_cmd::MigrateArgs),
 }
 
 fn init_tracing() {
@@ -45,6 +54,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Lab(args) => lab_cmd::run(args).await,
             Command::Connectivity(args) => connectivity_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::run(args).await,
+            Command::Node(args) => node_cmd::run(args).await,
+            Command::Migrate(args) => migrate_cmd::run(args).await,
         }
     });
     match result {

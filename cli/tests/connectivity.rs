@@ -205,3 +205,33 @@ fn bad_inputs_are_refused_before_touching_the_cluster() {
     assert!(text(&o).contains("--test \"(\" is not a valid regex"), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A cluster in mid-migration: node-1 runs kubeshift's datapath (agent + socket load
+/// balancing on its cgroup, kube-proxy gone, its KUBE-SERVICES flushed), node-2 still
+/// runs kube-proxy. Connections set up before the step survive it; every pod, service
+/// and host scenario passes across the two datapaths; NodePort on node-1's address
+/// fails, because kubeshift's datapath has no NodePort yet, and the suite says so.
+#[test]
+fn a_cluster_with_one_node_on_kubeshifts_datapath_is_checked_across_both() {
+    let lab = Lab::up("tconnm", &["--nodes", "2", "--no-demo"]);
+    let o = connectivity(&lab, &["--conn-disrupt-setup", "--test", "^pod-to-pod-same-node$"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (agent, _pins, _metrics) = rt.block_on(async {
+        let c = lab.client().await;
+        let started = start_agent(&lab, "node-1").await;
+        take_kube_proxy_off(&lab, &c, "node-1").await;
+        started
+    });
+    let o = connectivity(&lab, &["--include-conn-disrupt", "--test", "^(pod-to-pod|pod-to-service|pod-to-itself|host-to|pod-to-host)"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("PASS no-interrupted-connections") && t.contains("PASS pod-to-service-remote") && t.contains("PASS host-to-service"), "{t}");
+
+    let o = connectivity(&lab, &["--test", "nodeport", "--settle", "2s"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    let failing: Vec<&str> = t.lines().filter(|l| l.contains(" -> np-")).collect();
+    assert!(!failing.is_empty() && failing.iter().all(|l| l.contains("@node-1")), "only NodePorts on node-1's address fail:\n{t}");
+    agent.stop();
+}

@@ -6,6 +6,7 @@
 //! swaps in changed program code in place). That is what lets the agent restart, upgrade
 //! or roll back while traffic keeps flowing.
 
+pub mod agent;
 mod datapath;
 mod raw;
 pub mod sys;

@@ -8,8 +8,11 @@
 //! - comparing them with the API: [`diff::diff_node`] with [`api::ApiServices`].
 //! - plan files: [`plan::load_plan`], [`plan::Plan::to_yaml`], [`plan::StepGraph`].
 
+pub mod analysis;
 pub mod api;
 pub mod diff;
+pub mod discovery;
+pub mod inventory;
 pub mod iptables;
 pub mod node_report;
 pub mod plan;

@@ -10,7 +10,8 @@ use kube::api::{Api, ListParams};
 use kube::Client;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 pub fn kubeshift() -> Command {
@@ -144,4 +145,129 @@ pub fn http_get_from(netns: &str, addr: SocketAddr, path: &str) -> Result<String
         }
         Ok(body.to_string())
     })?
+}
+
+// --- kubeshift's datapath on a lab node ------------------------------------------
+
+/// The agent child process; stopped by its PID when dropped.
+pub struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    pub fn start(lab: &Lab, cgroup: &Path, pins: &Path, metrics: &str) -> Agent {
+        let child = kubeshift()
+            .args(["agent", "--node", "node-1", "--metrics", metrics])
+            .arg("--kubeconfig")
+            .arg(lab.kubeconfig())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--bpffs")
+            .arg(pins)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("starting kubeshift agent");
+        Agent { child }
+    }
+
+    /// SIGTERM, as a node's service manager would stop it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Removes the node's pins (which detaches the programs) also when the test fails.
+pub struct Pins(pub PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = kubeshift_datapath::Datapath::purge(&self.0) {
+            eprintln!("purging {}: {e}", self.0.display());
+        }
+    }
+}
+
+pub fn metrics(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut b = String::new();
+    s.read_to_string(&mut b)?;
+    Ok(b)
+}
+
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(&format!("{name}{{")))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// A migration step on one node: kube-proxy leaves it (the DaemonSet excludes the
+/// node) and its KUBE-SERVICES chains are flushed. The filter table's chain holds the
+/// REJECTs for services without endpoints; with it gone, a refusal can only come
+/// from kubeshift's datapath.
+pub async fn take_kube_proxy_off(lab: &Lab, client: &Client, node: &str) {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use kube::api::{Patch, PatchParams};
+    Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
+        .patch(
+            "kube-proxy",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"template": {"spec": {"affinity": {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [node]}]}]}}}}}}})),
+        )
+        .await
+        .expect("patching the kube-proxy DaemonSet");
+    eventually(&format!("kube-proxy to leave {node}"), Duration::from_secs(90), || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system").list(&ListParams::default().labels("k8s-app=kube-proxy")).await?;
+        Ok(pods.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node)).then_some(()))
+    })
+    .await;
+    for table in ["nat", "filter"] {
+        let out = Command::new("ip").args(["netns", "exec", &lab.node_netns(node), "iptables", "-t", table, "-F", "KUBE-SERVICES"]).output().unwrap();
+        assert!(out.status.success(), "flush {table}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Starts `kubeshift agent` for `node` of the lab (socket LB on the node's cgroup,
+/// pins under the lab's bpffs dir) and waits for its first full reconcile.
+pub async fn start_agent(lab: &Lab, node: &str) -> (Agent, Pins, String) {
+    let cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join(node);
+    let pins = Pins(kubeshift_lab::down::bpffs_dir(&lab.name).join(node));
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let agent = Agent::start(lab, &cgroup, &pins.0, &addr);
+    eventually("the agent's first reconcile", Duration::from_secs(60), || {
+        let a = addr.clone();
+        async move { Ok(metrics(&a).ok().filter(|m| metric(m, "kubeshift_agent_synced") == Some(1.0))) }
+    })
+    .await;
+    (agent, pins, addr)
 }

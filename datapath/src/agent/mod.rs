@@ -1,0 +1,438 @@
+//! The service half of `kubeshift agent`: watches Services and endpoint objects, keeps
+//! the node's socket load balancer maps equal to what they say, and serves metrics.
+//!
+//! Every watch runs in its own task and sends plain data (never API objects) to one
+//! loop that owns the [`Datapath`]. Nothing is written before every watch has listed
+//! once: a restarted agent that wrote a Service before its endpoints arrived would
+//! refuse that Service's traffic for a moment. After that first full reconcile (which
+//! also removes services left in the pins by an earlier run), an event marks only its
+//! Service dirty and only that Service's map entries are recomputed and rewritten.
+
+pub mod desired;
+pub mod metrics;
+pub mod source;
+
+use crate::{Datapath, DatapathConfig};
+use anyhow::{Context, Result};
+use desired::{desired_for_service, diff, ObjKey, Plan, ServiceSpec, Wanted};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use metrics::Metrics;
+use source::EndpointsOf;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Where endpoints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointsApi {
+    SliceV1,
+    SliceV1beta1,
+    CoreEndpoints,
+}
+
+impl EndpointsApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointsApi::SliceV1 => "discovery.k8s.io/v1",
+            EndpointsApi::SliceV1beta1 => "discovery.k8s.io/v1beta1",
+            EndpointsApi::CoreEndpoints => "v1/Endpoints",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub datapath: DatapathConfig,
+    pub metrics: Option<SocketAddr>,
+    /// None: discover what the apiserver serves.
+    pub endpoints_api: Option<EndpointsApi>,
+}
+
+/// The newest endpoints API the apiserver serves.
+pub async fn discover_endpoints_api(client: &Client) -> Result<EndpointsApi> {
+    let groups = client.list_api_groups().await.context("listing API groups")?;
+    let served: Vec<String> = groups
+        .groups
+        .iter()
+        .filter(|g| g.name == "discovery.k8s.io")
+        .flat_map(|g| g.versions.iter().map(|v| v.version.clone()))
+        .collect();
+    Ok(if served.iter().any(|v| v == "v1") {
+        EndpointsApi::SliceV1
+    } else if served.iter().any(|v| v == "v1beta1") {
+        EndpointsApi::SliceV1beta1
+    } else {
+        EndpointsApi::CoreEndpoints
+    })
+}
+
+enum Change<T> {
+    Apply(ObjKey, T),
+    Delete(ObjKey),
+    /// The complete set after a (re)list: objects missing from it are gone.
+    Relist(HashMap<ObjKey, T>),
+}
+
+enum Msg {
+    Service(Change<Option<ServiceSpec>>),
+    Endpoints(Change<Option<EndpointsOf>>),
+}
+
+fn obj_key<K: Resource>(o: &K) -> ObjKey {
+    let m = o.meta();
+    ObjKey::new(m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+}
+
+/// Runs one watch forever, converting each object to plain data. Watch errors are
+/// retried with kube-runtime's backoff; they are logged and counted, never fatal.
+async fn pump<K, T>(
+    api: Api<K>,
+    convert: impl Fn(&K) -> T + Send + 'static,
+    wrap: fn(Change<T>) -> Msg,
+    tx: mpsc::UnboundedSender<Msg>,
+    metrics: Arc<Metrics>,
+) where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    T: Send + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut buffer: HashMap<ObjKey, T> = HashMap::new();
+    while let Some(ev) = stream.next().await {
+        let msg = match ev {
+            Ok(watcher::Event::Apply(o)) => Change::Apply(obj_key(&o), convert(&o)),
+            Ok(watcher::Event::Delete(o)) => Change::Delete(obj_key(&o)),
+            Ok(watcher::Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                buffer.insert(obj_key(&o), convert(&o));
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => Change::Relist(std::mem::take(&mut buffer)),
+            Err(e) => {
+                metrics.watch_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!("watch: {e}");
+                continue;
+            }
+        };
+        if tx.send(wrap(msg)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The API's view, kept as plain data, and what was written for each Service.
+#[derive(Default)]
+struct State {
+    services: HashMap<ObjKey, ServiceSpec>,
+    endpoints: HashMap<ObjKey, EndpointsOf>,
+    /// Service → the endpoint objects that name it.
+    endpoints_of: HashMap<ObjKey, BTreeSet<ObjKey>>,
+    services_listed: bool,
+    endpoints_listed: bool,
+    programmed: HashMap<ObjKey, Wanted>,
+}
+
+impl State {
+    fn wanted(&self, svc: &ObjKey) -> Wanted {
+        let Some(spec) = self.services.get(svc) else { return Wanted::new() };
+        let sets: Vec<_> = self
+            .endpoints_of
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.endpoints.get(k))
+            .flat_map(|e| e.sets.iter())
+            .collect();
+        desired_for_service(spec, &sets)
+    }
+
+    fn set_service(&mut self, k: ObjKey, v: Option<ServiceSpec>, dirty: &mut BTreeSet<ObjKey>) {
+        let changed = match v {
+            Some(s) => self.services.insert(k.clone(), s.clone()) != Some(s),
+            None => self.services.remove(&k).is_some(),
+        };
+        if changed {
+            dirty.insert(k);
+        }
+    }
+
+    fn set_endpoints(&mut self, k: ObjKey, v: Option<EndpointsOf>, dirty: &mut BTreeSet<ObjKey>) {
+        let old = match &v {
+            Some(e) => self.endpoints.insert(k.clone(), e.clone()),
+            None => self.endpoints.remove(&k),
+        };
+        if old == v {
+            return;
+        }
+        if let Some(o) = old {
+            if let Some(set) = self.endpoints_of.get_mut(&o.service) {
+                set.remove(&k);
+                if set.is_empty() {
+                    self.endpoints_of.remove(&o.service);
+                }
+            }
+            dirty.insert(o.service);
+        }
+        if let Some(n) = v {
+            self.endpoints_of.entry(n.service.clone()).or_default().insert(k);
+            dirty.insert(n.service);
+        }
+    }
+
+    fn apply(&mut self, msg: Msg, dirty: &mut BTreeSet<ObjKey>) {
+        match msg {
+            Msg::Service(Change::Apply(k, v)) => self.set_service(k, v, dirty),
+            Msg::Service(Change::Delete(k)) => self.set_service(k, None, dirty),
+            Msg::Service(Change::Relist(all)) => {
+                let gone: Vec<ObjKey> = self.services.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
+                for k in gone {
+                    self.set_service(k, None, dirty);
+                }
+                for (k, v) in all {
+                    self.set_service(k, v, dirty);
+                }
+                self.services_listed = true;
+            }
+            Msg::Endpoints(Change::Apply(k, v)) => self.set_endpoints(k, v, dirty),
+            Msg::Endpoints(Change::Delete(k)) => self.set_endpoints(k, None, dirty),
+            Msg::Endpoints(Change::Relist(all)) => {
+                let gone: Vec<ObjKey> = self.endpoints.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
+                for k in gone {
+                    self.set_endpoints(k, None, dirty);
+                }
+                for (k, v) in all {
+                    self.set_endpoints(k, v, dirty);
+                }
+                self.endpoints_listed = true;
+            }
+        }
+    }
+}
+
+/// Writes a plan; returns the number of failed writes (each failed key is retried on
+/// the next pass because `programmed` then disagrees with the maps' wanted state).
+fn execute(dp: &mut Datapath, plan: &Plan, metrics: &Metrics) -> usize {
+    let mut failed = 0;
+    for k in &plan.removes {
+        if let Err(e) = dp.remove_service(k) {
+            tracing::warn!("removing {k:?}: {e}");
+            failed += 1;
+        }
+    }
+    for (k, b, a) in &plan.upserts {
+        if let Err(e) = dp.upsert_service(*k, b.clone(), *a) {
+            tracing::warn!("programming {k:?}: {e}");
+            failed += 1;
+        }
+    }
+    metrics.map_writes.fetch_add((plan.removes.len() + plan.upserts.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+    failed
+}
+
+fn programmed_now(dp: &Datapath) -> Wanted {
+    dp.services().into_iter().map(|(k, b, a)| (k, (b, a))).collect()
+}
+
+fn update_gauges(dp: &Datapath, metrics: &Metrics) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = dp.services();
+    metrics.service_ports.store(s.len() as u64, Relaxed);
+    metrics.backends.store(s.iter().map(|(_, b, _)| b.len() as u64).sum(), Relaxed);
+}
+
+/// Runs until SIGINT/SIGTERM. The datapath stays attached and pinned when it returns.
+pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let metrics = Arc::new(Metrics::default());
+    let ep_api = match cfg.endpoints_api {
+        Some(a) => a,
+        None => discover_endpoints_api(&client).await?,
+    };
+    let mut dp = Datapath::load(cfg.datapath.clone())
+        .with_context(|| format!("loading the datapath (pins {}, cgroup {})", cfg.datapath.pin_dir.display(), cfg.datapath.cgroup.display()))?;
+    tracing::info!(
+        node = %cfg.node, pins = %cfg.datapath.pin_dir.display(), cgroup = %cfg.datapath.cgroup.display(),
+        reopened = dp.reopened(), upgraded = dp.upgraded_programs(), programmed = dp.services().len(),
+        endpoints = ep_api.as_str(), "datapath loaded"
+    );
+    *metrics.endpoints_api.lock().unwrap() = ep_api.as_str().to_string();
+    metrics.node.lock().unwrap().clone_from(&cfg.node);
+    update_gauges(&dp, &metrics);
+
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
+        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pump(Api::<Service>::all(client.clone()), |s: &Service| source::service(s), Msg::Service, tx.clone(), metrics.clone()));
+    match ep_api {
+        EndpointsApi::SliceV1 => {
+            tasks.spawn(pump(Api::<EndpointSlice>::all(client.clone()), source::slice_v1, Msg::Endpoints, tx.clone(), metrics.clone()));
+        }
+        EndpointsApi::SliceV1beta1 => {
+            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+            let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+            tasks.spawn(pump(api, source::slice_v1beta1, Msg::Endpoints, tx.clone(), metrics.clone()));
+        }
+        EndpointsApi::CoreEndpoints => {
+            #[allow(deprecated)]
+            let api = Api::<k8s_openapi::api::core::v1::Endpoints>::all(client.clone());
+            #[allow(deprecated)]
+            tasks.spawn(pump(api, |e: &k8s_openapi::api::core::v1::Endpoints| source::endpoints(e), Msg::Endpoints, tx.clone(), metrics.clone()));
+        }
+    }
+    drop(tx);
+
+    let mut state = State::default();
+    let mut dirty: BTreeSet<ObjKey> = BTreeSet::new();
+    let mut reconciled = false;
+    // Failed writes are retried on this tick rather than waiting for the next event.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let started;
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { anyhow::bail!("all watches ended") };
+                started = Instant::now();
+                state.apply(m, &mut dirty);
+                // Take whatever else is queued: one pass for a burst of events.
+                while let Ok(m) = rx.try_recv() {
+                    state.apply(m, &mut dirty);
+                }
+            }
+            _ = retry.tick() => {
+                if dirty.is_empty() && reconciled { continue; }
+                started = Instant::now();
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        if !(state.services_listed && state.endpoints_listed) {
+            continue;
+        }
+        let mut failed = 0;
+        if !reconciled {
+            // The pins may hold anything an earlier run wrote: compare all of it.
+            let mut wanted = Wanted::new();
+            state.programmed.clear();
+            for svc in state.services.keys() {
+                let w = state.wanted(svc);
+                wanted.extend(w.iter().map(|(k, v)| (*k, v.clone())));
+                state.programmed.insert(svc.clone(), w);
+            }
+            let plan = diff(&programmed_now(&dp), &wanted);
+            tracing::info!(services = state.services.len(), writes = plan.upserts.len(), stale = plan.removes.len(), "initial reconcile");
+            failed += execute(&mut dp, &plan, &metrics);
+            dirty.clear();
+            if failed > 0 {
+                // Not reconciled yet: the retry tick compares everything again.
+                dirty.extend(state.services.keys().cloned());
+            } else {
+                reconciled = true;
+                metrics.synced.store(1, Relaxed);
+            }
+        } else {
+            for svc in std::mem::take(&mut dirty) {
+                let wanted = state.wanted(&svc);
+                let current = state.programmed.remove(&svc).unwrap_or_default();
+                let plan = diff(&current, &wanted);
+                let f = execute(&mut dp, &plan, &metrics);
+                if f > 0 {
+                    failed += f;
+                    dirty.insert(svc.clone());
+                    // What is in the maps for this service is now partly unknown: take it
+                    // from the datapath's own mirror.
+                    let now = programmed_now(&dp);
+                    let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
+                    let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
+                    state.programmed.insert(svc, actual);
+                } else if !wanted.is_empty() {
+                    state.programmed.insert(svc, wanted);
+                }
+            }
+        }
+        if failed > 0 {
+            metrics.sync_errors.fetch_add(failed as u64, Relaxed);
+        }
+        metrics.syncs.fetch_add(1, Relaxed);
+        metrics.last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
+        update_gauges(&dp, &metrics);
+    }
+    tracing::info!("stopping; the datapath stays attached and pinned");
+    tasks.abort_all();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::desired::{EndpointAddr, EndpointSet, PortSpec};
+    use super::*;
+    use crate::{Affinity, Protocol};
+
+    fn svc(vip: &str) -> ServiceSpec {
+        ServiceSpec {
+            cluster_ips: vec![vip.parse().unwrap()],
+            ports: vec![PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp }],
+            affinity: Affinity::None,
+        }
+    }
+    fn eps(svc: &str, ip: &str) -> EndpointsOf {
+        EndpointsOf {
+            service: ObjKey::new("ns", svc),
+            sets: vec![EndpointSet {
+                ports: vec![PortSpec { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
+                addresses: vec![EndpointAddr { ip: ip.parse().unwrap(), ready: true }],
+            }],
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_dirties_only_its_service() {
+        let mut st = State::default();
+        let mut dirty = BTreeSet::new();
+        let all: HashMap<_, _> = (0..100).map(|i| (ObjKey::new("ns", &format!("s{i}")), Some(svc(&format!("10.96.0.{i}"))))).collect();
+        st.apply(Msg::Service(Change::Relist(all)), &mut dirty);
+        let slices: HashMap<_, _> = (0..100).map(|i| (ObjKey::new("ns", &format!("s{i}-x")), Some(eps(&format!("s{i}"), "10.244.0.1")))).collect();
+        st.apply(Msg::Endpoints(Change::Relist(slices.clone())), &mut dirty);
+        assert!(st.services_listed && st.endpoints_listed);
+        for k in st.services.keys() {
+            let w = st.wanted(k);
+            st.programmed.insert(k.clone(), w);
+        }
+        dirty.clear();
+
+        // A relist with nothing changed (a watch restart) dirties nothing.
+        st.apply(Msg::Endpoints(Change::Relist(slices)), &mut dirty);
+        assert!(dirty.is_empty());
+
+        let s7 = ObjKey::new("ns", "s7");
+        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s7", "10.244.0.2")))), &mut dirty);
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![&s7]);
+        let plan = diff(&st.programmed[&s7], &st.wanted(&s7));
+        assert_eq!(plan.upserts.len(), 1);
+        assert!(plan.removes.is_empty());
+
+        // A slice moving to another service dirties both; a deleted service wants nothing.
+        dirty.clear();
+        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s8", "10.244.0.2")))), &mut dirty);
+        assert_eq!(dirty.len(), 2);
+        st.apply(Msg::Service(Change::Delete(s7.clone())), &mut dirty);
+        assert!(st.wanted(&s7).is_empty());
+        assert_eq!(diff(&st.programmed[&s7], &st.wanted(&s7)).removes.len(), 1);
+    }
+}

@@ -1,0 +1,459 @@
+//! What discovery found in the cluster, as plain data, and the pure conversions
+//! from API objects into it. The conversions live here (not in `discovery`) so
+//! that the shapes a 1.20 lab cannot serve (EndpointSlice v1, policy/v1) are
+//! unit-tested with fixtures.
+
+use crate::api::{
+    ApiEndpoint, ApiEndpointPort, ApiService, ApiServicePort, ApiServices, ServiceType,
+    SessionAffinity, TrafficPolicy,
+};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicySpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Pool labels of the managed offerings and of kubeadm-less setups, in the
+/// order they are tried when no `--pool-label` is given.
+pub const POOL_LABELS: &[&str] = &[
+    "node.kubernetes.io/pool",
+    "cloud.google.com/gke-nodepool",
+    "eks.amazonaws.com/nodegroup",
+    "kubernetes.azure.com/agentpool",
+    "agentpool",
+];
+
+/// Nodes with none of the pool labels land here.
+pub const DEFAULT_POOL: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub name: String,
+    pub pool: String,
+    /// Which label gave the pool (`None`: no pool label, [`DEFAULT_POOL`]).
+    pub pool_label: Option<String>,
+    pub control_plane: bool,
+    pub kernel_version: String,
+    pub pod_cidrs: Vec<String>,
+    pub internal_ips: Vec<String>,
+    pub unschedulable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlannelConfig {
+    pub network: Option<String>,
+    pub backend_type: Option<String>,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub direct_routing: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CalicoIpPool {
+    pub name: String,
+    pub cidr: String,
+    pub ipip_mode: Option<String>,
+    pub vxlan_mode: Option<String>,
+    pub nat_outgoing: bool,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CalicoConfig {
+    /// `calico-node` DaemonSet (manifest install) or `Installation` (operator).
+    pub installed_by: String,
+    pub ip_pools: Vec<CalicoIpPool>,
+    /// FelixConfiguration `default` spec, as the cluster has it.
+    pub felix: Option<serde_json::Value>,
+    /// BGPConfiguration `default` spec.
+    pub bgp: Option<serde_json::Value>,
+    pub bgp_peers: Vec<String>,
+    /// `calico_backend` of the calico-config ConfigMap (bird / vxlan / none).
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CniInventory {
+    /// `flannel`, `calico`, `canal`, or `None` when nothing known was found.
+    pub kind: Option<String>,
+    /// `namespace/name` of the DaemonSet (or the operator's Installation).
+    pub workload: Option<String>,
+    pub flannel: Option<FlannelConfig>,
+    pub calico: Option<CalicoConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeProxyInventory {
+    /// `daemonset` or `static-pods`; `None` when kube-proxy was not found.
+    pub deployed_as: Option<String>,
+    /// `iptables` (also for an empty mode, kube-proxy's default on Linux), `ipvs`, `nftables`.
+    pub mode: Option<String>,
+    pub cluster_cidr: Option<String>,
+    /// Where the configuration was read from (`kube-system/kube-proxy config.conf`).
+    pub config_source: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyInfo {
+    pub namespace: String,
+    pub name: String,
+    pub spec: NetworkPolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CalicoPolicyInfo {
+    /// `NetworkPolicy` or `GlobalNetworkPolicy`.
+    pub kind: String,
+    /// Empty for a GlobalNetworkPolicy.
+    pub namespace: String,
+    pub name: String,
+    pub order: Option<f64>,
+    pub selector: Option<String>,
+    /// Actions of all ingress and egress rules, in order.
+    pub actions: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PdbInfo {
+    pub namespace: String,
+    pub name: String,
+    /// Which API version it was read through (policy/v1 or policy/v1beta1).
+    pub api_version: String,
+    pub selector: BTreeMap<String, String>,
+    pub min_available: Option<String>,
+    pub max_unavailable: Option<String>,
+    /// status.disruptionsAllowed as the disruption controller computed it.
+    pub disruptions_allowed: Option<i32>,
+    pub expected_pods: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub host_network: bool,
+    /// `containerPort/proto -> hostPort`
+    pub host_ports: Vec<String>,
+    /// DaemonSet pods and mirror (static) pods stay during a drain.
+    pub evictable: bool,
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Inventory {
+    pub server_version: String,
+    pub kube_system_uid: String,
+    /// Group versions discovery found served, e.g. `discovery.k8s.io/v1beta1`.
+    pub served: Vec<String>,
+    /// Where service endpoints came from: `discovery.k8s.io/v1`, `…/v1beta1` or `v1/Endpoints`.
+    pub endpoints_source: String,
+    pub nodes: Vec<NodeInfo>,
+    pub cni: CniInventory,
+    pub kube_proxy: KubeProxyInventory,
+    pub services: ApiServices,
+    pub service_cidr: Option<String>,
+    /// Addresses the API server answers on (endpoints of default/kubernetes) and its ClusterIP.
+    pub apiserver_addresses: Vec<String>,
+    pub network_policies: Vec<PolicyInfo>,
+    pub calico_policies: Vec<CalicoPolicyInfo>,
+    pub pdbs: Vec<PdbInfo>,
+    pub pods: Vec<PodInfo>,
+    /// Things discovery could not read, in words (a missing CRD is not one of them).
+    pub problems: Vec<String>,
+}
+
+impl Inventory {
+    /// `sha1:` over the kube-system UID, the sorted node names, the service CIDR
+    /// (or the kubernetes ClusterIP) and the legacy CNI: what changes when the
+    /// plan is pointed at another cluster, and not with every pod restart.
+    pub fn fingerprint(&self) -> String {
+        let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.sort();
+        let joined = names.join(",");
+        let svc = self
+            .service_cidr
+            .clone()
+            .or_else(|| self.apiserver_addresses.first().cloned())
+            .unwrap_or_default();
+        let cni = self.cni.kind.clone().unwrap_or_default();
+        crate::plan::fingerprint(&[&self.kube_system_uid, &joined, &svc, &cni])
+    }
+}
+
+/// The pool of a node from its labels: the `--pool-label` override when given
+/// (a node without it is in [`DEFAULT_POOL`]), else the first well-known label.
+pub fn pool_of(labels: &BTreeMap<String, String>, override_label: Option<&str>) -> (String, Option<String>) {
+    let candidates: Vec<&str> = match override_label {
+        Some(l) => vec![l],
+        None => POOL_LABELS.to_vec(),
+    };
+    for l in candidates {
+        if let Some(v) = labels.get(l).filter(|v| !v.is_empty()) {
+            return (v.clone(), Some(l.to_string()));
+        }
+    }
+    (DEFAULT_POOL.to_string(), None)
+}
+
+pub fn is_control_plane(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key("node-role.kubernetes.io/control-plane")
+        || labels.contains_key("node-role.kubernetes.io/master")
+}
+
+/// Flannel's `net-conf.json`. `input` names the ConfigMap key in errors.
+pub fn parse_flannel_net_conf(input: &str, text: &str) -> Result<FlannelConfig, String> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("{input}:{}:{}: not valid JSON: {e}", e.line(), e.column()))?;
+    let obj = v.as_object().ok_or_else(|| format!("{input}: expected a JSON object"))?;
+    let backend = obj.get("Backend");
+    if let Some(b) = backend {
+        if !b.is_object() {
+            return Err(format!("{input}: Backend must be an object"));
+        }
+    }
+    let b = |k: &str| backend.and_then(|b| b.get(k));
+    let network = match obj.get("Network") {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(format!("{input}: Network must be a string")),
+    };
+    Ok(FlannelConfig {
+        network,
+        // Flannel's default backend when none is given is udp; vxlan is the manifest's.
+        backend_type: b("Type").and_then(|t| t.as_str()).map(|s| s.to_ascii_lowercase()),
+        vni: b("VNI").and_then(|t| t.as_u64()).map(|n| n as u32),
+        port: b("Port").and_then(|t| t.as_u64()).map(|n| n as u16),
+        direct_routing: b("DirectRouting").and_then(|t| t.as_bool()),
+    })
+}
+
+/// kube-proxy's `config.conf` (a KubeProxyConfiguration in YAML): mode and clusterCIDR.
+pub fn parse_kube_proxy_config(input: &str, text: &str) -> Result<(String, Option<String>), String> {
+    let v: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| match e.location() {
+        Some(l) => format!("{input}:{}:{}: {e}", l.line(), l.column()),
+        None => format!("{input}: {e}"),
+    })?;
+    let mode = v.get("mode").and_then(|m| m.as_str()).unwrap_or("").trim().to_string();
+    let mode = if mode.is_empty() { "iptables".to_string() } else { mode };
+    let cidr = v
+        .get("clusterCIDR")
+        .and_then(|m| m.as_str())
+        .map(str::to_string)
+        .filter(|s| !s.is_empty());
+    Ok((mode, cidr))
+}
+
+/// kube-proxy's flags (`--proxy-mode=ipvs`, `--cluster-cidr=…`) of a static pod or
+/// a DaemonSet that does not use a config file.
+pub fn kube_proxy_flags(args: &[String]) -> (Option<String>, Option<String>) {
+    let mut mode = None;
+    let mut cidr = None;
+    let mut it = args.iter().peekable();
+    while let Some(a) = it.next() {
+        let (k, v) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let val = || v.clone();
+        match k.as_str() {
+            "--proxy-mode" => mode = val().or_else(|| it.peek().map(|s| s.to_string())),
+            "--cluster-cidr" => cidr = val().or_else(|| it.peek().map(|s| s.to_string())),
+            _ => {}
+        }
+    }
+    (mode, cidr)
+}
+
+pub fn service_from_api(s: &Service) -> ApiService {
+    let spec = s.spec.clone().unwrap_or_default();
+    let service_type = match spec.type_.as_deref() {
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        _ => ServiceType::ClusterIP,
+    };
+    let policy = |p: Option<&str>| if p == Some("Local") { TrafficPolicy::Local } else { TrafficPolicy::Cluster };
+    ApiService {
+        namespace: s.metadata.namespace.clone().unwrap_or_default(),
+        name: s.metadata.name.clone().unwrap_or_default(),
+        service_type,
+        cluster_ip: spec.cluster_ip.clone(),
+        ports: spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| ApiServicePort {
+                name: p.name.unwrap_or_default(),
+                port: p.port as u16,
+                protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                node_port: p.node_port.map(|n| n as u16),
+            })
+            .collect(),
+        external_ips: spec.external_ips.unwrap_or_default(),
+        lb_ingress_ips: s
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|i| i.iter().filter_map(|i| i.ip.clone()).collect())
+            .unwrap_or_default(),
+        lb_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+        external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
+        internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
+        session_affinity: if spec.session_affinity.as_deref() == Some("ClientIP") {
+            SessionAffinity::ClientIP
+        } else {
+            SessionAffinity::None
+        },
+        session_affinity_timeout: spec
+            .session_affinity_config
+            .and_then(|c| c.client_ip)
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t as u32),
+        health_check_node_port: spec.health_check_node_port.map(|n| n as u16),
+        endpoints: Vec::new(),
+    }
+}
+
+/// Endpoints of one EndpointSlice. v1 and v1beta1 differ in where the node name
+/// is (`nodeName` vs `topology["kubernetes.io/hostname"]`), so the slice is read as
+/// JSON and both are understood. Returns the owning service (`kubernetes.io/service-name`).
+pub fn endpoints_from_slice(slice: &serde_json::Value) -> Option<(String, String, Vec<ApiEndpoint>)> {
+    let ns = slice.pointer("/metadata/namespace")?.as_str()?.to_string();
+    let svc = slice.pointer("/metadata/labels/kubernetes.io~1service-name")?.as_str()?.to_string();
+    if slice.get("addressType").and_then(|t| t.as_str()).is_some_and(|t| t == "FQDN") {
+        return Some((ns, svc, Vec::new()));
+    }
+    let ports: Vec<ApiEndpointPort> = slice
+        .get("ports")
+        .and_then(|p| p.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some(ApiEndpointPort {
+                        name: p.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string(),
+                        port: p.get("port")?.as_u64()? as u16,
+                        protocol: p.get("protocol").and_then(|n| n.as_str()).unwrap_or("TCP").to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for e in slice.get("endpoints").and_then(|e| e.as_array()).into_iter().flatten() {
+        let node = e
+            .get("nodeName")
+            .and_then(|n| n.as_str())
+            .or_else(|| e.pointer("/topology/kubernetes.io~1hostname").and_then(|n| n.as_str()))
+            .map(str::to_string);
+        // An absent `ready` means ready (API contract for both versions).
+        let ready = e.pointer("/conditions/ready").and_then(|r| r.as_bool()).unwrap_or(true);
+        for ip in e.get("addresses").and_then(|a| a.as_array()).into_iter().flatten() {
+            if let Some(ip) = ip.as_str() {
+                out.push(ApiEndpoint { ip: ip.to_string(), node_name: node.clone(), ready, ports: ports.clone() });
+            }
+        }
+    }
+    Some((ns, svc, out))
+}
+
+pub fn endpoints_from_core(ep: &Endpoints) -> Vec<ApiEndpoint> {
+    let mut out = Vec::new();
+    for s in ep.subsets.iter().flatten() {
+        let ports: Vec<ApiEndpointPort> = s
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| ApiEndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                port: p.port as u16,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            })
+            .collect();
+        for (list, ready) in [(&s.addresses, true), (&s.not_ready_addresses, false)] {
+            for a in list.iter().flatten() {
+                out.push(ApiEndpoint { ip: a.ip.clone(), node_name: a.node_name.clone(), ready, ports: ports.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// A PodDisruptionBudget of either policy/v1 or policy/v1beta1 (same fields
+/// for what the planner needs), read as JSON.
+pub fn pdb_from_json(api_version: &str, v: &serde_json::Value) -> PdbInfo {
+    let s = |p: &str| v.pointer(p).map(|x| match x {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    let selector = v
+        .pointer("/spec/selector/matchLabels")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    PdbInfo {
+        namespace: s("/metadata/namespace").unwrap_or_default(),
+        name: s("/metadata/name").unwrap_or_default(),
+        api_version: api_version.to_string(),
+        selector,
+        min_available: s("/spec/minAvailable"),
+        max_unavailable: s("/spec/maxUnavailable"),
+        disruptions_allowed: v.pointer("/status/disruptionsAllowed").and_then(|x| x.as_i64()).map(|x| x as i32),
+        expected_pods: v.pointer("/status/expectedPods").and_then(|x| x.as_i64()).map(|x| x as i32),
+    }
+}
+
+/// A Calico NetworkPolicy or GlobalNetworkPolicy (crd.projectcalico.org/v1) as JSON.
+pub fn calico_policy_from_json(kind: &str, v: &serde_json::Value) -> CalicoPolicyInfo {
+    let mut actions = Vec::new();
+    for dir in ["ingress", "egress"] {
+        for r in v.pointer(&format!("/spec/{dir}")).and_then(|r| r.as_array()).into_iter().flatten() {
+            actions.push(r.get("action").and_then(|a| a.as_str()).unwrap_or("Allow").to_string());
+        }
+    }
+    CalicoPolicyInfo {
+        kind: kind.to_string(),
+        namespace: v.pointer("/metadata/namespace").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+        name: v.pointer("/metadata/name").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+        order: v.pointer("/spec/order").and_then(|x| x.as_f64()),
+        selector: v.pointer("/spec/selector").and_then(|x| x.as_str()).map(str::to_string),
+        actions,
+    }
+}
+
+pub fn calico_pool_from_json(v: &serde_json::Value) -> CalicoIpPool {
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+    CalicoIpPool {
+        name: s("/metadata/name").unwrap_or_default(),
+        cidr: s("/spec/cidr").unwrap_or_default(),
+        ipip_mode: s("/spec/ipipMode"),
+        vxlan_mode: s("/spec/vxlanMode"),
+        nat_outgoing: v.pointer("/spec/natOutgoing").and_then(|x| x.as_bool()).unwrap_or(false),
+        disabled: v.pointer("/spec/disabled").and_then(|x| x.as_bool()).unwrap_or(false),
+    }
+}
+
+/// Attach endpoints to services by `namespace/name`.
+pub fn attach_endpoints(services: &mut [ApiService], eps: Vec<(String, String, Vec<ApiEndpoint>)>) {
+    let mut by: BTreeMap<(String, String), Vec<ApiEndpoint>> = BTreeMap::new();
+    for (ns, name, list) in eps {
+        by.entry((ns, name)).or_default().extend(list);
+    }
+    for s in services.iter_mut() {
+        if let Some(list) = by.remove(&(s.namespace.clone(), s.name.clone())) {
+            s.endpoints = list;
+        }
+    }
+}
