@@ -37,6 +37,11 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    // Piped into `head`, a command should stop quietly, as other unix tools do, instead
+    // of panicking on the closed pipe.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // CNI plugins speak JSON on stdout and must not log there or start a runtime.
     if let Command::Lab(lab_cmd::LabArgs { command: lab_cmd::LabCommand::CniPlugin { name } }) = &cli.command {

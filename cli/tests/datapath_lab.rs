@@ -87,14 +87,6 @@ fn pinned_vips(pins: &Path) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-async fn create<K>(api: &Api<K>, v: serde_json::Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let obj: K = serde_json::from_value(v).unwrap();
-    api.create(&PostParams::default(), &obj).await.expect("create");
-}
-
 async fn deploy(client: &kube::Client) {
     create(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": NS}})).await;
     create(

@@ -7,20 +7,12 @@ mod common;
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
-
-async fn create<K>(api: &Api<K>, v: serde_json::Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let obj: K = serde_json::from_value(v).unwrap();
-    api.create(&PostParams::default(), &obj).await.expect("create");
-}
 
 /// A backend pinned to node-2, a client pinned to node-1, a ClusterIP Service.
 async fn deploy_smoke(client: &kube::Client) {

@@ -54,6 +54,20 @@ fn delegate(ty: &str, conf: &Value) -> Result<String> {
     Ok(s)
 }
 
+/// DEL with the exact delegate config ADD used (saved in `state`); a DEL for a
+/// container this plugin never added succeeds, as the CNI spec asks.
+fn delegate_del(ty: &str, state: &Path) -> Result<String> {
+    match std::fs::read(state) {
+        Ok(b) => {
+            let d: Value = serde_json::from_slice(&b)?;
+            let out = delegate(ty, &d)?;
+            let _ = std::fs::remove_file(state);
+            Ok(out)
+        }
+        Err(_) => Ok(String::new()),
+    }
+}
+
 fn state_file(root: &Path, plugin: &str) -> PathBuf {
     root.join("var/lib/cni").join(plugin).join(env("CNI_CONTAINERID"))
 }
@@ -121,15 +135,7 @@ fn flannel(conf: &Value) -> Result<String> {
             std::fs::write(&state, serde_json::to_vec(&d)?)?;
             delegate("bridge", &d)
         }
-        "DEL" => match std::fs::read(&state) {
-            Ok(b) => {
-                let d: Value = serde_json::from_slice(&b)?;
-                let out = delegate("bridge", &d)?;
-                let _ = std::fs::remove_file(&state);
-                Ok(out)
-            }
-            Err(_) => Ok(String::new()),
-        },
+        "DEL" => delegate_del("bridge", &state),
         _ => Ok(String::new()),
     }
 }
@@ -186,15 +192,7 @@ fn calico(conf: &Value) -> Result<String> {
             // the ifindex, not the name).
             Ok(result.to_string())
         }
-        "DEL" => match std::fs::read(&state) {
-            Ok(b) => {
-                let d: Value = serde_json::from_slice(&b)?;
-                let out = delegate("ptp", &d)?;
-                let _ = std::fs::remove_file(&state);
-                Ok(out)
-            }
-            Err(_) => Ok(String::new()),
-        },
+        "DEL" => delegate_del("ptp", &state),
         _ => Ok(String::new()),
     }
 }

@@ -271,3 +271,12 @@ pub async fn start_agent(lab: &Lab, node: &str) -> (Agent, Pins, String) {
     .await;
     (agent, pins, addr)
 }
+
+/// Creates an object from JSON; the test fails on any API error.
+pub async fn create<K>(api: &Api<K>, v: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(v).unwrap();
+    api.create(&kube::api::PostParams::default(), &obj).await.expect("create");
+}
