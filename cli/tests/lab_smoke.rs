@@ -144,10 +144,14 @@ async fn flannel_lab_routes_a_service_across_nodes_through_real_kube_proxy() {
     assert!(ann["flannel.alpha.coreos.com/backend-data"].contains("VtepMAC"), "{ann:?}");
     assert_eq!(node.metadata.labels.unwrap()["node.kubernetes.io/pool"], "pool-2");
 
-    // The demo workload's Services are in every node's rules.
+    // The demo workload's Services reach every node's rules (kube-proxy syncs a moment
+    // after the Deployments are available).
     for n in NODES {
-        let s = lab.iptables_save(n);
-        assert!(s.contains("demo-backend/backend:http") && s.contains("demo-frontend/frontend"), "{n} lacks demo rules");
+        eventually(&format!("demo Services in {n}'s iptables"), Duration::from_secs(60), || async {
+            let s = lab.iptables_save(n);
+            Ok((s.contains("demo-backend/backend:http") && s.contains("demo-frontend/frontend")).then_some(()))
+        })
+        .await;
     }
 
     smoke(&lab).await;
