@@ -13,7 +13,7 @@ bash scripts/build-control-plane.sh
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
-cargo test --workspace --lib --bins --tests 2>&1 | tee "$out"
+cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.
