@@ -7,7 +7,6 @@ use super::desired::{EndpointAddr, EndpointSet, ObjKey, PortSpec, ServiceSpec};
 use crate::{Affinity, Protocol, DEFAULT_AFFINITY_TIMEOUT};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -108,55 +107,16 @@ pub fn slice_v1(s: &EndpointSlice) -> Option<EndpointsOf> {
     Some(EndpointsOf { service, sets: vec![EndpointSet { ports, addresses }] })
 }
 
-/// discovery.k8s.io/v1beta1, which k8s-openapi no longer has: only the fields used here.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SliceV1beta1 {
-    pub address_type: String,
-    #[serde(default)]
-    pub endpoints: Vec<EndpointV1beta1>,
-    #[serde(default)]
-    pub ports: Option<Vec<PortV1beta1>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct EndpointV1beta1 {
-    #[serde(default)]
-    pub addresses: Vec<String>,
-    #[serde(default)]
-    pub conditions: Option<ConditionsV1beta1>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ConditionsV1beta1 {
-    pub ready: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct PortV1beta1 {
-    pub name: Option<String>,
-    pub port: Option<i32>,
-    pub protocol: Option<String>,
-}
-
-/// A v1beta1 slice as kube's DynamicObject holds it: metadata plus the other top-level
-/// fields in `data`.
+/// A discovery.k8s.io/v1beta1 slice (what 1.20 serves; k8s-openapi no longer has the
+/// type) as kube's DynamicObject holds it. Every field read here kept its name and
+/// shape in v1, so the object is read as a v1 slice and converted once, by `slice_v1`.
 pub fn slice_v1beta1(obj: &kube::api::DynamicObject) -> Option<EndpointsOf> {
-    let s: SliceV1beta1 = serde_json::from_value(obj.data.clone()).ok()?;
-    if s.address_type != "IPv4" {
-        return None;
-    }
-    let service = service_of(obj.metadata.namespace.as_ref(), obj.metadata.labels.as_ref())?;
-    let ports = s.ports.iter().flatten().filter_map(|p| port_spec(p.name.as_ref(), p.port, p.protocol.as_ref())).collect();
-    let addresses = s
-        .endpoints
-        .iter()
-        .flat_map(|e| {
-            let r = ready(e.conditions.as_ref().and_then(|c| c.ready));
-            e.addresses.iter().filter_map(move |a| Some(EndpointAddr { ip: ipv4(a)?, ready: r }))
-        })
-        .collect();
-    Some(EndpointsOf { service, sets: vec![EndpointSet { ports, addresses }] })
+    let mut v = obj.data.clone();
+    let fields = v.as_object_mut()?;
+    fields.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
+    fields.insert("kind".into(), "EndpointSlice".into());
+    fields.insert("metadata".into(), serde_json::to_value(&obj.metadata).ok()?);
+    slice_v1(&serde_json::from_value(v).ok()?)
 }
 
 /// core/v1 Endpoints (deprecated upstream since 1.33, still the only source on old
