@@ -7,6 +7,7 @@
 //! or roll back while traffic keeps flowing.
 
 pub mod agent;
+pub mod policy;
 mod datapath;
 mod raw;
 pub mod sys;
