@@ -173,6 +173,9 @@ async fn flannel_lab_plan_node_reports_and_bad_input() {
     assert_eq!(cni["flannel"]["backendType"], "vxlan");
     assert_eq!(v["inventory"]["kubeProxy"]["clusterCidr"], "10.244.0.0/16");
     demo_checks(&v);
+    // Flannel does not enforce the demo's four policies; the migration will.
+    let unenforced = v["analysis"]["findings"].as_array().unwrap().iter().find(|f| f["subject"] == "networkpolicy").expect("finding: policies not enforced under Flannel");
+    assert!(unenforced["message"].as_str().unwrap().contains("4 NetworkPolicies"), "{unenforced}");
     let fp = v["plan"]["cluster"]["fingerprint"].as_str().unwrap().to_string();
 
     // The plan file loads back, for this cluster, and its graph exports.
@@ -245,6 +248,8 @@ async fn calico_lab_plan_and_calico_deny_policy_blocks() {
     assert_eq!(calico["felix"]["vxlanEnabled"], true);
     assert_eq!(calico["bgp"]["asNumber"], 64512);
     assert!(v["inventory"]["pdbs"].as_array().unwrap().iter().any(|p| p["name"] == "calico-kube-controllers"));
+    // Calico enforces the policies today: nothing changes for them at migration.
+    assert!(!v["analysis"]["findings"].as_array().unwrap().iter().any(|f| f["subject"] == "networkpolicy"));
     demo_checks(&v);
 
     // The pool label override: every node carries kubernetes.io/os, so one pool.

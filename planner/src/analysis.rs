@@ -318,6 +318,24 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
                     a.findings.push(f(Severity::Attention, "cni", "Flannel wireguard backend: pod traffic is encrypted today and will not be after the switch unless the datapath's encryption is enabled".into()));
                 }
             }
+            // Plain Flannel has no policy engine: the objects exist, nothing enforces them.
+            // The eBPF datapath enforces them from the moment a node moves, so traffic that
+            // works today can start being dropped mid-migration. (Canal = Flannel + Calico's
+            // policy engine, which does enforce them.)
+            if k == "flannel" && !inv.network_policies.is_empty() {
+                let names: Vec<String> = inv.network_policies.iter().take(5).map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+                let more = inv.network_policies.len().saturating_sub(names.len());
+                a.findings.push(f(
+                    Severity::Attention,
+                    "networkpolicy",
+                    format!(
+                        "Flannel does not enforce NetworkPolicy: {} NetworkPolicies ({}{}) are not enforced today and will be enforced by the eBPF datapath on every migrated node; traffic they do not allow will start being dropped. Check them with `kubeshift connectivity test` on a canary node first",
+                        inv.network_policies.len(),
+                        names.join(", "),
+                        if more > 0 { format!(" and {more} more") } else { String::new() }
+                    ),
+                ));
+            }
             if let Some(c) = &inv.cni.calico {
                 if !c.bgp_peers.is_empty() {
                     a.findings.push(f(Severity::Attention, "cni", format!("Calico BGP peers {}: routes to pods are announced to the network today; the new pod CIDR must be announced too", c.bgp_peers.join(", "))));

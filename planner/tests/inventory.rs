@@ -222,3 +222,21 @@ fn unknown_cni_old_kernel_and_pdb_limits() {
     inv.kube_system_uid = "other".into();
     assert_ne!(inv.fingerprint(), fp);
 }
+
+#[test]
+fn policies_under_plain_flannel_are_flagged_as_not_enforced_today() {
+    let mut inv = Inventory::default();
+    inv.cni.kind = Some("flannel".into());
+    inv.network_policies = (0..7).map(|i| PolicyInfo { namespace: "shop".into(), name: format!("p{i}"), spec: NetworkPolicySpec::default() }).collect();
+    let a = analyze(&inv, &[], None);
+    let hit = a.findings.iter().find(|f| f.subject == "networkpolicy").expect("a finding about unenforced policies");
+    assert_eq!(hit.severity, Severity::Attention);
+    assert!(hit.message.contains("7 NetworkPolicies (shop/p0, shop/p1, shop/p2, shop/p3, shop/p4 and 2 more) are not enforced today"), "{}", hit.message);
+
+    // Canal enforces them with Calico's engine; no policies, nothing to say.
+    inv.cni.kind = Some("canal".into());
+    assert!(!analyze(&inv, &[], None).findings.iter().any(|f| f.subject == "networkpolicy"));
+    inv.cni.kind = Some("flannel".into());
+    inv.network_policies.clear();
+    assert!(!analyze(&inv, &[], None).findings.iter().any(|f| f.subject == "networkpolicy"));
+}
