@@ -15,6 +15,7 @@
 //! looked up on the destination pod, with the rule's protocol; an address that is not a
 //! pod has no names.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use super::model::{Direction, NetworkPolicy, Peer, PodInfo, PolicyInput, PortRef, Rule};
@@ -131,13 +132,13 @@ fn peer_matches(
             let namespace_ok = match namespace_selector {
                 None => pod.namespace == policy.namespace,
                 Some(sel) => {
+                    let none = BTreeMap::new();
                     let labels = input
                         .namespaces
                         .iter()
                         .find(|n| n.name == pod.namespace)
-                        .map(|n| n.labels.clone())
-                        .unwrap_or_default();
-                    sel.matches(&labels)
+                        .map_or(&none, |n| &n.labels);
+                    sel.matches(labels)
                 }
             };
             namespace_ok && pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels))
