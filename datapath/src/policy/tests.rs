@@ -985,6 +985,12 @@ fn random_input(rng: &mut StdRng) -> (PolicyInput, Vec<Ipv4Addr>) {
         if rng.gen_bool(0.05) {
             ips.clear();
         }
+        // Rarely, an address an earlier pod already has (a stale pod object).
+        if rng.gen_bool(0.03) {
+            if let Some(taken) = pods.iter().flat_map(|p: &PodInfo| p.ips.clone()).next() {
+                ips = vec![taken];
+            }
+        }
         let named_ports = [
             np("http", Tcp, 80),
             np("http", Tcp, 8080),
@@ -1006,7 +1012,11 @@ fn random_input(rng: &mut StdRng) -> (PolicyInput, Vec<Ipv4Addr>) {
             named_ports,
         });
     }
-    let host_ips: Vec<Ipv4Addr> = next_addr.by_ref().take(rng.gen_range(1..=2)).collect();
+    let mut host_ips: Vec<Ipv4Addr> = next_addr.by_ref().take(rng.gen_range(1..=2)).collect();
+    // Rarely, a node address that is also a pod's (a misreported host-network pod).
+    if rng.gen_bool(0.05) {
+        host_ips.extend(pods.iter().flat_map(|p| p.ips.first().copied()).last());
+    }
     let mut policies = Vec::new();
     for i in 0..rng.gen_range(1..=6) {
         let types = match rng.gen_range(0..3) {
@@ -1027,6 +1037,8 @@ fn random_input(rng: &mut StdRng) -> (PolicyInput, Vec<Ipv4Addr>) {
     let mut probe: Vec<Ipv4Addr> = pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
     probe.extend(&host_ips);
     probe.extend(next_addr.take(5));
+    probe.sort();
+    probe.dedup();
     (
         PolicyInput {
             namespaces,
