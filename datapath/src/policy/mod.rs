@@ -18,4 +18,5 @@
 //!   The netpol matrix test compares real probes through the programs against it.
 //! - `source`: k8s-openapi NetworkPolicy / Pod / Namespace → model.
 
+pub mod loader;
 pub mod model;
