@@ -18,5 +18,13 @@
 //!   The netpol matrix test compares real probes through the programs against it.
 //! - `source`: k8s-openapi NetworkPolicy / Pod / Namespace → model.
 
+pub mod cidr;
+pub mod compile;
 pub mod loader;
 pub mod model;
+pub mod oracle;
+pub mod selector;
+pub mod source;
+
+#[cfg(test)]
+mod tests;
