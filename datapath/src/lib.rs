@@ -22,6 +22,9 @@ pub use datapath::{
 /// (Aligned because the ELF parser reads headers in place.)
 pub static SOCK_LB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
 
+/// The NetworkPolicy tc programs (`bpf/policy.c`), loaded by [`policy::loader`].
+pub static POLICY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy.o"));
+
 /// The same programs with build id 2, for upgrade tests.
 #[cfg(ks_upgrade_variant)]
 #[doc(hidden)]

@@ -35,6 +35,8 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::sys;
 
+pub mod netpol;
+
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 pub const SUBNET_PREFIX: u8 = 24;
 

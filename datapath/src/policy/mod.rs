@@ -22,6 +22,7 @@
 
 pub mod cidr;
 pub mod compile;
+pub mod loader;
 pub mod model;
 pub mod oracle;
 pub mod selector;
