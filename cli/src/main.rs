@@ -6,6 +6,7 @@ mod kubeconfig;
 mod lab_cmd;
 mod migrate_cmd;
 mod node_cmd;
+mod observe;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Node(node_cmd::NodeArgs),
     /// Plan (and check plans for) the migration of this cluster.
     Migrate(migrate_cmd::MigrateArgs),
+    /// Flows the node agents see (like `hubble observe`): last N or follow, with filters.
+    Observe(observe::ObserveArgs),
 }
 
 fn init_tracing() {
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => agent_cmd::run(args).await,
             Command::Node(args) => node_cmd::run(args).await,
             Command::Migrate(args) => migrate_cmd::run(args).await,
+            Command::Observe(args) => observe::run(args).await,
         }
     });
     match result {

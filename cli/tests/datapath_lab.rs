@@ -21,44 +21,6 @@ use std::time::Duration;
 
 const NS: &str = "dp";
 
-#[derive(Debug, PartialEq)]
-enum Reply {
-    Ok(String),
-    Refused,
-    Other(String),
-}
-
-/// The client's side of one connection, run inside the client pod (its cgroup and netns).
-fn from_pod(pod_cgroup: &Path, pod_netns: &str, argv: &[&str]) -> Reply {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]);
-    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
-        cmd.env_remove(v);
-    }
-    kubeshift_lab::sys::confine(&mut cmd, Some(pod_netns), Some(pod_cgroup)).expect("confine");
-    let out = cmd.output().expect("running the client");
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    if out.status.success() && !stdout.is_empty() {
-        Reply::Ok(stdout)
-    } else if stderr.contains("Connection refused") || stderr.contains("onnection refused") {
-        Reply::Refused
-    } else {
-        Reply::Other(format!("{:?}: {stdout} {stderr}", out.status))
-    }
-}
-
-fn http(pod_cgroup: &Path, pod_netns: &str, vip: Ipv4Addr, port: u16) -> Reply {
-    let url = format!("http://{vip}:{port}/hostname");
-    from_pod(pod_cgroup, pod_netns, &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url])
-}
-
-/// A bare TCP connect: bash reports the errno's text ("Connection refused"), curl does not.
-fn tcp_connect(pod_cgroup: &Path, pod_netns: &str, vip: Ipv4Addr, port: u16) -> Reply {
-    let script = format!("exec 3<>/dev/tcp/{vip}/{port} && echo connected");
-    from_pod(pod_cgroup, pod_netns, &["bash", "-c", &script])
-}
-
 /// Connected UDP (bash's /dev/udp connects the socket); dd reads one whole datagram.
 fn udp(pod_cgroup: &Path, pod_netns: &str, vip: Ipv4Addr, port: u16) -> Reply {
     let script = format!("exec 3<>/dev/udp/{vip}/{port} && printf hostname >&3 && timeout 3 dd bs=1500 count=1 <&3 2>/dev/null");
@@ -154,17 +116,6 @@ async fn set_replicas(client: &kube::Client, n: i32) {
         .patch("echo", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": n}})))
         .await
         .unwrap();
-}
-
-/// Polls the client until `want` holds for its reply.
-async fn await_reply(what: &str, f: impl Fn() -> Reply, want: impl Fn(&Reply) -> bool) -> Reply {
-    let f = &f;
-    let want = &want;
-    eventually(what, Duration::from_secs(60), || async move {
-        let r = f();
-        Ok(want(&r).then_some(r))
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

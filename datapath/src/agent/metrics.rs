@@ -1,6 +1,13 @@
-//! Prometheus text exposition on a plain TCP listener: a handful of gauges and
-//! counters do not justify an HTTP framework.
+//! Prometheus text exposition and the flow stream on a plain TCP listener: a handful
+//! of gauges and one NDJSON endpoint do not justify an HTTP framework.
+//!
+//! - `GET /metrics`, `GET /healthz`
+//! - `GET /flows?last=N`: the newest N flow records (default: all kept), one JSON
+//!   object per line, oldest first.
+//! - `GET /flows?follow=true[&last=N]`: the same, then every new record as it comes;
+//!   the response stays open until the client closes it.
 
+use super::flows::{parse_query, FlowStore};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +24,9 @@ pub struct Metrics {
     pub sync_errors: AtomicU64,
     pub watch_errors: AtomicU64,
     pub last_sync_ns: AtomicU64,
+    pub flows: Arc<FlowStore>,
+    /// Ring buffer reads (wakeups) that returned events.
+    pub flow_reads: AtomicU64,
 }
 
 impl Metrics {
@@ -43,29 +53,101 @@ impl Metrics {
             &l,
             format!("{:.6}", self.last_sync_ns.load(Relaxed) as f64 / 1e9),
         );
+        self.flows.with_counts(|c, kept| {
+            s.push_str("# HELP kubeshift_agent_flows_total Flow records made from datapath events, by verdict.\n# TYPE kubeshift_agent_flows_total counter\n");
+            for (v, n) in [("FORWARDED", c.forwarded), ("DROPPED", c.dropped), ("UNKNOWN", c.other)] {
+                s.push_str(&format!("kubeshift_agent_flows_total{{{l},verdict=\"{v}\"}} {n}\n"));
+            }
+            let mut m = |name: &str, kind: &str, help: &str, v: u64| {
+                s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}\n"));
+            };
+            m("kubeshift_agent_flows_unknown_source_total", "counter", "Flow records whose source pod was not found (netns cookie of no known pod).", c.unknown_source);
+            m("kubeshift_agent_flows_follower_missed_total", "counter", "Records a slow /flows?follow reader did not get (it fell behind by more than 1024).", c.follower_missed);
+            m("kubeshift_agent_flows_kept", "gauge", "Flow records kept in memory for /flows?last=N.", kept as u64);
+            m("kubeshift_agent_flow_reads_total", "counter", "Ring buffer wakeups that returned events.", self.flow_reads.load(Relaxed));
+        });
         s
     }
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((sock, _)) = listener.accept().await else { continue };
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", metrics.render()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", String::new()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
+        tokio::spawn(handle(sock, metrics));
+    }
+}
+
+async fn respond(sock: &mut tokio::net::TcpStream, status: &str, content_type: &str, body: &str) {
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+}
+
+async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
+    let mut buf = [0u8; 2048];
+    let n = sock.read(&mut buf).await.unwrap_or(0);
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let target = req.split_whitespace().nth(1).unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    const TEXT: &str = "text/plain; version=0.0.4";
+    match path {
+        "/metrics" => respond(&mut sock, "200 OK", TEXT, &metrics.render()).await,
+        "/healthz" => respond(&mut sock, "200 OK", TEXT, "ok\n").await,
+        "/flows" => match parse_query(query) {
+            Err(e) => respond(&mut sock, "400 Bad Request", "text/plain", &format!("{e}\n")).await,
+            Ok(q) if !q.follow => {
+                let lines = metrics.flows.last(q.last.unwrap_or(usize::MAX));
+                let mut body = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+                for l in lines {
+                    body.push_str(&l);
+                    body.push('\n');
+                }
+                respond(&mut sock, "200 OK", NDJSON, &body).await
+            }
+            Ok(q) => follow(sock, &metrics.flows, q.last.unwrap_or(0)).await,
+        },
+        _ => respond(&mut sock, "404 Not Found", "text/plain", "").await,
+    }
+}
+
+const NDJSON: &str = "application/x-ndjson";
+
+/// Streams records until the client goes away. The body has no length and ends with the
+/// connection, which HTTP/1.1 allows with `Connection: close`.
+async fn follow(mut sock: tokio::net::TcpStream, store: &FlowStore, last: usize) {
+    // Subscribed before the header goes out: a client that has the header sees every
+    // record made after that.
+    let (snapshot, mut rx) = store.last_and_follow(last);
+    let (mut rd, mut wr) = sock.split();
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n");
+    let mut out = head.into_bytes();
+    for l in snapshot {
+        out.extend_from_slice(l.as_bytes());
+        out.push(b'\n');
+    }
+    if wr.write_all(&out).await.is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(line) => {
+                    let mut b = Vec::with_capacity(line.len() + 1);
+                    b.extend_from_slice(line.as_bytes());
+                    b.push(b'\n');
+                    if wr.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => store.missed(n),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            // Without this a closed follower would only be noticed at the next record.
+            r = rd.read(&mut scratch) => if matches!(r, Ok(0) | Err(_)) { return },
+        }
     }
 }

@@ -7,16 +7,23 @@
 //! refuse that Service's traffic for a moment. After that first full reconcile (which
 //! also removes services left in the pins by an earlier run), an event marks only its
 //! Service dirty and only that Service's map entries are recomputed and rewritten.
+//!
+//! The same loop drains the datapath's flow ring buffer when the kernel says it holds
+//! events (no polling), tags each event with the Service its VIP:port belongs to and
+//! hands it to the flows task ([`flows`]), which knows the pods and serves `/flows`.
 
 pub mod desired;
+pub mod flows;
 pub mod metrics;
+pub mod pods;
 pub mod source;
 
-use crate::{Datapath, DatapathConfig};
+use crate::{Datapath, DatapathConfig, ServiceKey};
 use anyhow::{Context, Result};
 use desired::{desired_for_service, diff, ObjKey, Plan, ServiceSpec, Wanted};
+use flows::FlowMsg;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
@@ -27,6 +34,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 /// Where endpoints come from.
@@ -93,15 +101,16 @@ fn obj_key<K: Resource>(o: &K) -> ObjKey {
 
 /// Runs one watch forever, converting each object to plain data. Watch errors are
 /// retried with kube-runtime's backoff; they are logged and counted, never fatal.
-async fn pump<K, T>(
+async fn pump<K, T, M>(
     api: Api<K>,
     convert: impl Fn(&K) -> T + Send + 'static,
-    wrap: fn(Change<T>) -> Msg,
-    tx: mpsc::UnboundedSender<Msg>,
+    wrap: fn(Change<T>) -> M,
+    tx: mpsc::UnboundedSender<M>,
     metrics: Arc<Metrics>,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     T: Send + 'static,
+    M: Send + 'static,
 {
     use kube::runtime::WatchStreamExt;
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
@@ -141,6 +150,14 @@ struct State {
     services_listed: bool,
     endpoints_listed: bool,
     programmed: HashMap<ObjKey, Wanted>,
+    /// Service port → its Service, to name the Service of a flow event.
+    by_vip: HashMap<ServiceKey, ObjKey>,
+}
+
+fn service_keys(spec: &ServiceSpec) -> impl Iterator<Item = ServiceKey> + '_ {
+    spec.cluster_ips
+        .iter()
+        .flat_map(move |vip| spec.ports.iter().map(move |p| ServiceKey { vip: *vip, port: p.port, protocol: p.protocol }))
 }
 
 impl State {
@@ -158,13 +175,22 @@ impl State {
     }
 
     fn set_service(&mut self, k: ObjKey, v: Option<ServiceSpec>, dirty: &mut BTreeSet<ObjKey>) {
-        let changed = match v {
-            Some(s) => self.services.insert(k.clone(), s.clone()) != Some(s),
-            None => self.services.remove(&k).is_some(),
+        let old = match &v {
+            Some(s) => self.services.insert(k.clone(), s.clone()),
+            None => self.services.remove(&k),
         };
-        if changed {
-            dirty.insert(k);
+        if old == v {
+            return;
         }
+        for sk in old.iter().flat_map(service_keys) {
+            if self.by_vip.get(&sk) == Some(&k) {
+                self.by_vip.remove(&sk);
+            }
+        }
+        for sk in v.iter().flat_map(service_keys) {
+            self.by_vip.insert(sk, k.clone());
+        }
+        dirty.insert(k);
     }
 
     fn set_endpoints(&mut self, k: ObjKey, v: Option<EndpointsOf>, dirty: &mut BTreeSet<ObjKey>) {
@@ -244,6 +270,14 @@ fn programmed_now(dp: &Datapath) -> Wanted {
     dp.services().into_iter().map(|(k, b, a)| (k, (b, a))).collect()
 }
 
+/// Waits until the flow ring buffer has events; never, once it failed.
+async fn flows_readable(fd: &Option<AsyncFd<std::os::fd::OwnedFd>>) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
+    match fd {
+        Some(f) => f.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn update_gauges(dp: &Datapath, metrics: &Metrics) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = dp.services();
@@ -267,6 +301,24 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
         endpoints = ep_api.as_str(), "datapath loaded"
     );
     *metrics.endpoints_api.lock().unwrap() = ep_api.as_str().to_string();
+    // An earlier run (or an operator) may have switched events off; this agent reads them.
+    if let Err(e) = dp.set_flow_events(true) {
+        tracing::warn!("turning flow events on: {e}");
+    }
+    // A duplicate of the ring buffer's fd, registered with the runtime's epoll: it turns
+    // readable when the programs submit events to a drained ring.
+    let registered = dp.flows_fd().try_clone_to_owned().and_then(|fd| {
+        // SAFETY: the OwnedFd keeps this fd open and unchanged for as long as the AsyncFd
+        // that owns it lives.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(std::io::Error::from)
+    });
+    let mut flow_fd = match registered {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("flow events unavailable: {e}");
+            None
+        }
+    };
     metrics.node.lock().unwrap().clone_from(&cfg.node);
     update_gauges(&dp, &metrics);
 
@@ -278,6 +330,11 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
+    // Pods cluster-wide, not only this node's: a destination can be any pod, and its
+    // labels are only in the Pod (an EndpointSlice's targetRef names it without them).
+    let (flow_tx, flow_rx) = mpsc::unbounded_channel();
+    tasks.spawn(flows::run(cfg.node.clone(), cfg.datapath.cgroup.clone(), flow_rx, metrics.flows.clone()));
+    tasks.spawn(pump(Api::<Pod>::all(client.clone()), pods::pod_info, FlowMsg::Pods, flow_tx.clone(), metrics.clone()));
     tasks.spawn(pump(Api::<Service>::all(client.clone()), |s: &Service| source::service(s), Msg::Service, tx.clone(), metrics.clone()));
     match ep_api {
         EndpointsApi::SliceV1 => {
@@ -318,6 +375,34 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
             _ = retry.tick() => {
                 if dirty.is_empty() && reconciled { continue; }
                 started = Instant::now();
+            }
+            r = flows_readable(&flow_fd) => {
+                match r {
+                    Ok(mut ready) => {
+                        let events = dp.read_flows();
+                        // After draining: tokio keeps the fd ready if the kernel signalled
+                        // again meanwhile, so no wakeup is lost.
+                        ready.clear_ready();
+                        if !events.is_empty() {
+                            metrics.flow_reads.fetch_add(1, Relaxed);
+                            let tagged = events
+                                .into_iter()
+                                .map(|e| {
+                                    let svc = e.protocol.and_then(|protocol| {
+                                        state.by_vip.get(&ServiceKey { vip: *e.service.ip(), port: e.service.port(), protocol }).cloned()
+                                    });
+                                    (e, svc)
+                                })
+                                .collect();
+                            let _ = flow_tx.send(FlowMsg::SockLb(tagged));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("flow ring buffer: {e}; no more flow events");
+                        flow_fd = None;
+                    }
+                }
+                continue;
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
