@@ -11,7 +11,7 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-const PROGRAMS: &[&str] = &["sock_lb"];
+const PROGRAMS: &[&str] = &["sock_lb", "nodeport"];
 
 // A second build of sock_lb that differs only in its build id, so the tests can
 // exercise an in-place program upgrade. Only built when clang is available.

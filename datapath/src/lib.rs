@@ -9,9 +9,15 @@
 pub mod agent;
 pub mod policy;
 mod datapath;
+pub mod nodeport;
 mod raw;
 pub mod sys;
 pub mod testenv;
+
+pub use nodeport::{
+    Frontend, NodePortDatapath, NpBackend, NpConnection, NpFlowEvent, NpReason, NpVerdict,
+    TrafficPolicy,
+};
 
 pub use datapath::{
     Affinity, Backend, Datapath, DatapathConfig, Error, FlowEvent, Hook, ProgramStats, Protocol,
@@ -21,6 +27,10 @@ pub use datapath::{
 /// The compiled object, embedded so the agent is a single file.
 /// (Aligned because the ELF parser reads headers in place.)
 pub static SOCK_LB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
+
+/// The NodePort / external-IP tc programs (`bpf/nodeport.c`).
+pub static NODEPORT_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
 
 /// The same programs with build id 2, for upgrade tests.
 #[cfg(ks_upgrade_variant)]
