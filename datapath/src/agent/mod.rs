@@ -10,6 +10,7 @@
 
 pub mod desired;
 pub mod metrics;
+pub mod nodeport;
 pub mod source;
 
 use crate::{Datapath, DatapathConfig};
