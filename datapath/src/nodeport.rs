@@ -886,6 +886,31 @@ impl NodePortDatapath {
         Ok(n)
     }
 
+    /// Run counts and times of the attached programs (they only move while BPF stats
+    /// are enabled, `aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Result<Vec<crate::ProgramStats>, Error> {
+        let mut out = Vec::new();
+        for name in PROGRAMS {
+            let link = PinnedLink::from_pin(self.links_dir().join(name))
+                .map_err(|e| Error::Invalid(format!("link pin {name}: {e}")))?;
+            let prog_id = FdLink::from(link)
+                .info()
+                .map_err(|e| Error::Invalid(format!("link info {name}: {e}")))?
+                .program_id();
+            for info in aya::programs::loaded_programs() {
+                let info = info?;
+                if info.id() == prog_id {
+                    out.push(crate::ProgramStats {
+                        name,
+                        run_count: info.run_count(),
+                        run_time: info.run_time(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Drains the flow events currently in the ring buffer (non-blocking).
     pub fn read_flows(&mut self) -> Vec<NpFlowEvent> {
         let mut out = Vec::new();

@@ -152,7 +152,9 @@ fn start_server(
                 let id = id.clone();
                 handlers.push(std::thread::spawn(move || {
                     let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-                    if writeln!(c, "id={id} peer={peer}").is_err() {
+                    // One write per message: several small ones would wait on each
+                    // other's ACK (Nagle against delayed ACK, 40 ms each).
+                    if c.write_all(format!("id={id} peer={peer}\n").as_bytes()).is_err() {
                         return;
                     }
                     let mut r = BufReader::new(c.try_clone().expect("clone"));
@@ -386,7 +388,7 @@ impl Hello {
     /// One line out and back over the established connection.
     fn echo(&mut self, text: &str) -> io::Result<()> {
         self.stream.set_read_timeout(Some(TIMEOUT))?;
-        writeln!(self.stream, "{text}")?;
+        self.stream.write_all(format!("{text}\n").as_bytes())?;
         let mut r = BufReader::new(self.stream.try_clone()?);
         let mut line = String::new();
         if r.read_line(&mut line)? == 0 {
@@ -952,4 +954,52 @@ fn bad_input_is_refused_with_the_culprit_named() {
         .unwrap();
     assert!(e.to_string().contains("/tmp/not-bpffs-kubeshift"), "{e}");
     let _ = fs::remove_dir("/tmp/not-bpffs-kubeshift");
+}
+
+/// Not a pass/fail test: prints the programs' own per-packet cost (kernel BPF stats) for
+/// new connections and for established traffic, local and SNATed. Run with
+/// `cargo test -p kubeshift-datapath --test nodeport -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_per_packet_cost() {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
+    let mut ctx = Ctx::new();
+    let remote = fe(NODE1, 30081, Protocol::Tcp);
+    ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
+    ctx.set(remote, &[be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
+    let snapshot = |ctx: &Ctx| -> Vec<(u64, Duration)> {
+        ctx.dp
+            .as_ref()
+            .unwrap()
+            .program_stats()
+            .unwrap()
+            .iter()
+            .map(|s| (s.run_count, s.run_time))
+            .collect()
+    };
+    let report = |what: &str, a: &[(u64, Duration)], b: &[(u64, Duration)]| {
+        for (i, name) in ["ingress", "egress"].iter().enumerate() {
+            let n = b[i].0 - a[i].0;
+            let t = b[i].1 - a[i].1;
+            println!(
+                "{what:<28} {name:<8} {n:>7} runs  {:>6.0} ns/run",
+                t.as_nanos() as f64 / n.max(1) as f64
+            );
+        }
+    };
+    for (label, f) in [("local", np_tcp()), ("remote (SNAT)", remote)] {
+        let a = snapshot(&ctx);
+        for _ in 0..200 {
+            ctx.tcp(addr(f)).unwrap();
+        }
+        let b = snapshot(&ctx);
+        report(&format!("{label}: 200 new conns"), &a, &b);
+        let mut h = ctx.tcp(addr(f)).unwrap();
+        let a = snapshot(&ctx);
+        for i in 0..2000 {
+            h.echo(&format!("{i}")).unwrap();
+        }
+        let b = snapshot(&ctx);
+        report(&format!("{label}: 2000 echoes"), &a, &b);
+    }
 }
