@@ -379,21 +379,29 @@ fn slot_order(backends: &[NpBackend], policy: TrafficPolicy) -> (Vec<NpBackend>,
     }
 }
 
-/// Runs `f` with the calling thread inside the network namespace at `netns` and puts the
-/// thread back where it was afterwards, also when `f` fails. Only the thread moves: the
-/// process keeps the host mount namespace, so the bpffs pins stay reachable.
-pub fn in_netns<T>(netns: &Path, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+/// Runs `f` on a short-lived thread that has joined the network namespace at `netns`.
+/// Only that thread moves: the process keeps the host mount namespace (so the bpffs pins
+/// stay reachable), and the caller's thread, e.g. a tokio worker, never changes netns.
+pub fn in_netns<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> Result<T, Error> {
     use nix::sched::{setns, CloneFlags};
-    let own = fs::File::open("/proc/thread-self/ns/net")?;
     let target = fs::File::open(netns)
         .map_err(|e| Error::Invalid(format!("network namespace {}: {e}", netns.display())))?;
-    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    let out = f();
-    // Failing to return would leave a thread of the caller in a foreign namespace;
-    // nothing sensible can continue on it.
-    setns(own.as_fd(), CloneFlags::CLONE_NEWNET)
-        .expect("returning the thread to its own network namespace");
-    out
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::Invalid(format!(
+                    "entering network namespace {}: {e}",
+                    netns.display()
+                ))
+            })?;
+            f()
+        })
+        .join()
+        .map_err(|_| Error::Invalid(format!("thread in {} panicked", netns.display())))?
+    })
 }
 
 impl NodePortDatapath {
