@@ -154,7 +154,9 @@ fn start_server(
                     let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                     // One write per message: several small ones would wait on each
                     // other's ACK (Nagle against delayed ACK, 40 ms each).
-                    if c.write_all(format!("id={id} peer={peer}\n").as_bytes()).is_err() {
+                    if c.write_all(format!("id={id} peer={peer}\n").as_bytes())
+                        .is_err()
+                    {
                         return;
                     }
                     let mut r = BufReader::new(c.try_clone().expect("clone"));
@@ -1002,4 +1004,79 @@ fn measure_per_packet_cost() {
         let b = snapshot(&ctx);
         report(&format!("{label}: 2000 echoes"), &a, &b);
     }
+}
+
+/// A second datapath (node-2's), unpinned on drop like `Ctx`'s.
+struct SecondNode {
+    dp: Option<NodePortDatapath>,
+    pin_dir: PathBuf,
+}
+
+impl Drop for SecondNode {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            let _ = dp.detach_and_unpin();
+        }
+        let _ = NodePortDatapath::purge(&self.pin_dir);
+    }
+}
+
+#[test]
+fn both_nodes_serve_the_node_port_each_with_its_own_pins() {
+    let mut ctx = Ctx::new();
+    let mut n2 = SecondNode {
+        dp: None,
+        pin_dir: Path::new(DEFAULT_BPFFS_ROOT).join(format!("nptest-{}-node2", ctx.c.tag)),
+    };
+    let dp2 = n2
+        .dp
+        .insert(NodePortDatapath::load(&n2.pin_dir).expect("load node-2"));
+    dp2.attach_in_netns(&ctx.c.node2.path(), "eth0", NODE2)
+        .expect("attach node-2");
+    // The same Service as each node sees it: p1a is local on node-1, p2 on node-2.
+    let backends = |on_node1: bool| vec![be(P1A, TCP_PORT, on_node1), be(P2, TCP_PORT, !on_node1)];
+    ctx.set(np_tcp(), &backends(true), TrafficPolicy::Cluster);
+    let fe2 = fe(NODE2, NODE_PORT_TCP, Protocol::Tcp);
+    dp2.upsert_frontend(fe2, backends(false), TrafficPolicy::Cluster)
+        .unwrap();
+    for (node_ip, fe) in [(NODE1, np_tcp()), (NODE2, fe2)] {
+        let mut ids = BTreeMap::new();
+        for _ in 0..30 {
+            let mut h = ctx.tcp(addr(fe)).expect("connect");
+            // Local backend: the client's IP; the other node's: this node's IP.
+            let local = (h.id == "p1a") == (node_ip == NODE1);
+            let want = if local { CLIENT } else { node_ip };
+            assert_eq!(*h.seen.ip(), want, "{} via {node_ip}", h.id);
+            h.echo("x").unwrap();
+            *ids.entry(h.id).or_insert(0) += 1;
+        }
+        assert_eq!(ids.len(), 2, "via {node_ip}: {ids:?}");
+    }
+    // Each node's conntrack holds only its own connections.
+    let c1 = ctx.dp().connections().unwrap();
+    let c2 = n2.dp.as_ref().unwrap().connections().unwrap();
+    assert!(c1.iter().all(|c| *c.frontend.ip() == NODE1) && c1.len() == 30);
+    assert!(c2.iter().all(|c| *c.frontend.ip() == NODE2) && c2.len() == 30);
+}
+
+#[test]
+fn a_test_that_panics_leaves_nothing_behind() {
+    let names = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut ctx = Ctx::new();
+        ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
+        let mut h = ctx.tcp(addr(np_tcp())).unwrap();
+        h.echo("before the panic").unwrap();
+        *names.lock().unwrap() = Some((ctx.pin_dir.clone(), ctx.c.tag.clone()));
+        panic!("on purpose");
+    }));
+    assert!(r.is_err());
+    let (pin_dir, tag) = names.lock().unwrap().take().unwrap();
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(!list.contains(&format!("ksnp-{tag}-")), "{list}");
 }
