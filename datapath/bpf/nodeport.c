@@ -31,6 +31,12 @@
 
 #define AF_INET 2
 
+// Stamped into flow events so a reader can tell which build emitted them across an
+// in-place upgrade (the tests build a second variant with another id).
+#ifndef KS_BUILD_ID
+#define KS_BUILD_ID 1
+#endif
+
 // Before linux 6.6 headers, TC_ACT_UNSPEC is what tcx calls TCX_NEXT: let the next
 // program on the interface (a CNI's, a policy program) have its say.
 #define NP_NEXT TC_ACT_UNSPEC
@@ -164,6 +170,8 @@ struct np_flow {
 	__u8 verdict;
 	__u8 reason;
 	__u8 flags;
+	__u8 build; // KS_BUILD_ID
+	__u8 pad[7];
 };
 
 struct {
@@ -372,6 +380,8 @@ static __always_inline void emit(struct np_config *cfg, struct pkt *p, __u8 verd
 	ev->verdict = verdict;
 	ev->reason = reason;
 	ev->flags = flags;
+	ev->build = KS_BUILD_ID;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
 	bpf_ringbuf_submit(ev, 0);
 }
 

@@ -37,3 +37,9 @@ pub static NODEPORT_OBJ: &[u8] =
 #[doc(hidden)]
 pub static SOCK_LB_OBJ_BUILD2: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb_build2.o"));
+
+/// The NodePort programs with build id 2, for upgrade tests.
+#[cfg(ks_upgrade_variant)]
+#[doc(hidden)]
+pub static NODEPORT_OBJ_BUILD2: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport_build2.o"));

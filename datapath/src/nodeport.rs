@@ -152,6 +152,8 @@ mod raw {
         pub verdict: u8,
         pub reason: u8,
         pub flags: u8,
+        pub build: u8,
+        pub pad: [u8; 7],
     }
 
     pub const FE_F_LOCAL_ONLY: u8 = 0x1;
@@ -183,7 +185,7 @@ mod raw {
     const _: () = assert!(std::mem::size_of::<CtKey>() == 16);
     const _: () = assert!(std::mem::size_of::<CtVal>() == 40);
     const _: () = assert!(std::mem::size_of::<Config>() == 16);
-    const _: () = assert!(std::mem::size_of::<Flow>() == 40);
+    const _: () = assert!(std::mem::size_of::<Flow>() == 48);
 }
 use raw::*;
 
@@ -254,6 +256,8 @@ pub struct NpFlowEvent {
     pub verdict: NpVerdict,
     pub reason: NpReason,
     pub frontend_id: u32,
+    /// KS_BUILD_ID of the program that emitted the event.
+    pub program_build: u8,
 }
 
 /// One connection as the connection-tracking map holds it (the forward entry).
@@ -953,6 +957,7 @@ impl NodePortDatapath {
                     r => NpReason::Unknown(r),
                 },
                 frontend_id: r.fe_id,
+                program_build: r.build,
             });
         }
         out

@@ -1080,3 +1080,64 @@ fn a_test_that_panics_leaves_nothing_behind() {
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(!list.contains(&format!("ksnp-{tag}-")), "{list}");
 }
+
+fn tcx_program_ids(ctx: &Ctx) -> Vec<u32> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    in_ns(&ctx.c.node1, || {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|t| SchedClassifier::query_tcx("eth0", t).unwrap().1)
+            .map(|p| p.id())
+            .collect()
+    })
+}
+
+#[cfg(ks_upgrade_variant)]
+#[test]
+fn a_new_build_is_swapped_in_place_and_connections_survive_upgrade_and_rollback() {
+    let mut ctx = Ctx::new();
+    let remote = fe(NODE1, 30081, Protocol::Tcp);
+    ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
+    ctx.set(remote, &[be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
+    let mut conns = [
+        ctx.tcp(addr(np_tcp())).unwrap(),
+        ctx.tcp(addr(remote)).unwrap(),
+    ];
+    let builds = |ctx: &mut Ctx| -> Vec<u8> {
+        ctx.dp()
+            .read_flows()
+            .iter()
+            .map(|f| f.program_build)
+            .collect()
+    };
+    assert_eq!(builds(&mut ctx), [1, 1]);
+    let ids1 = tcx_program_ids(&ctx);
+    assert_eq!(ids1.len(), 2);
+
+    for (obj, build) in [
+        (kubeshift_datapath::NODEPORT_OBJ_BUILD2, 2u8),
+        (kubeshift_datapath::NODEPORT_OBJ, 1u8),
+    ] {
+        drop(ctx.dp.take());
+        let dp = NodePortDatapath::load_object(&ctx.pin_dir, obj).expect("load other build");
+        ctx.dp = Some(dp);
+        assert!(ctx.dp().reopened());
+        // Only the ingress program emits events, so only its code differs between
+        // the builds; the egress program's tag is equal and it is left in place.
+        assert_eq!(ctx.dp().upgraded_programs(), 1, "build {build}");
+        let ids = tcx_program_ids(&ctx);
+        assert_eq!(ids.len(), 2, "still exactly one program per direction");
+        assert_eq!(ids[1], ids1[1], "egress untouched");
+        assert_ne!(ids[0], ids1[0], "ingress replaced");
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.echo(&format!("after swap to build {build}"))
+                .unwrap_or_else(|e| panic!("connection {i} across the swap: {e}"));
+        }
+        ctx.tcp(addr(remote)).unwrap();
+        assert_eq!(
+            builds(&mut ctx),
+            [build],
+            "new connections served by build {build}"
+        );
+    }
+}
