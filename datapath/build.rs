@@ -11,11 +11,14 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-const PROGRAMS: &[&str] = &["sock_lb", "policy"];
+const PROGRAMS: &[&str] = &["sock_lb", "policy", "nodeport"];
 
-// A second build of sock_lb that differs only in its build id, so the tests can
-// exercise an in-place program upgrade. Only built when clang is available.
-const UPGRADE_VARIANT: (&str, &str, &str) = ("sock_lb", "sock_lb_build2", "-DKS_BUILD_ID=2");
+// Second builds that differ only in their build id, so the tests can exercise an
+// in-place program upgrade. Only built when clang is available.
+const UPGRADE_VARIANTS: &[(&str, &str, &str)] = &[
+    ("sock_lb", "sock_lb_build2", "-DKS_BUILD_ID=2"),
+    ("nodeport", "nodeport_build2", "-DKS_BUILD_ID=2"),
+];
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
@@ -29,16 +32,19 @@ fn main() {
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
 
     println!("cargo::rustc-check-cfg=cfg(ks_upgrade_variant)");
-    let (src_name, out_name, define) = UPGRADE_VARIANT;
-    let variant = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", define])
-        .arg(format!("-I{multiarch}"))
-        .arg("-c")
-        .arg(manifest.join("bpf").join(format!("{src_name}.c")))
-        .arg("-o")
-        .arg(out.join(format!("{out_name}.o")))
-        .status();
-    if matches!(variant, Ok(s) if s.success()) {
+    let mut all_variants = true;
+    for (src_name, out_name, define) in UPGRADE_VARIANTS {
+        let variant = Command::new(&clang)
+            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", define])
+            .arg(format!("-I{multiarch}"))
+            .arg("-c")
+            .arg(manifest.join("bpf").join(format!("{src_name}.c")))
+            .arg("-o")
+            .arg(out.join(format!("{out_name}.o")))
+            .status();
+        all_variants &= matches!(variant, Ok(s) if s.success());
+    }
+    if all_variants {
         println!("cargo:rustc-cfg=ks_upgrade_variant");
     }
 

@@ -4,7 +4,7 @@
 use crate::kubeconfig::ClusterArgs;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use kubeshift_datapath::agent::{self, AgentConfig, EndpointsApi};
+use kubeshift_datapath::agent::{self, policy::PolicyConfig, AgentConfig, EndpointsApi};
 use kubeshift_datapath::DatapathConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +39,13 @@ pub struct AgentArgs {
     /// Which endpoints API to watch.
     #[arg(long, value_enum, default_value = "auto")]
     pub endpoints_api: EndpointsSource,
+    /// The node's network namespace, where the pods' host-side interfaces are
+    /// (default: the agent's own, as on a real node; the lab's nodes are namespaces).
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// Do not enforce NetworkPolicy (no tc programs on pod interfaces).
+    #[arg(long)]
+    pub no_policy: bool,
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
@@ -57,6 +64,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         EndpointsSource::SliceV1beta1 => Some(EndpointsApi::SliceV1beta1),
         EndpointsSource::Endpoints => Some(EndpointsApi::CoreEndpoints),
     };
+    if let Some(ns) = &args.netns {
+        anyhow::ensure!(ns.exists(), "--netns {}: no such network namespace file", ns.display());
+    }
+    let policy = (!args.no_policy).then(|| PolicyConfig { node: args.node.clone(), pin_dir: dp.pin_dir.clone(), netns: args.netns.clone(), cgroup: dp.cgroup.clone() });
     let client = args.cluster.client().await?;
-    agent::run(client, AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api }).await
+    agent::run(client, AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy }).await
 }

@@ -9,9 +9,15 @@
 pub mod agent;
 pub mod policy;
 mod datapath;
+pub mod nodeport;
 mod raw;
 pub mod sys;
 pub mod testenv;
+
+pub use nodeport::{
+    Frontend, NodePortDatapath, NpBackend, NpConnection, NpFlowEvent, NpReason, NpVerdict,
+    TrafficPolicy,
+};
 
 pub use datapath::{
     Affinity, Backend, Datapath, DatapathConfig, Error, FlowEvent, Hook, ProgramStats, Protocol,
@@ -25,8 +31,18 @@ pub static SOCK_LB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// The NetworkPolicy tc programs (`bpf/policy.c`), loaded by [`policy::loader`].
 pub static POLICY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy.o"));
 
+/// The NodePort / external-IP tc programs (`bpf/nodeport.c`).
+pub static NODEPORT_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
+
 /// The same programs with build id 2, for upgrade tests.
 #[cfg(ks_upgrade_variant)]
 #[doc(hidden)]
 pub static SOCK_LB_OBJ_BUILD2: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb_build2.o"));
+
+/// The NodePort programs with build id 2, for upgrade tests.
+#[cfg(ks_upgrade_variant)]
+#[doc(hidden)]
+pub static NODEPORT_OBJ_BUILD2: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport_build2.o"));

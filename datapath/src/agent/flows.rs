@@ -9,6 +9,8 @@
 
 use super::desired::ObjKey;
 use super::pods::{resolve_cookies, NetnsCache, PodIndex, PodInfo};
+use crate::policy::loader::{DropReason, PolicyFlowEvent, PolicyVerdict};
+use crate::policy::model::Direction;
 use crate::{FlowEvent, Hook, Protocol, Verdict};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -27,7 +29,8 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 pub enum FlowKind {
     /// Socket load balancer (cgroup connect/sendmsg): a pod's connection to a Service.
     SockLb,
-    /// tc NetworkPolicy enforcement (not emitted yet).
+    /// tc NetworkPolicy enforcement on a pod's interface: every drop, and each new
+    /// connection allowed.
     Policy,
     /// tc NodePort translation (not emitted yet).
     Nodeport,
@@ -239,6 +242,60 @@ pub fn sock_lb_record(ev: &FlowEvent, service: Option<&ObjKey>, cx: &Context) ->
     }
 }
 
+/// One policy event as a record. The tc programs see real addresses on the wire, so
+/// both pods are found by IP.
+pub fn policy_record(ev: &PolicyFlowEvent, cx: &Context) -> FlowRecord {
+    let side = |ip: std::net::Ipv4Addr, port: u16, identity: u32| {
+        let ip = IpAddr::V4(ip);
+        let mut e = cx.pods.by_ip(ip).map(endpoint_of).unwrap_or_default();
+        e.ip = Some(ip);
+        e.port = (port != 0).then_some(port);
+        e.identity = Some(identity);
+        e
+    };
+    let (verdict, reason) = match ev.verdict {
+        PolicyVerdict::Forwarded => (FlowVerdict::Forwarded, None),
+        PolicyVerdict::Dropped => (FlowVerdict::Dropped, Some(policy_reason(ev.drop_reason))),
+        PolicyVerdict::Unknown(v) => (FlowVerdict::Unknown, Some(format!("verdict-{v}"))),
+    };
+    FlowRecord {
+        time: rfc3339(wall_clock_ns(ev.timestamp_ns, cx.mono_now_ns, cx.real_now_ns)),
+        node: cx.node.to_string(),
+        kind: FlowKind::Policy,
+        verdict,
+        drop_reason: reason,
+        protocol: Some(match ev.protocol() {
+            Some(Protocol::Tcp) => FlowProtocol::Tcp,
+            Some(Protocol::Udp) => FlowProtocol::Udp,
+            None => FlowProtocol::Other,
+        }),
+        source: side(ev.src, ev.src_port, ev.src_identity),
+        destination: side(ev.dst, ev.dst_port, ev.dst_identity),
+        service: None,
+        // From the policed pod's point of view, as NetworkPolicy names directions.
+        observation_point: Some(
+            match ev.direction {
+                Some(Direction::Ingress) => "to-pod",
+                Some(Direction::Egress) => "from-pod",
+                None => "pod-interface",
+            }
+            .to_string(),
+        ),
+        socket_cookie: None,
+    }
+}
+
+fn policy_reason(r: Option<DropReason>) -> String {
+    match r {
+        Some(DropReason::PolicyDeniedIngress) => "policy-denied-ingress".into(),
+        Some(DropReason::PolicyDeniedEgress) => "policy-denied-egress".into(),
+        Some(DropReason::UnsupportedL3) => "unsupported-l3".into(),
+        Some(DropReason::Malformed) => "malformed".into(),
+        Some(DropReason::Unknown(n)) => format!("reason-{n}"),
+        None => "unknown".into(),
+    }
+}
+
 // --- the store ---------------------------------------------------------------------
 
 /// Counters the store keeps for `/metrics`.
@@ -294,7 +351,7 @@ impl FlowStore {
             FlowVerdict::Dropped => g.counts.dropped += 1,
             FlowVerdict::Unknown => g.counts.other += 1,
         }
-        if r.source.pod.is_none() {
+        if r.kind == FlowKind::SockLb && r.source.pod.is_none() {
             g.counts.unknown_source += 1;
         }
         if g.ring.len() == self.capacity {
@@ -335,6 +392,7 @@ pub(super) enum FlowMsg {
     Pods(super::Change<Option<PodInfo>>),
     /// Events read from the ring buffer, each with the Service its VIP:port belongs to.
     SockLb(Vec<(FlowEvent, Option<ObjKey>)>),
+    Policy(Vec<PolicyFlowEvent>),
 }
 
 /// Unknown cookies trigger a rescan of the cgroup tree at most this often: a process
@@ -385,6 +443,13 @@ pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedRe
                 let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
                 for (e, svc) in &events {
                     store.push(&sock_lb_record(e, svc.as_ref(), &cx));
+                }
+            }
+            FlowMsg::Policy(events) => {
+                let (mono_now_ns, real_now_ns) = clocks_now();
+                let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
+                for e in &events {
+                    store.push(&policy_record(e, &cx));
                 }
             }
         }

@@ -27,6 +27,14 @@ pub struct Metrics {
     pub flows: Arc<FlowStore>,
     /// Ring buffer reads (wakeups) that returned events.
     pub flow_reads: AtomicU64,
+    // The policy half (see `agent::policy`).
+    pub policy_synced: AtomicU64,
+    pub policy_identities: AtomicU64,
+    pub policy_entries: AtomicU64,
+    pub policy_rejected: AtomicU64,
+    pub policy_interfaces: AtomicU64,
+    pub policy_attach_errors: AtomicU64,
+    pub policy_last_sync_ns: AtomicU64,
 }
 
 impl Metrics {
@@ -52,6 +60,19 @@ impl Metrics {
             "From receiving an API event to its map writes done, last sync pass.",
             &l,
             format!("{:.6}", self.last_sync_ns.load(Relaxed) as f64 / 1e9),
+        );
+        m("kubeshift_agent_policy_synced", "gauge", "1 once the policy maps were written from a full list of Pods, Namespaces and NetworkPolicies.", &l, self.policy_synced.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_identities", "gauge", "Identities in the last compile.", &l, self.policy_identities.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_entries", "gauge", "Policy map allow entries for this node's identities.", &l, self.policy_entries.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_rejected", "gauge", "NetworkPolicies left out because they could not be read (see the log).", &l, self.policy_rejected.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_interfaces", "gauge", "Pod interfaces with the policy programs attached.", &l, self.policy_interfaces.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_attach_errors_total", "counter", "Attach attempts that failed (retried every second; a pod's interface may not exist yet).", &l, self.policy_attach_errors.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_policy_last_sync_seconds",
+            "gauge",
+            "Last policy pass: compile plus map writes.",
+            &l,
+            format!("{:.6}", self.policy_last_sync_ns.load(Relaxed) as f64 / 1e9),
         );
         self.flows.with_counts(|c, kept| {
             s.push_str("# HELP kubeshift_agent_flows_total Flow records made from datapath events, by verdict.\n# TYPE kubeshift_agent_flows_total counter\n");

@@ -15,7 +15,10 @@
 pub mod desired;
 pub mod flows;
 pub mod metrics;
+pub mod nodeport;
+pub mod podnet;
 pub mod pods;
+pub mod policy;
 pub mod source;
 
 use crate::{Datapath, DatapathConfig, ServiceKey};
@@ -62,6 +65,8 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// None: discover what the apiserver serves.
     pub endpoints_api: Option<EndpointsApi>,
+    /// NetworkPolicy enforcement on this node's pods (None: off).
+    pub policy: Option<policy::PolicyConfig>,
 }
 
 /// The newest endpoints API the apiserver serves.
@@ -270,6 +275,18 @@ fn programmed_now(dp: &Datapath) -> Wanted {
     dp.services().into_iter().map(|(k, b, a)| (k, (b, a))).collect()
 }
 
+/// A duplicate of a ring buffer's fd, registered with the runtime's epoll: it turns
+/// readable when the programs submit events to a drained ring. None (logged) if that
+/// fails; the datapath works on without its events.
+fn register_ring(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Option<AsyncFd<std::os::fd::OwnedFd>> {
+    let registered = fd.try_clone_to_owned().and_then(|fd| {
+        // SAFETY: the OwnedFd keeps this fd open and unchanged for as long as the AsyncFd
+        // that owns it lives.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(std::io::Error::from)
+    });
+    registered.map_err(|e| tracing::warn!("{what} flow events unavailable: {e}")).ok()
+}
+
 /// Waits until the flow ring buffer has events; never, once it failed.
 async fn flows_readable(fd: &Option<AsyncFd<std::os::fd::OwnedFd>>) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
     match fd {
@@ -305,20 +322,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     if let Err(e) = dp.set_flow_events(true) {
         tracing::warn!("turning flow events on: {e}");
     }
-    // A duplicate of the ring buffer's fd, registered with the runtime's epoll: it turns
-    // readable when the programs submit events to a drained ring.
-    let registered = dp.flows_fd().try_clone_to_owned().and_then(|fd| {
-        // SAFETY: the OwnedFd keeps this fd open and unchanged for as long as the AsyncFd
-        // that owns it lives.
-        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(std::io::Error::from)
-    });
-    let mut flow_fd = match registered {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!("flow events unavailable: {e}");
-            None
-        }
-    };
+    let mut flow_fd = register_ring(dp.flows_fd(), "socket LB");
     metrics.node.lock().unwrap().clone_from(&cfg.node);
     update_gauges(&dp, &metrics);
 
@@ -335,6 +339,16 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     tasks.spawn(flows::run(cfg.node.clone(), cfg.datapath.cgroup.clone(), flow_rx, metrics.flows.clone()));
     tasks.spawn(pump(Api::<Pod>::all(client.clone()), pods::pod_info, FlowMsg::Pods, flow_tx.clone(), metrics.clone()));
+    if let Some(pc) = cfg.policy.clone() {
+        let (client, metrics, flow_tx) = (client.clone(), metrics.clone(), flow_tx.clone());
+        tasks.spawn(async move {
+            // The service half keeps serving if the policy half cannot start (e.g. a
+            // pinned map of another layout); the log and `_policy_synced 0` say so.
+            if let Err(e) = policy::run(client, pc, metrics, flow_tx).await {
+                tracing::error!("NetworkPolicy enforcement stopped: {e:#}");
+            }
+        });
+    }
     tasks.spawn(pump(Api::<Service>::all(client.clone()), |s: &Service| source::service(s), Msg::Service, tx.clone(), metrics.clone()));
     match ep_api {
         EndpointsApi::SliceV1 => {

@@ -1,0 +1,266 @@
+//! The policy half of `kubeshift agent`: watches Pods, Namespaces and NetworkPolicies,
+//! compiles them into identities, ipcache and policy entries for this node, writes the
+//! difference into the pinned policy maps, and attaches the tc programs to the
+//! host-side interface of every pod on this node.
+//!
+//! Like the service half, nothing is written before all three watches have listed once
+//! (a half-listed cluster would isolate pods without their allow rules). After that,
+//! every burst of events is one recompile and one diff. The compile covers the whole
+//! cluster each time (pods of every node go into the ipcache; see `policy::compile` for
+//! its cost), but the kernel only sees what changed, and identities keep their numbers.
+//!
+//! Attachment runs after each pass and on a one-second tick: a pod's veth exists a
+//! little before its IP reaches the API, and a pod whose interface cannot be found yet
+//! is retried. Until its programs are attached, a new pod's traffic is not policed;
+//! attaching from the CNI plugin at interface creation would close that window.
+
+use super::flows::FlowMsg;
+use super::{podnet, pump, Change, Metrics};
+use crate::policy::compile::Compiler;
+use crate::policy::loader::PolicyDatapath;
+use crate::policy::model::{NamespaceInfo, NetworkPolicy, PodInfo, PolicyInput};
+use crate::policy::source;
+use anyhow::{Context, Result};
+use super::desired::ObjKey;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1 as net;
+use kube::api::Api;
+use kube::Client;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub node: String,
+    /// bpffs directory; the policy datapath pins under `<pin_dir>/policy`.
+    pub pin_dir: PathBuf,
+    /// The node's network namespace (None: the agent's own, as on a real node).
+    pub netns: Option<PathBuf>,
+    /// Where pods' cgroups are found (the agent's `--cgroup`).
+    pub cgroup: PathBuf,
+}
+
+/// A pod as the policy half needs it: the model's view plus where it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PodRec {
+    uid: String,
+    node: String,
+    /// None: no address to police (host network, finished, no IP yet).
+    info: Option<PodInfo>,
+}
+
+pub(super) enum PolicyMsg {
+    Pod(Change<PodRec>),
+    Namespace(Change<NamespaceInfo>),
+    /// Err: a policy this agent cannot read; it is logged and left out.
+    Policy(Change<Result<NetworkPolicy, String>>),
+}
+
+fn pod_rec(p: &Pod) -> PodRec {
+    PodRec {
+        uid: p.metadata.uid.clone().unwrap_or_default(),
+        node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        info: source::pod(p),
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<ObjKey, PodRec>,
+    namespaces: HashMap<ObjKey, NamespaceInfo>,
+    policies: HashMap<ObjKey, Result<NetworkPolicy, String>>,
+    listed: [bool; 3],
+}
+
+fn apply_change<T>(map: &mut HashMap<ObjKey, T>, c: Change<T>, listed: &mut bool) {
+    match c {
+        Change::Apply(k, v) => {
+            map.insert(k, v);
+        }
+        Change::Delete(k) => {
+            map.remove(&k);
+        }
+        Change::Relist(all) => {
+            *map = all;
+            *listed = true;
+        }
+    }
+}
+
+impl State {
+    fn apply(&mut self, m: PolicyMsg) {
+        match m {
+            PolicyMsg::Pod(c) => apply_change(&mut self.pods, c, &mut self.listed[0]),
+            PolicyMsg::Namespace(c) => apply_change(&mut self.namespaces, c, &mut self.listed[1]),
+            PolicyMsg::Policy(c) => apply_change(&mut self.policies, c, &mut self.listed[2]),
+        }
+    }
+
+    fn listed(&self) -> bool {
+        self.listed.iter().all(|l| *l)
+    }
+
+    fn input(&self, host_ips: Vec<std::net::Ipv4Addr>) -> PolicyInput {
+        let mut namespaces: Vec<NamespaceInfo> = self.namespaces.values().cloned().collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pods: Vec<PodInfo> = self.pods.values().filter_map(|p| p.info.clone()).collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut policies: Vec<NetworkPolicy> = self.policies.values().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        PolicyInput { namespaces, pods, policies, host_ips }
+    }
+
+    /// uid → pod key of the pods on `node` that have an address.
+    fn local_pods(&self, node: &str) -> BTreeMap<String, ObjKey> {
+        self.pods.iter().filter(|(_, p)| p.node == node && p.info.is_some() && !p.uid.is_empty()).map(|(k, p)| (p.uid.clone(), k.clone())).collect()
+    }
+}
+
+/// Interfaces the programs are attached to, by pod UID.
+#[derive(Default)]
+struct Attachments {
+    by_uid: BTreeMap<String, String>,
+}
+
+impl Attachments {
+    fn reconcile(&mut self, dp: &mut PolicyDatapath, cfg: &PolicyConfig, local: &BTreeMap<String, ObjKey>, metrics: &Metrics) {
+        let gone: Vec<String> = self.by_uid.keys().filter(|u| !local.contains_key(*u)).cloned().collect();
+        for uid in gone {
+            let ifname = self.by_uid.remove(&uid).unwrap_or_default();
+            // The veth usually left with the pod, which detached the programs; this
+            // removes the link pins (and detaches if the interface is still there).
+            if let Err(e) = dp.detach(&ifname) {
+                tracing::debug!("detaching from {ifname} (pod {uid} gone): {e}");
+            }
+        }
+        for (uid, key) in local {
+            if self.by_uid.contains_key(uid) {
+                continue;
+            }
+            match attach_pod(dp, cfg, uid) {
+                Ok(ifname) => {
+                    tracing::info!(pod = %format!("{}/{}", key.namespace, key.name), %ifname, "policy programs attached");
+                    self.by_uid.insert(uid.clone(), ifname);
+                }
+                Err(e) => {
+                    metrics.policy_attach_errors.fetch_add(1, Relaxed);
+                    tracing::debug!(pod = %format!("{}/{}", key.namespace, key.name), "not attached yet: {e:#}");
+                }
+            }
+        }
+        metrics.policy_interfaces.store(self.by_uid.len() as u64, Relaxed);
+    }
+}
+
+fn attach_pod(dp: &mut PolicyDatapath, cfg: &PolicyConfig, uid: &str) -> Result<String> {
+    let pids = super::pods::pids_by_pod(&cfg.cgroup, &[uid.to_string()]);
+    let pid = pids.get(uid).and_then(|p| p.first().copied()).with_context(|| format!("no process of pod {uid} under {}", cfg.cgroup.display()))?;
+    let ifname = podnet::host_interface(cfg.netns.as_deref(), pid)?;
+    match &cfg.netns {
+        Some(ns) => dp.attach_in_netns(ns, &ifname),
+        None => dp.attach(&ifname),
+    }
+    .with_context(|| format!("attaching to {ifname}"))?;
+    Ok(ifname)
+}
+
+/// Starts the three watches and runs the policy loop until the agent stops.
+pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>, flow_tx: mpsc::UnboundedSender<FlowMsg>) -> Result<()> {
+    let mut dp = PolicyDatapath::load(&cfg.pin_dir).with_context(|| format!("loading the policy datapath (pins {})", cfg.pin_dir.display()))?;
+    // Numbers the kernel still holds must not be handed to other identities before the
+    // first apply replaces them.
+    let highest = dp.programmed().identities.keys().max().copied().unwrap_or(0);
+    let mut compiler = Compiler::starting_at(highest + 1);
+    tracing::info!(pins = %cfg.pin_dir.display(), reopened = dp.reopened(), "policy datapath loaded");
+    if let Err(e) = dp.set_flow_events(true) {
+        tracing::warn!("turning policy flow events on: {e}");
+    }
+    let mut flow_fd = super::register_ring(dp.flows_fd(), "policy");
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pump(Api::<Pod>::all(client.clone()), pod_rec, PolicyMsg::Pod, tx.clone(), metrics.clone()));
+    tasks.spawn(pump(Api::<Namespace>::all(client.clone()), source::namespace, PolicyMsg::Namespace, tx.clone(), metrics.clone()));
+    tasks.spawn(pump(
+        Api::<net::NetworkPolicy>::all(client.clone()),
+        |p: &net::NetworkPolicy| source::network_policy(p).map_err(|e| e.to_string()),
+        PolicyMsg::Policy,
+        tx.clone(),
+        metrics.clone(),
+    ));
+    drop(tx);
+
+    let mut state = State::default();
+    let mut attachments = Attachments::default();
+    let mut dirty = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { anyhow::bail!("the policy watches ended") };
+                state.apply(m);
+                while let Ok(m) = rx.try_recv() {
+                    state.apply(m);
+                }
+                dirty = true;
+            }
+            _ = tick.tick() => {}
+            r = super::flows_readable(&flow_fd) => {
+                match r {
+                    Ok(mut ready) => {
+                        let events = dp.read_flows();
+                        ready.clear_ready();
+                        if !events.is_empty() {
+                            metrics.flow_reads.fetch_add(1, Relaxed);
+                            let _ = flow_tx.send(FlowMsg::Policy(events));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("policy flow ring buffer: {e}; no more policy flow events");
+                        flow_fd = None;
+                    }
+                }
+                continue;
+            }
+        }
+        if !state.listed() {
+            continue;
+        }
+        if dirty {
+            let started = Instant::now();
+            match sync(&mut dp, &mut compiler, &state, &cfg, &metrics) {
+                Ok(()) => dirty = false,
+                Err(e) => {
+                    // Retried on the next tick with the then-current state.
+                    metrics.sync_errors.fetch_add(1, Relaxed);
+                    tracing::warn!("policy sync: {e:#}");
+                }
+            }
+            metrics.policy_last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
+        }
+        attachments.reconcile(&mut dp, &cfg, &state.local_pods(&cfg.node), &metrics);
+    }
+}
+
+fn sync(dp: &mut PolicyDatapath, compiler: &mut Compiler, state: &State, cfg: &PolicyConfig, metrics: &Metrics) -> Result<()> {
+    for (k, p) in &state.policies {
+        if let Err(e) = p {
+            tracing::warn!(policy = %format!("{}/{}", k.namespace, k.name), "left out: {e}");
+        }
+    }
+    let host_ips = podnet::node_addresses(cfg.netns.as_deref()).context("reading the node's addresses")?;
+    let input = state.input(host_ips);
+    let compiled = compiler.compile(&input, Some(&cfg.node));
+    let stats = dp.apply(&compiled).context("writing the policy maps")?;
+    tracing::debug!(?stats, identities = compiled.identities.len(), entries = compiled.entries.len(), "policy applied");
+    metrics.policy_identities.store(compiled.identities.len() as u64, Relaxed);
+    metrics.policy_entries.store(compiled.entries.len() as u64, Relaxed);
+    metrics.policy_rejected.store(state.policies.values().filter(|p| p.is_err()).count() as u64, Relaxed);
+    metrics.map_writes.fetch_add(stats.changes() as u64, Relaxed);
+    metrics.policy_synced.store(1, Relaxed);
+    Ok(())
+}
