@@ -110,6 +110,19 @@ async fn agent_enforces_network_policy_on_a_flannel_lab() {
     let policy_on = [("front-1", front1.as_str(), true), ("other-1", other1.as_str(), false), ("front-2", front2.as_str(), true)];
     await_verdicts("frontends allowed across nodes and on the node, other-1 dropped", &policy_on, &server_ip).await;
 
+    // The drop is visible in the flow stream of the server's node, with both pods,
+    // their identities and the reason; the allowed connection from front-1 too.
+    let out = run_ok(kubeshift().args(["observe", "--server", &m2, "--last", "4096", "-o", "json", "--verdict", "DROPPED", "--from-pod", "pol/other-1", "--to-pod", "pol/server"]));
+    let drops: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let drop = drops.iter().find(|r| r["kind"] == "policy").unwrap_or_else(|| panic!("no policy drop of other-1 → server in {drops:?}"));
+    assert_eq!(drop["drop_reason"], "policy-denied-ingress", "{drop}");
+    assert_eq!(drop["destination"]["port"], 8080, "{drop}");
+    assert_eq!(drop["protocol"], "TCP", "{drop}");
+    assert!(drop["source"]["identity"].as_u64().is_some() && drop["destination"]["identity"].as_u64().is_some(), "{drop}");
+    assert_eq!(drop["source"]["labels"]["role"], "other", "{drop}");
+    let out = run_ok(kubeshift().args(["observe", "--server", &m2, "--last", "4096", "-o", "json", "--verdict", "FORWARDED", "--from-pod", "pol/front-1", "--to-pod", "pol/server", "--port", "8080"]));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains("\"kind\":\"policy\"")), "no forwarded policy flow front-1 → server");
+
     // A label change is an identity change: other-1 becomes a frontend.
     Api::<Pod>::namespaced(client.clone(), NS)
         .patch("other-1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"role": "frontend"}}})))

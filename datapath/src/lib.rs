@@ -46,3 +46,12 @@ pub static SOCK_LB_OBJ_BUILD2: &[u8] =
 #[doc(hidden)]
 pub static NODEPORT_OBJ_BUILD2: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport_build2.o"));
+
+/// Removes everything a node's datapath pinned under `pin_dir` (socket LB, NetworkPolicy,
+/// NodePort), which detaches their programs: the rollback of a node, or cleanup after a
+/// crashed agent. Parts that were never loaded are skipped.
+pub fn purge_node(pin_dir: &std::path::Path) -> Result<(), Error> {
+    policy::loader::PolicyDatapath::purge(pin_dir)?;
+    nodeport::NodePortDatapath::purge(pin_dir)?;
+    Datapath::purge(pin_dir)
+}

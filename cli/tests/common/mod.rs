@@ -156,10 +156,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(lab: &Lab, cgroup: &Path, pins: &Path, metrics: &str) -> Agent {
+        Self::start_node(lab, "node-1", cgroup, pins, metrics)
+    }
+
+    /// The agent of `node` of the lab: its cgroup, pins and, for NetworkPolicy, the
+    /// node's network namespace where the pods' veths are.
+    pub fn start_on(lab: &Lab, node: &str, pins: &Path, metrics: &str) -> Agent {
+        let cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join(node);
+        Self::start_node(lab, node, &cgroup, pins, metrics)
+    }
+
+    fn start_node(lab: &Lab, node: &str, cgroup: &Path, pins: &Path, metrics: &str) -> Agent {
         let child = kubeshift()
-            .args(["agent", "--node", "node-1", "--metrics", metrics])
+            .args(["agent", "--node", node, "--metrics", metrics])
             .arg("--kubeconfig")
             .arg(lab.kubeconfig())
+            .arg("--netns")
+            .arg(Path::new("/run/netns").join(lab.node_netns(node)))
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--bpffs")
@@ -206,7 +219,7 @@ pub struct Pins(pub PathBuf);
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Err(e) = kubeshift_datapath::Datapath::purge(&self.0) {
+        if let Err(e) = kubeshift_datapath::purge_node(&self.0) {
             eprintln!("purging {}: {e}", self.0.display());
         }
     }
@@ -263,7 +276,7 @@ pub async fn start_agent(lab: &Lab, node: &str) -> (Agent, Pins, String) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let agent = Agent::start(lab, &cgroup, &pins.0, &addr);
+    let agent = Agent::start_node(lab, node, &cgroup, &pins.0, &addr);
     eventually("the agent's first reconcile", Duration::from_secs(60), || {
         let a = addr.clone();
         async move { Ok(metrics(&a).ok().filter(|m| metric(m, "kubeshift_agent_synced") == Some(1.0))) }
