@@ -4,7 +4,7 @@
 use crate::kubeconfig::ClusterArgs;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use kubeshift_datapath::agent::{self, policy::PolicyConfig, AgentConfig, EndpointsApi};
+use kubeshift_datapath::agent::{self, frontends::NodePortConfig, policy::PolicyConfig, AgentConfig, EndpointsApi};
 use kubeshift_datapath::DatapathConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +45,13 @@ pub struct AgentArgs {
     pub netns: Option<PathBuf>,
     /// Do not enforce NetworkPolicy (no tc programs on pod interfaces).
     #[arg(long)]
-    pub no_policy: bool,
+    pub no_policy: bool,    /// Interface NodePort / external-IP traffic arrives on (default: the one carrying
+    /// the node's InternalIP).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Do not serve NodePorts / external IPs (no tc program on the node's interface).
+    #[arg(long)]
+    pub no_nodeport: bool,
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
@@ -68,6 +74,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         anyhow::ensure!(ns.exists(), "--netns {}: no such network namespace file", ns.display());
     }
     let policy = (!args.no_policy).then(|| PolicyConfig { node: args.node.clone(), pin_dir: dp.pin_dir.clone(), netns: args.netns.clone(), cgroup: dp.cgroup.clone() });
+    let nodeport = (!args.no_nodeport).then(|| NodePortConfig { node: args.node.clone(), pin_dir: dp.pin_dir.clone(), netns: args.netns.clone(), device: args.device.clone() });
     let client = args.cluster.client().await?;
-    agent::run(client, AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy }).await
+    agent::run(client, AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport }).await
 }

@@ -9,6 +9,7 @@
 
 use super::desired::ObjKey;
 use super::pods::{resolve_cookies, NetnsCache, PodIndex, PodInfo};
+use crate::nodeport::{NpFlowEvent, NpReason, NpVerdict};
 use crate::policy::loader::{DropReason, PolicyFlowEvent, PolicyVerdict};
 use crate::policy::model::Direction;
 use crate::{FlowEvent, Hook, Protocol, Verdict};
@@ -32,7 +33,8 @@ pub enum FlowKind {
     /// tc NetworkPolicy enforcement on a pod's interface: every drop, and each new
     /// connection allowed.
     Policy,
-    /// tc NodePort translation (not emitted yet).
+    /// tc NodePort / external-IP translation on the node's interface: every new
+    /// connection and every drop.
     Nodeport,
     /// A kind this reader does not know (a newer agent).
     #[serde(other)]
@@ -285,6 +287,48 @@ pub fn policy_record(ev: &PolicyFlowEvent, cx: &Context) -> FlowRecord {
     }
 }
 
+/// One NodePort event as a record: the client as it arrived, the backend it was sent
+/// to (found by IP among the pods), the frontend it asked for as the observation point.
+pub fn nodeport_record(ev: &NpFlowEvent, cx: &Context) -> FlowRecord {
+    let source = FlowEndpoint { ip: Some(IpAddr::V4(*ev.client.ip())), port: Some(ev.client.port()), ..Default::default() };
+    let destination = match ev.backend {
+        Some(b) => {
+            let ip = IpAddr::V4(*b.ip());
+            let mut d = cx.pods.by_ip(ip).map(endpoint_of).unwrap_or_default();
+            d.ip = Some(ip);
+            d.port = Some(b.port());
+            d
+        }
+        None => FlowEndpoint { ip: Some(IpAddr::V4(*ev.frontend.ip())), port: Some(ev.frontend.port()), ..Default::default() },
+    };
+    let (verdict, reason) = match (ev.verdict, ev.reason) {
+        (NpVerdict::Forwarded, _) => (FlowVerdict::Forwarded, None),
+        (NpVerdict::Dropped, NpReason::NoBackends) => (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string())),
+        (NpVerdict::Dropped, NpReason::NoLocalBackends) => (FlowVerdict::Dropped, Some("no-local-endpoints".to_string())),
+        (NpVerdict::Dropped, NpReason::NoRoute) => (FlowVerdict::Dropped, Some("no-route".to_string())),
+        (NpVerdict::Dropped, NpReason::SnatPortsExhausted) => (FlowVerdict::Dropped, Some("snat-ports-exhausted".to_string())),
+        (NpVerdict::Dropped, NpReason::TtlExceeded) => (FlowVerdict::Dropped, Some("ttl-exceeded".to_string())),
+        (NpVerdict::Dropped, r) => (FlowVerdict::Dropped, Some(format!("{r:?}"))),
+        (NpVerdict::Unknown(v), _) => (FlowVerdict::Unknown, Some(format!("verdict-{v}"))),
+    };
+    FlowRecord {
+        time: rfc3339(wall_clock_ns(ev.timestamp_ns, cx.mono_now_ns, cx.real_now_ns)),
+        node: cx.node.to_string(),
+        kind: FlowKind::Nodeport,
+        verdict,
+        drop_reason: reason,
+        protocol: ev.protocol.map(|p| match p {
+            Protocol::Tcp => FlowProtocol::Tcp,
+            Protocol::Udp => FlowProtocol::Udp,
+        }),
+        source,
+        destination,
+        service: None,
+        observation_point: Some(format!("nodeport {}{}", ev.frontend, if ev.snat.is_some() { " snat" } else { "" })),
+        socket_cookie: None,
+    }
+}
+
 fn policy_reason(r: Option<DropReason>) -> String {
     match r {
         Some(DropReason::PolicyDeniedIngress) => "policy-denied-ingress".into(),
@@ -393,6 +437,7 @@ pub(super) enum FlowMsg {
     /// Events read from the ring buffer, each with the Service its VIP:port belongs to.
     SockLb(Vec<(FlowEvent, Option<ObjKey>)>),
     Policy(Vec<PolicyFlowEvent>),
+    NodePort(Vec<NpFlowEvent>),
 }
 
 /// Unknown cookies trigger a rescan of the cgroup tree at most this often: a process
@@ -450,6 +495,13 @@ pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedRe
                 let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
                 for e in &events {
                     store.push(&policy_record(e, &cx));
+                }
+            }
+            FlowMsg::NodePort(events) => {
+                let (mono_now_ns, real_now_ns) = clocks_now();
+                let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
+                for e in &events {
+                    store.push(&nodeport_record(e, &cx));
                 }
             }
         }

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub policy_interfaces: AtomicU64,
     pub policy_attach_errors: AtomicU64,
     pub policy_last_sync_ns: AtomicU64,
+    // The NodePort half (see `agent::frontends`).
+    pub nodeport_synced: AtomicU64,
+    pub nodeport_frontends: AtomicU64,
 }
 
 impl Metrics {
@@ -74,6 +77,8 @@ impl Metrics {
             &l,
             format!("{:.6}", self.policy_last_sync_ns.load(Relaxed) as f64 / 1e9),
         );
+        m("kubeshift_agent_nodeport_synced", "gauge", "1 once the NodePort frontends were written from a full list of Services and EndpointSlices.", &l, self.nodeport_synced.load(Relaxed).to_string());
+        m("kubeshift_agent_nodeport_frontends", "gauge", "NodePort, externalIP and load-balancer IP frontends in the maps.", &l, self.nodeport_frontends.load(Relaxed).to_string());
         self.flows.with_counts(|c, kept| {
             s.push_str("# HELP kubeshift_agent_flows_total Flow records made from datapath events, by verdict.\n# TYPE kubeshift_agent_flows_total counter\n");
             for (v, n) in [("FORWARDED", c.forwarded), ("DROPPED", c.dropped), ("UNKNOWN", c.other)] {

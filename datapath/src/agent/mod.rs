@@ -14,6 +14,7 @@
 
 pub mod desired;
 pub mod flows;
+pub mod frontends;
 pub mod metrics;
 pub mod nodeport;
 pub mod podnet;
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub endpoints_api: Option<EndpointsApi>,
     /// NetworkPolicy enforcement on this node's pods (None: off).
     pub policy: Option<policy::PolicyConfig>,
+    /// NodePort / external-IP frontends on the node's interface (None: off).
+    pub nodeport: Option<frontends::NodePortConfig>,
 }
 
 /// The newest endpoints API the apiserver serves.
@@ -346,6 +349,14 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
             // pinned map of another layout); the log and `_policy_synced 0` say so.
             if let Err(e) = policy::run(client, pc, metrics, flow_tx).await {
                 tracing::error!("NetworkPolicy enforcement stopped: {e:#}");
+            }
+        });
+    }
+    if let Some(nc) = cfg.nodeport.clone() {
+        let (client, metrics, flow_tx) = (client.clone(), metrics.clone(), flow_tx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = frontends::run(client, nc, ep_api, metrics, flow_tx).await {
+                tracing::error!("NodePort frontends stopped: {e:#}");
             }
         });
     }

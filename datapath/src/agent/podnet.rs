@@ -77,3 +77,18 @@ pub fn node_addresses(node_netns: Option<&Path>) -> Result<Vec<Ipv4Addr>> {
     out.dedup();
     Ok(out)
 }
+
+/// The interface of the node's namespace that carries `ip` (where NodePort traffic for
+/// the node's InternalIP arrives).
+pub fn interface_with_address(node_netns: Option<&Path>, ip: Ipv4Addr) -> Result<String> {
+    let addrs = ip_json(node_netns, &["-4", "addr", "show"])?;
+    addrs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| {
+            l.get("addr_info").and_then(|a| a.as_array()).is_some_and(|a| a.iter().any(|a| a.get("local").and_then(|v| v.as_str()) == Some(ip.to_string().as_str())))
+        })
+        .and_then(|l| l.get("ifname").and_then(|v| v.as_str()).map(str::to_string))
+        .with_context(|| format!("no interface carries the node IP {ip}; pass --device"))
+}

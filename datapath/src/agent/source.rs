@@ -111,12 +111,24 @@ pub fn slice_v1(s: &EndpointSlice) -> Option<EndpointsOf> {
 /// type) as kube's DynamicObject holds it. Every field read here kept its name and
 /// shape in v1, so the object is read as a v1 slice and converted once, by `slice_v1`.
 pub fn slice_v1beta1(obj: &kube::api::DynamicObject) -> Option<EndpointsOf> {
+    slice_v1(&v1beta1_as_v1(obj)?)
+}
+
+/// A v1beta1 slice as the v1 type. v1beta1 endpoints name their node in
+/// `topology["kubernetes.io/hostname"]` (`nodeName` came later), which becomes `nodeName`.
+pub fn v1beta1_as_v1(obj: &kube::api::DynamicObject) -> Option<EndpointSlice> {
     let mut v = obj.data.clone();
     let fields = v.as_object_mut()?;
     fields.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
     fields.insert("kind".into(), "EndpointSlice".into());
     fields.insert("metadata".into(), serde_json::to_value(&obj.metadata).ok()?);
-    slice_v1(&serde_json::from_value(v).ok()?)
+    for e in fields.get_mut("endpoints").and_then(|e| e.as_array_mut()).into_iter().flatten() {
+        let host = e.pointer("/topology/kubernetes.io~1hostname").cloned();
+        if let (Some(h), Some(o)) = (host, e.as_object_mut()) {
+            o.entry("nodeName").or_insert(h);
+        }
+    }
+    serde_json::from_value(v).ok()
 }
 
 /// core/v1 Endpoints (deprecated upstream since 1.33, still the only source on old

@@ -1,0 +1,203 @@
+//! The NodePort half of `kubeshift agent`: keeps the tc NodePort datapath on the node's
+//! external interface serving every NodePort, externalIP and load-balancer IP frontend
+//! the API asks this node to serve (what kube-proxy's KUBE-NODEPORTS and
+//! KUBE-EXT-* rules do).
+//!
+//! It watches Services and EndpointSlices (v1, or v1beta1 read as v1 on older servers;
+//! the node names in the slices say which backends are local, which core/v1 Endpoints
+//! would too but no supported server lacks slices) and the node's own Node object for
+//! its InternalIP. The wanted frontends are computed by the pure `agent::nodeport` and
+//! diffed against what the pinned maps hold, so a restarted agent writes nothing when
+//! nothing changed and removes frontends deleted meanwhile.
+
+use super::flows::FlowMsg;
+use super::nodeport::{desired_all, diff_frontends, node_info, np_endpoints, np_service, NpEndpointSet, NpServiceSpec, NpWanted};
+use super::{desired::ObjKey, pump, Change, EndpointsApi, Metrics};
+use crate::nodeport::NodePortDatapath;
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::Client;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct NodePortConfig {
+    pub node: String,
+    /// bpffs directory; the NodePort datapath pins under `<pin_dir>/nodeport`.
+    pub pin_dir: PathBuf,
+    /// The node's network namespace (None: the agent's own).
+    pub netns: Option<PathBuf>,
+    /// The interface external traffic arrives on (e.g. `eth0`); None: the one that
+    /// carries the node's InternalIP.
+    pub device: Option<String>,
+}
+
+pub(super) enum NpMsg {
+    Service(Change<Option<NpServiceSpec>>),
+    Slice(Change<Option<(ObjKey, NpEndpointSet)>>),
+}
+
+/// The Service a slice belongs to, with the slice reduced to what NodePort needs.
+fn slice(s: &EndpointSlice) -> Option<(ObjKey, NpEndpointSet)> {
+    let svc = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?;
+    Some((ObjKey::new(s.metadata.namespace.as_deref().unwrap_or("default"), svc), np_endpoints(s)?))
+}
+
+fn service(s: &Service) -> Option<NpServiceSpec> {
+    let (spec, warnings) = np_service(s);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    spec
+}
+
+#[derive(Default)]
+struct State {
+    services: HashMap<ObjKey, Option<NpServiceSpec>>,
+    slices: HashMap<ObjKey, Option<(ObjKey, NpEndpointSet)>>,
+    listed: [bool; 2],
+}
+
+fn apply_change<T>(map: &mut HashMap<ObjKey, T>, c: Change<T>, listed: &mut bool) {
+    match c {
+        Change::Apply(k, v) => {
+            map.insert(k, v);
+        }
+        Change::Delete(k) => {
+            map.remove(&k);
+        }
+        Change::Relist(all) => {
+            *map = all;
+            *listed = true;
+        }
+    }
+}
+
+impl State {
+    fn apply(&mut self, m: NpMsg) {
+        match m {
+            NpMsg::Service(c) => apply_change(&mut self.services, c, &mut self.listed[0]),
+            NpMsg::Slice(c) => apply_change(&mut self.slices, c, &mut self.listed[1]),
+        }
+    }
+
+    fn wanted(&self, node: &super::nodeport::NodeInfo) -> NpWanted {
+        let mut by_service: HashMap<&ObjKey, Vec<&NpEndpointSet>> = HashMap::new();
+        for (svc, set) in self.slices.values().flatten() {
+            by_service.entry(svc).or_default().push(set);
+        }
+        let services: Vec<(NpServiceSpec, Vec<&NpEndpointSet>)> = self
+            .services
+            .iter()
+            .filter_map(|(k, s)| Some((s.clone()?, by_service.get(k).cloned().unwrap_or_default())))
+            .collect();
+        let (wanted, conflicts) = desired_all(node, &services);
+        for c in conflicts {
+            tracing::warn!("{c}");
+        }
+        wanted
+    }
+}
+
+pub(super) async fn run(client: Client, cfg: NodePortConfig, ep_api: EndpointsApi, metrics: Arc<Metrics>, flow_tx: mpsc::UnboundedSender<FlowMsg>) -> Result<()> {
+    let node_obj = Api::<Node>::all(client.clone()).get(&cfg.node).await.with_context(|| format!("reading Node {}", cfg.node))?;
+    let node = node_info(&node_obj).map_err(anyhow::Error::msg)?;
+    let device = match &cfg.device {
+        Some(d) => d.clone(),
+        None => super::podnet::interface_with_address(cfg.netns.as_deref(), node.ip)?,
+    };
+    let mut dp = NodePortDatapath::load(&cfg.pin_dir).with_context(|| format!("loading the NodePort datapath (pins {})", cfg.pin_dir.display()))?;
+    match &cfg.netns {
+        Some(ns) => dp.attach_in_netns(ns, &device, node.ip),
+        None => dp.attach(&device, node.ip),
+    }
+    .with_context(|| format!("attaching the NodePort programs to {device} (node IP {})", node.ip))?;
+    tracing::info!(%device, node_ip = %node.ip, reopened = dp.reopened(), frontends = dp.frontends().len(), "NodePort datapath attached");
+    if let Err(e) = dp.set_flow_events(true) {
+        tracing::warn!("turning NodePort flow events on: {e}");
+    }
+    let mut flow_fd = super::register_ring(dp.flows_fd(), "NodePort");
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pump(Api::<Service>::all(client.clone()), service, NpMsg::Service, tx.clone(), metrics.clone()));
+    match ep_api {
+        EndpointsApi::SliceV1 => {
+            tasks.spawn(pump(Api::<EndpointSlice>::all(client.clone()), slice, NpMsg::Slice, tx.clone(), metrics.clone()));
+        }
+        EndpointsApi::SliceV1beta1 => {
+            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+            let convert = |o: &DynamicObject| super::source::v1beta1_as_v1(o).as_ref().and_then(slice);
+            tasks.spawn(pump(Api::<DynamicObject>::all_with(client.clone(), &ar), convert, NpMsg::Slice, tx.clone(), metrics.clone()));
+        }
+        EndpointsApi::CoreEndpoints => anyhow::bail!("NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none"),
+    }
+    drop(tx);
+
+    let mut state = State::default();
+    let mut dirty = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { anyhow::bail!("the NodePort watches ended") };
+                state.apply(m);
+                while let Ok(m) = rx.try_recv() {
+                    state.apply(m);
+                }
+                dirty = true;
+            }
+            _ = tick.tick() => {}
+            r = super::flows_readable(&flow_fd) => {
+                match r {
+                    Ok(mut ready) => {
+                        let events = dp.read_flows();
+                        ready.clear_ready();
+                        if !events.is_empty() {
+                            metrics.flow_reads.fetch_add(1, Relaxed);
+                            let _ = flow_tx.send(FlowMsg::NodePort(events));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("NodePort flow ring buffer: {e}; no more NodePort flow events");
+                        flow_fd = None;
+                    }
+                }
+                continue;
+            }
+        }
+        if !dirty || !state.listed.iter().all(|l| *l) {
+            continue;
+        }
+        let current: NpWanted = dp.frontends().into_iter().map(|(f, b, p)| (f, (b, p))).collect();
+        let plan = diff_frontends(&current, &state.wanted(&node));
+        let mut failed = 0;
+        for fe in &plan.removes {
+            if let Err(e) = dp.remove_frontend(fe) {
+                tracing::warn!("removing frontend {fe:?}: {e}");
+                failed += 1;
+            }
+        }
+        for (fe, backends, policy) in &plan.upserts {
+            if let Err(e) = dp.upsert_frontend(*fe, backends.clone(), *policy) {
+                tracing::warn!("programming frontend {fe:?}: {e}");
+                failed += 1;
+            }
+        }
+        metrics.map_writes.fetch_add((plan.removes.len() + plan.upserts.len()) as u64, Relaxed);
+        metrics.nodeport_frontends.store(dp.frontends().len() as u64, Relaxed);
+        if failed > 0 {
+            // Retried on the next tick: the diff is taken against the maps again.
+            metrics.sync_errors.fetch_add(failed, Relaxed);
+        } else {
+            dirty = false;
+            metrics.nodeport_synced.store(1, Relaxed);
+        }
+    }
+}
