@@ -1081,6 +1081,7 @@ fn a_test_that_panics_leaves_nothing_behind() {
     assert!(!list.contains(&format!("ksnp-{tag}-")), "{list}");
 }
 
+#[cfg(ks_upgrade_variant)]
 fn tcx_program_ids(ctx: &Ctx) -> Vec<u32> {
     use aya::programs::{SchedClassifier, TcAttachType};
     in_ns(&ctx.c.node1, || {
