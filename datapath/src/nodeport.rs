@@ -221,6 +221,8 @@ pub enum NpVerdict {
     /// A new connection was translated (or an established one re-picked its backend).
     Forwarded,
     Dropped,
+    /// Answered with ICMP port unreachable (a frontend without endpoints).
+    Rejected,
     Unknown(u8),
 }
 
@@ -944,6 +946,7 @@ impl NodePortDatapath {
                 verdict: match r.verdict {
                     1 => NpVerdict::Forwarded,
                     2 => NpVerdict::Dropped,
+                    3 => NpVerdict::Rejected,
                     v => NpVerdict::Unknown(v),
                 },
                 reason: match r.reason {

@@ -686,28 +686,56 @@ fn external_traffic_policy_local_uses_only_local_backends_and_drops_without_one(
 
     // Local with only a remote endpoint: dropped, like kube-proxy's KUBE-XLB drop.
     ctx.set(np_udp(), &[be(P2, UDP_PORT, false)], TrafficPolicy::Local);
-    let r = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT);
-    assert!(r.is_err(), "must be dropped");
-    // And a frontend with no endpoints at all (any policy).
-    let empty = fe(NODE1, 30099, Protocol::Tcp);
-    ctx.set(empty, &[], TrafficPolicy::Cluster);
-    let r = tcp_hello(&ctx.c.client, addr(empty), DROP_TIMEOUT);
-    assert!(r.is_err(), "must be dropped");
-    let flows = ctx.dp().read_flows();
-    let drops: Vec<_> = flows
-        .iter()
-        .filter(|f| f.verdict == NpVerdict::Dropped)
-        .collect();
+    let e = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT)
+        .err()
+        .expect("must be dropped");
     assert!(
-        drops.iter().any(|f| f.reason == NpReason::NoLocalBackends
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "silence, not a rejection: {e}"
+    );
+    // A frontend with no endpoints at all is rejected like kube-proxy's REJECT rule:
+    // ICMP port unreachable, so TCP connect() and a connected UDP socket fail at once.
+    let empty = fe(NODE1, 30099, Protocol::Tcp);
+    let empty_udp = fe(NODE1, 30099, Protocol::Udp);
+    ctx.set(empty, &[], TrafficPolicy::Cluster);
+    ctx.set(empty_udp, &[], TrafficPolicy::Cluster);
+    let e = tcp_hello(&ctx.c.client, addr(empty), TIMEOUT)
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    let e = in_ns(&ctx.c.client, || -> io::Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect(addr(empty_udp))?;
+        s.send(b"ping")?;
+        s.recv(&mut [0u8; 64])?;
+        Ok(())
+    })
+    .err()
+    .expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    let flows = ctx.dp().read_flows();
+    assert!(
+        flows.iter().any(|f| f.verdict == NpVerdict::Dropped
+            && f.reason == NpReason::NoLocalBackends
             && f.frontend == addr(np_udp())
             && *f.client.ip() == CLIENT),
         "{flows:?}"
     );
-    assert!(
-        drops
-            .iter()
-            .any(|f| f.reason == NpReason::NoBackends && f.frontend == addr(empty)),
+    let rejected: Vec<_> = flows
+        .iter()
+        .filter(|f| f.verdict == NpVerdict::Rejected && f.reason == NpReason::NoBackends)
+        .map(|f| (f.frontend, f.protocol))
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (addr(empty), Some(Protocol::Tcp)),
+            (addr(empty_udp), Some(Protocol::Udp))
+        ],
         "{flows:?}"
     );
     // Switching the UDP frontend to Cluster makes the remote endpoint usable again.
