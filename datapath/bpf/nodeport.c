@@ -359,6 +359,22 @@ static __always_inline void touch(struct ct_val *v, struct pkt *p, __u64 now)
 		v->flags |= CT_F_CLOSING;
 }
 
+static __always_inline void mark_rev_snat_closing(const struct ct_val *v, __u8 proto)
+{
+	struct ct_key rk = {};
+	struct ct_val *rv;
+
+	rk.saddr = v->backend_ip;
+	rk.sport = v->backend_port;
+	rk.daddr = v->snat_ip;
+	rk.dport = v->snat_port;
+	rk.proto = proto;
+	rk.dir = CT_REV_SNAT;
+	rv = bpf_map_lookup_elem(&ks_np_ct, &rk);
+	if (rv)
+		rv->flags |= CT_F_CLOSING;
+}
+
 static __always_inline void emit(struct np_config *cfg, struct pkt *p, __u8 verdict,
 				 __u8 reason, __u32 fe_id, __u32 bip, __u16 bport, __u32 sip,
 				 __u16 sport, __u8 flags)
@@ -717,8 +733,14 @@ int ks_np_ingress(struct __sk_buff *skb)
 		if (!reopen && !expired(v, p.proto, now) &&
 		    bpf_map_lookup_elem(&ks_np_members, &mk)) {
 			touch(v, &p, now);
-			if (v->flags & CT_F_SNAT)
+			if (v->flags & CT_F_SNAT) {
+				// A client's FIN or RST also shortens the life of the reverse
+				// entry, which holds the SNAT port: a client that aborts with RST
+				// would otherwise keep its port for the full TCP lifetime.
+				if (p.tcp_flags & (TCP_FIN | TCP_RST))
+					mark_rev_snat_closing(v, p.proto);
 				return forward_snat(skb, &p, v);
+			}
 			if (rewrite(skb, &p, 0, v->backend_ip, v->backend_port))
 				return TC_ACT_SHOT;
 			return NP_NEXT;

@@ -605,6 +605,7 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
         .iter()
         .find(|c| c.protocol == Some(Protocol::Tcp))
         .expect("tcp connection tracked");
+    assert_eq!((c.closing, c.reverse_closing), (false, Some(false)));
     assert_eq!(
         c.snat,
         Some(h.seen),
@@ -621,6 +622,35 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
     assert_eq!(f.snat, Some(h.seen));
     assert!(!f.backend_local);
     assert_eq!(*f.client.ip(), CLIENT);
+
+    // A client that aborts with RST: the backend sends nothing back, yet the entry that
+    // holds the SNAT port must be marked closing too, or the port stays taken for the
+    // full TCP lifetime.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let r = unsafe {
+        libc::setsockopt(
+            h.stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    let seen = h.seen;
+    drop(h);
+    wait_for("both conntrack entries closing after the RST", || {
+        ctx.dp
+            .as_ref()
+            .unwrap()
+            .connections()
+            .unwrap()
+            .iter()
+            .any(|c| c.snat == Some(seen) && c.closing && c.reverse_closing == Some(true))
+    });
 }
 
 #[test]
