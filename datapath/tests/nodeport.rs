@@ -744,8 +744,7 @@ fn external_traffic_policy_local_uses_only_local_backends_and_drops_without_one(
         s.recv(&mut [0u8; 64])?;
         Ok(())
     })
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     let flows = ctx.dp().read_flows();
     assert!(
