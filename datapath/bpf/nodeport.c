@@ -55,6 +55,11 @@
 
 #define VERDICT_FORWARDED 1
 #define VERDICT_DROPPED 2
+#define VERDICT_REJECTED 3 // answered with ICMP port unreachable
+
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMP_QUOTE 28 // the offending IP header (no options) and 8 bytes of it
 
 #define REASON_NEW 0
 #define REASON_NO_BACKENDS 1
@@ -354,6 +359,22 @@ static __always_inline void touch(struct ct_val *v, struct pkt *p, __u64 now)
 		v->flags |= CT_F_CLOSING;
 }
 
+static __always_inline void mark_rev_snat_closing(const struct ct_val *v, __u8 proto)
+{
+	struct ct_key rk = {};
+	struct ct_val *rv;
+
+	rk.saddr = v->backend_ip;
+	rk.sport = v->backend_port;
+	rk.daddr = v->snat_ip;
+	rk.dport = v->snat_port;
+	rk.proto = proto;
+	rk.dir = CT_REV_SNAT;
+	rv = bpf_map_lookup_elem(&ks_np_ct, &rk);
+	if (rv)
+		rv->flags |= CT_F_CLOSING;
+}
+
 static __always_inline void emit(struct np_config *cfg, struct pkt *p, __u8 verdict,
 				 __u8 reason, __u32 fe_id, __u32 bip, __u16 bport, __u32 sip,
 				 __u16 sport, __u8 flags)
@@ -462,6 +483,80 @@ static __always_inline int claim_snat_port(struct np_config *cfg, struct ct_key 
 	return -1;
 }
 
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u64 s = (__u64)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+struct icmp_reply {
+	struct iphdr ip;
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 unused;
+	__u8 quote[ICMP_QUOTE];
+};
+
+// Turns the packet into the ICMP port unreachable that kube-proxy's REJECT rule would
+// send (from the frontend address to the client) and bounces it out where it came in.
+// The quoted header lets the client's kernel find the socket: connect() and a connected
+// UDP socket fail with ECONNREFUSED at once instead of timing out. Packets with IP
+// options are only dropped. Not rate-limited (the kernel's REJECT is); an answer is 70
+// bytes, less than twice the smallest packet that can trigger it.
+static __always_inline int reject(struct __sk_buff *skb, struct pkt *p)
+{
+	struct icmp_reply r = {};
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__s64 sum;
+	__s32 diff;
+
+	if (p->l4off != ETH_HLEN + sizeof(struct iphdr))
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, r.quote, ICMP_QUOTE))
+		return -1;
+	// Make the packet exactly as long as the reply; every byte after the MAC header is
+	// rewritten below. (Resizing behind the IP header rather than trimming the tail:
+	// bpf_skb_change_tail refuses to cut a CHECKSUM_PARTIAL skb, which is what a
+	// locally sent packet arriving over a veth is, short of its checksum field. Such a
+	// packet keeps its stale offload mark; veths and the receiving stack treat it as
+	// verified. Were a NIC to complete that stale checksum, the ICMP would arrive
+	// corrupt and be ignored: the client times out as if dropped, nothing worse.)
+	diff = (__s32)(ETH_HLEN + sizeof(r)) - (__s32)skb->len;
+	if (diff && bpf_skb_adjust_room(skb, diff, BPF_ADJ_ROOM_NET, 0))
+		return -1;
+	r.type = ICMP_DEST_UNREACH;
+	r.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.type, sizeof(r) - sizeof(r.ip), 0);
+	if (sum < 0)
+		return -1;
+	r.check = csum_fold(sum);
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.saddr = p->daddr;
+	r.ip.daddr = p->saddr;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
+	if (sum < 0)
+		return -1;
+	r.ip.check = csum_fold(sum);
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return -1;
+	return bpf_redirect(skb->ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
+}
+
 static __always_inline struct be_val *pick(struct fe_val *fe, struct be_key *bk)
 {
 	bk->fe_id = fe->fe_id;
@@ -488,9 +583,20 @@ static __always_inline int new_connection(struct __sk_buff *skb, struct np_confi
 	if (!fe)
 		return NP_NEXT;
 	if (fe->count == 0) {
-		emit(cfg, p, VERDICT_DROPPED,
-		     (fe->flags & FE_F_LOCAL_ONLY) ? REASON_NO_LOCAL_BACKENDS : REASON_NO_BACKENDS,
-		     fe->fe_id, 0, 0, 0, 0, 0);
+		__u32 fe_id = fe->fe_id;
+
+		// externalTrafficPolicy Local without a local endpoint is dropped silently,
+		// as kube-proxy's KUBE-XLB chain does (another node may serve the client).
+		if (fe->flags & FE_F_LOCAL_ONLY) {
+			emit(cfg, p, VERDICT_DROPPED, REASON_NO_LOCAL_BACKENDS, fe_id, 0, 0, 0, 0,
+			     0);
+			return TC_ACT_SHOT;
+		}
+		if (reject(skb, p) == 0) {
+			emit(cfg, p, VERDICT_REJECTED, REASON_NO_BACKENDS, fe_id, 0, 0, 0, 0, 0);
+			return TC_ACT_REDIRECT;
+		}
+		emit(cfg, p, VERDICT_DROPPED, REASON_NO_BACKENDS, fe_id, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	b = pick(fe, &bk);
@@ -627,8 +733,14 @@ int ks_np_ingress(struct __sk_buff *skb)
 		if (!reopen && !expired(v, p.proto, now) &&
 		    bpf_map_lookup_elem(&ks_np_members, &mk)) {
 			touch(v, &p, now);
-			if (v->flags & CT_F_SNAT)
+			if (v->flags & CT_F_SNAT) {
+				// A client's FIN or RST also shortens the life of the reverse
+				// entry, which holds the SNAT port: a client that aborts with RST
+				// would otherwise keep its port for the full TCP lifetime.
+				if (p.tcp_flags & (TCP_FIN | TCP_RST))
+					mark_rev_snat_closing(v, p.proto);
 				return forward_snat(skb, &p, v);
+			}
 			if (rewrite(skb, &p, 0, v->backend_ip, v->backend_port))
 				return TC_ACT_SHOT;
 			return NP_NEXT;

@@ -221,6 +221,8 @@ pub enum NpVerdict {
     /// A new connection was translated (or an established one re-picked its backend).
     Forwarded,
     Dropped,
+    /// Answered with ICMP port unreachable (a frontend without endpoints).
+    Rejected,
     Unknown(u8),
 }
 
@@ -268,8 +270,11 @@ pub struct NpConnection {
     pub protocol: Option<Protocol>,
     pub backend: SocketAddrV4,
     pub snat: Option<SocketAddrV4>,
-    /// A FIN or RST was seen.
+    /// A FIN or RST was seen (forward entry).
     pub closing: bool,
+    /// The reply-direction entry is marked closing too (it holds the SNAT port); None
+    /// when the LRU already evicted it.
+    pub reverse_closing: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -866,6 +871,21 @@ impl NodePortDatapath {
             if k.dir != CT_FWD {
                 continue;
             }
+            let snat = v.flags & CT_F_SNAT != 0;
+            let rk = CtKey {
+                saddr: v.backend_ip,
+                daddr: if snat { v.snat_ip } else { v.client_ip },
+                sport: v.backend_port,
+                dport: if snat { v.snat_port } else { v.client_port },
+                proto: k.proto,
+                dir: if snat { CT_REV_SNAT } else { CT_REV_LOCAL },
+                pad: 0,
+            };
+            let reverse_closing = match self.ct.get(&rk, 0) {
+                Ok(r) => Some(r.flags & CT_F_CLOSING != 0),
+                Err(e) if is_not_found(&e) => None,
+                Err(e) => return Err(e.into()),
+            };
             out.push(NpConnection {
                 client: sock(k.saddr, k.sport),
                 frontend: sock(k.daddr, k.dport),
@@ -873,6 +893,7 @@ impl NodePortDatapath {
                 backend: sock(v.backend_ip, v.backend_port),
                 snat: (v.flags & CT_F_SNAT != 0).then(|| sock(v.snat_ip, v.snat_port)),
                 closing: v.flags & CT_F_CLOSING != 0,
+                reverse_closing,
             });
         }
         Ok(out)
@@ -944,6 +965,7 @@ impl NodePortDatapath {
                 verdict: match r.verdict {
                     1 => NpVerdict::Forwarded,
                     2 => NpVerdict::Dropped,
+                    3 => NpVerdict::Rejected,
                     v => NpVerdict::Unknown(v),
                 },
                 reason: match r.reason {

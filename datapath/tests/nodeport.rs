@@ -605,6 +605,7 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
         .iter()
         .find(|c| c.protocol == Some(Protocol::Tcp))
         .expect("tcp connection tracked");
+    assert_eq!((c.closing, c.reverse_closing), (false, Some(false)));
     assert_eq!(
         c.snat,
         Some(h.seen),
@@ -621,6 +622,35 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
     assert_eq!(f.snat, Some(h.seen));
     assert!(!f.backend_local);
     assert_eq!(*f.client.ip(), CLIENT);
+
+    // A client that aborts with RST: the backend sends nothing back, yet the entry that
+    // holds the SNAT port must be marked closing too, or the port stays taken for the
+    // full TCP lifetime.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let r = unsafe {
+        libc::setsockopt(
+            h.stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    let seen = h.seen;
+    drop(h);
+    wait_for("both conntrack entries closing after the RST", || {
+        ctx.dp
+            .as_ref()
+            .unwrap()
+            .connections()
+            .unwrap()
+            .iter()
+            .any(|c| c.snat == Some(seen) && c.closing && c.reverse_closing == Some(true))
+    });
 }
 
 #[test]
@@ -686,28 +716,55 @@ fn external_traffic_policy_local_uses_only_local_backends_and_drops_without_one(
 
     // Local with only a remote endpoint: dropped, like kube-proxy's KUBE-XLB drop.
     ctx.set(np_udp(), &[be(P2, UDP_PORT, false)], TrafficPolicy::Local);
-    let r = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT);
-    assert!(r.is_err(), "must be dropped");
-    // And a frontend with no endpoints at all (any policy).
-    let empty = fe(NODE1, 30099, Protocol::Tcp);
-    ctx.set(empty, &[], TrafficPolicy::Cluster);
-    let r = tcp_hello(&ctx.c.client, addr(empty), DROP_TIMEOUT);
-    assert!(r.is_err(), "must be dropped");
-    let flows = ctx.dp().read_flows();
-    let drops: Vec<_> = flows
-        .iter()
-        .filter(|f| f.verdict == NpVerdict::Dropped)
-        .collect();
+    let e = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT)
+        .err()
+        .expect("must be dropped");
     assert!(
-        drops.iter().any(|f| f.reason == NpReason::NoLocalBackends
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "silence, not a rejection: {e}"
+    );
+    // A frontend with no endpoints at all is rejected like kube-proxy's REJECT rule:
+    // ICMP port unreachable, so TCP connect() and a connected UDP socket fail at once.
+    let empty = fe(NODE1, 30099, Protocol::Tcp);
+    let empty_udp = fe(NODE1, 30099, Protocol::Udp);
+    ctx.set(empty, &[], TrafficPolicy::Cluster);
+    ctx.set(empty_udp, &[], TrafficPolicy::Cluster);
+    let e = tcp_hello(&ctx.c.client, addr(empty), TIMEOUT)
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    let e = in_ns(&ctx.c.client, || -> io::Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect(addr(empty_udp))?;
+        s.send(b"ping")?;
+        s.recv(&mut [0u8; 64])?;
+        Ok(())
+    })
+    .expect_err("refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    let flows = ctx.dp().read_flows();
+    assert!(
+        flows.iter().any(|f| f.verdict == NpVerdict::Dropped
+            && f.reason == NpReason::NoLocalBackends
             && f.frontend == addr(np_udp())
             && *f.client.ip() == CLIENT),
         "{flows:?}"
     );
-    assert!(
-        drops
-            .iter()
-            .any(|f| f.reason == NpReason::NoBackends && f.frontend == addr(empty)),
+    let rejected: Vec<_> = flows
+        .iter()
+        .filter(|f| f.verdict == NpVerdict::Rejected && f.reason == NpReason::NoBackends)
+        .map(|f| (f.frontend, f.protocol))
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (addr(empty), Some(Protocol::Tcp)),
+            (addr(empty_udp), Some(Protocol::Udp))
+        ],
         "{flows:?}"
     );
     // Switching the UDP frontend to Cluster makes the remote endpoint usable again.
@@ -1081,6 +1138,7 @@ fn a_test_that_panics_leaves_nothing_behind() {
     assert!(!list.contains(&format!("ksnp-{tag}-")), "{list}");
 }
 
+#[cfg(ks_upgrade_variant)]
 fn tcx_program_ids(ctx: &Ctx) -> Vec<u32> {
     use aya::programs::{SchedClassifier, TcAttachType};
     in_ns(&ctx.c.node1, || {
