@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -147,6 +147,55 @@ async fn agent_enforces_network_policy_on_a_flannel_lab() {
     let agent2 = Agent::start_on(&lab, "node-2", &pins2.0, &m2);
     await_verdicts("policy deleted while stopped: all allowed after the restart", &all_ok, &server_ip).await;
 
+    nodeport_through_the_agents(&client, &lab, &m1, &m2).await;
     agent1.stop();
     agent2.stop();
+}
+
+async fn internal_ip(client: &kube::Client, node: &str) -> String {
+    let n = Api::<Node>::all(client.clone()).get(node).await.unwrap();
+    n.status.unwrap().addresses.unwrap().into_iter().find(|a| a.type_ == "InternalIP").unwrap().address
+}
+
+/// NodePort Services served by the agents' tc programs on the nodes' eth0. kube-proxy
+/// still runs here, but tc ingress runs before netfilter: its NodePort rules only ever
+/// see packets already translated, and the flow records show who translated them.
+async fn nodeport_through_the_agents(client: &kube::Client, lab: &Lab, m1: &str, m2: &str) {
+    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
+    for (name, port, policy) in [("np", 30090, "Cluster"), ("np-local", 30091, "Local")] {
+        create(
+            &svcs,
+            json!({"metadata": {"name": name},
+                   "spec": {"type": "NodePort", "externalTrafficPolicy": policy, "selector": {"app": "server"},
+                            "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": port}]}}),
+        )
+        .await;
+    }
+    for addr in [m1, m2] {
+        eventually(&format!("agent {addr} serving both NodePorts"), Duration::from_secs(60), || async move {
+            let m = metrics(addr)?;
+            Ok((metric(&m, "kubeshift_agent_nodeport_frontends") == Some(2.0)).then_some(()))
+        })
+        .await;
+    }
+    let (ip1, ip2) = (internal_ip(client, "node-1").await, internal_ip(client, "node-2").await);
+    let (from1, from2) = (lab.node_netns("node-1"), lab.node_netns("node-2"));
+    let get = |netns: &str, ip: &str, port: u16| http_get_from(netns, format!("{ip}:{port}").parse().unwrap(), "/clientip").map_err(|e| format!("{e:#}"));
+
+    // Cluster policy, no endpoint on node-1: node-1 forwards to the server on node-2 with
+    // its own address as the source, so the reply comes back through it.
+    let seen = get(&from2, &ip1, 30090).expect("NodePort on node-1 to the server on node-2");
+    assert!(seen.starts_with(&format!("{ip1}:")), "server saw {seen}, want node-1's address");
+    // Local policy: node-1 has no endpoint, so it drops; node-2 has one and keeps the
+    // client's address.
+    assert!(get(&from2, &ip1, 30091).is_err(), "eTP Local on a node without endpoints must drop");
+    let seen = get(&from1, &ip2, 30091).expect("eTP Local on the server's node");
+    assert!(seen.starts_with(&format!("{ip1}:")), "server saw {seen}, want the client's (node-1's) address");
+
+    let out = run_ok(kubeshift().args(["observe", "--server", m1, "--last", "4096", "-o", "json", "--to-pod", "pol/server", "--verdict", "FORWARDED"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("\"kind\":\"nodeport\"") && l.contains(":30090 snat")), "{text}");
+    let out = run_ok(kubeshift().args(["observe", "--server", m1, "--last", "4096", "-o", "json", "--verdict", "DROPPED", "--port", "30091"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("no-local-endpoints")), "{text}");
 }

@@ -303,7 +303,8 @@ pub fn nodeport_record(ev: &NpFlowEvent, cx: &Context) -> FlowRecord {
     };
     let (verdict, reason) = match (ev.verdict, ev.reason) {
         (NpVerdict::Forwarded, _) => (FlowVerdict::Forwarded, None),
-        (NpVerdict::Dropped, NpReason::NoBackends) => (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string())),
+        // Refused with ICMP port unreachable, as kube-proxy's REJECT does.
+        (NpVerdict::Rejected, _) | (NpVerdict::Dropped, NpReason::NoBackends) => (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string())),
         (NpVerdict::Dropped, NpReason::NoLocalBackends) => (FlowVerdict::Dropped, Some("no-local-endpoints".to_string())),
         (NpVerdict::Dropped, NpReason::NoRoute) => (FlowVerdict::Dropped, Some("no-route".to_string())),
         (NpVerdict::Dropped, NpReason::SnatPortsExhausted) => (FlowVerdict::Dropped, Some("snat-ports-exhausted".to_string())),
