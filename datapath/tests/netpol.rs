@@ -961,3 +961,321 @@ fn netpol_matrix() {
     );
     assert!(failures.is_empty(), "{failures}");
 }
+
+/// Entries as the loader stores them: "every protocol" has no port.
+fn normalized(c: &Compiled) -> (Vec<(Cidr, Identity)>, BTreeMap<Identity, Isolation>, Vec<PolicyEntry>) {
+    let mut entries: Vec<PolicyEntry> = c
+        .entries
+        .iter()
+        .map(|e| {
+            let mut e = *e;
+            if e.protocol.is_none() {
+                e.port = 0;
+                e.port_wildcard_bits = 16;
+            }
+            e
+        })
+        .collect();
+    entries.sort();
+    entries.dedup();
+    (c.ipcache.clone(), c.isolation.clone(), entries)
+}
+
+/// The agent goes away and comes back: verdicts hold without it, the reloaded loader
+/// reopens the pins without re-attaching, and one apply of a changed input converges
+/// the maps to exactly the new `Compiled` (stale identities' entries removed).
+#[test]
+fn loader_restart_keeps_verdicts_and_converges() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Setup::new();
+    let mut compilers = vec![Compiler::new(), Compiler::new()];
+    let cases = cases();
+    let first = cases
+        .iter()
+        .find(|c| c.name.starts_with("pod AND namespace"))
+        .unwrap();
+    let input = input_for(&s.lab, first);
+    let compiled = compile_nodes(&s.lab, &mut compilers, &input);
+    s.apply(&compiled);
+    let lab = &s.lab;
+    let r = s.check("before restart", &|c| expected(lab, &input, c));
+    assert!(r.is_empty(), "{r}");
+
+    // No agent at all: the pinned links keep enforcing the pinned maps.
+    s.dps = vec![None, None];
+    let lab = &s.lab;
+    let r = s.check("no agent running", &|c| expected(lab, &input, c));
+    assert!(r.is_empty(), "{r}");
+
+    for node in 0..2 {
+        let dp = PolicyDatapath::load(s.pin_dir(node)).expect("reload");
+        assert!(dp.reopened(), "node {node}: pins not reopened");
+        assert_eq!(dp.upgraded_programs(), 0, "same build replaced programs");
+        assert_eq!(
+            normalized(&dp.programmed()),
+            normalized(&compiled[node]),
+            "node {node}: maps read back differ from what was applied"
+        );
+        s.dps[node] = Some(dp);
+    }
+    // Attaching again is a no-op for interfaces that are still attached.
+    for i in 0..s.lab.pods.len() {
+        let node = s.lab.pods[i].node;
+        let ns = s.lab.nodes[node].netns.path();
+        let ifname = s.lab.pods[i].host_if.clone();
+        assert_eq!(s.dp(node).attach_in_netns(&ns, &ifname).unwrap(), 0, "{ifname}");
+    }
+
+    // A restarted agent's compiler hands out new numbers above what the maps hold, so
+    // every old identity's entries are stale and must go.
+    let changed = cases
+        .iter()
+        .find(|c| c.name.starts_with("egress ipBlock"))
+        .unwrap();
+    let input2 = input_for(&s.lab, changed);
+    let mut fresh: Vec<Compiler> = (0..2)
+        .map(|n| {
+            let p = s.dps[n].as_ref().unwrap().programmed();
+            let max = p.ipcache.iter().map(|(_, id)| *id).max().unwrap_or(0);
+            Compiler::starting_at(max + 1)
+        })
+        .collect();
+    let compiled2 = compile_nodes(&s.lab, &mut fresh, &input2);
+    for node in 0..2 {
+        let st = s.dp(node).apply(&compiled2[node]).unwrap();
+        eprintln!("node {node} converge: {st:?}");
+        assert!(st.ipcache_written > 0 && st.ipcache_removed == 0, "{st:?}");
+        // Both cases police only node-1 pods (x/a, y/b), so only node-1 held entries of
+        // the old identities; node-2 only gets its ipcache renumbered.
+        if node == 0 {
+            assert!(
+                st.policy_removed > 0 && st.isolation_removed > 0,
+                "node-1: nothing stale removed: {st:?}"
+            );
+        }
+        assert_eq!(
+            normalized(&s.dps[node].as_ref().unwrap().programmed()),
+            normalized(&compiled2[node])
+        );
+        // Re-applying the same input writes nothing.
+        assert_eq!(s.dp(node).apply(&compiled2[node]).unwrap().changes(), 0);
+    }
+    let lab = &s.lab;
+    let r = s.check("after restart with a changed input", &|c| expected(lab, &input2, c));
+    assert!(r.is_empty(), "{r}");
+    // And the kernel's maps really hold only that: a third loader reads the same back.
+    for node in 0..2 {
+        s.dps[node] = None;
+        let dp = PolicyDatapath::load(s.pin_dir(node)).unwrap();
+        assert_eq!(normalized(&dp.programmed()), normalized(&compiled2[node]));
+        s.dps[node] = Some(dp);
+    }
+}
+
+fn identity_of(c: &Compiled, ip: Ipv4Addr) -> Identity {
+    c.ipcache
+        .iter()
+        .filter(|(cidr, _)| {
+            let m = if cidr.prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(cidr.prefix))
+            };
+            u32::from(ip) & m == u32::from(cidr.addr)
+        })
+        .max_by_key(|(cidr, _)| cidr.prefix)
+        .map(|(_, id)| *id)
+        .unwrap()
+}
+
+/// Drops are reported with both identities, the 5-tuple, the direction and the reason;
+/// an allowed connection is reported once per check point (new), not per packet; events
+/// can be switched off.
+#[test]
+fn flow_events_report_drops_and_new_connections() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Setup::new();
+    let mut compilers = vec![Compiler::new(), Compiler::new()];
+    let mut input = base_input(&s.lab);
+    input.policies = vec![
+        policy("x", "deny-a", sel(&[("pod", "a")]), IN, vec![], vec![]),
+        policy("x", "deny-b-out", sel(&[("pod", "b")]), EG, vec![], vec![]),
+    ];
+    let compiled = compile_nodes(&s.lab, &mut compilers, &input);
+    s.apply(&compiled);
+    let xa = s.lab.pod_index("x/a"); // node-1
+    let xb = s.lab.pod_index("x/b"); // node-2
+    let yb = s.lab.pod_index("y/b"); // node-1
+    let za = s.lab.pod_index("z/a"); // node-1
+    let ya = s.lab.pod_index("y/a"); // node-2
+    for dp in s.dps.iter_mut().flatten() {
+        dp.read_flows();
+    }
+    let cell = |from, to, protocol| Cell {
+        from,
+        to,
+        protocol,
+        port: 80,
+    };
+    let got = s
+        .lab
+        .probe(
+            &[cell(yb, xa, Tcp), cell(xb, za, Udp), cell(za, ya, Tcp)],
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(got, vec![false, false, true]);
+
+    let n1 = s.dp(0).read_flows();
+    let n2 = s.dp(1).read_flows();
+    let ip = |k: usize| s.lab.pods[k].ip;
+    // y/b -> x/a TCP 80, dropped at x/a's ingress on node-1 (the SYN and its retries).
+    let drop_in: Vec<_> = n1
+        .iter()
+        .filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Dropped)
+        .collect();
+    assert!(!drop_in.is_empty(), "no drop event on node-1: {n1:#?}");
+    for e in &drop_in {
+        assert_eq!(e.drop_reason, Some(DropReason::PolicyDeniedIngress));
+        assert_eq!(e.direction, Some(Direction::Ingress));
+        assert_eq!((e.ip_proto, e.dst_port), (6, 80));
+        assert_ne!(e.src_port, 0);
+        assert_eq!(e.src_identity, identity_of(&compiled[0], ip(yb)));
+        assert_eq!(e.dst_identity, identity_of(&compiled[0], ip(xa)));
+        assert_ne!(e.src_identity, e.dst_identity);
+        assert_eq!(e.ct_state, CtState::New);
+        assert_ne!(e.ifindex, 0);
+    }
+    // The sender's egress check on node-1 let it out: one New event, not one per packet.
+    let out: Vec<_> = n1
+        .iter()
+        .filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Forwarded)
+        .collect();
+    assert_eq!(out.len(), 1, "{out:#?}");
+    assert_eq!(out[0].direction, Some(Direction::Egress));
+
+    // x/b -> z/a UDP 80, dropped at x/b's egress on node-2.
+    let drop_eg: Vec<_> = n2
+        .iter()
+        .filter(|e| e.src == ip(xb) && e.dst == ip(za))
+        .collect();
+    assert_eq!(drop_eg.len(), 1, "{n2:#?}");
+    let e = drop_eg[0];
+    assert_eq!(e.verdict, PolicyVerdict::Dropped);
+    assert_eq!(e.drop_reason, Some(DropReason::PolicyDeniedEgress));
+    assert_eq!(e.direction, Some(Direction::Egress));
+    assert_eq!((e.ip_proto, e.dst_port), (17, 80));
+    assert_eq!(e.src_identity, identity_of(&compiled[1], ip(xb)));
+    assert_eq!(e.dst_identity, identity_of(&compiled[1], ip(za)));
+
+    // z/a -> y/a TCP: allowed; SYN, ACK, greeting, FINs cross both nodes, yet each check
+    // point reports the connection once, and replies not at all.
+    let fwd = |evs: &[kubeshift_datapath::policy::loader::PolicyFlowEvent], dir| {
+        evs.iter()
+            .filter(|e| {
+                e.src == ip(za)
+                    && e.dst == ip(ya)
+                    && e.verdict == PolicyVerdict::Forwarded
+                    && e.direction == Some(dir)
+            })
+            .count()
+    };
+    assert_eq!(fwd(&n1, Direction::Egress), 1, "{n1:#?}");
+    assert_eq!(fwd(&n2, Direction::Ingress), 1, "{n2:#?}");
+    assert!(
+        !n1.iter().chain(&n2).any(|e| e.src == ip(ya)),
+        "replies must not be reported"
+    );
+
+    // Off: the same drop reports nothing.
+    s.dp(0).set_flow_events(false).unwrap();
+    let got = s.lab.probe(&[cell(yb, xa, Udp)], TIMEOUT).unwrap();
+    assert_eq!(got, vec![false]);
+    assert!(s.dp(0).read_flows().is_empty());
+}
+
+/// `detach` removes an interface's enforcement (a denied flow passes again), and
+/// `detach_and_unpin` leaves no link and no pin.
+#[test]
+fn detach_and_unpin_leave_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Setup::new();
+    let mut compilers = vec![Compiler::new(), Compiler::new()];
+    let mut input = base_input(&s.lab);
+    input.policies = vec![policy("x", "deny", all(), BOTH, vec![], vec![])];
+    let compiled = compile_nodes(&s.lab, &mut compilers, &input);
+    s.apply(&compiled);
+    let xa = s.lab.pod_index("x/a");
+    let yb = s.lab.pod_index("y/b");
+    let cell = Cell {
+        from: yb,
+        to: xa,
+        protocol: Tcp,
+        port: 80,
+    };
+    assert_eq!(s.lab.probe(&[cell], TIMEOUT).unwrap(), vec![false]);
+    assert_eq!(
+        s.dp(0).interfaces().unwrap().len(),
+        5,
+        "node-1 has 5 pods attached"
+    );
+    let ifname = s.lab.pods[xa].host_if.clone();
+    assert_eq!(s.dp(0).detach(&ifname).unwrap(), 2);
+    assert!(!s.dp(0).interfaces().unwrap().contains(&ifname));
+    assert_eq!(s.observe(&[cell], &[true]), vec![true], "detached x/a still enforced");
+
+    for node in 0..2 {
+        let dp = s.dps[node].take().unwrap();
+        dp.detach_and_unpin().unwrap();
+        assert!(!s.pin_dir(node).exists(), "pin dir left behind");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &s.lab.nodes[node].netns.name, "bpftool", "net", "show"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bpftool: {out:?}");
+        assert!(!text.contains("ks_pol"), "programs still attached:\n{text}");
+    }
+    // Nothing enforces any more: x/b (still in x, denied before) is reachable.
+    let xb = s.lab.pod_index("x/b");
+    let c2 = Cell {
+        from: yb,
+        to: xb,
+        protocol: Udp,
+        port: 81,
+    };
+    assert_eq!(s.observe(&[c2], &[true]), vec![true]);
+}
+
+/// A test that panics with everything loaded, attached and applied leaves no netns and
+/// no pins behind.
+#[test]
+fn panic_midway_cleans_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = Vec::new();
+    let mut pin_dirs = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut s = Setup::new();
+        let mut compilers = vec![Compiler::new(), Compiler::new()];
+        let mut input = base_input(&s.lab);
+        input.policies = vec![policy("x", "deny", all(), BOTH, vec![], vec![])];
+        let compiled = compile_nodes(&s.lab, &mut compilers, &input);
+        s.apply(&compiled);
+        names.extend(s.lab.pods.iter().map(|p| p.netns.name.clone()));
+        names.extend(s.lab.nodes.iter().map(|n| n.netns.name.clone()));
+        pin_dirs.extend((0..2).map(|n| s.pin_dir(n).to_path_buf()));
+        panic!("on purpose");
+    }));
+    assert!(r.is_err());
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for n in &names {
+        assert!(!list.contains(n.as_str()), "netns {n} left behind");
+    }
+    for d in &pin_dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}
