@@ -60,9 +60,12 @@ impl Setup {
         let mut pins = Vec::new();
         let mut dps = Vec::new();
         for n in &lab.nodes {
-            let dir = Path::new("/sys/fs/bpf/kubeshift").join(format!("test-{}-{}", lab.tag, n.name));
+            let dir =
+                Path::new("/sys/fs/bpf/kubeshift").join(format!("test-{}-{}", lab.tag, n.name));
             pins.push(PinGuard(dir.clone()));
-            dps.push(Some(PolicyDatapath::load(&dir).expect("load policy datapath")));
+            dps.push(Some(
+                PolicyDatapath::load(&dir).expect("load policy datapath"),
+            ));
         }
         let mut s = Self { dps, pins, lab };
         s.attach_all();
@@ -252,16 +255,30 @@ fn handwritten_compiled_is_enforced() {
             egress: true,
         },
     );
-    c.entries.push(entry(id(xa), id(zc), Direction::Ingress, Some(Protocol::Tcp), 80, 0));
-    c.entries.push(entry(id(yb), ANY_PEER, Direction::Egress, Some(Protocol::Udp), 0, 16));
+    c.entries.push(entry(
+        id(xa),
+        id(zc),
+        Direction::Ingress,
+        Some(Protocol::Tcp),
+        80,
+        0,
+    ));
+    c.entries.push(entry(
+        id(yb),
+        ANY_PEER,
+        Direction::Egress,
+        Some(Protocol::Udp),
+        0,
+        16,
+    ));
     c.entries.sort();
     s.apply(&[c.clone(), c]);
     let report = s.check("handwritten", &|cell| {
         if cell.from == cell.to {
             return true; // loopback inside the pod, never crosses the veth
         }
-        let to_xa_ok = cell.to != xa
-            || (cell.from == zc && cell.protocol == Protocol::Tcp && cell.port == 80);
+        let to_xa_ok =
+            cell.to != xa || (cell.from == zc && cell.protocol == Protocol::Tcp && cell.port == 80);
         let from_yb_ok = cell.from != yb || cell.protocol == Protocol::Udp;
         to_xa_ok && from_yb_ok
     });
@@ -455,11 +472,25 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "allow all ingress in x (empty rule)",
-            vec![policy("x", "allow-all", all(), IN, vec![rule(vec![], vec![])], vec![])],
+            vec![policy(
+                "x",
+                "allow-all",
+                all(),
+                IN,
+                vec![rule(vec![], vec![])],
+                vec![],
+            )],
         ),
         case(
             "allow all egress in x (empty rule)",
-            vec![policy("x", "allow-all-eg", all(), EG, vec![], vec![rule(vec![], vec![])])],
+            vec![policy(
+                "x",
+                "allow-all-eg",
+                all(),
+                EG,
+                vec![],
+                vec![rule(vec![], vec![])],
+            )],
         ),
         case(
             "podSelector matchLabels: x/a from x pods with pod=b",
@@ -495,7 +526,10 @@ fn cases() -> Vec<Case> {
                 IN,
                 vec![rule(
                     vec![],
-                    vec![pods(Some(expr("pod", SelectorOp::NotIn, &["b"])), Some(all()))],
+                    vec![pods(
+                        Some(expr("pod", SelectorOp::NotIn, &["b"])),
+                        Some(all()),
+                    )],
                 )],
                 vec![],
             )],
@@ -509,7 +543,10 @@ fn cases() -> Vec<Case> {
                 IN,
                 vec![rule(
                     vec![],
-                    vec![pods(Some(expr("tier", SelectorOp::Exists, &[])), Some(all()))],
+                    vec![pods(
+                        Some(expr("tier", SelectorOp::Exists, &[])),
+                        Some(all()),
+                    )],
                 )],
                 vec![],
             )],
@@ -583,7 +620,14 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "empty from with a port: x/a from anyone on TCP 80",
-            vec![policy("x", "port80", pa(), IN, vec![rule(vec![port(Tcp, 80)], vec![])], vec![])],
+            vec![policy(
+                "x",
+                "port80",
+                pa(),
+                IN,
+                vec![rule(vec![port(Tcp, 80)], vec![])],
+                vec![],
+            )],
         ),
         case(
             "empty namespaceSelector: x/a from b pods of every namespace",
@@ -592,7 +636,10 @@ fn cases() -> Vec<Case> {
                 "b-anywhere",
                 pa(),
                 IN,
-                vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), Some(all()))])],
+                vec![rule(
+                    vec![],
+                    vec![pods(Some(sel(&[("pod", "b")])), Some(all()))],
+                )],
                 vec![],
             )],
         ),
@@ -607,7 +654,10 @@ fn cases() -> Vec<Case> {
                 "ipblock",
                 pa(),
                 IN,
-                vec![rule(vec![], vec![block("10.244.0.0/16", &["10.244.1.0/24"])])],
+                vec![rule(
+                    vec![],
+                    vec![block("10.244.0.0/16", &["10.244.1.0/24"])],
+                )],
                 vec![],
             )],
         ),
@@ -618,7 +668,10 @@ fn cases() -> Vec<Case> {
                 "ipblock-pod",
                 all(),
                 IN,
-                vec![rule(vec![], vec![block("10.244.2.0/24", &["10.244.2.17/32"])])],
+                vec![rule(
+                    vec![],
+                    vec![block("10.244.2.0/24", &["10.244.2.17/32"])],
+                )],
                 vec![],
             )],
         ),
@@ -630,12 +683,22 @@ fn cases() -> Vec<Case> {
                 sel(&[("pod", "b")]),
                 EG,
                 vec![],
-                vec![rule(vec![every_port(Udp)], vec![block("10.244.2.0/24", &[])])],
+                vec![rule(
+                    vec![every_port(Udp)],
+                    vec![block("10.244.2.0/24", &[])],
+                )],
             )],
         ),
         case(
             "port by number: x from anyone on TCP 81 only",
-            vec![policy("x", "tcp81", all(), IN, vec![rule(vec![port(Tcp, 81)], vec![])], vec![])],
+            vec![policy(
+                "x",
+                "tcp81",
+                all(),
+                IN,
+                vec![rule(vec![port(Tcp, 81)], vec![])],
+                vec![],
+            )],
         ),
         case(
             "port by name: x/a serve-80-tcp from namespace z",
@@ -703,11 +766,25 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "UDP only, every port: z ingress",
-            vec![policy("z", "udp", all(), IN, vec![rule(vec![every_port(Udp)], vec![])], vec![])],
+            vec![policy(
+                "z",
+                "udp",
+                all(),
+                IN,
+                vec![rule(vec![every_port(Udp)], vec![])],
+                vec![],
+            )],
         ),
         case(
             "TCP only, every port: z egress",
-            vec![policy("z", "tcp", all(), EG, vec![], vec![rule(vec![every_port(Tcp)], vec![])])],
+            vec![policy(
+                "z",
+                "tcp",
+                all(),
+                EG,
+                vec![],
+                vec![rule(vec![every_port(Tcp)], vec![])],
+            )],
         ),
         case(
             "ingress and egress together: x/a from y, to z on port 80",
@@ -730,7 +807,10 @@ fn cases() -> Vec<Case> {
                 "egress-only",
                 pa(),
                 EG,
-                vec![rule(vec![port(Tcp, 80)], vec![pods(Some(sel(&[("pod", "b")])), None)])],
+                vec![rule(
+                    vec![port(Tcp, 80)],
+                    vec![pods(Some(sel(&[("pod", "b")])), None)],
+                )],
                 vec![rule(vec![], vec![pods(None, Some(sel(&[("ns", "y")])))])],
             )],
         ),
@@ -829,7 +909,10 @@ fn cases() -> Vec<Case> {
             )],
             relabel: vec![("x/a", "pod", Some("b"))],
         },
-        case("one-way allow: x/a -> y/b only; replies must pass", one_way()),
+        case(
+            "one-way allow: x/a -> y/b only; replies must pass",
+            one_way(),
+        ),
     ]
 }
 
@@ -881,7 +964,11 @@ fn input_for(lab: &NetpolLab, c: &Case) -> PolicyInput {
 
 /// One `Compiled` per node, each from that node's compiler (stable identities across
 /// cases, like a running agent) with the node's own address as host IP.
-fn compile_nodes(lab: &NetpolLab, compilers: &mut [Compiler], input: &PolicyInput) -> Vec<Compiled> {
+fn compile_nodes(
+    lab: &NetpolLab,
+    compilers: &mut [Compiler],
+    input: &PolicyInput,
+) -> Vec<Compiled> {
     lab.nodes
         .iter()
         .zip(compilers.iter_mut())
@@ -952,7 +1039,11 @@ fn netpol_matrix() {
         })
         .collect();
     let got = s.observe(&cells, &[true, false, true, false]);
-    assert_eq!(got, vec![true, false, true, false], "one-way allow {cells:?}");
+    assert_eq!(
+        got,
+        vec![true, false, true, false],
+        "one-way allow {cells:?}"
+    );
     eprintln!(
         "{} cases, {probes} probes, lab setup {} ms, total {} ms",
         cases.len(),
@@ -963,7 +1054,13 @@ fn netpol_matrix() {
 }
 
 /// Entries as the loader stores them: "every protocol" has no port.
-fn normalized(c: &Compiled) -> (Vec<(Cidr, Identity)>, BTreeMap<Identity, Isolation>, Vec<PolicyEntry>) {
+type Programmed = (
+    Vec<(Cidr, Identity)>,
+    BTreeMap<Identity, Isolation>,
+    Vec<PolicyEntry>,
+);
+
+fn normalized(c: &Compiled) -> Programmed {
     let mut entries: Vec<PolicyEntry> = c
         .entries
         .iter()
@@ -1007,13 +1104,13 @@ fn loader_restart_keeps_verdicts_and_converges() {
     let r = s.check("no agent running", &|c| expected(lab, &input, c));
     assert!(r.is_empty(), "{r}");
 
-    for node in 0..2 {
+    for (node, want) in compiled.iter().enumerate() {
         let dp = PolicyDatapath::load(s.pin_dir(node)).expect("reload");
         assert!(dp.reopened(), "node {node}: pins not reopened");
         assert_eq!(dp.upgraded_programs(), 0, "same build replaced programs");
         assert_eq!(
             normalized(&dp.programmed()),
-            normalized(&compiled[node]),
+            normalized(want),
             "node {node}: maps read back differ from what was applied"
         );
         s.dps[node] = Some(dp);
@@ -1023,7 +1120,11 @@ fn loader_restart_keeps_verdicts_and_converges() {
         let node = s.lab.pods[i].node;
         let ns = s.lab.nodes[node].netns.path();
         let ifname = s.lab.pods[i].host_if.clone();
-        assert_eq!(s.dp(node).attach_in_netns(&ns, &ifname).unwrap(), 0, "{ifname}");
+        assert_eq!(
+            s.dp(node).attach_in_netns(&ns, &ifname).unwrap(),
+            0,
+            "{ifname}"
+        );
     }
 
     // A restarted agent's compiler hands out new numbers above what the maps hold, so
@@ -1041,8 +1142,8 @@ fn loader_restart_keeps_verdicts_and_converges() {
         })
         .collect();
     let compiled2 = compile_nodes(&s.lab, &mut fresh, &input2);
-    for node in 0..2 {
-        let st = s.dp(node).apply(&compiled2[node]).unwrap();
+    for (node, want) in compiled2.iter().enumerate() {
+        let st = s.dp(node).apply(want).unwrap();
         eprintln!("node {node} converge: {st:?}");
         assert!(st.ipcache_written > 0 && st.ipcache_removed == 0, "{st:?}");
         // Both cases police only node-1 pods (x/a, y/b), so only node-1 held entries of
@@ -1055,19 +1156,21 @@ fn loader_restart_keeps_verdicts_and_converges() {
         }
         assert_eq!(
             normalized(&s.dps[node].as_ref().unwrap().programmed()),
-            normalized(&compiled2[node])
+            normalized(want)
         );
         // Re-applying the same input writes nothing.
-        assert_eq!(s.dp(node).apply(&compiled2[node]).unwrap().changes(), 0);
+        assert_eq!(s.dp(node).apply(want).unwrap().changes(), 0);
     }
     let lab = &s.lab;
-    let r = s.check("after restart with a changed input", &|c| expected(lab, &input2, c));
+    let r = s.check("after restart with a changed input", &|c| {
+        expected(lab, &input2, c)
+    });
     assert!(r.is_empty(), "{r}");
     // And the kernel's maps really hold only that: a third loader reads the same back.
-    for node in 0..2 {
+    for (node, want) in compiled2.iter().enumerate() {
         s.dps[node] = None;
         let dp = PolicyDatapath::load(s.pin_dir(node)).unwrap();
-        assert_eq!(normalized(&dp.programmed()), normalized(&compiled2[node]));
+        assert_eq!(normalized(&dp.programmed()), normalized(want));
         s.dps[node] = Some(dp);
     }
 }
@@ -1222,14 +1325,25 @@ fn detach_and_unpin_leave_nothing() {
     let ifname = s.lab.pods[xa].host_if.clone();
     assert_eq!(s.dp(0).detach(&ifname).unwrap(), 2);
     assert!(!s.dp(0).interfaces().unwrap().contains(&ifname));
-    assert_eq!(s.observe(&[cell], &[true]), vec![true], "detached x/a still enforced");
+    assert_eq!(
+        s.observe(&[cell], &[true]),
+        vec![true],
+        "detached x/a still enforced"
+    );
 
     for node in 0..2 {
         let dp = s.dps[node].take().unwrap();
         dp.detach_and_unpin().unwrap();
         assert!(!s.pin_dir(node).exists(), "pin dir left behind");
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &s.lab.nodes[node].netns.name, "bpftool", "net", "show"])
+            .args([
+                "netns",
+                "exec",
+                &s.lab.nodes[node].netns.name,
+                "bpftool",
+                "net",
+                "show",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -1321,9 +1435,18 @@ fn fragmented_udp_follows_its_first_fragment() {
     let yb = s.lab.pod_index("y/b"); // node-1
     let ya = s.lab.pod_index("y/a"); // node-2
     for from in [yb, ya] {
-        assert!(udp_roundtrip(&s.lab, from, xa, 80, 4000), "fragmented, allowed port");
-        assert!(udp_roundtrip(&s.lab, from, xa, 80, 100), "small, allowed port");
-        assert!(!udp_roundtrip(&s.lab, from, xa, 81, 4000), "fragmented, denied port");
+        assert!(
+            udp_roundtrip(&s.lab, from, xa, 80, 4000),
+            "fragmented, allowed port"
+        );
+        assert!(
+            udp_roundtrip(&s.lab, from, xa, 80, 100),
+            "small, allowed port"
+        );
+        assert!(
+            !udp_roundtrip(&s.lab, from, xa, 81, 4000),
+            "fragmented, denied port"
+        );
     }
 }
 
@@ -1359,7 +1482,7 @@ fn established_flow_follows_policy_change() {
                 results.send(ok).unwrap();
             }
         });
-        let mut round = |timeout| {
+        let round = |timeout| {
             to_prober.send(timeout).unwrap();
             from_prober.recv().unwrap()
         };

@@ -423,7 +423,9 @@ impl PolicyDatapath {
         for h in &HOOKS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(h.program)
-                .ok_or_else(|| Error::Invalid(format!("program {} missing from object", h.program)))?
+                .ok_or_else(|| {
+                    Error::Invalid(format!("program {} missing from object", h.program))
+                })?
                 .try_into()?;
             prog.load()?;
         }
@@ -537,7 +539,9 @@ impl PolicyDatapath {
             || ifname.contains(['/', ':', '\0'])
             || ifname.contains(char::is_whitespace)
         {
-            return Err(Error::Invalid(format!("interface name {ifname:?} is not valid")));
+            return Err(Error::Invalid(format!(
+                "interface name {ifname:?} is not valid"
+            )));
         }
         Ok(self
             .root
@@ -551,8 +555,8 @@ impl PolicyDatapath {
     /// to this interface (a link pinned for an interface that has since gone or been
     /// recreated is replaced).
     pub fn attach(&mut self, ifname: &str) -> Result<usize, Error> {
-        let ifindex = ifindex_of(ifname)
-            .map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
+        let ifindex =
+            ifindex_of(ifname).map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
         let mut created = 0;
         for hook in &HOOKS {
             let pin = self.link_pin(ifname, hook)?;
@@ -653,7 +657,11 @@ impl PolicyDatapath {
             }
         }
 
-        for k in want_policy.difference(&self.m_policy).copied().collect::<Vec<_>>() {
+        for k in want_policy
+            .difference(&self.m_policy)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             self.policy.insert(
                 &Key::new(k.0, k.1),
                 PolicyVal {
