@@ -10,6 +10,10 @@
 //!   node's own addresses, or some ingress rule of such a policy allows `src` and the
 //!   port.
 //!
+//! Traffic from a pod to itself (to any of its own addresses) is always allowed: it never
+//! leaves the pod's network namespace, so no program sees it, and the upstream
+//! NetworkPolicy conformance tests expect it allowed too.
+//!
 //! Pods are found by address (the first one in input order if two claim the same
 //! address), on any node. An ipBlock matches any address, pod or not. A named port is
 //! looked up on the destination pod, with the rule's protocol; an address that is not a
@@ -30,6 +34,11 @@ pub fn allowed(
 ) -> bool {
     let src_pod = pod_by_ip(input, src);
     let dst_pod = pod_by_ip(input, dst);
+    if let (Some(a), Some(b)) = (src_pod, dst_pod) {
+        if std::ptr::eq(a, b) {
+            return true;
+        }
+    }
 
     let egress_ok = match src_pod {
         None => true,
