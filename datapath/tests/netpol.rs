@@ -1324,8 +1324,13 @@ fn detach_and_unpin_leave_nothing() {
     let ifname = s.lab.pods[xa].host_if.clone();
     assert_eq!(s.dp(0).detach(&ifname).unwrap(), 2);
     assert!(!s.dp(0).interfaces().unwrap().contains(&ifname));
+    // One UDP datagram, no retransmission: the program must be gone when detach returns.
+    let udp = Cell {
+        protocol: Udp,
+        ..cell
+    };
     assert_eq!(
-        s.observe(&[cell], &[true]),
+        s.lab.probe(&[udp], RETRY_TIMEOUT).unwrap(),
         vec![true],
         "detached x/a still enforced"
     );
@@ -1357,7 +1362,7 @@ fn detach_and_unpin_leave_nothing() {
         protocol: Udp,
         port: 81,
     };
-    assert_eq!(s.observe(&[c2], &[true]), vec![true]);
+    assert_eq!(s.lab.probe(&[c2], RETRY_TIMEOUT).unwrap(), vec![true]);
 }
 
 /// A test that panics with everything loaded, attached and applied leaves no netns and
@@ -1496,4 +1501,132 @@ fn established_flow_follows_policy_change() {
         assert!(round(RETRY_TIMEOUT), "allowed again: reply expected");
         drop(to_prober);
     });
+}
+
+fn ip_output(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` every 20 ms until it returns Some or `limit` passes.
+fn await_some<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The model is IPv4-only: IPv6 to or from a pod is dropped (reported as unsupported
+/// L3), but neighbour discovery passes both programs, so the node still resolves the
+/// pod's link-local address.
+#[test]
+fn ipv6_is_dropped_but_neighbour_discovery_passes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = Setup::new();
+    let xa = s.lab.pod_index("x/a"); // node-1
+    let pod_ns = s.lab.pods[xa].netns.name.clone();
+    let node_ns = s.lab.nodes[0].netns.name.clone();
+    let host_if = s.lab.pods[xa].host_if.clone();
+    // The pod answers neighbour solicitations for its link-local address only once
+    // duplicate address detection has finished.
+    let ll: std::net::Ipv6Addr = await_some(Duration::from_secs(5), || {
+        let out = ip_output(&["-n", &pod_ns, "-6", "addr", "show", "dev", "eth0"]);
+        let line = out.lines().find(|l| l.contains("inet6 fe80"))?;
+        if line.contains("tentative") {
+            return None;
+        }
+        line.split_whitespace()
+            .nth(1)?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    })
+    .expect("pod link-local address");
+    s.dp(0).read_flows();
+
+    let node_path = s.lab.nodes[0].netns.path();
+    let pod_path = s.lab.pods[xa].netns.path();
+    assert!(
+        !v6_delivered(&node_path, &pod_path, &host_if, ll, TIMEOUT),
+        "IPv6 datagram reached the pod"
+    );
+    // NS out through the pod's ingress program, NA back through its egress program.
+    let neigh = await_some(Duration::from_secs(3), || {
+        let out = ip_output(&["-n", &node_ns, "-6", "neigh", "show", "dev", &host_if]);
+        out.lines()
+            .find(|l| l.starts_with(&ll.to_string()) && l.contains("lladdr"))
+            .map(str::to_string)
+    });
+    assert!(neigh.is_some(), "neighbour discovery did not complete");
+    // The datagram itself, sent once the neighbour resolved, is dropped.
+    let mut seen = Vec::new();
+    let dropped = await_some(Duration::from_secs(3), || {
+        seen.extend(s.dp(0).read_flows());
+        seen.iter()
+            .find(|e| {
+                e.drop_reason == Some(DropReason::UnsupportedL3)
+                    && e.direction == Some(Direction::Ingress)
+            })
+            .cloned()
+    });
+    let e = dropped.unwrap_or_else(|| panic!("no unsupported-L3 drop: {seen:#?}"));
+    assert_eq!(e.verdict, PolicyVerdict::Dropped);
+    assert_eq!(e.ct_state, CtState::None);
+    // Control: without the programs the same datagram arrives.
+    assert_eq!(s.dp(0).detach(&host_if).unwrap(), 2);
+    assert!(
+        v6_delivered(&node_path, &pod_path, &host_if, ll, RETRY_TIMEOUT),
+        "IPv6 datagram lost even without the programs"
+    );
+}
+
+/// Sends one UDP datagram from the node to the pod's link-local address (port 9999) and
+/// says whether a socket in the pod received it within `timeout`.
+fn v6_delivered(
+    node: &Path,
+    pod: &Path,
+    host_if: &str,
+    ll: std::net::Ipv6Addr,
+    timeout: Duration,
+) -> bool {
+    let enter = |p: &Path| {
+        let f = std::fs::File::open(p).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    };
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let rx = scope.spawn(|| {
+            enter(pod);
+            let sock = std::net::UdpSocket::bind("[::]:9999").unwrap();
+            sock.set_read_timeout(Some(timeout)).unwrap();
+            bound_tx.send(()).unwrap();
+            let mut buf = [0u8; 16];
+            matches!(sock.recv_from(&mut buf), Ok((2, _)))
+        });
+        bound_rx.recv().unwrap();
+        scope
+            .spawn(|| {
+                enter(node);
+                let c = std::ffi::CString::new(host_if).unwrap();
+                let scope_id = unsafe { libc::if_nametoindex(c.as_ptr()) };
+                assert_ne!(scope_id, 0);
+                let sock = std::net::UdpSocket::bind("[::]:0").unwrap();
+                sock.send_to(b"v6", std::net::SocketAddrV6::new(ll, 9999, 0, scope_id))
+                    .unwrap();
+            })
+            .join()
+            .unwrap();
+        rx.join().unwrap()
+    })
 }
