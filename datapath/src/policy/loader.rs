@@ -423,7 +423,9 @@ impl PolicyDatapath {
         for h in &HOOKS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(h.program)
-                .ok_or_else(|| Error::Invalid(format!("program {} missing from object", h.program)))?
+                .ok_or_else(|| {
+                    Error::Invalid(format!("program {} missing from object", h.program))
+                })?
                 .try_into()?;
             prog.load()?;
         }
@@ -537,7 +539,9 @@ impl PolicyDatapath {
             || ifname.contains(['/', ':', '\0'])
             || ifname.contains(char::is_whitespace)
         {
-            return Err(Error::Invalid(format!("interface name {ifname:?} is not valid")));
+            return Err(Error::Invalid(format!(
+                "interface name {ifname:?} is not valid"
+            )));
         }
         Ok(self
             .root
@@ -551,8 +555,8 @@ impl PolicyDatapath {
     /// to this interface (a link pinned for an interface that has since gone or been
     /// recreated is replaced).
     pub fn attach(&mut self, ifname: &str) -> Result<usize, Error> {
-        let ifindex = ifindex_of(ifname)
-            .map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
+        let ifindex =
+            ifindex_of(ifname).map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
         let mut created = 0;
         for hook in &HOOKS {
             let pin = self.link_pin(ifname, hook)?;
@@ -603,16 +607,14 @@ impl PolicyDatapath {
         })
     }
 
-    /// Removes both links of `ifname` (unpinning the last reference detaches them).
-    /// Returns how many were there.
+    /// Detaches both links of `ifname` and removes their pins. Returns how many were
+    /// there.
     pub fn detach(&mut self, ifname: &str) -> Result<usize, Error> {
         let mut n = 0;
         for hook in &HOOKS {
             let pin = self.link_pin(ifname, hook)?;
-            match fs::remove_file(&pin) {
-                Ok(()) => n += 1,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
+            if detach_pinned_link(&pin)? {
+                n += 1;
             }
         }
         Ok(n)
@@ -653,7 +655,11 @@ impl PolicyDatapath {
             }
         }
 
-        for k in want_policy.difference(&self.m_policy).copied().collect::<Vec<_>>() {
+        for k in want_policy
+            .difference(&self.m_policy)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             self.policy.insert(
                 &Key::new(k.0, k.1),
                 PolicyVal {
@@ -866,6 +872,10 @@ impl PolicyDatapath {
             };
             for entry in rd {
                 let p = entry?.path();
+                if d == "links" {
+                    detach_pinned_link(&p)?;
+                    continue;
+                }
                 match fs::remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -887,6 +897,47 @@ impl PolicyDatapath {
             sys::remove_empty_dirs(pin_dir, parent.parent().unwrap_or(parent));
         }
         Ok(())
+    }
+}
+
+/// Detaches the link pinned at `pin` right away, then removes the pin. Unpinning alone
+/// would detach too, but only when the kernel gets round to freeing the link (deferred
+/// work), so traffic could still meet the program for a moment after `detach` returned.
+/// Returns false if there was no pin.
+fn detach_pinned_link(pin: &Path) -> Result<bool, Error> {
+    let fd = match sys::bpf_obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let attr = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: attr outlives the call; the kernel reads size_of bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>() as u32,
+        )
+    };
+    // A link whose device is gone is already detached (ENOLINK/EINVAL): just unpin.
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::ENOLINK) | Some(libc::EINVAL)) {
+            return Err(Error::Invalid(format!("detach {}: {e}", pin.display())));
+        }
+    }
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 

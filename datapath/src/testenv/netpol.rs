@@ -149,16 +149,51 @@ impl NetpolLab {
                 run(
                     "ip",
                     &[
-                        "link", "add", &host_if, "netns", &node_ns.name, "address", GATEWAY_MAC,
-                        "type", "veth", "peer", "name", "eth0", "netns", &netns.name,
+                        "link",
+                        "add",
+                        &host_if,
+                        "netns",
+                        &node_ns.name,
+                        "address",
+                        GATEWAY_MAC,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "eth0",
+                        "netns",
+                        &netns.name,
                     ],
                 )?;
                 netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
                 netns.ip(&["link", "set", "eth0", "up"])?;
-                netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-                netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
                 netns.ip(&[
-                    "neigh", "add", "169.254.1.1", "lladdr", GATEWAY_MAC, "dev", "eth0", "nud",
+                    "route",
+                    "add",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ])?;
+                netns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ])?;
+                netns.ip(&[
+                    "neigh",
+                    "add",
+                    "169.254.1.1",
+                    "lladdr",
+                    GATEWAY_MAC,
+                    "dev",
+                    "eth0",
+                    "nud",
                     "permanent",
                 ])?;
                 node_ns.ip(&["link", "set", &host_if, "up"])?;
@@ -307,12 +342,11 @@ fn serve(pod: &LabPod) -> io::Result<PodServer> {
         })();
         let (tcp, udp) = match bound {
             Ok(b) => {
-                let fds: Vec<i32> = b
-                    .0
-                    .iter()
-                    .map(|l| l.as_raw_fd())
-                    .chain(b.1.iter().map(|u| u.as_raw_fd()))
-                    .collect();
+                let fds: Vec<i32> =
+                    b.0.iter()
+                        .map(|l| l.as_raw_fd())
+                        .chain(b.1.iter().map(|u| u.as_raw_fd()))
+                        .collect();
                 let _ = tx.send(Ok(fds));
                 b
             }
@@ -386,7 +420,13 @@ fn probe_from(
             Protocol::Udp => (libc::SOCK_DGRAM, ProbeState::Reading(Vec::new())),
         };
         // SAFETY: plain socket syscall; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -407,7 +447,8 @@ fn probe_from(
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };
-        let state = if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        let state = if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS)
+        {
             ProbeState::Done(false)
         } else if matches!(proto, Protocol::Udp) {
             // SAFETY: writing a constant buffer to our own socket.
