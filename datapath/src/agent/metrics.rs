@@ -151,3 +151,89 @@ async fn follow(mut sock: tokio::net::TcpStream, store: &FlowStore, last: usize)
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::flows::{FlowEndpoint, FlowKind, FlowRecord, FlowVerdict};
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    fn rec(cookie: u64, verdict: FlowVerdict) -> FlowRecord {
+        FlowRecord {
+            time: "2026-11-22T18:00:00Z".into(),
+            node: "n1".into(),
+            kind: FlowKind::SockLb,
+            verdict,
+            drop_reason: None,
+            protocol: None,
+            source: FlowEndpoint::default(),
+            destination: FlowEndpoint::default(),
+            service: None,
+            observation_point: None,
+            socket_cookie: Some(cookie),
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> BufReader<tokio::net::TcpStream> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        BufReader::new(s)
+    }
+
+    async fn body_lines(r: &mut BufReader<tokio::net::TcpStream>) -> (String, Vec<String>) {
+        let mut status = String::new();
+        r.read_line(&mut status).await.unwrap();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).await.unwrap();
+            if h == "\r\n" {
+                break;
+            }
+        }
+        let mut lines = Vec::new();
+        let mut l = String::new();
+        while r.read_line(&mut l).await.unwrap() > 0 {
+            lines.push(std::mem::take(&mut l));
+        }
+        (status, lines)
+    }
+
+    #[tokio::test]
+    async fn flows_endpoint_serves_last_n_follow_and_counts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(serve(listener, metrics.clone()));
+        for i in 0..3 {
+            metrics.flows.push(&rec(i, if i == 2 { FlowVerdict::Dropped } else { FlowVerdict::Forwarded }));
+        }
+
+        let (status, lines) = body_lines(&mut get(addr, "/flows?last=2").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let cookies: Vec<_> = lines.iter().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().socket_cookie.unwrap()).collect();
+        assert_eq!(cookies, vec![1, 2]);
+
+        let (status, lines) = body_lines(&mut get(addr, "/flows?last=many").await).await;
+        assert!(status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""), "{status} {lines:?}");
+
+        // A follower gets the one it asked for from history, then what comes after, and
+        // nothing from before its header.
+        let mut f = get(addr, "/flows?follow=true&last=1").await;
+        let mut l = String::new();
+        while l != "\r\n" {
+            l.clear();
+            f.read_line(&mut l).await.unwrap();
+        }
+        metrics.flows.push(&rec(7, FlowVerdict::Forwarded));
+        for want in [2, 7] {
+            l.clear();
+            f.read_line(&mut l).await.unwrap();
+            assert_eq!(serde_json::from_str::<FlowRecord>(&l).unwrap().socket_cookie, Some(want));
+        }
+
+        let m = metrics.render();
+        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"), "{m}");
+        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"), "{m}");
+        assert!(m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"), "{m}");
+    }
+}
