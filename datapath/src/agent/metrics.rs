@@ -36,16 +36,66 @@ impl Metrics {
         let l = format!("node=\"{node}\"");
         let mut s = String::new();
         let mut m = |name: &str, kind: &str, help: &str, labels: &str, v: String| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"));
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"
+            ));
         };
-        m("kubeshift_agent_info", "gauge", "Agent node and the endpoints API it watches.", &format!("{l},endpoints_api=\"{api}\""), "1".into());
-        m("kubeshift_agent_synced", "gauge", "1 once the maps were reconciled with a full list of the API.", &l, self.synced.load(Relaxed).to_string());
-        m("kubeshift_agent_service_ports", "gauge", "Service ports (VIP, port, protocol) in the maps.", &l, self.service_ports.load(Relaxed).to_string());
-        m("kubeshift_agent_backends", "gauge", "Backends in the maps, summed over service ports.", &l, self.backends.load(Relaxed).to_string());
-        m("kubeshift_agent_syncs_total", "counter", "Sync passes (one per burst of API events).", &l, self.syncs.load(Relaxed).to_string());
-        m("kubeshift_agent_map_writes_total", "counter", "Service-port upserts and removals written.", &l, self.map_writes.load(Relaxed).to_string());
-        m("kubeshift_agent_sync_errors_total", "counter", "Failed map writes (retried).", &l, self.sync_errors.load(Relaxed).to_string());
-        m("kubeshift_agent_watch_errors_total", "counter", "Watch errors (retried with backoff).", &l, self.watch_errors.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_info",
+            "gauge",
+            "Agent node and the endpoints API it watches.",
+            &format!("{l},endpoints_api=\"{api}\""),
+            "1".into(),
+        );
+        m(
+            "kubeshift_agent_synced",
+            "gauge",
+            "1 once the maps were reconciled with a full list of the API.",
+            &l,
+            self.synced.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_service_ports",
+            "gauge",
+            "Service ports (VIP, port, protocol) in the maps.",
+            &l,
+            self.service_ports.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_backends",
+            "gauge",
+            "Backends in the maps, summed over service ports.",
+            &l,
+            self.backends.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_syncs_total",
+            "counter",
+            "Sync passes (one per burst of API events).",
+            &l,
+            self.syncs.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_map_writes_total",
+            "counter",
+            "Service-port upserts and removals written.",
+            &l,
+            self.map_writes.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_sync_errors_total",
+            "counter",
+            "Failed map writes (retried).",
+            &l,
+            self.sync_errors.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_watch_errors_total",
+            "counter",
+            "Watch errors (retried with backoff).",
+            &l,
+            self.watch_errors.load(Relaxed).to_string(),
+        );
         m(
             "kubeshift_agent_last_sync_seconds",
             "gauge",
@@ -72,7 +122,9 @@ impl Metrics {
 
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((sock, _)) = listener.accept().await else { continue };
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(handle(sock, metrics));
     }
@@ -97,7 +149,15 @@ async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
         "/metrics" => respond(&mut sock, "200 OK", TEXT, &metrics.render()).await,
         "/healthz" => respond(&mut sock, "200 OK", TEXT, "ok\n").await,
         "/flows" => match parse_query(query) {
-            Err(e) => respond(&mut sock, "400 Bad Request", "text/plain", &format!("{e}\n")).await,
+            Err(e) => {
+                respond(
+                    &mut sock,
+                    "400 Bad Request",
+                    "text/plain",
+                    &format!("{e}\n"),
+                )
+                .await
+            }
             Ok(q) if !q.follow => {
                 let lines = metrics.flows.last(q.last.unwrap_or(usize::MAX));
                 let mut body = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
@@ -176,7 +236,9 @@ mod tests {
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> BufReader<tokio::net::TcpStream> {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         BufReader::new(s)
     }
 
@@ -205,16 +267,34 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         tokio::spawn(serve(listener, metrics.clone()));
         for i in 0..3 {
-            metrics.flows.push(&rec(i, if i == 2 { FlowVerdict::Dropped } else { FlowVerdict::Forwarded }));
+            metrics.flows.push(&rec(
+                i,
+                if i == 2 {
+                    FlowVerdict::Dropped
+                } else {
+                    FlowVerdict::Forwarded
+                },
+            ));
         }
 
         let (status, lines) = body_lines(&mut get(addr, "/flows?last=2").await).await;
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-        let cookies: Vec<_> = lines.iter().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().socket_cookie.unwrap()).collect();
+        let cookies: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<FlowRecord>(l)
+                    .unwrap()
+                    .socket_cookie
+                    .unwrap()
+            })
+            .collect();
         assert_eq!(cookies, vec![1, 2]);
 
         let (status, lines) = body_lines(&mut get(addr, "/flows?last=many").await).await;
-        assert!(status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""), "{status} {lines:?}");
+        assert!(
+            status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""),
+            "{status} {lines:?}"
+        );
 
         // A follower gets the one it asked for from history, then what comes after, and
         // nothing from before its header.
@@ -228,12 +308,26 @@ mod tests {
         for want in [2, 7] {
             l.clear();
             f.read_line(&mut l).await.unwrap();
-            assert_eq!(serde_json::from_str::<FlowRecord>(&l).unwrap().socket_cookie, Some(want));
+            assert_eq!(
+                serde_json::from_str::<FlowRecord>(&l)
+                    .unwrap()
+                    .socket_cookie,
+                Some(want)
+            );
         }
 
         let m = metrics.render();
-        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"), "{m}");
-        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"), "{m}");
-        assert!(m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"), "{m}");
+        assert!(
+            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"),
+            "{m}"
+        );
     }
 }
