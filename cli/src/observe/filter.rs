@@ -19,9 +19,14 @@ pub struct PodMatch {
 pub fn parse_pod(s: &str) -> Result<PodMatch, String> {
     let (ns, name) = s.split_once('/').unwrap_or(("default", s));
     if ns.is_empty() || name.is_empty() || name.contains('/') {
-        return Err(format!("{s:?}: want NAMESPACE/POD (the pod name may be a prefix)"));
+        return Err(format!(
+            "{s:?}: want NAMESPACE/POD (the pod name may be a prefix)"
+        ));
     }
-    Ok(PodMatch { namespace: ns.to_string(), name_prefix: name.to_string() })
+    Ok(PodMatch {
+        namespace: ns.to_string(),
+        name_prefix: name.to_string(),
+    })
 }
 
 /// `key=value`; all given labels must be on the pod.
@@ -62,7 +67,10 @@ pub struct Filter {
 }
 
 fn pod_matches(m: &PodMatch, e: &FlowEndpoint) -> bool {
-    e.namespace.as_deref() == Some(m.namespace.as_str()) && e.pod.as_deref().is_some_and(|p| p.starts_with(&m.name_prefix))
+    e.namespace.as_deref() == Some(m.namespace.as_str())
+        && e.pod
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&m.name_prefix))
 }
 
 fn labels_match(want: &[(String, String)], have: &BTreeMap<String, String>) -> bool {
@@ -77,12 +85,20 @@ impl Filter {
     pub fn matches(&self, r: &FlowRecord) -> bool {
         self.verdict.is_none_or(|v| r.verdict == v)
             && self.protocol.is_none_or(|p| r.protocol == Some(p))
-            && self.from_pod.as_ref().is_none_or(|m| pod_matches(m, &r.source))
-            && self.to_pod.as_ref().is_none_or(|m| pod_matches(m, &r.destination))
+            && self
+                .from_pod
+                .as_ref()
+                .is_none_or(|m| pod_matches(m, &r.source))
+            && self
+                .to_pod
+                .as_ref()
+                .is_none_or(|m| pod_matches(m, &r.destination))
             && labels_match(&self.from_labels, &r.source.labels)
             && labels_match(&self.to_labels, &r.destination.labels)
             && self.port.is_none_or(|p| {
-                r.source.port == Some(p) || r.destination.port == Some(p) || r.service.as_ref().is_some_and(|s| s.port == p)
+                r.source.port == Some(p)
+                    || r.destination.port == Some(p)
+                    || r.service.as_ref().is_some_and(|s| s.port == p)
             })
     }
 }
@@ -98,7 +114,10 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             identity: None,
         }
     }
@@ -113,7 +132,12 @@ mod tests {
             protocol: Some(FlowProtocol::Tcp),
             source: ep("shop", "client", None, &[("app", "client"), ("tier", "fe")]),
             destination: ep("shop", "web-7d9f-abcde", Some(8080), &[("app", "web")]),
-            service: Some(FlowService { namespace: "shop".into(), name: "web".into(), ip: "10.96.0.10".parse().unwrap(), port: 80 }),
+            service: Some(FlowService {
+                namespace: "shop".into(),
+                name: "web".into(),
+                ip: "10.96.0.10".parse().unwrap(),
+                port: 80,
+            }),
             observation_point: None,
             socket_cookie: None,
         }
@@ -136,7 +160,12 @@ mod tests {
             f(|x| x.from_pod = pod("shop/client")),
             f(|x| x.to_pod = pod("shop/web")),
             f(|x| x.to_pod = pod("shop/web-7d9f-abcde")),
-            f(|x| x.from_labels = vec![parse_label("app=client").unwrap(), parse_label("tier=fe").unwrap()]),
+            f(|x| {
+                x.from_labels = vec![
+                    parse_label("app=client").unwrap(),
+                    parse_label("tier=fe").unwrap(),
+                ]
+            }),
             f(|x| x.to_labels = lab("app=web")),
             f(|x| x.port = Some(8080)),
             f(|x| x.port = Some(80)),
@@ -151,7 +180,12 @@ mod tests {
             f(|x| x.from_pod = pod("other/client")),
             f(|x| x.from_pod = pod("client")),
             f(|x| x.to_pod = pod("shop/client")),
-            f(|x| x.from_labels = vec![parse_label("app=client").unwrap(), parse_label("tier=be").unwrap()]),
+            f(|x| {
+                x.from_labels = vec![
+                    parse_label("app=client").unwrap(),
+                    parse_label("tier=be").unwrap(),
+                ]
+            }),
             f(|x| x.to_labels = lab("app=client")),
             f(|x| x.port = Some(443)),
             f(|x| x.protocol = Some(FlowProtocol::Udp)),
@@ -174,14 +208,25 @@ mod tests {
 
     #[test]
     fn flag_values() {
-        assert_eq!(parse_pod("web").unwrap(), PodMatch { namespace: "default".into(), name_prefix: "web".into() });
+        assert_eq!(
+            parse_pod("web").unwrap(),
+            PodMatch {
+                namespace: "default".into(),
+                name_prefix: "web".into()
+            }
+        );
         for bad in ["shop/", "/web", "a/b/c", ""] {
-            assert!(parse_pod(bad).unwrap_err().contains("NAMESPACE/POD"), "{bad}");
+            assert!(
+                parse_pod(bad).unwrap_err().contains("NAMESPACE/POD"),
+                "{bad}"
+            );
         }
         assert_eq!(parse_label("k=").unwrap(), ("k".into(), "".into()));
         assert!(parse_label("k").is_err() && parse_label("=v").is_err());
         assert_eq!(parse_verdict("dropped").unwrap(), FlowVerdict::Dropped);
-        assert!(parse_verdict("DENIED").unwrap_err().contains("FORWARDED or DROPPED"));
+        assert!(parse_verdict("DENIED")
+            .unwrap_err()
+            .contains("FORWARDED or DROPPED"));
         assert_eq!(parse_protocol("UDP").unwrap(), FlowProtocol::Udp);
         assert!(parse_protocol("sctp").is_err());
         assert!(Filter::default().is_empty() && !f(|x| x.port = Some(1)).is_empty());

@@ -31,9 +31,18 @@ fn time(s: &str) -> String {
 }
 
 pub fn compact(r: &FlowRecord) -> String {
-    let mut s = format!("{} [{}] {} -> {}", time(&r.time), r.node, endpoint(&r.source), endpoint(&r.destination));
+    let mut s = format!(
+        "{} [{}] {} -> {}",
+        time(&r.time),
+        r.node,
+        endpoint(&r.source),
+        endpoint(&r.destination)
+    );
     if let Some(svc) = &r.service {
-        s.push_str(&format!(" service {}/{} ({}:{})", svc.namespace, svc.name, svc.ip, svc.port));
+        s.push_str(&format!(
+            " service {}/{} ({}:{})",
+            svc.namespace, svc.name, svc.ip, svc.port
+        ));
     }
     if let Some(p) = r.protocol {
         s.push(' ');
@@ -78,7 +87,10 @@ mod tests {
                 "source":{},"destination":{"ip":"10.96.3.3","port":80}}"#,
         )
         .unwrap();
-        assert_eq!(compact(&drop), "bad [node-1] ? -> 10.96.3.3:80 DROPPED (no-endpoints)");
+        assert_eq!(
+            compact(&drop),
+            "bad [node-1] ? -> 10.96.3.3:80 DROPPED (no-endpoints)"
+        );
         assert_eq!(line(Format::Json, &drop, "{raw}"), "{raw}");
     }
 }

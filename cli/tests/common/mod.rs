@@ -309,7 +309,14 @@ pub enum Reply {
 pub fn from_pod(pod_cgroup: &Path, pod_netns: &str, argv: &[&str]) -> Reply {
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..]);
-    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
         cmd.env_remove(v);
     }
     kubeshift_lab::sys::confine(&mut cmd, Some(pod_netns), Some(pod_cgroup)).expect("confine");
@@ -327,17 +334,30 @@ pub fn from_pod(pod_cgroup: &Path, pod_netns: &str, argv: &[&str]) -> Reply {
 
 pub fn http(pod_cgroup: &Path, pod_netns: &str, vip: std::net::Ipv4Addr, port: u16) -> Reply {
     let url = format!("http://{vip}:{port}/hostname");
-    from_pod(pod_cgroup, pod_netns, &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url])
+    from_pod(
+        pod_cgroup,
+        pod_netns,
+        &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url],
+    )
 }
 
 /// A bare TCP connect: bash reports the errno's text ("Connection refused"), curl does not.
-pub fn tcp_connect(pod_cgroup: &Path, pod_netns: &str, vip: std::net::Ipv4Addr, port: u16) -> Reply {
+pub fn tcp_connect(
+    pod_cgroup: &Path,
+    pod_netns: &str,
+    vip: std::net::Ipv4Addr,
+    port: u16,
+) -> Reply {
     let script = format!("exec 3<>/dev/tcp/{vip}/{port} && echo connected");
     from_pod(pod_cgroup, pod_netns, &["bash", "-c", &script])
 }
 
 /// Polls the client until `want` holds for its reply.
-pub async fn await_reply(what: &str, f: impl Fn() -> Reply, want: impl Fn(&Reply) -> bool) -> Reply {
+pub async fn await_reply(
+    what: &str,
+    f: impl Fn() -> Reply,
+    want: impl Fn(&Reply) -> bool,
+) -> Reply {
     let f = &f;
     let want = &want;
     eventually(what, Duration::from_secs(60), || async move {

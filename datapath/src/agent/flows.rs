@@ -8,7 +8,7 @@
 //! fields they do not know, so adding a part or a field is not a format change.
 
 use super::desired::ObjKey;
-use super::pods::{resolve_cookies, NetnsCache, PodIndex, PodInfo};
+use super::pods::{resolve_cookies, PodIndex, PodInfo};
 use crate::nodeport::{NpFlowEvent, NpReason, NpVerdict};
 use crate::policy::loader::{DropReason, PolicyFlowEvent, PolicyVerdict};
 use crate::policy::model::Direction;
@@ -145,7 +145,10 @@ pub fn wall_clock_ns(event_mono_ns: u64, mono_now_ns: u64, real_now_ns: u64) -> 
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -153,7 +156,10 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// Both clocks, read back to back.
 pub fn clocks_now() -> (u64, u64) {
-    (clock_ns(libc::CLOCK_MONOTONIC), clock_ns(libc::CLOCK_REALTIME))
+    (
+        clock_ns(libc::CLOCK_MONOTONIC),
+        clock_ns(libc::CLOCK_REALTIME),
+    )
 }
 
 pub fn rfc3339(unix_ns: u64) -> String {
@@ -213,10 +219,18 @@ pub fn sock_lb_record(ev: &FlowEvent, service: Option<&ObjKey>, cx: &Context) ->
             d
         }
         // Nothing was picked: the client's destination is the service address itself.
-        None => FlowEndpoint { ip: Some(IpAddr::V4(*ev.service.ip())), port: Some(ev.service.port()), ..Default::default() },
+        None => FlowEndpoint {
+            ip: Some(IpAddr::V4(*ev.service.ip())),
+            port: Some(ev.service.port()),
+            ..Default::default()
+        },
     };
     FlowRecord {
-        time: rfc3339(wall_clock_ns(ev.timestamp_ns, cx.mono_now_ns, cx.real_now_ns)),
+        time: rfc3339(wall_clock_ns(
+            ev.timestamp_ns,
+            cx.mono_now_ns,
+            cx.real_now_ns,
+        )),
         node: cx.node.to_string(),
         kind: FlowKind::SockLb,
         verdict,
@@ -233,13 +247,11 @@ pub fn sock_lb_record(ev: &FlowEvent, service: Option<&ObjKey>, cx: &Context) ->
             ip: IpAddr::V4(*ev.service.ip()),
             port: ev.service.port(),
         }),
-        observation_point: Some(
-            match ev.hook {
-                Hook::Connect => "connect".to_string(),
-                Hook::SendMsg => "sendmsg".to_string(),
-                Hook::Unknown(h) => format!("hook-{h}"),
-            },
-        ),
+        observation_point: Some(match ev.hook {
+            Hook::Connect => "connect".to_string(),
+            Hook::SendMsg => "sendmsg".to_string(),
+            Hook::Unknown(h) => format!("hook-{h}"),
+        }),
         socket_cookie: Some(ev.socket_cookie),
     }
 }
@@ -378,7 +390,14 @@ impl Default for FlowStore {
 impl FlowStore {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(1024);
-        Self { capacity, inner: Mutex::new(Inner { ring: VecDeque::with_capacity(capacity.min(4096)), counts: FlowCounts::default() }), tx }
+        Self {
+            capacity,
+            inner: Mutex::new(Inner {
+                ring: VecDeque::with_capacity(capacity.min(4096)),
+                counts: FlowCounts::default(),
+            }),
+            tx,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -410,14 +429,25 @@ impl FlowStore {
     /// The newest `n` records, oldest first.
     pub fn last(&self, n: usize) -> Vec<Arc<str>> {
         let g = self.inner.lock().unwrap();
-        g.ring.iter().skip(g.ring.len().saturating_sub(n)).cloned().collect()
+        g.ring
+            .iter()
+            .skip(g.ring.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     /// [`FlowStore::last`], and every record pushed after it.
     pub fn last_and_follow(&self, n: usize) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
         let g = self.inner.lock().unwrap();
         let rx = self.tx.subscribe();
-        (g.ring.iter().skip(g.ring.len().saturating_sub(n)).cloned().collect(), rx)
+        (
+            g.ring
+                .iter()
+                .skip(g.ring.len().saturating_sub(n))
+                .cloned()
+                .collect(),
+            rx,
+        )
     }
 
     pub fn missed(&self, n: u64) {
@@ -447,10 +477,14 @@ pub(super) enum FlowMsg {
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Owns the pod view and the cookie map; turns events into records for `store`.
-pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedReceiver<FlowMsg>, store: Arc<FlowStore>) {
+pub(super) async fn run(
+    node: String,
+    cgroup: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<FlowMsg>,
+    store: Arc<FlowStore>,
+) {
     let mut pods = PodIndex::default();
     let mut cookies: HashMap<u64, String> = HashMap::new();
-    let mut cache = NetnsCache::new();
     let mut last_scan: Option<Instant> = None;
     while let Some(msg) = rx.recv().await {
         match msg {
@@ -460,7 +494,10 @@ pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedRe
                     super::Change::Apply(k, v) => {
                         // A local pod with an IP has its sandbox and processes.
                         rescan = v.as_ref().is_some_and(|p| {
-                            !p.host_network && p.node.as_deref() == Some(node.as_str()) && p.ip.is_some() && !cookies.values().any(|u| *u == p.uid)
+                            !p.host_network
+                                && p.node.as_deref() == Some(node.as_str())
+                                && p.ip.is_some()
+                                && !cookies.values().any(|u| *u == p.uid)
                         });
                         pods.set(&k.namespace, &k.name, v);
                     }
@@ -475,18 +512,29 @@ pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedRe
                     }
                 }
                 if rescan {
-                    (cookies, cache) = scan(&node, &cgroup, &pods, cache).await;
+                    cookies = scan(&node, &cgroup, &pods, cookies).await;
                     last_scan = Some(Instant::now());
                 }
             }
             FlowMsg::SockLb(events) => {
-                let unknown = events.iter().any(|(e, _)| !cookies.contains_key(&e.netns_cookie));
-                if unknown && pods.listed && last_scan.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL) {
-                    (cookies, cache) = scan(&node, &cgroup, &pods, cache).await;
+                let unknown = events
+                    .iter()
+                    .any(|(e, _)| !cookies.contains_key(&e.netns_cookie));
+                if unknown
+                    && pods.listed
+                    && last_scan.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
+                {
+                    cookies = scan(&node, &cgroup, &pods, cookies).await;
                     last_scan = Some(Instant::now());
                 }
                 let (mono_now_ns, real_now_ns) = clocks_now();
-                let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
+                let cx = Context {
+                    node: &node,
+                    pods: &pods,
+                    cookies: &cookies,
+                    mono_now_ns,
+                    real_now_ns,
+                };
                 for (e, svc) in &events {
                     store.push(&sock_lb_record(e, svc.as_ref(), &cx));
                 }
@@ -509,13 +557,26 @@ pub(super) async fn run(node: String, cgroup: PathBuf, mut rx: mpsc::UnboundedRe
     }
 }
 
-async fn scan(node: &str, cgroup: &std::path::Path, pods: &PodIndex, cache: NetnsCache) -> (HashMap<u64, String>, NetnsCache) {
+/// The cookie map after a scan of the node's pods. A pod found before keeps its entry
+/// while it exists even if no process of it is seen now (a container restarting): its
+/// netns, and so its cookie, outlives its processes.
+async fn scan(
+    node: &str,
+    cgroup: &std::path::Path,
+    pods: &PodIndex,
+    old: HashMap<u64, String>,
+) -> HashMap<u64, String> {
     let uids: Vec<String> = pods.local(node).map(|p| p.uid.clone()).collect();
     let root = cgroup.to_path_buf();
-    // Blocking file reads and setns on a thread of their own (see resolve_cookies).
-    tokio::task::spawn_blocking(move || resolve_cookies(root, uids, cache))
+    let mut found = tokio::task::spawn_blocking(move || resolve_cookies(root, uids))
         .await
-        .unwrap_or_else(|_| (HashMap::new(), NetnsCache::new()))
+        .unwrap_or_default();
+    for (c, uid) in old {
+        if pods.by_uid(&uid).is_some() {
+            found.entry(c).or_insert(uid);
+        }
+    }
+    found
 }
 
 // --- GET /flows ----------------------------------------------------------------------
@@ -528,11 +589,19 @@ pub struct FlowQuery {
 }
 
 pub fn parse_query(q: &str) -> Result<FlowQuery, String> {
-    let mut out = FlowQuery { last: None, follow: false };
+    let mut out = FlowQuery {
+        last: None,
+        follow: false,
+    };
     for kv in q.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "last" => out.last = Some(v.parse().map_err(|_| format!("query parameter last={v:?}: not a number"))?),
+            "last" => {
+                out.last = Some(
+                    v.parse()
+                        .map_err(|_| format!("query parameter last={v:?}: not a number"))?,
+                )
+            }
             "follow" => {
                 out.follow = match v {
                     "" | "true" | "1" => true,
@@ -540,7 +609,11 @@ pub fn parse_query(q: &str) -> Result<FlowQuery, String> {
                     _ => return Err(format!("query parameter follow={v:?}: want true or false")),
                 }
             }
-            _ => return Err(format!("unknown query parameter {k:?} (known: last, follow)")),
+            _ => {
+                return Err(format!(
+                    "unknown query parameter {k:?} (known: last, follow)"
+                ))
+            }
         }
     }
     Ok(out)
@@ -579,26 +652,45 @@ mod tests {
             labels: [("app".to_string(), app.to_string())].into(),
             host_network: false,
         };
-        idx.replace_all(vec![p("u-c", "client", "10.244.1.5", "n1", "client"), p("u-b", "web-1", "10.244.2.7", "n2", "web")]);
+        idx.replace_all(vec![
+            p("u-c", "client", "10.244.1.5", "n1", "client"),
+            p("u-b", "web-1", "10.244.2.7", "n2", "web"),
+        ]);
         idx
     }
 
     #[test]
     fn monotonic_to_wall_clock() {
         // An event 2 s old on the monotonic clock happened 2 s before "now" on the wall clock.
-        assert_eq!(wall_clock_ns(8_000_000_000, 10_000_000_000, 1_700_000_000_000_000_000), 1_699_999_998_000_000_000);
+        assert_eq!(
+            wall_clock_ns(8_000_000_000, 10_000_000_000, 1_700_000_000_000_000_000),
+            1_699_999_998_000_000_000
+        );
         // A timestamp from the future (clock read after the event) does not underflow.
         assert_eq!(wall_clock_ns(11, 10, 100), 100);
-        assert_eq!(rfc3339(1_700_000_000_123_000_000), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            rfc3339(1_700_000_000_123_000_000),
+            "2023-11-14T22:13:20.123Z"
+        );
     }
 
     #[test]
     fn forwarded_with_source_and_destination_pods() {
         let pods = pods();
         let cookies: HashMap<u64, String> = [(42, "u-c".to_string())].into();
-        let cx = Context { node: "n1", pods: &pods, cookies: &cookies, mono_now_ns: 6_000_000_000, real_now_ns: 1_700_000_001_000_000_000 };
+        let cx = Context {
+            node: "n1",
+            pods: &pods,
+            cookies: &cookies,
+            mono_now_ns: 6_000_000_000,
+            real_now_ns: 1_700_000_001_000_000_000,
+        };
         let svc = ObjKey::new("shop", "web");
-        let r = sock_lb_record(&ev(Verdict::Forwarded, Some("10.244.2.7:8080"), 42), Some(&svc), &cx);
+        let r = sock_lb_record(
+            &ev(Verdict::Forwarded, Some("10.244.2.7:8080"), 42),
+            Some(&svc),
+            &cx,
+        );
         assert_eq!(r.verdict, FlowVerdict::Forwarded);
         assert_eq!(r.time, "2023-11-14T22:13:20Z");
         assert_eq!(r.source.pod.as_deref(), Some("client"));
@@ -623,8 +715,18 @@ mod tests {
     fn no_endpoints_is_dropped_and_unknown_cookie_leaves_source_empty() {
         let pods = pods();
         let cookies = HashMap::new();
-        let cx = Context { node: "n1", pods: &pods, cookies: &cookies, mono_now_ns: 5_000_000_000, real_now_ns: 1_000 };
-        let r = sock_lb_record(&ev(Verdict::RefusedNoBackends, None, 42), Some(&ObjKey::new("shop", "empty")), &cx);
+        let cx = Context {
+            node: "n1",
+            pods: &pods,
+            cookies: &cookies,
+            mono_now_ns: 5_000_000_000,
+            real_now_ns: 1_000,
+        };
+        let r = sock_lb_record(
+            &ev(Verdict::RefusedNoBackends, None, 42),
+            Some(&ObjKey::new("shop", "empty")),
+            &cx,
+        );
         assert_eq!(r.verdict, FlowVerdict::Dropped);
         assert_eq!(r.drop_reason.as_deref(), Some(REASON_NO_ENDPOINTS));
         assert_eq!(r.source, FlowEndpoint::default());
@@ -652,7 +754,11 @@ mod tests {
             time: rfc3339(i),
             node: "n".into(),
             kind: FlowKind::SockLb,
-            verdict: if i % 2 == 0 { FlowVerdict::Forwarded } else { FlowVerdict::Dropped },
+            verdict: if i.is_multiple_of(2) {
+                FlowVerdict::Forwarded
+            } else {
+                FlowVerdict::Dropped
+            },
             drop_reason: None,
             protocol: None,
             source: FlowEndpoint::default(),
@@ -664,7 +770,16 @@ mod tests {
         for i in 0..5 {
             store.push(&rec(i));
         }
-        let cookies = |v: &[Arc<str>]| v.iter().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().socket_cookie.unwrap()).collect::<Vec<_>>();
+        let cookies = |v: &[Arc<str>]| {
+            v.iter()
+                .map(|l| {
+                    serde_json::from_str::<FlowRecord>(l)
+                        .unwrap()
+                        .socket_cookie
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
         assert_eq!(cookies(&store.last(10)), vec![2, 3, 4]);
         assert_eq!(cookies(&store.last(1)), vec![4]);
         let (snap, mut rx) = store.last_and_follow(2);
@@ -678,11 +793,31 @@ mod tests {
 
     #[test]
     fn query() {
-        assert_eq!(parse_query("").unwrap(), FlowQuery { last: None, follow: false });
-        assert_eq!(parse_query("last=50").unwrap(), FlowQuery { last: Some(50), follow: false });
-        assert_eq!(parse_query("follow=true&last=0").unwrap(), FlowQuery { last: Some(0), follow: true });
+        assert_eq!(
+            parse_query("").unwrap(),
+            FlowQuery {
+                last: None,
+                follow: false
+            }
+        );
+        assert_eq!(
+            parse_query("last=50").unwrap(),
+            FlowQuery {
+                last: Some(50),
+                follow: false
+            }
+        );
+        assert_eq!(
+            parse_query("follow=true&last=0").unwrap(),
+            FlowQuery {
+                last: Some(0),
+                follow: true
+            }
+        );
         assert!(parse_query("last=x").unwrap_err().contains("last=\"x\""));
         assert!(parse_query("follow=maybe").unwrap_err().contains("follow"));
-        assert!(parse_query("verdict=DROPPED").unwrap_err().contains("verdict"));
+        assert!(parse_query("verdict=DROPPED")
+            .unwrap_err()
+            .contains("verdict"));
     }
 }

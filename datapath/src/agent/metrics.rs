@@ -47,16 +47,66 @@ impl Metrics {
         let l = format!("node=\"{node}\"");
         let mut s = String::new();
         let mut m = |name: &str, kind: &str, help: &str, labels: &str, v: String| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"));
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"
+            ));
         };
-        m("kubeshift_agent_info", "gauge", "Agent node and the endpoints API it watches.", &format!("{l},endpoints_api=\"{api}\""), "1".into());
-        m("kubeshift_agent_synced", "gauge", "1 once the maps were reconciled with a full list of the API.", &l, self.synced.load(Relaxed).to_string());
-        m("kubeshift_agent_service_ports", "gauge", "Service ports (VIP, port, protocol) in the maps.", &l, self.service_ports.load(Relaxed).to_string());
-        m("kubeshift_agent_backends", "gauge", "Backends in the maps, summed over service ports.", &l, self.backends.load(Relaxed).to_string());
-        m("kubeshift_agent_syncs_total", "counter", "Sync passes (one per burst of API events).", &l, self.syncs.load(Relaxed).to_string());
-        m("kubeshift_agent_map_writes_total", "counter", "Service-port upserts and removals written.", &l, self.map_writes.load(Relaxed).to_string());
-        m("kubeshift_agent_sync_errors_total", "counter", "Failed map writes (retried).", &l, self.sync_errors.load(Relaxed).to_string());
-        m("kubeshift_agent_watch_errors_total", "counter", "Watch errors (retried with backoff).", &l, self.watch_errors.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_info",
+            "gauge",
+            "Agent node and the endpoints API it watches.",
+            &format!("{l},endpoints_api=\"{api}\""),
+            "1".into(),
+        );
+        m(
+            "kubeshift_agent_synced",
+            "gauge",
+            "1 once the maps were reconciled with a full list of the API.",
+            &l,
+            self.synced.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_service_ports",
+            "gauge",
+            "Service ports (VIP, port, protocol) in the maps.",
+            &l,
+            self.service_ports.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_backends",
+            "gauge",
+            "Backends in the maps, summed over service ports.",
+            &l,
+            self.backends.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_syncs_total",
+            "counter",
+            "Sync passes (one per burst of API events).",
+            &l,
+            self.syncs.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_map_writes_total",
+            "counter",
+            "Service-port upserts and removals written.",
+            &l,
+            self.map_writes.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_sync_errors_total",
+            "counter",
+            "Failed map writes (retried).",
+            &l,
+            self.sync_errors.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_watch_errors_total",
+            "counter",
+            "Watch errors (retried with backoff).",
+            &l,
+            self.watch_errors.load(Relaxed).to_string(),
+        );
         m(
             "kubeshift_agent_last_sync_seconds",
             "gauge",
@@ -98,7 +148,9 @@ impl Metrics {
 
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((sock, _)) = listener.accept().await else { continue };
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(handle(sock, metrics));
     }
@@ -123,7 +175,15 @@ async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
         "/metrics" => respond(&mut sock, "200 OK", TEXT, &metrics.render()).await,
         "/healthz" => respond(&mut sock, "200 OK", TEXT, "ok\n").await,
         "/flows" => match parse_query(query) {
-            Err(e) => respond(&mut sock, "400 Bad Request", "text/plain", &format!("{e}\n")).await,
+            Err(e) => {
+                respond(
+                    &mut sock,
+                    "400 Bad Request",
+                    "text/plain",
+                    &format!("{e}\n"),
+                )
+                .await
+            }
             Ok(q) if !q.follow => {
                 let lines = metrics.flows.last(q.last.unwrap_or(usize::MAX));
                 let mut body = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
@@ -175,5 +235,125 @@ async fn follow(mut sock: tokio::net::TcpStream, store: &FlowStore, last: usize)
             // Without this a closed follower would only be noticed at the next record.
             r = rd.read(&mut scratch) => if matches!(r, Ok(0) | Err(_)) { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::flows::{FlowEndpoint, FlowKind, FlowRecord, FlowVerdict};
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    fn rec(cookie: u64, verdict: FlowVerdict) -> FlowRecord {
+        FlowRecord {
+            time: "2026-11-22T18:00:00Z".into(),
+            node: "n1".into(),
+            kind: FlowKind::SockLb,
+            verdict,
+            drop_reason: None,
+            protocol: None,
+            source: FlowEndpoint::default(),
+            destination: FlowEndpoint::default(),
+            service: None,
+            observation_point: None,
+            socket_cookie: Some(cookie),
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> BufReader<tokio::net::TcpStream> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        BufReader::new(s)
+    }
+
+    async fn body_lines(r: &mut BufReader<tokio::net::TcpStream>) -> (String, Vec<String>) {
+        let mut status = String::new();
+        r.read_line(&mut status).await.unwrap();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).await.unwrap();
+            if h == "\r\n" {
+                break;
+            }
+        }
+        let mut lines = Vec::new();
+        let mut l = String::new();
+        while r.read_line(&mut l).await.unwrap() > 0 {
+            lines.push(std::mem::take(&mut l));
+        }
+        (status, lines)
+    }
+
+    #[tokio::test]
+    async fn flows_endpoint_serves_last_n_follow_and_counts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(serve(listener, metrics.clone()));
+        for i in 0..3 {
+            metrics.flows.push(&rec(
+                i,
+                if i == 2 {
+                    FlowVerdict::Dropped
+                } else {
+                    FlowVerdict::Forwarded
+                },
+            ));
+        }
+
+        let (status, lines) = body_lines(&mut get(addr, "/flows?last=2").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let cookies: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<FlowRecord>(l)
+                    .unwrap()
+                    .socket_cookie
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(cookies, vec![1, 2]);
+
+        let (status, lines) = body_lines(&mut get(addr, "/flows?last=many").await).await;
+        assert!(
+            status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""),
+            "{status} {lines:?}"
+        );
+
+        // A follower gets the one it asked for from history, then what comes after, and
+        // nothing from before its header.
+        let mut f = get(addr, "/flows?follow=true&last=1").await;
+        let mut l = String::new();
+        while l != "\r\n" {
+            l.clear();
+            f.read_line(&mut l).await.unwrap();
+        }
+        metrics.flows.push(&rec(7, FlowVerdict::Forwarded));
+        for want in [2, 7] {
+            l.clear();
+            f.read_line(&mut l).await.unwrap();
+            assert_eq!(
+                serde_json::from_str::<FlowRecord>(&l)
+                    .unwrap()
+                    .socket_cookie,
+                Some(want)
+            );
+        }
+
+        let m = metrics.render();
+        assert!(
+            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"),
+            "{m}"
+        );
     }
 }

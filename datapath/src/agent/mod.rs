@@ -74,7 +74,10 @@ pub struct AgentConfig {
 
 /// The newest endpoints API the apiserver serves.
 pub async fn discover_endpoints_api(client: &Client) -> Result<EndpointsApi> {
-    let groups = client.list_api_groups().await.context("listing API groups")?;
+    let groups = client
+        .list_api_groups()
+        .await
+        .context("listing API groups")?;
     let served: Vec<String> = groups
         .groups
         .iter()
@@ -104,7 +107,10 @@ enum Msg {
 
 fn obj_key<K: Resource>(o: &K) -> ObjKey {
     let m = o.meta();
-    ObjKey::new(m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+    ObjKey::new(
+        m.namespace.as_deref().unwrap_or(""),
+        m.name.as_deref().unwrap_or(""),
+    )
 }
 
 /// Runs one watch forever, converting each object to plain data. Watch errors are
@@ -121,7 +127,9 @@ async fn pump<K, T, M>(
     M: Send + 'static,
 {
     use kube::runtime::WatchStreamExt;
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut buffer: HashMap<ObjKey, T> = HashMap::new();
     while let Some(ev) = stream.next().await {
         let msg = match ev {
@@ -137,7 +145,9 @@ async fn pump<K, T, M>(
             }
             Ok(watcher::Event::InitDone) => Change::Relist(std::mem::take(&mut buffer)),
             Err(e) => {
-                metrics.watch_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .watch_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!("watch: {e}");
                 continue;
             }
@@ -163,14 +173,20 @@ struct State {
 }
 
 fn service_keys(spec: &ServiceSpec) -> impl Iterator<Item = ServiceKey> + '_ {
-    spec.cluster_ips
-        .iter()
-        .flat_map(move |vip| spec.ports.iter().map(move |p| ServiceKey { vip: *vip, port: p.port, protocol: p.protocol }))
+    spec.cluster_ips.iter().flat_map(move |vip| {
+        spec.ports.iter().map(move |p| ServiceKey {
+            vip: *vip,
+            port: p.port,
+            protocol: p.protocol,
+        })
+    })
 }
 
 impl State {
     fn wanted(&self, svc: &ObjKey) -> Wanted {
-        let Some(spec) = self.services.get(svc) else { return Wanted::new() };
+        let Some(spec) = self.services.get(svc) else {
+            return Wanted::new();
+        };
         let sets: Vec<_> = self
             .endpoints_of
             .get(svc)
@@ -219,7 +235,10 @@ impl State {
             dirty.insert(o.service);
         }
         if let Some(n) = v {
-            self.endpoints_of.entry(n.service.clone()).or_default().insert(k);
+            self.endpoints_of
+                .entry(n.service.clone())
+                .or_default()
+                .insert(k);
             dirty.insert(n.service);
         }
     }
@@ -229,7 +248,12 @@ impl State {
             Msg::Service(Change::Apply(k, v)) => self.set_service(k, v, dirty),
             Msg::Service(Change::Delete(k)) => self.set_service(k, None, dirty),
             Msg::Service(Change::Relist(all)) => {
-                let gone: Vec<ObjKey> = self.services.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
+                let gone: Vec<ObjKey> = self
+                    .services
+                    .keys()
+                    .filter(|k| !all.contains_key(*k))
+                    .cloned()
+                    .collect();
                 for k in gone {
                     self.set_service(k, None, dirty);
                 }
@@ -241,7 +265,12 @@ impl State {
             Msg::Endpoints(Change::Apply(k, v)) => self.set_endpoints(k, v, dirty),
             Msg::Endpoints(Change::Delete(k)) => self.set_endpoints(k, None, dirty),
             Msg::Endpoints(Change::Relist(all)) => {
-                let gone: Vec<ObjKey> = self.endpoints.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
+                let gone: Vec<ObjKey> = self
+                    .endpoints
+                    .keys()
+                    .filter(|k| !all.contains_key(*k))
+                    .cloned()
+                    .collect();
                 for k in gone {
                     self.set_endpoints(k, None, dirty);
                 }
@@ -270,12 +299,18 @@ fn execute(dp: &mut Datapath, plan: &Plan, metrics: &Metrics) -> usize {
             failed += 1;
         }
     }
-    metrics.map_writes.fetch_add((plan.removes.len() + plan.upserts.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+    metrics.map_writes.fetch_add(
+        (plan.removes.len() + plan.upserts.len()) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     failed
 }
 
 fn programmed_now(dp: &Datapath) -> Wanted {
-    dp.services().into_iter().map(|(k, b, a)| (k, (b, a))).collect()
+    dp.services()
+        .into_iter()
+        .map(|(k, b, a)| (k, (b, a)))
+        .collect()
 }
 
 /// A duplicate of a ring buffer's fd, registered with the runtime's epoll: it turns
@@ -291,7 +326,9 @@ fn register_ring(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Option<AsyncFd<
 }
 
 /// Waits until the flow ring buffer has events; never, once it failed.
-async fn flows_readable(fd: &Option<AsyncFd<std::os::fd::OwnedFd>>) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
+async fn flows_readable(
+    fd: &Option<AsyncFd<std::os::fd::OwnedFd>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
     match fd {
         Some(f) => f.readable().await,
         None => std::future::pending().await,
@@ -302,7 +339,9 @@ fn update_gauges(dp: &Datapath, metrics: &Metrics) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = dp.services();
     metrics.service_ports.store(s.len() as u64, Relaxed);
-    metrics.backends.store(s.iter().map(|(_, b, _)| b.len() as u64).sum(), Relaxed);
+    metrics
+        .backends
+        .store(s.iter().map(|(_, b, _)| b.len() as u64).sum(), Relaxed);
 }
 
 /// Runs until SIGINT/SIGTERM. The datapath stays attached and pinned when it returns.
@@ -313,8 +352,13 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
         Some(a) => a,
         None => discover_endpoints_api(&client).await?,
     };
-    let mut dp = Datapath::load(cfg.datapath.clone())
-        .with_context(|| format!("loading the datapath (pins {}, cgroup {})", cfg.datapath.pin_dir.display(), cfg.datapath.cgroup.display()))?;
+    let mut dp = Datapath::load(cfg.datapath.clone()).with_context(|| {
+        format!(
+            "loading the datapath (pins {}, cgroup {})",
+            cfg.datapath.pin_dir.display(),
+            cfg.datapath.cgroup.display()
+        )
+    })?;
     tracing::info!(
         node = %cfg.node, pins = %cfg.datapath.pin_dir.display(), cgroup = %cfg.datapath.cgroup.display(),
         reopened = dp.reopened(), upgraded = dp.upgraded_programs(), programmed = dp.services().len(),
@@ -330,7 +374,9 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     update_gauges(&dp, &metrics);
 
     if let Some(addr) = cfg.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr}"))?;
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
@@ -363,18 +409,39 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     tasks.spawn(pump(Api::<Service>::all(client.clone()), |s: &Service| source::service(s), Msg::Service, tx.clone(), metrics.clone()));
     match ep_api {
         EndpointsApi::SliceV1 => {
-            tasks.spawn(pump(Api::<EndpointSlice>::all(client.clone()), source::slice_v1, Msg::Endpoints, tx.clone(), metrics.clone()));
+            tasks.spawn(pump(
+                Api::<EndpointSlice>::all(client.clone()),
+                source::slice_v1,
+                Msg::Endpoints,
+                tx.clone(),
+                metrics.clone(),
+            ));
         }
         EndpointsApi::SliceV1beta1 => {
-            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+                "endpointslices",
+            );
             let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-            tasks.spawn(pump(api, source::slice_v1beta1, Msg::Endpoints, tx.clone(), metrics.clone()));
+            tasks.spawn(pump(
+                api,
+                source::slice_v1beta1,
+                Msg::Endpoints,
+                tx.clone(),
+                metrics.clone(),
+            ));
         }
         EndpointsApi::CoreEndpoints => {
             #[allow(deprecated)]
             let api = Api::<k8s_openapi::api::core::v1::Endpoints>::all(client.clone());
             #[allow(deprecated)]
-            tasks.spawn(pump(api, |e: &k8s_openapi::api::core::v1::Endpoints| source::endpoints(e), Msg::Endpoints, tx.clone(), metrics.clone()));
+            tasks.spawn(pump(
+                api,
+                |e: &k8s_openapi::api::core::v1::Endpoints| source::endpoints(e),
+                Msg::Endpoints,
+                tx.clone(),
+                metrics.clone(),
+            ));
         }
     }
     drop(tx);
@@ -446,7 +513,12 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
                 state.programmed.insert(svc.clone(), w);
             }
             let plan = diff(&programmed_now(&dp), &wanted);
-            tracing::info!(services = state.services.len(), writes = plan.upserts.len(), stale = plan.removes.len(), "initial reconcile");
+            tracing::info!(
+                services = state.services.len(),
+                writes = plan.upserts.len(),
+                stale = plan.removes.len(),
+                "initial reconcile"
+            );
             failed += execute(&mut dp, &plan, &metrics);
             dirty.clear();
             if failed > 0 {
@@ -469,7 +541,8 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
                     // from the datapath's own mirror.
                     let now = programmed_now(&dp);
                     let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
-                    let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
+                    let actual: Wanted =
+                        now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
                     state.programmed.insert(svc, actual);
                 } else if !wanted.is_empty() {
                     state.programmed.insert(svc, wanted);
@@ -480,7 +553,9 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
             metrics.sync_errors.fetch_add(failed as u64, Relaxed);
         }
         metrics.syncs.fetch_add(1, Relaxed);
-        metrics.last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
+        metrics
+            .last_sync_ns
+            .store(started.elapsed().as_nanos() as u64, Relaxed);
         update_gauges(&dp, &metrics);
     }
     tracing::info!("stopping; the datapath stays attached and pinned");
@@ -497,7 +572,11 @@ mod tests {
     fn svc(vip: &str) -> ServiceSpec {
         ServiceSpec {
             cluster_ips: vec![vip.parse().unwrap()],
-            ports: vec![PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp }],
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
             affinity: Affinity::None,
         }
     }
@@ -505,8 +584,15 @@ mod tests {
         EndpointsOf {
             service: ObjKey::new("ns", svc),
             sets: vec![EndpointSet {
-                ports: vec![PortSpec { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
-                addresses: vec![EndpointAddr { ip: ip.parse().unwrap(), ready: true }],
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                }],
+                addresses: vec![EndpointAddr {
+                    ip: ip.parse().unwrap(),
+                    ready: true,
+                }],
             }],
         }
     }
@@ -515,9 +601,23 @@ mod tests {
     fn an_endpoint_change_dirties_only_its_service() {
         let mut st = State::default();
         let mut dirty = BTreeSet::new();
-        let all: HashMap<_, _> = (0..100).map(|i| (ObjKey::new("ns", &format!("s{i}")), Some(svc(&format!("10.96.0.{i}"))))).collect();
+        let all: HashMap<_, _> = (0..100)
+            .map(|i| {
+                (
+                    ObjKey::new("ns", &format!("s{i}")),
+                    Some(svc(&format!("10.96.0.{i}"))),
+                )
+            })
+            .collect();
         st.apply(Msg::Service(Change::Relist(all)), &mut dirty);
-        let slices: HashMap<_, _> = (0..100).map(|i| (ObjKey::new("ns", &format!("s{i}-x")), Some(eps(&format!("s{i}"), "10.244.0.1")))).collect();
+        let slices: HashMap<_, _> = (0..100)
+            .map(|i| {
+                (
+                    ObjKey::new("ns", &format!("s{i}-x")),
+                    Some(eps(&format!("s{i}"), "10.244.0.1")),
+                )
+            })
+            .collect();
         st.apply(Msg::Endpoints(Change::Relist(slices.clone())), &mut dirty);
         assert!(st.services_listed && st.endpoints_listed);
         for k in st.services.keys() {
@@ -531,7 +631,13 @@ mod tests {
         assert!(dirty.is_empty());
 
         let s7 = ObjKey::new("ns", "s7");
-        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s7", "10.244.0.2")))), &mut dirty);
+        st.apply(
+            Msg::Endpoints(Change::Apply(
+                ObjKey::new("ns", "s7-x"),
+                Some(eps("s7", "10.244.0.2")),
+            )),
+            &mut dirty,
+        );
         assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![&s7]);
         let plan = diff(&st.programmed[&s7], &st.wanted(&s7));
         assert_eq!(plan.upserts.len(), 1);
@@ -539,7 +645,13 @@ mod tests {
 
         // A slice moving to another service dirties both; a deleted service wants nothing.
         dirty.clear();
-        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s8", "10.244.0.2")))), &mut dirty);
+        st.apply(
+            Msg::Endpoints(Change::Apply(
+                ObjKey::new("ns", "s7-x"),
+                Some(eps("s8", "10.244.0.2")),
+            )),
+            &mut dirty,
+        );
         assert_eq!(dirty.len(), 2);
         st.apply(Msg::Service(Change::Delete(s7.clone())), &mut dirty);
         assert!(st.wanted(&s7).is_empty());
