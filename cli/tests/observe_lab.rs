@@ -298,6 +298,8 @@ async fn observe_flows_of_a_pod_on_the_lab() {
         &addr,
         "--last",
         "1",
+        "--type",
+        "sock-lb",
         "--from-pod",
         "obs/client",
         "--to-pod",
@@ -321,6 +323,7 @@ async fn observe_flows_of_a_pod_on_the_lab() {
         &["--port", "8080"],
         &["--port", "80"],
         &["--protocol", "tcp"],
+        &["--type", "sock-lb"],
     ] {
         assert!(has(args), "{args:?} should show the flow");
     }
@@ -333,9 +336,17 @@ async fn observe_flows_of_a_pod_on_the_lab() {
         &["--to-label", "app=client"],
         &["--port", "9"],
         &["--protocol", "udp"],
+        &["--type", "policy"],
     ] {
         assert!(!has(args), "{args:?} should not show the flow");
     }
+
+    // The same connection as the NetworkPolicy programs on the client's veth saw it
+    // (no policy here, so allowed): pod IPs on the wire, both identities.
+    let policy = observe(&addr, &["--last", "4096", "--type", "policy", "--from-pod", "obs/client", "--to-pod", "obs/echo", "--port", "8080"]);
+    let p = policy.last().expect("a policy flow of the client's connection");
+    assert_eq!((p.kind, p.verdict), (FlowKind::Policy, FlowVerdict::Forwarded), "{p:?}");
+    assert!(p.source.identity.is_some() && p.destination.identity.is_some(), "{p:?}");
 
     // A Service without endpoints: refused, and DROPPED with the reason.
     assert_eq!(
@@ -367,8 +378,8 @@ async fn observe_flows_of_a_pod_on_the_lab() {
 
     // --follow prints flows made after it started, filtered: the DROPPED follower's first
     // line is the refusal even though the forwarded flow was made before it.
-    let forwarded = Follower::spawn(&addr, &["--from-pod", "obs/client", "--to-pod", "obs/echo"]);
-    let drops = Follower::spawn(&addr, &["--verdict", "DROPPED", "--from-pod", "obs/client"]);
+    let forwarded = Follower::spawn(&addr, &["--type", "sock-lb", "--from-pod", "obs/client", "--to-pod", "obs/echo"]);
+    let drops = Follower::spawn(&addr, &["--type", "sock-lb", "--verdict", "DROPPED", "--from-pod", "obs/client"]);
     forwarded.await_following();
     drops.await_following();
     let started = k8s_openapi::jiff::Timestamp::now();

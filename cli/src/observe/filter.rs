@@ -5,7 +5,7 @@
 //! then serves every agent version, and `--last N` means "the newest N that match
 //! across all nodes", which only the client (merging several agents) can compute.
 
-use kubeshift_datapath::agent::flows::{FlowEndpoint, FlowProtocol, FlowRecord, FlowVerdict};
+use kubeshift_datapath::agent::flows::{FlowEndpoint, FlowKind, FlowProtocol, FlowRecord, FlowVerdict};
 use std::collections::BTreeMap;
 
 /// `--from-pod/--to-pod ns/name`: namespace exact, pod name as a prefix (as hubble
@@ -53,6 +53,16 @@ pub fn parse_protocol(s: &str) -> Result<FlowProtocol, String> {
     }
 }
 
+/// `--type`: which part of the datapath saw the flow.
+pub fn parse_kind(s: &str) -> Result<FlowKind, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "sock-lb" => Ok(FlowKind::SockLb),
+        "policy" => Ok(FlowKind::Policy),
+        "nodeport" => Ok(FlowKind::Nodeport),
+        _ => Err(format!("{s:?}: want sock-lb, policy or nodeport")),
+    }
+}
+
 /// Every given condition must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -64,6 +74,8 @@ pub struct Filter {
     /// Source, destination or service port.
     pub port: Option<u16>,
     pub protocol: Option<FlowProtocol>,
+    /// Any of these kinds (empty: all).
+    pub kinds: Vec<FlowKind>,
 }
 
 fn pod_matches(m: &PodMatch, e: &FlowEndpoint) -> bool {
@@ -84,6 +96,7 @@ impl Filter {
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
         self.verdict.is_none_or(|v| r.verdict == v)
+            && (self.kinds.is_empty() || self.kinds.contains(&r.kind))
             && self.protocol.is_none_or(|p| r.protocol == Some(p))
             && self
                 .from_pod
@@ -170,6 +183,8 @@ mod tests {
             f(|x| x.port = Some(8080)),
             f(|x| x.port = Some(80)),
             f(|x| x.protocol = Some(FlowProtocol::Tcp)),
+            f(|x| x.kinds = vec![r.kind]),
+            f(|x| x.kinds = vec![FlowKind::Policy, r.kind]),
         ];
         for y in &yes {
             assert!(y.matches(&r), "{y:?} should match");
@@ -189,6 +204,7 @@ mod tests {
             f(|x| x.to_labels = lab("app=client")),
             f(|x| x.port = Some(443)),
             f(|x| x.protocol = Some(FlowProtocol::Udp)),
+            f(|x| x.kinds = vec![FlowKind::Policy, FlowKind::Nodeport]),
         ];
         for n in &no {
             assert!(!n.matches(&r), "{n:?} should not match");

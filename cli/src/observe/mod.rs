@@ -47,6 +47,11 @@ pub struct ObserveArgs {
     /// tcp or udp.
     #[arg(long, value_parser = filter::parse_protocol)]
     pub protocol: Option<FlowProtocol>,
+    /// Which datapath part saw the flow: sock-lb (a pod's connection to a Service),
+    /// policy (NetworkPolicy on a pod's interface), nodeport (traffic from outside).
+    /// Repeatable.
+    #[arg(long = "type", value_name = "KIND", value_parser = filter::parse_kind)]
+    pub kinds: Vec<kubeshift_datapath::agent::flows::FlowKind>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "compact")]
     pub output: output::Format,
@@ -62,6 +67,7 @@ impl ObserveArgs {
             to_labels: self.to_label.clone(),
             port: self.port,
             protocol: self.protocol,
+            kinds: self.kinds.clone(),
         }
     }
 }
