@@ -307,7 +307,7 @@ async fn observe_flows_of_a_pod_on_the_lab() {
     ]));
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     eprintln!("compact: {line}");
-    assert!(line.contains(&format!("[node-1] obs/client -> obs/{backend_name}:8080 service obs/echo ({echo_ip}:80) TCP FORWARDED")), "{line}");
+    assert!(line.contains(&format!("[node-1 sock-lb] obs/client -> obs/{backend_name}:8080 service obs/echo ({echo_ip}:80) TCP FORWARDED")), "{line}");
 
     // Each filter keeps the flow when it should and drops it when it should not.
     let has = |args: &[&str]| {

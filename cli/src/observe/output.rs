@@ -1,6 +1,6 @@
 //! How `kubeshift observe` prints a flow. Pure: record → line.
 
-use kubeshift_datapath::agent::flows::{FlowEndpoint, FlowRecord};
+use kubeshift_datapath::agent::flows::{FlowEndpoint, FlowKind, FlowRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -31,8 +31,15 @@ fn time(s: &str) -> String {
 }
 
 pub fn compact(r: &FlowRecord) -> String {
+    // Which part saw it: one connection can show up as a sock-lb and a policy record.
+    let kind = match r.kind {
+        FlowKind::SockLb => "sock-lb",
+        FlowKind::Policy => "policy",
+        FlowKind::Nodeport => "nodeport",
+        FlowKind::Unknown => "?",
+    };
     let mut s = format!(
-        "{} [{}] {} -> {}",
+        "{} [{} {kind}] {} -> {}",
         time(&r.time),
         r.node,
         endpoint(&r.source),
@@ -80,7 +87,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             compact(&fwd),
-            "Nov 22 18:02:11.532 [node-1] obs/client -> obs/echo-5f7d8-x2x1p:8080 service obs/echo (10.96.12.7:80) TCP FORWARDED"
+            "Nov 22 18:02:11.532 [node-1 sock-lb] obs/client -> obs/echo-5f7d8-x2x1p:8080 service obs/echo (10.96.12.7:80) TCP FORWARDED"
         );
         let drop: FlowRecord = serde_json::from_str(
             r#"{"time":"bad","node":"node-1","kind":"sock-lb","verdict":"DROPPED","drop_reason":"no-endpoints",
@@ -89,7 +96,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             compact(&drop),
-            "bad [node-1] ? -> 10.96.3.3:80 DROPPED (no-endpoints)"
+            "bad [node-1 sock-lb] ? -> 10.96.3.3:80 DROPPED (no-endpoints)"
         );
         assert_eq!(line(Format::Json, &drop, "{raw}"), "{raw}");
     }
