@@ -45,6 +45,15 @@
 //! namespace and allows every pod of the cluster costs namespace identities × cluster
 //! identities entries. Accumulating per (local, peer, direction) before expanding keeps
 //! duplicates from ever reaching the output.
+//!
+//! Measured (`tests::compile_time_at_scale`, `cargo test --release -p kubeshift-datapath
+//! --lib policy::tests::compile_time -- --ignored --nocapture`, 2 shared cores, load ~8):
+//! 10,000 pods, 500 namespaces, 1,000 policies (default deny + one allow per namespace,
+//! named ports, namespaceSelector, an egress ipBlock with a 443–8443 range): 2,553
+//! identities, 393,500 entries, 0.31 s for all nodes, 0.09 s for one node (19,650
+//! entries). With a different `except` in every namespace's ipBlock (256 extra world
+//! identities): 1,726,000 entries, 0.70 s, one node 0.12 s. Entries there are dominated
+//! by (selected identities × world identities inside the block × port blocks of the range).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
