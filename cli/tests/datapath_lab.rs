@@ -484,20 +484,25 @@ async fn delete_services(client: &kube::Client, from: usize, to: usize) {
 }
 
 /// From node-1's rules: bench services in KUBE-SERVICES in rule order (service, VIP),
-/// and the number of bench KUBE-SVC → KUBE-SEP jumps (endpoints programmed).
+/// and the number of KUBE-SVC → KUBE-SEP jumps in their chains (endpoints programmed).
+/// The jumps are found by chain name: above 1,000 endpoints kube-proxy 1.20 drops the
+/// comments from KUBE-SVC and KUBE-SEP rules.
 fn kube_proxy_state(save: &str) -> (Vec<(String, Ipv4Addr)>, usize) {
     let tag = format!("\"{BENCH_NS}/s");
     let mut order = Vec::new();
-    let mut seps = 0;
-    for l in save.lines().filter(|l| l.contains(&tag)) {
-        if l.starts_with("-A KUBE-SERVICES -d ") {
-            let Some(vip) = l.split_whitespace().nth(3).and_then(|v| v.trim_end_matches("/32").parse().ok()) else { continue };
-            let Some(name) = l.split(&format!("{BENCH_NS}/")).nth(1).and_then(|s| s.split(':').next()) else { continue };
-            order.push((name.to_string(), vip));
-        } else if l.starts_with("-A KUBE-SVC-") && l.contains("-j KUBE-SEP-") {
-            seps += 1;
-        }
+    let mut chains = std::collections::HashSet::new();
+    for l in save.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag)) {
+        let Some(vip) = l.split_whitespace().nth(3).and_then(|v| v.trim_end_matches("/32").parse().ok()) else { continue };
+        let Some(name) = l.split(&format!("{BENCH_NS}/")).nth(1).and_then(|s| s.split(':').next()) else { continue };
+        let Some(chain) = l.split(" -j ").nth(1).filter(|c| c.starts_with("KUBE-SVC-")) else { continue };
+        order.push((name.to_string(), vip));
+        chains.insert(chain.trim().to_string());
     }
+    let seps = save
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains("-j KUBE-SEP-"))
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|c| chains.contains(c)))
+        .count();
     (order, seps)
 }
 
