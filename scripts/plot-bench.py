@@ -4,6 +4,7 @@ lab test) as one SVG: connect p50, connect p99, and one endpoint change, against
 service count. Standard library only, so it runs on any machine that has python3.
 
     python3 scripts/plot-bench.py [CSV] [SVG]
+    python3 scripts/plot-bench.py --table [CSV]   # markdown tables for BENCHMARKS.md
 """
 
 import csv
@@ -13,8 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "datapath-vs-kube-proxy.csv"
-DST = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "bench" / "datapath-vs-kube-proxy.svg"
+TABLE = "--table" in sys.argv[1:]
+ARGS = [a for a in sys.argv[1:] if a != "--table"]
+SRC = Path(ARGS[0]) if len(ARGS) > 0 else ROOT / "bench" / "datapath-vs-kube-proxy.csv"
+DST = Path(ARGS[1]) if len(ARGS) > 1 else ROOT / "bench" / "datapath-vs-kube-proxy.svg"
 
 KP, KS = "#d62728", "#1f77b4"  # kube-proxy red, kubeshift blue
 PANEL_W, PANEL_H = 420, 300
@@ -54,11 +57,13 @@ def fmt_tick(v, unit):
     return f"{v:,.0f}" if v >= 1 else f"{v:g}"
 
 
-def panel(out, x0, y0, title, cats, series, unit, log=False):
+def panel(out, x0, y0, title, cats, series, unit, log=False, target=None):
     """series: (name, colour, dashed, {cat index: (mid, lo, hi)})"""
     w, h = PANEL_W - M_LEFT - 16, PANEL_H - M_TOP - M_BOTTOM
     px, py = x0 + M_LEFT, y0 + M_TOP
     vals = [v for _, _, _, pts in series for p in pts.values() for v in p if v and v > 0]
+    if target:
+        vals.append(target[0])
     if not vals:
         return
     if log:
@@ -83,6 +88,10 @@ def panel(out, x0, y0, title, cats, series, unit, log=False):
     for i, c in enumerate(cats):
         out.append(f'<text x="{xmap(i):.1f}" y="{py + h + 16}" text-anchor="middle" font-size="11">{esc(c)}</text>')
     out.append(f'<text x="{px + w / 2}" y="{py + h + 36}" text-anchor="middle" font-size="12">services (× endpoints each)</text>')
+    if target:
+        y = ymap(target[0])
+        out.append(f'<line x1="{px}" x2="{px + w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#2ca02c" stroke-dasharray="2,3"/>')
+        out.append(f'<text x="{px + w - 4}" y="{y - 4:.1f}" text-anchor="end" font-size="11" fill="#2ca02c">{esc(target[1])}</text>')
     for k, (name, colour, dashed, pts) in enumerate(series):
         dash = ' stroke-dasharray="5,4"' if dashed else ""
         idx = sorted(pts)
@@ -100,8 +109,55 @@ def panel(out, x0, y0, title, cats, series, unit, log=False):
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{fill}" stroke="{colour}" stroke-width="1.5"/>')
 
 
+def ms(v):
+    return f"{v / 1e3:.1f} s" if v >= 1000 else (f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms")
+
+
+def tables(rows):
+    """Per-row table and the ratios the issue asks for, from the CSV."""
+    print("| datapath | services × endpoints | ClusterIP, last rule p50 / p99 µs | ClusterIP, first rule p50 / p99 µs | pod IP p50 / p99 µs | one endpoint change, PUT → served (3 tries) | agent event → maps | load avg (1/5/15 min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dp = r["datapath"] + (f" ({r['iptables']})" if r["datapath"] == "kube-proxy" else "")
+        ch = ", ".join(ms(float(r[f"change{k}_ms"])) for k in (1, 2, 3) if r[f"change{k}_ms"])
+        ag = ", ".join(ms(float(r[f"agent_sync{k}_ms"])) for k in (1, 2, 3) if r[f"agent_sync{k}_ms"]) or "–"
+        pod = f"{float(r['pod_ip_p50_us']):,.0f} / {float(r['pod_ip_p99_us']):,.0f}"
+        print(
+            f"| {dp} | {label(r['n'], r['eps'])} | {float(r['clusterip_last_p50_us']):,.0f} / {float(r['clusterip_last_p99_us']):,.0f}"
+            f" | {float(r['clusterip_first_p50_us']):,.0f} / {float(r['clusterip_first_p99_us']):,.0f} | {pod}"
+            f" | {ch} | {ag} | {r['loadavg_1m']} / {r['loadavg_5m']} / {r['loadavg_15m']} |"
+        )
+    print()
+    print(
+        "| services × endpoints | kubeshift ClusterIP ÷ pod IP | kube-proxy last rule ÷ pod IP (rules present) | kube-proxy last ÷ first rule"
+        " | kube-proxy last rule ÷ floor (pod IP, no kube-proxy rules) | kube-proxy last rule ÷ kubeshift ClusterIP"
+        " | endpoint change, median: kube-proxy / kubeshift end to end / agent event → maps |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    by = {(r["datapath"], r["n"], r["eps"]): r for r in rows}
+    for n, e in sorted({(r["n"], r["eps"]) for r in rows}):
+        kp, ks = by.get(("kube-proxy", n, e)), by.get(("kubeshift", n, e))
+        f = lambda r, c: float(r[c])
+        med = lambda r, p: statistics.median([float(r[f"{p}{k}_ms"]) for k in (1, 2, 3) if r[f"{p}{k}_ms"]])
+        cells = [
+            f"{f(ks, 'clusterip_last_p50_us') / f(ks, 'pod_ip_p50_us'):.2f}" if ks else "–",
+            f"{f(kp, 'clusterip_last_p50_us') / f(kp, 'pod_ip_p50_us'):.2f}" if kp else "–",
+            f"{f(kp, 'clusterip_last_p50_us') / f(kp, 'clusterip_first_p50_us'):.2f}" if kp else "–",
+            f"{f(kp, 'clusterip_last_p50_us') / f(ks, 'pod_ip_p50_us'):.1f}" if kp and ks else "–",
+            f"{f(kp, 'clusterip_last_p50_us') / f(ks, 'clusterip_last_p50_us'):.1f}" if kp and ks else "–",
+            " / ".join(
+                [ms(med(kp, "change")) if kp else "–"]
+                + ([ms(med(ks, "change")), ms(med(ks, "agent_sync"))] if ks else ["–", "–"])
+            ),
+        ]
+        print(f"| {label(n, e)} | " + " | ".join(cells) + " |")
+
+
 def main():
     rows = load(SRC)
+    if TABLE:
+        tables(rows)
+        return
     keys = sorted({(r["n"], r["eps"]) for r in rows})
     cats = [label(n, e) for n, e in keys]
     at = {k: i for i, k in enumerate(keys)}
@@ -141,9 +197,9 @@ def main():
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="13">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
     ]
-    panel(out, 0, 0, "New TCP connection, p50", cats, connect("p50"), "µs")
+    panel(out, 0, 0, "New TCP connection, p50", cats, connect("p50"), "µs", log=True)
     panel(out, PANEL_W, 0, "New TCP connection, p99", cats, connect("p99"), "µs")
-    panel(out, 2 * PANEL_W, 0, "One endpoint change (median, min–max of 3)", cats, change, "ms", log=True)
+    panel(out, 2 * PANEL_W, 0, "One endpoint change (median, min–max of 3)", cats, change, "ms", log=True, target=(10, "target: 10 ms"))
     # Legend: the connect series under the first two panels, the change series under the third.
     def legend(x, y, items):
         for k, (name, colour, dashed, _) in enumerate(items):
