@@ -406,10 +406,7 @@ async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
 }
 
 fn slice_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
-    let ar = kube::api::ApiResource::from_gvk_with_plural(
-        &kube::api::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
-        "endpointslices",
-    );
+    let ar = kube::api::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
     Api::namespaced_with(client.clone(), BENCH_NS, &ar)
 }
 
@@ -655,10 +652,7 @@ impl Csv {
 }
 
 fn fmt_changes(v: &[f64]) -> String {
-    v.iter()
-        .map(|s| if *s >= 1.0 { format!("{s:.1} s") } else { format!("{:.0} ms", s * 1e3) })
-        .collect::<Vec<_>>()
-        .join(", ")
+    v.iter().map(|s| if *s >= 1.0 { format!("{s:.1} s") } else { format!("{:.0} ms", s * 1e3) }).collect::<Vec<_>>().join(", ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
