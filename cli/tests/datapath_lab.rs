@@ -303,8 +303,14 @@ struct Size {
 fn parse_sizes(s: &str) -> Vec<Size> {
     s.split(',')
         .map(|t| match t.split_once(['x', '×']) {
-            Some((n, e)) => Size { n: n.trim().parse().unwrap(), eps: e.trim().parse().unwrap() },
-            None => Size { n: t.trim().parse().unwrap(), eps: 1 },
+            Some((n, e)) => Size {
+                n: n.trim().parse().unwrap(),
+                eps: e.trim().parse().unwrap(),
+            },
+            None => Size {
+                n: t.trim().parse().unwrap(),
+                eps: 1,
+            },
         })
         .collect()
 }
@@ -333,8 +339,16 @@ impl Backend {
 }
 
 fn iptables_save_with(lab: &Lab, backend: Backend) -> String {
-    let out = Command::new("ip").args(["netns", "exec", &lab.node_netns("node-1")]).arg(backend.bin("iptables-save")).output().unwrap();
-    assert!(out.status.success(), "iptables-save: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns("node-1")])
+        .arg(backend.bin("iptables-save"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "iptables-save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -346,7 +360,11 @@ fn flush_kube_services(lab: &Lab, node: &str, backend: Backend) {
             .args(["-w", "-t", table, "-F", "KUBE-SERVICES"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "flush {table}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "flush {table}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -359,8 +377,19 @@ impl LegacyPath {
         let dir = std::env::temp_dir().join("kubeshift-dpb-legacy-iptables");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for t in ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"] {
-            std::os::unix::fs::symlink(format!("/usr/sbin/{}", Backend::Legacy.bin(t)), dir.join(t)).unwrap();
+        for t in [
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-save",
+            "ip6tables-restore",
+        ] {
+            std::os::unix::fs::symlink(
+                format!("/usr/sbin/{}", Backend::Legacy.bin(t)),
+                dir.join(t),
+            )
+            .unwrap();
         }
         LegacyPath(dir)
     }
@@ -376,7 +405,10 @@ impl Drop for LegacyPath {
 /// iptables-wrapper would choose on a legacy host) and removes the service rules the nft
 /// kube-proxy left: with both, every packet would walk two rule sets.
 async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
-    let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", dir.display());
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        dir.display()
+    );
     Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
         .patch(
             "kube-proxy",
@@ -387,18 +419,30 @@ async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
         .await
         .unwrap();
     let p = path.clone();
-    eventually("kube-proxy on node-1 restarted with legacy iptables", Duration::from_secs(180), || {
-        let p = p.clone();
-        async move {
-            let pods = Api::<Pod>::namespaced(client.clone(), "kube-system").list(&ListParams::default().labels("k8s-app=kube-proxy")).await?;
-            let on_new = pods.items.iter().all(|pod| {
-                let env = pod.spec.as_ref().map(|s| s.containers[0].env.clone().unwrap_or_default()).unwrap_or_default();
-                env.iter().any(|e| e.name == "PATH" && e.value.as_deref() == Some(&p)) && pod.metadata.deletion_timestamp.is_none()
-            });
-            let ready = iptables_save_with(lab, Backend::Legacy).contains("-j KUBE-NODEPORTS");
-            Ok((on_new && pods.items.len() == 2 && ready).then_some(()))
-        }
-    })
+    eventually(
+        "kube-proxy on node-1 restarted with legacy iptables",
+        Duration::from_secs(180),
+        || {
+            let p = p.clone();
+            async move {
+                let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+                    .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                    .await?;
+                let on_new = pods.items.iter().all(|pod| {
+                    let env = pod
+                        .spec
+                        .as_ref()
+                        .map(|s| s.containers[0].env.clone().unwrap_or_default())
+                        .unwrap_or_default();
+                    env.iter()
+                        .any(|e| e.name == "PATH" && e.value.as_deref() == Some(&p))
+                        && pod.metadata.deletion_timestamp.is_none()
+                });
+                let ready = iptables_save_with(lab, Backend::Legacy).contains("-j KUBE-NODEPORTS");
+                Ok((on_new && pods.items.len() == 2 && ready).then_some(()))
+            }
+        },
+    )
     .await;
     for node in ["node-1", "node-2"] {
         flush_kube_services(lab, node, Backend::Nft);
@@ -406,12 +450,17 @@ async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
 }
 
 fn slice_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
-    let ar = kube::api::ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+    let ar = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+        "endpointslices",
+    );
     Api::namespaced_with(client.clone(), BENCH_NS, &ar)
 }
 
 fn endpoints_json(ips: &[String]) -> serde_json::Value {
-    ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect()
+    ips.iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect()
 }
 
 fn slice_json(i: usize, ips: &[String]) -> serde_json::Value {
@@ -433,12 +482,19 @@ async fn create_services(client: &kube::Client, from: usize, to: usize, ips: &[S
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
             async move {
-                let s: Service = serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
+                let s: Service =
+                    serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
                     "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
-                .unwrap();
-                svcs.create(&PostParams::default(), &s).await.expect("create service");
-                let o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, ips)).unwrap();
-                slices.create(&PostParams::default(), &o).await.expect("create slice");
+                    .unwrap();
+                svcs.create(&PostParams::default(), &s)
+                    .await
+                    .expect("create service");
+                let o: kube::api::DynamicObject =
+                    serde_json::from_value(slice_json(i, ips)).unwrap();
+                slices
+                    .create(&PostParams::default(), &o)
+                    .await
+                    .expect("create slice");
             }
         })
         .buffer_unordered(16)
@@ -455,7 +511,10 @@ async fn set_endpoints(client: &kube::Client, from: usize, to: usize, ips: &[Str
         .map(|i| {
             let (slices, patch) = (slices.clone(), &patch);
             async move {
-                slices.patch(&format!("s{i}"), &PatchParams::default(), patch).await.expect("patch slice");
+                slices
+                    .patch(&format!("s{i}"), &PatchParams::default(), patch)
+                    .await
+                    .expect("patch slice");
             }
         })
         .buffer_unordered(16)
@@ -471,8 +530,12 @@ async fn delete_services(client: &kube::Client, from: usize, to: usize) {
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
             async move {
-                let _ = slices.delete(&format!("s{i}"), &DeleteParams::default()).await;
-                svcs.delete(&format!("s{i}"), &DeleteParams::default()).await.expect("delete service");
+                let _ = slices
+                    .delete(&format!("s{i}"), &DeleteParams::default())
+                    .await;
+                svcs.delete(&format!("s{i}"), &DeleteParams::default())
+                    .await
+                    .expect("delete service");
             }
         })
         .buffer_unordered(16)
@@ -488,17 +551,42 @@ fn kube_proxy_state(save: &str) -> (Vec<(String, Ipv4Addr)>, usize) {
     let tag = format!("\"{BENCH_NS}/s");
     let mut order = Vec::new();
     let mut chains = std::collections::HashSet::new();
-    for l in save.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag)) {
-        let Some(vip) = l.split_whitespace().nth(3).and_then(|v| v.trim_end_matches("/32").parse().ok()) else { continue };
-        let Some(name) = l.split(&format!("{BENCH_NS}/")).nth(1).and_then(|s| s.split(':').next()) else { continue };
-        let Some(chain) = l.split(" -j ").nth(1).filter(|c| c.starts_with("KUBE-SVC-")) else { continue };
+    for l in save
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag))
+    {
+        let Some(vip) = l
+            .split_whitespace()
+            .nth(3)
+            .and_then(|v| v.trim_end_matches("/32").parse().ok())
+        else {
+            continue;
+        };
+        let Some(name) = l
+            .split(&format!("{BENCH_NS}/"))
+            .nth(1)
+            .and_then(|s| s.split(':').next())
+        else {
+            continue;
+        };
+        let Some(chain) = l
+            .split(" -j ")
+            .nth(1)
+            .filter(|c| c.starts_with("KUBE-SVC-"))
+        else {
+            continue;
+        };
         order.push((name.to_string(), vip));
         chains.insert(chain.trim().to_string());
     }
     let seps = save
         .lines()
         .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains("-j KUBE-SEP-"))
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|c| chains.contains(c)))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|c| chains.contains(c))
+        })
         .count();
     (order, seps)
 }
@@ -512,7 +600,10 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
 /// A variant may be several addresses joined by '+' (the probe rotates through them).
 fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f64, f64)> {
     let probe = Path::new(env!("CARGO_BIN_EXE_kubeshift")).with_file_name("kubeshift-dp-probe");
-    assert!(probe.exists(), "build it first: cargo build -p kubeshift-datapath");
+    assert!(
+        probe.exists(),
+        "build it first: cargo build -p kubeshift-datapath"
+    );
     let mut cmd = Command::new(probe);
     cmd.args(["connect-mix", &variants.join(","), &count.to_string()]);
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
@@ -522,14 +613,26 @@ fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.len() == 3 && f[0] == "T" {
-            let (i, t): (usize, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap_or_else(|_| panic!("connect failed: {l}")));
+            let (i, t): (usize, u64) = (
+                f[1].parse().unwrap(),
+                f[2].parse()
+                    .unwrap_or_else(|_| panic!("connect failed: {l}")),
+            );
             per[i].push(t);
         }
     }
     per.iter_mut()
         .map(|v| {
-            assert_eq!(v.len(), count, "probe output: {text} {}", String::from_utf8_lossy(&out.stderr));
-            (percentile(v, 0.5) as f64 / 1e3, percentile(v, 0.99) as f64 / 1e3)
+            assert_eq!(
+                v.len(),
+                count,
+                "probe output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (
+                percentile(v, 0.5) as f64 / 1e3,
+                percentile(v, 0.99) as f64 / 1e3,
+            )
         })
         .collect()
 }
@@ -538,7 +641,15 @@ fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f
 /// its first answer from `want` (a pod that was not a backend before) through `vip`.
 /// The poller is bash without a fork per round (/dev/tcp, builtins, a 2 ms `read -t`
 /// as sleep): about 3–6 ms a round here, and it leaves CPU to kube-proxy's restore.
-async fn time_endpoint_change(client: &kube::Client, cg: &Path, ns: &str, i: usize, vip: Ipv4Addr, to: &[String], want: &str) -> f64 {
+async fn time_endpoint_change(
+    client: &kube::Client,
+    cg: &Path,
+    ns: &str,
+    i: usize,
+    vip: Ipv4Addr,
+    to: &[String],
+    want: &str,
+) -> f64 {
     use std::io::BufRead;
     let script = format!(
         "exec 9<> <(:); end=$((SECONDS+900)); while [ $SECONDS -lt $end ]; do r=; \
@@ -546,7 +657,9 @@ async fn time_endpoint_change(client: &kube::Client, cg: &Path, ns: &str, i: usi
          r=${{r##*$'\\n'}}; echo \"$EPOCHREALTIME $r\"; [ \"$r\" = \"{want}\" ] && break; read -t 0.002 -u 9; done"
     );
     let mut cmd = Command::new("bash");
-    cmd.args(["-c", &script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    cmd.args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
     let mut child = cmd.spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
@@ -556,8 +669,14 @@ async fn time_endpoint_change(client: &kube::Client, cg: &Path, ns: &str, i: usi
     let mut o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, to)).unwrap();
     let cur = slice_api(client).get(&format!("s{i}")).await.unwrap();
     o.metadata.resource_version = cur.metadata.resource_version;
-    let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    slice_api(client).replace(&format!("s{i}"), &PostParams::default(), &o).await.unwrap();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    slice_api(client)
+        .replace(&format!("s{i}"), &PostParams::default(), &o)
+        .await
+        .unwrap();
     let mut t1 = None;
     for l in lines {
         let l = l.unwrap();
@@ -587,7 +706,11 @@ async fn endpoint_changes(
     *swapped.last_mut().unwrap() = spare.1.to_string();
     let last = BACKENDS[base.len() - 1];
     let (mut e2e, mut agent) = (Vec::new(), Vec::new());
-    for (to, want) in [(&swapped, spare.0), (&base.to_vec(), last), (&swapped, spare.0)] {
+    for (to, want) in [
+        (&swapped, spare.0),
+        (&base.to_vec(), last),
+        (&swapped, spare.0),
+    ] {
         e2e.push(time_endpoint_change(client, cg, ns, i, vip, to, want).await);
         agent.extend(agent_sync());
     }
@@ -596,11 +719,19 @@ async fn endpoint_changes(
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn utc_now() -> String {
-    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -615,7 +746,9 @@ impl Csv {
     fn new() -> Csv {
         let p = std::env::var("KS_BENCH_CSV")
             .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/datapath-vs-kube-proxy.csv"));
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/datapath-vs-kube-proxy.csv")
+            });
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, format!("{CSV_HEADER}\n")).unwrap();
         eprintln!("writing {}", p.display());
@@ -623,9 +756,23 @@ impl Csv {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row(&self, datapath: &str, backend: Backend, s: Size, r: &[(f64, f64)], e2e: &[f64], agent: &[f64], setup: f64, ready: f64) {
+    fn row(
+        &self,
+        datapath: &str,
+        backend: Backend,
+        s: Size,
+        r: &[(f64, f64)],
+        e2e: &[f64],
+        agent: &[f64],
+        setup: f64,
+        ready: f64,
+    ) {
         use std::io::Write;
-        let ms = |v: &[f64], k: usize| v.get(k).map(|x| format!("{:.3}", x * 1e3)).unwrap_or_default();
+        let ms = |v: &[f64], k: usize| {
+            v.get(k)
+                .map(|x| format!("{:.3}", x * 1e3))
+                .unwrap_or_default()
+        };
         let line = format!(
             "{},{datapath},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{setup:.1},{ready:.1},{}",
             utc_now(),
@@ -646,20 +793,35 @@ impl Csv {
             ms(agent, 2),
             loadavg().replace(' ', ",")
         );
-        let mut f = std::fs::OpenOptions::new().append(true).open(&self.0).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.0)
+            .unwrap();
         writeln!(f, "{line}").unwrap();
     }
 }
 
 fn fmt_changes(v: &[f64]) -> String {
-    v.iter().map(|s| if *s >= 1.0 { format!("{s:.1} s") } else { format!("{:.0} ms", s * 1e3) }).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|s| {
+            if *s >= 1.0 {
+                format!("{s:.1} s")
+            } else {
+                format!("{:.0} ms", s * 1e3)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: minutes, prints a table"]
 async fn bench_datapath_vs_kube_proxy() {
     let sizes = parse_sizes(&std::env::var("KS_BENCH_SIZES").unwrap_or("10,1000".into()));
-    let count: usize = std::env::var("KS_BENCH_COUNT").ok().map(|s| s.parse().unwrap()).unwrap_or(2000);
+    let count: usize = std::env::var("KS_BENCH_COUNT")
+        .ok()
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(2000);
     let backend = match std::env::var("KS_BENCH_IPTABLES").as_deref() {
         Ok("legacy") => Backend::Legacy,
         Ok("nft") | Err(_) => Backend::Nft,
@@ -673,7 +835,11 @@ async fn bench_datapath_vs_kube_proxy() {
     if let Some(l) = &legacy {
         kube_proxy_to_legacy(&lab, &client, &l.0).await;
     }
-    create(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": BENCH_NS}})).await;
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": BENCH_NS}}),
+    )
+    .await;
     // Backends on the client's node: a backend on node-2 would add node-2's kube-proxy
     // rule walk (its PREROUTING sees every SYN) to both datapaths' numbers.
     for name in BACKENDS.iter().copied().chain(["client"]) {
@@ -683,28 +849,55 @@ async fn bench_datapath_vs_kube_proxy() {
             json!({"nodeName": "node-1", "containers": [{"name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
                 "args": ["netexec", "--http-port=8080"], "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]})
         };
-        create(&Api::<Pod>::namespaced(client.clone(), BENCH_NS), json!({"metadata": {"name": name, "labels": {"b": name}}, "spec": spec})).await;
+        create(
+            &Api::<Pod>::namespaced(client.clone(), BENCH_NS),
+            json!({"metadata": {"name": name, "labels": {"b": name}}, "spec": spec}),
+        )
+        .await;
     }
     let mut ips = std::collections::HashMap::new();
     for name in BACKENDS.iter().copied().chain(["client"]) {
         let sel = format!("b={name}");
-        let p = eventually(name, Duration::from_secs(60), || ready_pod(&client, BENCH_NS, &sel)).await;
-        ips.insert(name, (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p));
+        let p = eventually(name, Duration::from_secs(60), || {
+            ready_pod(&client, BENCH_NS, &sel)
+        })
+        .await;
+        ips.insert(
+            name,
+            (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p),
+        );
     }
     let ip = |b: &str| ips[b].0.clone();
     let base = |eps: usize| -> Vec<String> { BACKENDS[..eps].iter().map(|b| ip(b)).collect() };
     let spare = (BACKENDS[4], ip(BACKENDS[4]));
-    let pod_variant = |eps: usize| base(eps).iter().map(|a| format!("{a}:8080")).collect::<Vec<_>>().join("+");
+    let pod_variant = |eps: usize| {
+        base(eps)
+            .iter()
+            .map(|a| format!("{a}:8080"))
+            .collect::<Vec<_>>()
+            .join("+")
+    };
     let cpod = &ips["client"].1;
-    let cg = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join("node-1").join(format!("pod-{}", cpod.metadata.uid.as_deref().unwrap()));
+    let cg = kubeshift_lab::down::cgroup_dir(&lab.name)
+        .unwrap()
+        .join("node-1")
+        .join(format!("pod-{}", cpod.metadata.uid.as_deref().unwrap()));
     let ns = pod_netns(&lab.name, cpod);
     let mut rows: Vec<String> = Vec::new();
-    eprintln!("{} load average {}, kube-proxy iptables backend {}", utc_now(), loadavg(), backend.name());
+    eprintln!(
+        "{} load average {}, kube-proxy iptables backend {}",
+        utc_now(),
+        loadavg(),
+        backend.name()
+    );
 
     // Phase 1: kube-proxy, growing the service count (then the endpoints per service).
     let mut have = Size { n: 0, eps: 1 };
     for &s in &sizes {
-        assert!(s.n >= have.n && s.eps >= have.eps, "sizes must grow: {sizes:?}");
+        assert!(
+            s.n >= have.n && s.eps >= have.eps,
+            "sizes must grow: {sizes:?}"
+        );
         let t = std::time::Instant::now();
         if s.eps != have.eps {
             set_endpoints(&client, 0, have.n, &base(s.eps)).await;
@@ -719,14 +912,37 @@ async fn bench_datapath_vs_kube_proxy() {
             if o.len() == s.n && seps == s.n * s.eps {
                 break o;
             }
-            assert!(t.elapsed() < Duration::from_secs(3600), "kube-proxy never synced {s:?}: {} rules, {seps} endpoint jumps", o.len());
+            assert!(
+                t.elapsed() < Duration::from_secs(3600),
+                "kube-proxy never synced {s:?}: {} rules, {seps} endpoint jumps",
+                o.len()
+            );
             tokio::time::sleep(Duration::from_secs(2)).await;
         };
         let ready = t.elapsed().as_secs_f64();
         let (first, last) = (order[0].clone(), order[order.len() - 1].clone());
-        let r = connect_mix(&cg, &ns, &[format!("{}:80", last.1), format!("{}:80", first.1), pod_variant(s.eps)], count);
+        let r = connect_mix(
+            &cg,
+            &ns,
+            &[
+                format!("{}:80", last.1),
+                format!("{}:80", first.1),
+                pod_variant(s.eps),
+            ],
+            count,
+        );
         let li: usize = last.0.trim_start_matches('s').parse().unwrap();
-        let (ch, _) = endpoint_changes(&client, &cg, &ns, li, last.1, &base(s.eps), (spare.0, &spare.1), || None).await;
+        let (ch, _) = endpoint_changes(
+            &client,
+            &cg,
+            &ns,
+            li,
+            last.1,
+            &base(s.eps),
+            (spare.0, &spare.1),
+            || None,
+        )
+        .await;
         csv.row("kube-proxy", backend, s, &r, &ch, &[], setup, ready);
         let row = format!(
             "| kube-proxy ({}) | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} (rules present) | {} | set up {setup:.0} s, rules complete {ready:.0} s; load {} |",
@@ -757,13 +973,25 @@ async fn bench_datapath_vs_kube_proxy() {
         )
         .await
         .unwrap();
-    eventually("kube-proxy to leave node-1", Duration::from_secs(90), || async {
-        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system").list(&ListParams::default().labels("k8s-app=kube-proxy")).await?;
-        Ok(pods.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1")).then_some(()))
-    })
+    eventually(
+        "kube-proxy to leave node-1",
+        Duration::from_secs(90),
+        || async {
+            let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+                .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                .await?;
+            Ok(pods
+                .items
+                .iter()
+                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1"))
+                .then_some(()))
+        },
+    )
     .await;
     flush_kube_services(&lab, "node-1", backend);
-    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join("node-1");
+    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name)
+        .unwrap()
+        .join("node-1");
     let pins_dir = kubeshift_lab::down::bpffs_dir(&lab.name).join("node-1");
     let _pins = Pins(pins_dir.clone());
     let metrics_addr = {
@@ -791,24 +1019,60 @@ async fn bench_datapath_vs_kube_proxy() {
         let setup = t.elapsed().as_secs_f64();
         // default/kubernetes is one more port with at most one backend.
         let a = metrics_addr.clone();
-        eventually(&format!("the agent to program {s:?}"), Duration::from_secs(1200), || {
-            let a = a.clone();
-            async move {
-                Ok(metrics(&a).ok().filter(|m| {
-                    let backends = metric(m, "kubeshift_agent_backends").unwrap_or(0.0) as usize;
-                    metric(m, "kubeshift_agent_synced") == Some(1.0)
-                        && metric(m, "kubeshift_agent_service_ports").is_some_and(|v| v as usize == s.n + 1)
-                        && (backends == s.n * s.eps || backends == s.n * s.eps + 1)
-                }))
-            }
-        })
+        eventually(
+            &format!("the agent to program {s:?}"),
+            Duration::from_secs(1200),
+            || {
+                let a = a.clone();
+                async move {
+                    Ok(metrics(&a).ok().filter(|m| {
+                        let backends =
+                            metric(m, "kubeshift_agent_backends").unwrap_or(0.0) as usize;
+                        metric(m, "kubeshift_agent_synced") == Some(1.0)
+                            && metric(m, "kubeshift_agent_service_ports")
+                                .is_some_and(|v| v as usize == s.n + 1)
+                            && (backends == s.n * s.eps || backends == s.n * s.eps + 1)
+                    }))
+                }
+            },
+        )
         .await;
         let ready = t.elapsed().as_secs_f64();
-        let vips = [cluster_ip_in(&client, &format!("s{}", s.n - 1)).await, cluster_ip_in(&client, "s0").await];
-        let r = connect_mix(&cg, &ns, &[format!("{}:80", vips[0]), format!("{}:80", vips[1]), pod_variant(s.eps)], count);
+        let vips = [
+            cluster_ip_in(&client, &format!("s{}", s.n - 1)).await,
+            cluster_ip_in(&client, "s0").await,
+        ];
+        let r = connect_mix(
+            &cg,
+            &ns,
+            &[
+                format!("{}:80", vips[0]),
+                format!("{}:80", vips[1]),
+                pod_variant(s.eps),
+            ],
+            count,
+        );
         let m_addr = metrics_addr.clone();
-        let agent_sync = move || Some(metric(&metrics(&m_addr).unwrap(), "kubeshift_agent_last_sync_seconds").unwrap());
-        let (ch, agent_s) = endpoint_changes(&client, &cg, &ns, s.n - 1, vips[0], &base(s.eps), (spare.0, &spare.1), agent_sync).await;
+        let agent_sync = move || {
+            Some(
+                metric(
+                    &metrics(&m_addr).unwrap(),
+                    "kubeshift_agent_last_sync_seconds",
+                )
+                .unwrap(),
+            )
+        };
+        let (ch, agent_s) = endpoint_changes(
+            &client,
+            &cg,
+            &ns,
+            s.n - 1,
+            vips[0],
+            &base(s.eps),
+            (spare.0, &spare.1),
+            agent_sync,
+        )
+        .await;
         csv.row("kubeshift", backend, s, &r, &ch, &agent_s, setup, ready);
         let row = format!(
             "| kubeshift | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} (agent event→maps: {}) | maps complete {ready:.1} s after {}; load {} |",
@@ -837,6 +1101,9 @@ async fn bench_datapath_vs_kube_proxy() {
 }
 
 async fn cluster_ip_in(client: &kube::Client, name: &str) -> Ipv4Addr {
-    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS).get(name).await.unwrap();
+    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS)
+        .get(name)
+        .await
+        .unwrap();
     s.spec.unwrap().cluster_ip.unwrap().parse().unwrap()
 }
