@@ -235,10 +235,170 @@ async fn agent_replaces_kube_proxy_on_node_1() {
 // --- Benchmark: kube-proxy (iptables) vs the agent's datapath, same lab, same run ---------
 //
 // `cargo test -p kubeshift --test datapath_lab bench -- --ignored --nocapture`
-// (KS_BENCH_SIZES=10,1000,5000, KS_BENCH_COUNT=2000; needs `cargo build -p
+// (KS_BENCH_SIZES=10,1000,5000,10000,10000x4, KS_BENCH_COUNT=2000,
+// KS_BENCH_IPTABLES=nft|legacy, KS_BENCH_CSV=path; needs `cargo build -p
 // kubeshift-datapath` for kubeshift-dp-probe). Method in BENCHMARKS.md.
 
 const BENCH_NS: &str = "bench";
+/// Backends b1..b4 serve the rows (b1 alone, or all four); b5 is what one endpoint
+/// change swaps in, so "served" means an answer from a pod that was not a backend before.
+const BACKENDS: [&str; 5] = ["b1", "b2", "b3", "b4", "b5"];
+
+/// One row: `n` services with `eps` endpoints each.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Size {
+    n: usize,
+    eps: usize,
+}
+
+fn parse_sizes(s: &str) -> Vec<Size> {
+    s.split(',')
+        .map(|t| match t.split_once(['x', '×']) {
+            Some((n, e)) => Size {
+                n: n.trim().parse().unwrap(),
+                eps: e.trim().parse().unwrap(),
+            },
+            None => Size {
+                n: t.trim().parse().unwrap(),
+                eps: 1,
+            },
+        })
+        .collect()
+}
+
+/// Which iptables node-1's kube-proxy runs. kube-proxy 1.20 uses whatever
+/// `iptables-restore` is first on its PATH; the machine's default is the nft backend.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+    fn bin(self, tool: &str) -> String {
+        match self {
+            Backend::Nft => tool.to_string(),
+            Backend::Legacy => tool.replacen("tables", "tables-legacy", 1),
+        }
+    }
+}
+
+fn iptables_save_with(lab: &Lab, backend: Backend) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns("node-1")])
+        .arg(backend.bin("iptables-save"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "iptables-save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn flush_kube_services(lab: &Lab, node: &str, backend: Backend) {
+    for table in ["nat", "filter"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.node_netns(node)])
+            .arg(backend.bin("iptables"))
+            .args(["-w", "-t", table, "-F", "KUBE-SERVICES"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "flush {table}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A PATH directory whose iptables tools are the legacy ones; removed when dropped
+/// (after the lab, whose kube-proxy pods point at it).
+struct LegacyPath(std::path::PathBuf);
+
+impl LegacyPath {
+    fn new() -> LegacyPath {
+        let dir = std::env::temp_dir().join("kubeshift-dpb-legacy-iptables");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for t in [
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-save",
+            "ip6tables-restore",
+        ] {
+            std::os::unix::fs::symlink(
+                format!("/usr/sbin/{}", Backend::Legacy.bin(t)),
+                dir.join(t),
+            )
+            .unwrap();
+        }
+        LegacyPath(dir)
+    }
+}
+
+impl Drop for LegacyPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Restarts the lab's kube-proxies with the legacy iptables tools first on PATH (as
+/// iptables-wrapper would choose on a legacy host) and removes the service rules the nft
+/// kube-proxy left: with both, every packet would walk two rule sets.
+async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        dir.display()
+    );
+    Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
+        .patch(
+            "kube-proxy",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "kube-proxy", "env": [{"name": "PATH", "value": path}]}]}}}})),
+        )
+        .await
+        .unwrap();
+    let p = path.clone();
+    eventually(
+        "kube-proxy on node-1 restarted with legacy iptables",
+        Duration::from_secs(180),
+        || {
+            let p = p.clone();
+            async move {
+                let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+                    .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                    .await?;
+                let on_new = pods.items.iter().all(|pod| {
+                    let env = pod
+                        .spec
+                        .as_ref()
+                        .map(|s| s.containers[0].env.clone().unwrap_or_default())
+                        .unwrap_or_default();
+                    env.iter()
+                        .any(|e| e.name == "PATH" && e.value.as_deref() == Some(&p))
+                        && pod.metadata.deletion_timestamp.is_none()
+                });
+                let ready = iptables_save_with(lab, Backend::Legacy).contains("-j KUBE-NODEPORTS");
+                Ok((on_new && pods.items.len() == 2 && ready).then_some(()))
+            }
+        },
+    )
+    .await;
+    for node in ["node-1", "node-2"] {
+        flush_kube_services(lab, node, Backend::Nft);
+    }
+}
 
 fn slice_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
     let ar = kube::api::ApiResource::from_gvk_with_plural(
@@ -248,32 +408,64 @@ fn slice_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
     Api::namespaced_with(client.clone(), BENCH_NS, &ar)
 }
 
-fn slice_json(i: usize, ip: &str) -> serde_json::Value {
+fn endpoints_json(ips: &[String]) -> serde_json::Value {
+    ips.iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect()
+}
+
+fn slice_json(i: usize, ips: &[String]) -> serde_json::Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
         "metadata": {"name": format!("s{i}"), "labels": {"kubernetes.io/service-name": format!("s{i}")}},
         "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "endpoints": endpoints_json(ips),
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
     })
 }
 
-/// Services s{from}..s{to} without selector, each with a hand-written slice to `ip`.
-async fn create_services(client: &kube::Client, from: usize, to: usize, ip: &str) {
+/// Services s{from}..s{to} without selector, each with a hand-written slice to `ips`.
+async fn create_services(client: &kube::Client, from: usize, to: usize, ips: &[String]) {
     use futures::StreamExt;
     let svcs = Api::<Service>::namespaced(client.clone(), BENCH_NS);
     let slices = slice_api(client);
     futures::stream::iter(from..to)
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
-            let ip = ip.to_string();
             async move {
-                let s: Service = serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
+                let s: Service =
+                    serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
                     "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
-                .unwrap();
-                svcs.create(&PostParams::default(), &s).await.expect("create service");
-                let o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, &ip)).unwrap();
-                slices.create(&PostParams::default(), &o).await.expect("create slice");
+                    .unwrap();
+                svcs.create(&PostParams::default(), &s)
+                    .await
+                    .expect("create service");
+                let o: kube::api::DynamicObject =
+                    serde_json::from_value(slice_json(i, ips)).unwrap();
+                slices
+                    .create(&PostParams::default(), &o)
+                    .await
+                    .expect("create slice");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Points the slices of s{from}..s{to} at `ips` (a merge patch replaces the list).
+async fn set_endpoints(client: &kube::Client, from: usize, to: usize, ips: &[String]) {
+    use futures::StreamExt;
+    let slices = slice_api(client);
+    let patch = Patch::Merge(json!({"endpoints": endpoints_json(ips)}));
+    futures::stream::iter(from..to)
+        .map(|i| {
+            let (slices, patch) = (slices.clone(), &patch);
+            async move {
+                slices
+                    .patch(&format!("s{i}"), &PatchParams::default(), patch)
+                    .await
+                    .expect("patch slice");
             }
         })
         .buffer_unordered(16)
@@ -289,8 +481,12 @@ async fn delete_services(client: &kube::Client, from: usize, to: usize) {
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
             async move {
-                let _ = slices.delete(&format!("s{i}"), &DeleteParams::default()).await;
-                svcs.delete(&format!("s{i}"), &DeleteParams::default()).await.expect("delete service");
+                let _ = slices
+                    .delete(&format!("s{i}"), &DeleteParams::default())
+                    .await;
+                svcs.delete(&format!("s{i}"), &DeleteParams::default())
+                    .await
+                    .expect("delete service");
             }
         })
         .buffer_unordered(16)
@@ -298,17 +494,52 @@ async fn delete_services(client: &kube::Client, from: usize, to: usize) {
         .await;
 }
 
-/// Bench services in node-1's KUBE-SERVICES, in rule order: (service, VIP).
-fn kube_services_order(lab: &Lab) -> Vec<(String, Ipv4Addr)> {
-    lab.iptables_save("node-1")
+/// From node-1's rules: bench services in KUBE-SERVICES in rule order (service, VIP),
+/// and the number of KUBE-SVC → KUBE-SEP jumps in their chains (endpoints programmed).
+/// The jumps are found by chain name: above 1,000 endpoints kube-proxy 1.20 drops the
+/// comments from KUBE-SVC and KUBE-SEP rules.
+fn kube_proxy_state(save: &str) -> (Vec<(String, Ipv4Addr)>, usize) {
+    let tag = format!("\"{BENCH_NS}/s");
+    let mut order = Vec::new();
+    let mut chains = std::collections::HashSet::new();
+    for l in save
         .lines()
-        .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&format!("{BENCH_NS}/s")))
-        .filter_map(|l| {
-            let vip = l.split_whitespace().nth(3)?.trim_end_matches("/32").parse().ok()?;
-            let name = l.split(&format!("{BENCH_NS}/")).nth(1)?.split(':').next()?.to_string();
-            Some((name, vip))
+        .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag))
+    {
+        let Some(vip) = l
+            .split_whitespace()
+            .nth(3)
+            .and_then(|v| v.trim_end_matches("/32").parse().ok())
+        else {
+            continue;
+        };
+        let Some(name) = l
+            .split(&format!("{BENCH_NS}/"))
+            .nth(1)
+            .and_then(|s| s.split(':').next())
+        else {
+            continue;
+        };
+        let Some(chain) = l
+            .split(" -j ")
+            .nth(1)
+            .filter(|c| c.starts_with("KUBE-SVC-"))
+        else {
+            continue;
+        };
+        order.push((name.to_string(), vip));
+        chains.insert(chain.trim().to_string());
+    }
+    let seps = save
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains("-j KUBE-SEP-"))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|c| chains.contains(c))
         })
-        .collect()
+        .count();
+    (order, seps)
 }
 
 fn percentile(v: &mut [u64], p: f64) -> u64 {
@@ -316,52 +547,87 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// connect-mix from the client pod: p50/p99 in µs per address, round-robin interleaved.
-fn connect_mix(cg: &Path, ns: &str, addrs: &[String], count: usize) -> Vec<(f64, f64)> {
+/// connect-mix from the client pod: p50/p99 in µs per variant, round-robin interleaved.
+/// A variant may be several addresses joined by '+' (the probe rotates through them).
+fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f64, f64)> {
     let probe = Path::new(env!("CARGO_BIN_EXE_kubeshift")).with_file_name("kubeshift-dp-probe");
-    assert!(probe.exists(), "build it first: cargo build -p kubeshift-datapath");
+    assert!(
+        probe.exists(),
+        "build it first: cargo build -p kubeshift-datapath"
+    );
     let mut cmd = Command::new(probe);
-    cmd.args(["connect-mix", &addrs.join(","), &count.to_string()]);
+    cmd.args(["connect-mix", &variants.join(","), &count.to_string()]);
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut per: Vec<Vec<u64>> = vec![Vec::new(); addrs.len()];
+    let mut per: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.len() == 3 && f[0] == "T" {
-            let (i, t): (usize, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap_or_else(|_| panic!("connect failed: {l}")));
+            let (i, t): (usize, u64) = (
+                f[1].parse().unwrap(),
+                f[2].parse()
+                    .unwrap_or_else(|_| panic!("connect failed: {l}")),
+            );
             per[i].push(t);
         }
     }
     per.iter_mut()
         .map(|v| {
-            assert_eq!(v.len(), count, "probe output: {text} {}", String::from_utf8_lossy(&out.stderr));
-            (percentile(v, 0.5) as f64 / 1e3, percentile(v, 0.99) as f64 / 1e3)
+            assert_eq!(
+                v.len(),
+                count,
+                "probe output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (
+                percentile(v, 0.5) as f64 / 1e3,
+                percentile(v, 0.99) as f64 / 1e3,
+            )
         })
         .collect()
 }
 
-/// Seconds from patching service `i`'s slice to `to_ip` until the client pod gets an
-/// answer from `want` through `vip`. The client polls with curl (about 5 ms a round).
-async fn time_endpoint_change(client: &kube::Client, cg: &Path, ns: &str, i: usize, vip: Ipv4Addr, to_ip: &str, want: &str) -> f64 {
+/// Seconds from the PUT of service `i`'s slice with `to` until the client pod gets
+/// its first answer from `want` (a pod that was not a backend before) through `vip`.
+/// The poller is bash without a fork per round (/dev/tcp, builtins, a 2 ms `read -t`
+/// as sleep): about 3–6 ms a round here, and it leaves CPU to kube-proxy's restore.
+async fn time_endpoint_change(
+    client: &kube::Client,
+    cg: &Path,
+    ns: &str,
+    i: usize,
+    vip: Ipv4Addr,
+    to: &[String],
+    want: &str,
+) -> f64 {
     use std::io::BufRead;
     let script = format!(
-        "end=$((SECONDS+60)); while [ $SECONDS -lt $end ]; do r=$(curl -s --noproxy '*' --max-time 1 http://{vip}:80/hostname); \
-         echo \"$EPOCHREALTIME $r\"; [ \"$r\" = \"{want}\" ] && break; done"
+        "exec 9<> <(:); end=$((SECONDS+900)); while [ $SECONDS -lt $end ]; do r=; \
+         if exec 3<>/dev/tcp/{vip}/80; then printf 'GET /hostname HTTP/1.0\\r\\n\\r\\n' >&3; IFS= read -r -d '' -t 3 r <&3; exec 3<&-; fi; \
+         r=${{r##*$'\\n'}}; echo \"$EPOCHREALTIME $r\"; [ \"$r\" = \"{want}\" ] && break; read -t 0.002 -u 9; done"
     );
     let mut cmd = Command::new("bash");
-    cmd.args(["-c", &script]).stdout(std::process::Stdio::piped());
+    cmd.args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
     let mut child = cmd.spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     // The poller answers once before the change, so it is running when the clock starts.
     let first = lines.next().unwrap().unwrap();
     assert!(!first.ends_with(want), "already at {want}: {first}");
-    let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let mut o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, to_ip)).unwrap();
+    let mut o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, to)).unwrap();
     let cur = slice_api(client).get(&format!("s{i}")).await.unwrap();
     o.metadata.resource_version = cur.metadata.resource_version;
-    slice_api(client).replace(&format!("s{i}"), &PostParams::default(), &o).await.unwrap();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    slice_api(client)
+        .replace(&format!("s{i}"), &PostParams::default(), &o)
+        .await
+        .unwrap();
     let mut t1 = None;
     for l in lines {
         let l = l.unwrap();
@@ -374,70 +640,280 @@ async fn time_endpoint_change(client: &kube::Client, cg: &Path, ns: &str, i: usi
     t1.expect("the change never served") - t0
 }
 
+/// The three timed changes of one row (base → spare, back, → spare) and an untimed
+/// one back to `base`, so every row starts from the same slices. The closure reads
+/// the agent's own sync time after each (None for kube-proxy).
+async fn endpoint_changes(
+    client: &kube::Client,
+    cg: &Path,
+    ns: &str,
+    i: usize,
+    vip: Ipv4Addr,
+    base: &[String],
+    spare: (&str, &str),
+    agent_sync: impl Fn() -> Option<f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut swapped = base.to_vec();
+    *swapped.last_mut().unwrap() = spare.1.to_string();
+    let last = BACKENDS[base.len() - 1];
+    let (mut e2e, mut agent) = (Vec::new(), Vec::new());
+    for (to, want) in [
+        (&swapped, spare.0),
+        (&base.to_vec(), last),
+        (&swapped, spare.0),
+    ] {
+        e2e.push(time_endpoint_change(client, cg, ns, i, vip, to, want).await);
+        agent.extend(agent_sync());
+    }
+    time_endpoint_change(client, cg, ns, i, vip, base, last).await;
+    (e2e, agent)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn utc_now() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const CSV_HEADER: &str = "utc,datapath,iptables,services,endpoints_per_service,\
+clusterip_last_p50_us,clusterip_last_p99_us,clusterip_first_p50_us,clusterip_first_p99_us,pod_ip_p50_us,pod_ip_p99_us,\
+change1_ms,change2_ms,change3_ms,agent_sync1_ms,agent_sync2_ms,agent_sync3_ms,setup_s,ready_s,loadavg_1m,loadavg_5m,loadavg_15m";
+
+/// Appends one CSV row as soon as it is measured, so a run cut short keeps its rows.
+struct Csv(std::path::PathBuf);
+
+impl Csv {
+    fn new() -> Csv {
+        let p = std::env::var("KS_BENCH_CSV")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/datapath-vs-kube-proxy.csv")
+            });
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("{CSV_HEADER}\n")).unwrap();
+        eprintln!("writing {}", p.display());
+        Csv(p)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        datapath: &str,
+        backend: Backend,
+        s: Size,
+        r: &[(f64, f64)],
+        e2e: &[f64],
+        agent: &[f64],
+        setup: f64,
+        ready: f64,
+    ) {
+        use std::io::Write;
+        let ms = |v: &[f64], k: usize| {
+            v.get(k)
+                .map(|x| format!("{:.3}", x * 1e3))
+                .unwrap_or_default()
+        };
+        let line = format!(
+            "{},{datapath},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{setup:.1},{ready:.1},{}",
+            utc_now(),
+            backend.name(),
+            s.n,
+            s.eps,
+            r[0].0,
+            r[0].1,
+            r[1].0,
+            r[1].1,
+            r[2].0,
+            r[2].1,
+            ms(e2e, 0),
+            ms(e2e, 1),
+            ms(e2e, 2),
+            ms(agent, 0),
+            ms(agent, 1),
+            ms(agent, 2),
+            loadavg().replace(' ', ",")
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.0)
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
+fn fmt_changes(v: &[f64]) -> String {
+    v.iter()
+        .map(|s| {
+            if *s >= 1.0 {
+                format!("{s:.1} s")
+            } else {
+                format!("{:.0} ms", s * 1e3)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: minutes, prints a table"]
 async fn bench_datapath_vs_kube_proxy() {
-    let sizes: Vec<usize> = std::env::var("KS_BENCH_SIZES").unwrap_or("10,1000".into()).split(',').map(|s| s.parse().unwrap()).collect();
-    let count: usize = std::env::var("KS_BENCH_COUNT").ok().map(|s| s.parse().unwrap()).unwrap_or(2000);
+    let sizes = parse_sizes(&std::env::var("KS_BENCH_SIZES").unwrap_or("10,1000".into()));
+    let count: usize = std::env::var("KS_BENCH_COUNT")
+        .ok()
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(2000);
+    let backend = match std::env::var("KS_BENCH_IPTABLES").as_deref() {
+        Ok("legacy") => Backend::Legacy,
+        Ok("nft") | Err(_) => Backend::Nft,
+        Ok(o) => panic!("KS_BENCH_IPTABLES={o}: nft or legacy"),
+    };
+    let csv = Csv::new();
+    // Declared before the lab so it outlives the lab's kube-proxies.
+    let legacy = (backend == Backend::Legacy).then(LegacyPath::new);
     let lab = Lab::up("dpb", &["--nodes", "2", "--cni", "flannel", "--no-demo"]);
     let client = lab.client().await;
-    create(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": BENCH_NS}})).await;
+    if let Some(l) = &legacy {
+        kube_proxy_to_legacy(&lab, &client, &l.0).await;
+    }
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": BENCH_NS}}),
+    )
+    .await;
     // Backends on the client's node: a backend on node-2 would add node-2's kube-proxy
     // rule walk (its PREROUTING sees every SYN) to both datapaths' numbers.
-    for (name, node) in [("b1", "node-1"), ("b2", "node-1"), ("client", "node-1")] {
+    for name in BACKENDS.iter().copied().chain(["client"]) {
         let spec = if name == "client" {
-            json!({"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}]})
+            json!({"nodeName": "node-1", "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}]})
         } else {
-            json!({"nodeName": node, "containers": [{"name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
+            json!({"nodeName": "node-1", "containers": [{"name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
                 "args": ["netexec", "--http-port=8080"], "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]})
         };
-        create(&Api::<Pod>::namespaced(client.clone(), BENCH_NS), json!({"metadata": {"name": name, "labels": {"b": name}}, "spec": spec})).await;
+        create(
+            &Api::<Pod>::namespaced(client.clone(), BENCH_NS),
+            json!({"metadata": {"name": name, "labels": {"b": name}}, "spec": spec}),
+        )
+        .await;
     }
     let mut ips = std::collections::HashMap::new();
-    for name in ["b1", "b2", "client"] {
+    for name in BACKENDS.iter().copied().chain(["client"]) {
         let sel = format!("b={name}");
-        let p = eventually(name, Duration::from_secs(60), || ready_pod(&client, BENCH_NS, &sel)).await;
-        ips.insert(name, (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p));
-    }
-    let (b1, b2) = (ips["b1"].0.clone(), ips["b2"].0.clone());
-    let cpod = &ips["client"].1;
-    let cg = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join("node-1").join(format!("pod-{}", cpod.metadata.uid.as_deref().unwrap()));
-    let ns = pod_netns(&lab.name, cpod);
-    let pod_addr = format!("{b1}:8080");
-    let mut rows: Vec<String> = Vec::new();
-
-    // Phase 1: kube-proxy, growing the service count.
-    let mut have = 0;
-    for &n in &sizes {
-        let t = std::time::Instant::now();
-        create_services(&client, have, n, &b1).await;
-        have = n;
-        let created = t.elapsed();
-        let order = eventually(&format!("kube-proxy to sync {n} services"), Duration::from_secs(600), || async {
-            let o = kube_services_order(&lab);
-            Ok((o.len() >= n).then_some(o))
+        let p = eventually(name, Duration::from_secs(60), || {
+            ready_pod(&client, BENCH_NS, &sel)
         })
         .await;
-        let synced = t.elapsed();
-        let (first, last) = (order[0].clone(), order[order.len() - 1].clone());
-        let r = connect_mix(&cg, &ns, &[format!("{}:80", last.1), format!("{}:80", first.1), pod_addr.clone()], count);
-        let li: usize = last.0.trim_start_matches('s').parse().unwrap();
-        let mut ch = Vec::new();
-        for (to, want) in [(&b2, "b2"), (&b1, "b1"), (&b2, "b2")] {
-            ch.push(time_endpoint_change(&client, &cg, &ns, li, last.1, to, want).await);
+        ips.insert(
+            name,
+            (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p),
+        );
+    }
+    let ip = |b: &str| ips[b].0.clone();
+    let base = |eps: usize| -> Vec<String> { BACKENDS[..eps].iter().map(|b| ip(b)).collect() };
+    let spare = (BACKENDS[4], ip(BACKENDS[4]));
+    let pod_variant = |eps: usize| {
+        base(eps)
+            .iter()
+            .map(|a| format!("{a}:8080"))
+            .collect::<Vec<_>>()
+            .join("+")
+    };
+    let cpod = &ips["client"].1;
+    let cg = kubeshift_lab::down::cgroup_dir(&lab.name)
+        .unwrap()
+        .join("node-1")
+        .join(format!("pod-{}", cpod.metadata.uid.as_deref().unwrap()));
+    let ns = pod_netns(&lab.name, cpod);
+    let mut rows: Vec<String> = Vec::new();
+    eprintln!(
+        "{} load average {}, kube-proxy iptables backend {}",
+        utc_now(),
+        loadavg(),
+        backend.name()
+    );
+
+    // Phase 1: kube-proxy, growing the service count (then the endpoints per service).
+    let mut have = Size { n: 0, eps: 1 };
+    for &s in &sizes {
+        assert!(
+            s.n >= have.n && s.eps >= have.eps,
+            "sizes must grow: {sizes:?}"
+        );
+        let t = std::time::Instant::now();
+        if s.eps != have.eps {
+            set_endpoints(&client, 0, have.n, &base(s.eps)).await;
         }
-        time_endpoint_change(&client, &cg, &ns, li, last.1, &b1, "b1").await;
+        create_services(&client, have.n, s.n, &base(s.eps)).await;
+        have = s;
+        let setup = t.elapsed().as_secs_f64();
+        // Complete when every bench service has its rule and all its endpoints' jumps;
+        // polled every 2 s: iptables-save of 100k+ lines is not free on 2 cores.
+        let order = loop {
+            let (o, seps) = kube_proxy_state(&iptables_save_with(&lab, backend));
+            if o.len() == s.n && seps == s.n * s.eps {
+                break o;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(3600),
+                "kube-proxy never synced {s:?}: {} rules, {seps} endpoint jumps",
+                o.len()
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        };
+        let ready = t.elapsed().as_secs_f64();
+        let (first, last) = (order[0].clone(), order[order.len() - 1].clone());
+        let r = connect_mix(
+            &cg,
+            &ns,
+            &[
+                format!("{}:80", last.1),
+                format!("{}:80", first.1),
+                pod_variant(s.eps),
+            ],
+            count,
+        );
+        let li: usize = last.0.trim_start_matches('s').parse().unwrap();
+        let (ch, _) = endpoint_changes(
+            &client,
+            &cg,
+            &ns,
+            li,
+            last.1,
+            &base(s.eps),
+            (spare.0, &spare.1),
+            || None,
+        )
+        .await;
+        csv.row("kube-proxy", backend, s, &r, &ch, &[], setup, ready);
         let row = format!(
-            "| kube-proxy | {n} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} (rules present) | {} | create {:.0} s, synced {:.0} s |",
-            r[0].0, r[0].1, r[1].0, r[1].1, r[2].0, r[2].1,
-            ch.iter().map(|s| format!("{:.0} ms", s * 1e3)).collect::<Vec<_>>().join(", "),
-            created.as_secs_f64(), synced.as_secs_f64()
+            "| kube-proxy ({}) | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} (rules present) | {} | set up {setup:.0} s, rules complete {ready:.0} s; load {} |",
+            backend.name(),
+            s.n,
+            s.eps,
+            r[0].0,
+            r[0].1,
+            r[1].0,
+            r[1].1,
+            r[2].0,
+            r[2].1,
+            fmt_changes(&ch),
+            loadavg()
         );
         eprintln!("{row}");
         rows.push(row);
     }
 
-    // Phase 2: kube-proxy out of node-1, the agent in; shrinking the service count.
+    // Phase 2: kube-proxy out of node-1, the agent in; shrinking.
     Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
         .patch(
             "kube-proxy",
@@ -448,72 +924,127 @@ async fn bench_datapath_vs_kube_proxy() {
         )
         .await
         .unwrap();
-    eventually("kube-proxy to leave node-1", Duration::from_secs(90), || async {
-        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system").list(&ListParams::default().labels("k8s-app=kube-proxy")).await?;
-        Ok(pods.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1")).then_some(()))
-    })
+    eventually(
+        "kube-proxy to leave node-1",
+        Duration::from_secs(90),
+        || async {
+            let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+                .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                .await?;
+            Ok(pods
+                .items
+                .iter()
+                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1"))
+                .then_some(()))
+        },
+    )
     .await;
-    for table in ["nat", "filter"] {
-        let out = Command::new("ip").args(["netns", "exec", &lab.node_netns("node-1"), "iptables", "-t", table, "-F", "KUBE-SERVICES"]).output().unwrap();
-        assert!(out.status.success());
-    }
-    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join("node-1");
+    flush_kube_services(&lab, "node-1", backend);
+    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name)
+        .unwrap()
+        .join("node-1");
     let pins_dir = kubeshift_lab::down::bpffs_dir(&lab.name).join("node-1");
     let _pins = Pins(pins_dir.clone());
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let t = std::time::Instant::now();
+    let started = std::time::Instant::now();
     let agent = Agent::start(&lab, &node_cgroup, &pins_dir, &metrics_addr);
     let mut sizes_desc = sizes.clone();
-    sizes_desc.sort_unstable_by(|a, b| b.cmp(a));
-    for &n in &sizes_desc {
-        let t = if n < have {
-            delete_services(&client, n, have).await;
-            have = n;
-            std::time::Instant::now()
-        } else {
+    sizes_desc.sort_unstable_by(|a, b| (b.n, b.eps).cmp(&(a.n, a.eps)));
+    for &s in &sizes_desc {
+        let t = if s != have {
+            let t = std::time::Instant::now();
+            if s.n < have.n {
+                delete_services(&client, s.n, have.n).await;
+            }
+            if s.eps != have.eps {
+                set_endpoints(&client, 0, s.n, &base(s.eps)).await;
+            }
+            have = s;
             t
+        } else {
+            started
         };
+        let setup = t.elapsed().as_secs_f64();
+        // default/kubernetes is one more port with at most one backend.
         let a = metrics_addr.clone();
-        eventually(&format!("the agent to program {n} services"), Duration::from_secs(600), || {
-            let a = a.clone();
-            async move {
-                Ok(metrics(&a).ok().filter(|m| {
-                    metric(m, "kubeshift_agent_synced") == Some(1.0) && metric(m, "kubeshift_agent_service_ports").is_some_and(|v| v as usize == n + 1)
-                }))
-            }
-        })
+        eventually(
+            &format!("the agent to program {s:?}"),
+            Duration::from_secs(1200),
+            || {
+                let a = a.clone();
+                async move {
+                    Ok(metrics(&a).ok().filter(|m| {
+                        let backends =
+                            metric(m, "kubeshift_agent_backends").unwrap_or(0.0) as usize;
+                        metric(m, "kubeshift_agent_synced") == Some(1.0)
+                            && metric(m, "kubeshift_agent_service_ports")
+                                .is_some_and(|v| v as usize == s.n + 1)
+                            && (backends == s.n * s.eps || backends == s.n * s.eps + 1)
+                    }))
+                }
+            },
+        )
         .await;
-        let synced = t.elapsed();
-        let vips: Vec<Ipv4Addr> = {
-            let mut v = Vec::new();
-            for i in [n - 1, 0] {
-                v.push(cluster_ip_in(&client, &format!("s{i}")).await);
-            }
-            v
+        let ready = t.elapsed().as_secs_f64();
+        let vips = [
+            cluster_ip_in(&client, &format!("s{}", s.n - 1)).await,
+            cluster_ip_in(&client, "s0").await,
+        ];
+        let r = connect_mix(
+            &cg,
+            &ns,
+            &[
+                format!("{}:80", vips[0]),
+                format!("{}:80", vips[1]),
+                pod_variant(s.eps),
+            ],
+            count,
+        );
+        let m_addr = metrics_addr.clone();
+        let agent_sync = move || {
+            Some(
+                metric(
+                    &metrics(&m_addr).unwrap(),
+                    "kubeshift_agent_last_sync_seconds",
+                )
+                .unwrap(),
+            )
         };
-        let r = connect_mix(&cg, &ns, &[format!("{}:80", vips[0]), format!("{}:80", vips[1]), pod_addr.clone()], count);
-        let mut ch = Vec::new();
-        let mut agent_sync = Vec::new();
-        for (to, want) in [(&b2, "b2"), (&b1, "b1"), (&b2, "b2")] {
-            ch.push(time_endpoint_change(&client, &cg, &ns, n - 1, vips[0], to, want).await);
-            agent_sync.push(metric(&metrics(&metrics_addr).unwrap(), "kubeshift_agent_last_sync_seconds").unwrap());
-        }
-        time_endpoint_change(&client, &cg, &ns, n - 1, vips[0], &b1, "b1").await;
+        let (ch, agent_s) = endpoint_changes(
+            &client,
+            &cg,
+            &ns,
+            s.n - 1,
+            vips[0],
+            &base(s.eps),
+            (spare.0, &spare.1),
+            agent_sync,
+        )
+        .await;
+        csv.row("kubeshift", backend, s, &r, &ch, &agent_s, setup, ready);
         let row = format!(
-            "| kubeshift | {n} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} (agent event→maps: {}) | programmed {:.1} s after agent start / last delete |",
-            r[0].0, r[0].1, r[1].0, r[1].1, r[2].0, r[2].1,
-            ch.iter().map(|s| format!("{:.0} ms", s * 1e3)).collect::<Vec<_>>().join(", "),
-            agent_sync.iter().map(|s| format!("{:.2} ms", s * 1e3)).collect::<Vec<_>>().join(", "),
-            synced.as_secs_f64()
+            "| kubeshift | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} (agent event→maps: {}) | maps complete {ready:.1} s after {}; load {} |",
+            s.n,
+            s.eps,
+            r[0].0,
+            r[0].1,
+            r[1].0,
+            r[1].1,
+            r[2].0,
+            r[2].1,
+            fmt_changes(&ch),
+            agent_s.iter().map(|s| format!("{:.2} ms", s * 1e3)).collect::<Vec<_>>().join(", "),
+            if t == started { "agent start" } else { "the first API write" },
+            loadavg()
         );
         eprintln!("{row}");
         rows.push(row);
     }
     agent.stop();
-    println!("| datapath | services | ClusterIP, last rule p50 / p99 µs | ClusterIP, first rule p50 / p99 µs | pod IP p50 / p99 µs | one endpoint change, patch → served (3 tries) | notes |");
+    println!("| datapath | services × endpoints | ClusterIP, last rule p50 / p99 µs | ClusterIP, first rule p50 / p99 µs | pod IP p50 / p99 µs | one endpoint change, PUT → first answer from the new backend (3 tries) | notes |");
     println!("|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
@@ -521,6 +1052,9 @@ async fn bench_datapath_vs_kube_proxy() {
 }
 
 async fn cluster_ip_in(client: &kube::Client, name: &str) -> Ipv4Addr {
-    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS).get(name).await.unwrap();
+    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS)
+        .get(name)
+        .await
+        .unwrap();
     s.spec.unwrap().cluster_ip.unwrap().parse().unwrap()
 }
