@@ -117,7 +117,7 @@ impl Metrics {
         m("kubeshift_agent_policy_synced", "gauge", "1 once the policy maps were written from a full list of Pods, Namespaces and NetworkPolicies.", &l, self.policy_synced.load(Relaxed).to_string());
         m("kubeshift_agent_policy_identities", "gauge", "Identities in the last compile.", &l, self.policy_identities.load(Relaxed).to_string());
         m("kubeshift_agent_policy_entries", "gauge", "Policy map allow entries for this node's identities.", &l, self.policy_entries.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_rejected", "gauge", "NetworkPolicies left out because they could not be read (see the log).", &l, self.policy_rejected.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_rejected", "gauge", "NetworkPolicies that could not be read (see the log): enforced as deny-all for their pods, or left out if their pod selector is unreadable.", &l, self.policy_rejected.load(Relaxed).to_string());
         m("kubeshift_agent_policy_interfaces", "gauge", "Pod interfaces with the policy programs attached.", &l, self.policy_interfaces.load(Relaxed).to_string());
         m("kubeshift_agent_policy_attach_errors_total", "counter", "Attach attempts that failed (retried every second; a pod's interface may not exist yet).", &l, self.policy_attach_errors.load(Relaxed).to_string());
         m(

@@ -56,8 +56,23 @@ pub(super) struct PodRec {
 pub(super) enum PolicyMsg {
     Pod(Change<PodRec>),
     Namespace(Change<NamespaceInfo>),
-    /// Err: a policy this agent cannot read; it is logged and left out.
-    Policy(Change<Result<NetworkPolicy, String>>),
+    Policy(Change<PolicyRead>),
+}
+
+/// A NetworkPolicy as this agent could read it. One it cannot read is enforced as
+/// deny-all for the pods it selects (`source::deny_all_fallback`: failing closed), or left
+/// out when not even its pod selector is readable; either way `error` says why.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PolicyRead {
+    enforced: Option<NetworkPolicy>,
+    error: Option<String>,
+}
+
+fn policy_read(p: &net::NetworkPolicy) -> PolicyRead {
+    match source::network_policy(p) {
+        Ok(np) => PolicyRead { enforced: Some(np), error: None },
+        Err(e) => PolicyRead { enforced: source::deny_all_fallback(p), error: Some(e.to_string()) },
+    }
 }
 
 fn pod_rec(p: &Pod) -> PodRec {
@@ -72,7 +87,7 @@ fn pod_rec(p: &Pod) -> PodRec {
 struct State {
     pods: HashMap<ObjKey, PodRec>,
     namespaces: HashMap<ObjKey, NamespaceInfo>,
-    policies: HashMap<ObjKey, Result<NetworkPolicy, String>>,
+    policies: HashMap<ObjKey, PolicyRead>,
     listed: [bool; 3],
 }
 
@@ -109,7 +124,7 @@ impl State {
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         let mut pods: Vec<PodInfo> = self.pods.values().filter_map(|p| p.info.clone()).collect();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let mut policies: Vec<NetworkPolicy> = self.policies.values().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let mut policies: Vec<NetworkPolicy> = self.policies.values().filter_map(|p| p.enforced.clone()).collect();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         PolicyInput { namespaces, pods, policies, host_ips }
     }
@@ -187,7 +202,7 @@ pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>
     tasks.spawn(pump(Api::<Namespace>::all(client.clone()), source::namespace, PolicyMsg::Namespace, tx.clone(), metrics.clone()));
     tasks.spawn(pump(
         Api::<net::NetworkPolicy>::all(client.clone()),
-        |p: &net::NetworkPolicy| source::network_policy(p).map_err(|e| e.to_string()),
+        policy_read,
         PolicyMsg::Policy,
         tx.clone(),
         metrics.clone(),
@@ -248,8 +263,9 @@ pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>
 
 fn sync(dp: &mut PolicyDatapath, compiler: &mut Compiler, state: &State, cfg: &PolicyConfig, metrics: &Metrics) -> Result<()> {
     for (k, p) in &state.policies {
-        if let Err(e) = p {
-            tracing::warn!(policy = %format!("{}/{}", k.namespace, k.name), "left out: {e}");
+        if let Some(e) = &p.error {
+            let what = if p.enforced.is_some() { "enforced as deny-all for its pods" } else { "left out (its pod selector is unreadable)" };
+            tracing::warn!(policy = %format!("{}/{}", k.namespace, k.name), "{what}: {e}");
         }
     }
     let host_ips = podnet::node_addresses(cfg.netns.as_deref()).context("reading the node's addresses")?;
@@ -259,7 +275,7 @@ fn sync(dp: &mut PolicyDatapath, compiler: &mut Compiler, state: &State, cfg: &P
     tracing::debug!(?stats, identities = compiled.identities.len(), entries = compiled.entries.len(), "policy applied");
     metrics.policy_identities.store(compiled.identities.len() as u64, Relaxed);
     metrics.policy_entries.store(compiled.entries.len() as u64, Relaxed);
-    metrics.policy_rejected.store(state.policies.values().filter(|p| p.is_err()).count() as u64, Relaxed);
+    metrics.policy_rejected.store(state.policies.values().filter(|p| p.error.is_some()).count() as u64, Relaxed);
     metrics.map_writes.fetch_add(stats.changes() as u64, Relaxed);
     metrics.policy_synced.store(1, Relaxed);
     Ok(())

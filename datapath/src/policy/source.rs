@@ -126,6 +126,41 @@ impl Ctx {
     }
 }
 
+/// What to enforce for a policy [`network_policy`] rejects: its pods isolated in the
+/// directions it declares, with no allow rules. Failing closed keeps a policy that is
+/// broken in one rule from opening its pods to everything; None when not even its pod
+/// selector can be read (then nobody can tell which pods it was meant for).
+pub fn deny_all_fallback(np: &api::NetworkPolicy) -> Option<NetworkPolicy> {
+    let namespace = np.metadata.namespace.clone().filter(|n| !n.is_empty())?;
+    let name = np.metadata.name.clone().unwrap_or_default();
+    let cx = Ctx { object: format!("{namespace}/{name}") };
+    let default_spec = api::NetworkPolicySpec::default();
+    let spec = np.spec.as_ref().unwrap_or(&default_spec);
+    let pod_selector = match &spec.pod_selector {
+        Some(s) => selector(&cx, "spec.podSelector", s).ok()?,
+        None => LabelSelector::default(),
+    };
+    let mut policy_types: Vec<Direction> = spec
+        .policy_types
+        .iter()
+        .flatten()
+        .filter_map(|t| match t.as_str() {
+            "Ingress" => Some(Direction::Ingress),
+            "Egress" => Some(Direction::Egress),
+            _ => None,
+        })
+        .collect();
+    if policy_types.is_empty() {
+        policy_types.push(Direction::Ingress);
+        if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+            policy_types.push(Direction::Egress);
+        }
+    }
+    policy_types.sort();
+    policy_types.dedup();
+    Some(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress: Vec::new(), egress: Vec::new() })
+}
+
 pub fn network_policy(np: &api::NetworkPolicy) -> Result<NetworkPolicy, SourceError> {
     let namespace = np.metadata.namespace.clone().unwrap_or_default();
     let name = np.metadata.name.clone().unwrap_or_default();
@@ -646,6 +681,23 @@ mod tests {
             );
             assert_eq!(e.object, "shop/web");
         }
+    }
+
+    #[test]
+    fn an_unreadable_policy_fails_closed_for_its_pods() {
+        let bad = np(json!({"podSelector": {"matchLabels": {"app": "web"}},
+                            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/40"}}]}]}));
+        assert!(network_policy(&bad).is_err());
+        let f = deny_all_fallback(&bad).unwrap();
+        assert_eq!((f.namespace.as_str(), f.name.as_str()), ("shop", "web"));
+        assert_eq!(f.pod_selector.match_labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(f.policy_types, vec![Direction::Ingress, Direction::Egress]);
+        assert!(f.ingress.is_empty() && f.egress.is_empty());
+        // Declared types are kept as declared; an unreadable selector gives nothing.
+        let ingress_only = np(json!({"policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 70000}]}]}));
+        assert_eq!(deny_all_fallback(&ingress_only).unwrap().policy_types, vec![Direction::Ingress]);
+        let bad_selector = np(json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}));
+        assert!(network_policy(&bad_selector).is_err() && deny_all_fallback(&bad_selector).is_none());
     }
 
     #[test]
