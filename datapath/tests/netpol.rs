@@ -1539,7 +1539,7 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
     let host_if = s.lab.pods[xa].host_if.clone();
     // The pod answers neighbour solicitations for its link-local address only once
     // duplicate address detection has finished.
-    let ll: std::net::Ipv6Addr = await_some(Duration::from_secs(5), || {
+    let ll: std::net::Ipv6Addr = await_some(Duration::from_secs(10), || {
         let out = ip_output(&["-n", &pod_ns, "-6", "addr", "show", "dev", "eth0"]);
         let line = out.lines().find(|l| l.contains("inet6 fe80"))?;
         if line.contains("tentative") {
@@ -1553,6 +1553,14 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
             .ok()
     })
     .expect("pod link-local address");
+    // The node sends from its own link-local address on the veth, usable (not
+    // EADDRNOTAVAIL) only once its duplicate address detection has finished too.
+    await_some(Duration::from_secs(10), || {
+        let out = ip_output(&["-n", &node_ns, "-6", "addr", "show", "dev", &host_if]);
+        let line = out.lines().find(|l| l.contains("inet6 fe80"))?;
+        (!line.contains("tentative")).then_some(())
+    })
+    .expect("node link-local address on the pod's veth");
     s.dp(0).read_flows();
 
     let node_path = s.lab.nodes[0].netns.path();

@@ -1019,7 +1019,7 @@ fn bad_input_is_refused_with_the_culprit_named() {
 /// new connections and for established traffic, local and SNATed. Run with
 /// `cargo test -p kubeshift-datapath --test nodeport -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "measurement: prints per-packet program cost, asserts nothing about it"]
 fn measure_per_packet_cost() {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
     let mut ctx = Ctx::new();
