@@ -16,6 +16,7 @@ use aya::{
     EbpfLoader,
 };
 
+use crate::loader_util::{is_not_found, remove_if_exists};
 use crate::{raw::*, sys};
 
 /// Where per-node pin directories go unless configured otherwise.
@@ -54,14 +55,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn number(self) -> u8 {
+    pub(crate) fn number(self) -> u8 {
         match self {
             Protocol::Tcp => libc::IPPROTO_TCP as u8,
             Protocol::Udp => libc::IPPROTO_UDP as u8,
         }
     }
 
-    fn from_number(n: u8) -> Option<Self> {
+    pub(crate) fn from_number(n: u8) -> Option<Self> {
         match i32::from(n) {
             libc::IPPROTO_TCP => Some(Protocol::Tcp),
             libc::IPPROTO_UDP => Some(Protocol::Udp),
@@ -235,13 +236,6 @@ fn backend_from_raw(b: &BackendVal) -> Backend {
     }
 }
 
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
 
 /// Orders the new backend set so that backends that stay keep their slot index.
 /// Affinity entries remember a slot index, so stable slots keep clients on their
@@ -758,13 +752,6 @@ impl Datapath {
     }
 }
 
-fn remove_if_exists(p: &Path) -> io::Result<()> {
-    match fs::remove_file(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod policy;
 mod datapath;
+mod loader_util;
 pub mod nodeport;
 mod raw;
 pub mod sys;

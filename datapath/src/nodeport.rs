@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, RingBuf},
+    maps::{Array, HashMap, Map, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
@@ -24,6 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
+use crate::loader_util::{ignore_not_found, is_not_found, remove_if_exists, swap_if_different};
+pub use crate::loader_util::in_netns;
 use crate::{sys, Error, Protocol};
 
 const MAPS: [&str; 6] = [
@@ -315,26 +317,13 @@ fn sock(ip: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip_from_raw(ip), u16::from_be(port))
 }
 
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => libc::IPPROTO_TCP as u8,
-        Protocol::Udp => libc::IPPROTO_UDP as u8,
-    }
-}
 
-fn proto_from_number(n: u8) -> Option<Protocol> {
-    match i32::from(n) {
-        libc::IPPROTO_TCP => Some(Protocol::Tcp),
-        libc::IPPROTO_UDP => Some(Protocol::Udp),
-        _ => None,
-    }
-}
 
 fn fe_key_raw(f: &Frontend) -> FeKey {
     FeKey {
         ip: ip_raw(f.ip),
         port: f.port.to_be(),
-        proto: proto_number(f.protocol),
+        proto: f.protocol.number(),
         pad: 0,
     }
 }
@@ -348,21 +337,7 @@ fn member_key(id: u32, b: &NpBackend) -> MemberKey {
     }
 }
 
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
 
-fn ignore_not_found(r: Result<(), MapError>) -> Result<(), Error> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// Slot order for a frontend: duplicates removed (they would skew the random pick), and
 /// for externalTrafficPolicy Local the local endpoints first, since only the first
@@ -388,30 +363,6 @@ fn slot_order(backends: &[NpBackend], policy: TrafficPolicy) -> (Vec<NpBackend>,
     }
 }
 
-/// Runs `f` on a short-lived thread that has joined the network namespace at `netns`.
-/// Only that thread moves: the process keeps the host mount namespace (so the bpffs pins
-/// stay reachable), and the caller's thread, e.g. a tokio worker, never changes netns.
-pub fn in_netns<T: Send>(
-    netns: &Path,
-    f: impl FnOnce() -> Result<T, Error> + Send,
-) -> Result<T, Error> {
-    use nix::sched::{setns, CloneFlags};
-    let target = fs::File::open(netns)
-        .map_err(|e| Error::Invalid(format!("network namespace {}: {e}", netns.display())))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
-                Error::Invalid(format!(
-                    "entering network namespace {}: {e}",
-                    netns.display()
-                ))
-            })?;
-            f()
-        })
-        .join()
-        .map_err(|_| Error::Invalid(format!("thread in {} panicked", netns.display())))?
-    })
-}
 
 impl NodePortDatapath {
     /// Loads the NodePort programs and their maps pinned under `<pin_dir>/nodeport/`, or
@@ -483,7 +434,7 @@ impl NodePortDatapath {
         let mut max_id = 0;
         for entry in self.frontends.iter() {
             let (k, v) = entry?;
-            let Some(protocol) = proto_from_number(k.proto) else {
+            let Some(protocol) = Protocol::from_number(k.proto) else {
                 continue;
             };
             let fe = Frontend {
@@ -889,7 +840,7 @@ impl NodePortDatapath {
             out.push(NpConnection {
                 client: sock(k.saddr, k.sport),
                 frontend: sock(k.daddr, k.dport),
-                protocol: proto_from_number(k.proto),
+                protocol: Protocol::from_number(k.proto),
                 backend: sock(v.backend_ip, v.backend_port),
                 snat: (v.flags & CT_F_SNAT != 0).then(|| sock(v.snat_ip, v.snat_port)),
                 closing: v.flags & CT_F_CLOSING != 0,
@@ -957,7 +908,7 @@ impl NodePortDatapath {
                 timestamp_ns: r.ts_ns,
                 client: sock(r.saddr, r.sport),
                 frontend: sock(r.daddr, r.dport),
-                protocol: proto_from_number(r.proto),
+                protocol: Protocol::from_number(r.proto),
                 backend: (r.backend_ip != 0).then(|| sock(r.backend_ip, r.backend_port)),
                 snat: (r.flags & FLOW_F_SNAT != 0 && r.snat_port != 0)
                     .then(|| sock(r.snat_ip, r.snat_port)),
@@ -1008,7 +959,7 @@ impl NodePortDatapath {
             // the programs would stay on the interface for a moment after the unlink;
             // an explicit detach makes "returned" mean "gone".
             if let Ok(fd) = sys::bpf_obj_get(&pin) {
-                link_detach(fd.as_fd())
+                sys::bpf_link_detach(fd.as_fd())
                     .map_err(|e| Error::Invalid(format!("detaching {}: {e}", pin.display())))?;
             }
             remove_if_exists(&pin)?;
@@ -1037,62 +988,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
         .try_into()?)
 }
 
-/// Swaps `prog` into the pinned tcx link at `pin` when its code differs from what runs
-/// there (or always, with `force`: after a map pin was recreated, the running program
-/// still uses the old map). Equal kernel tags mean equal instructions.
-fn swap_if_different(prog: &SchedClassifier, pin: &Path, force: bool) -> Result<bool, Error> {
-    let link = PinnedLink::from_pin(pin)
-        .map_err(|e| Error::Invalid(format!("link pin {}: {e}", pin.display())))?;
-    let running_id = FdLink::from(link)
-        .info()
-        .map_err(|e| Error::Invalid(format!("link info {}: {e}", pin.display())))?
-        .program_id();
-    let running = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|i| i.id() == running_id)
-        .ok_or_else(|| Error::Invalid(format!("program {running_id} vanished")))?;
-    if !force && prog.info()?.tag() == running.tag() {
-        return Ok(false);
-    }
-    let link_fd = sys::bpf_obj_get(pin)?;
-    let old_fd = running.fd()?;
-    sys::bpf_link_update(link_fd.as_fd(), prog.fd()?.as_fd(), old_fd.as_fd())?;
-    Ok(true)
-}
 
-/// BPF_LINK_DETACH: takes the program off its hook now, whoever else holds the link.
-fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
-    }
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let attr = LinkDetach {
-        link_fd: link.as_raw_fd() as u32,
-    };
-    // SAFETY: attr lives across the call; the kernel reads at most size_of bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const LinkDetach,
-            std::mem::size_of::<LinkDetach>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
-fn remove_if_exists(p: &Path) -> io::Result<()> {
-    match fs::remove_file(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -189,3 +189,21 @@ pub fn bpf_link_update(
     }
     Ok(())
 }
+
+/// BPF_LINK_DETACH: takes a link's program off its hook now, whoever else holds the link.
+/// (Unpinning alone detaches only when the kernel frees the link, a moment later.)
+pub fn bpf_link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let attr = LinkDetach { link_fd: link.as_raw_fd() as u32 };
+    // SAFETY: attr lives across the call; the kernel reads at most size_of bytes.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &attr as *const LinkDetach, std::mem::size_of::<LinkDetach>() as u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

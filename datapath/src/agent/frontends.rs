@@ -64,26 +64,11 @@ struct State {
     listed: [bool; 2],
 }
 
-fn apply_change<T>(map: &mut HashMap<ObjKey, T>, c: Change<T>, listed: &mut bool) {
-    match c {
-        Change::Apply(k, v) => {
-            map.insert(k, v);
-        }
-        Change::Delete(k) => {
-            map.remove(&k);
-        }
-        Change::Relist(all) => {
-            *map = all;
-            *listed = true;
-        }
-    }
-}
-
 impl State {
     fn apply(&mut self, m: NpMsg) {
         match m {
-            NpMsg::Service(c) => apply_change(&mut self.services, c, &mut self.listed[0]),
-            NpMsg::Slice(c) => apply_change(&mut self.slices, c, &mut self.listed[1]),
+            NpMsg::Service(c) => c.apply_to(&mut self.services, &mut self.listed[0]),
+            NpMsg::Slice(c) => c.apply_to(&mut self.slices, &mut self.listed[1]),
         }
     }
 
@@ -155,19 +140,12 @@ pub(super) async fn run(client: Client, cfg: NodePortConfig, ep_api: EndpointsAp
             }
             _ = tick.tick() => {}
             r = super::flows_readable(&flow_fd) => {
-                match r {
-                    Ok(mut ready) => {
-                        let events = dp.read_flows();
-                        ready.clear_ready();
-                        if !events.is_empty() {
-                            metrics.flow_reads.fetch_add(1, Relaxed);
-                            let _ = flow_tx.send(FlowMsg::NodePort(events));
-                        }
+                match super::drain_ring(r, || dp.read_flows(), &metrics, "NodePort") {
+                    Some(events) if !events.is_empty() => {
+                        let _ = flow_tx.send(FlowMsg::NodePort(events));
                     }
-                    Err(e) => {
-                        tracing::warn!("NodePort flow ring buffer: {e}; no more NodePort flow events");
-                        flow_fd = None;
-                    }
+                    Some(_) => {}
+                    None => flow_fd = None,
                 }
                 continue;
             }

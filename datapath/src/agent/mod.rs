@@ -325,6 +325,46 @@ fn register_ring(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Option<AsyncFd<
     registered.map_err(|e| tracing::warn!("{what} flow events unavailable: {e}")).ok()
 }
 
+/// After a ring's fd turned readable: its events, read with `read`; None (logged) when
+/// waiting failed and the caller should stop watching that ring.
+fn drain_ring<E>(ready: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>>, read: impl FnOnce() -> Vec<E>, metrics: &Metrics, what: &str) -> Option<Vec<E>> {
+    match ready {
+        Ok(mut ready) => {
+            let events = read();
+            // After draining: tokio keeps the fd ready if the kernel signalled again
+            // meanwhile, so no wakeup is lost.
+            ready.clear_ready();
+            if !events.is_empty() {
+                metrics.flow_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(events)
+        }
+        Err(e) => {
+            tracing::warn!("{what} flow ring buffer: {e}; no more {what} flow events");
+            None
+        }
+    }
+}
+
+impl<T> Change<T> {
+    /// Applies the change to a watch's plain-data mirror; a relist replaces it and marks
+    /// the watch as listed.
+    fn apply_to(self, map: &mut HashMap<ObjKey, T>, listed: &mut bool) {
+        match self {
+            Change::Apply(k, v) => {
+                map.insert(k, v);
+            }
+            Change::Delete(k) => {
+                map.remove(&k);
+            }
+            Change::Relist(all) => {
+                *map = all;
+                *listed = true;
+            }
+        }
+    }
+}
+
 /// Waits until the flow ring buffer has events; never, once it failed.
 async fn flows_readable(
     fd: &Option<AsyncFd<std::os::fd::OwnedFd>>,
@@ -469,30 +509,21 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
                 started = Instant::now();
             }
             r = flows_readable(&flow_fd) => {
-                match r {
-                    Ok(mut ready) => {
-                        let events = dp.read_flows();
-                        // After draining: tokio keeps the fd ready if the kernel signalled
-                        // again meanwhile, so no wakeup is lost.
-                        ready.clear_ready();
-                        if !events.is_empty() {
-                            metrics.flow_reads.fetch_add(1, Relaxed);
-                            let tagged = events
-                                .into_iter()
-                                .map(|e| {
-                                    let svc = e.protocol.and_then(|protocol| {
-                                        state.by_vip.get(&ServiceKey { vip: *e.service.ip(), port: e.service.port(), protocol }).cloned()
-                                    });
-                                    (e, svc)
-                                })
-                                .collect();
-                            let _ = flow_tx.send(FlowMsg::SockLb(tagged));
-                        }
+                match drain_ring(r, || dp.read_flows(), &metrics, "socket LB") {
+                    Some(events) if !events.is_empty() => {
+                        let tagged = events
+                            .into_iter()
+                            .map(|e| {
+                                let svc = e.protocol.and_then(|protocol| {
+                                    state.by_vip.get(&ServiceKey { vip: *e.service.ip(), port: e.service.port(), protocol }).cloned()
+                                });
+                                (e, svc)
+                            })
+                            .collect();
+                        let _ = flow_tx.send(FlowMsg::SockLb(tagged));
                     }
-                    Err(e) => {
-                        tracing::warn!("flow ring buffer: {e}; no more flow events");
-                        flow_fd = None;
-                    }
+                    Some(_) => {}
+                    None => flow_fd = None,
                 }
                 continue;
             }

@@ -91,27 +91,12 @@ struct State {
     listed: [bool; 3],
 }
 
-fn apply_change<T>(map: &mut HashMap<ObjKey, T>, c: Change<T>, listed: &mut bool) {
-    match c {
-        Change::Apply(k, v) => {
-            map.insert(k, v);
-        }
-        Change::Delete(k) => {
-            map.remove(&k);
-        }
-        Change::Relist(all) => {
-            *map = all;
-            *listed = true;
-        }
-    }
-}
-
 impl State {
     fn apply(&mut self, m: PolicyMsg) {
         match m {
-            PolicyMsg::Pod(c) => apply_change(&mut self.pods, c, &mut self.listed[0]),
-            PolicyMsg::Namespace(c) => apply_change(&mut self.namespaces, c, &mut self.listed[1]),
-            PolicyMsg::Policy(c) => apply_change(&mut self.policies, c, &mut self.listed[2]),
+            PolicyMsg::Pod(c) => c.apply_to(&mut self.pods, &mut self.listed[0]),
+            PolicyMsg::Namespace(c) => c.apply_to(&mut self.namespaces, &mut self.listed[1]),
+            PolicyMsg::Policy(c) => c.apply_to(&mut self.policies, &mut self.listed[2]),
         }
     }
 
@@ -225,19 +210,12 @@ pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>
             }
             _ = tick.tick() => {}
             r = super::flows_readable(&flow_fd) => {
-                match r {
-                    Ok(mut ready) => {
-                        let events = dp.read_flows();
-                        ready.clear_ready();
-                        if !events.is_empty() {
-                            metrics.flow_reads.fetch_add(1, Relaxed);
-                            let _ = flow_tx.send(FlowMsg::Policy(events));
-                        }
+                match super::drain_ring(r, || dp.read_flows(), &metrics, "policy") {
+                    Some(events) if !events.is_empty() => {
+                        let _ = flow_tx.send(FlowMsg::Policy(events));
                     }
-                    Err(e) => {
-                        tracing::warn!("policy flow ring buffer: {e}; no more policy flow events");
-                        flow_fd = None;
-                    }
+                    Some(_) => {}
+                    None => flow_fd = None,
                 }
                 continue;
             }

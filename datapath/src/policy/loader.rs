@@ -19,10 +19,10 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, MapError, RingBuf,
+        Array, HashMap, Map, MapData, RingBuf,
     },
     programs::{
-        links::{FdLink, LinkOrder, PinnedLink},
+        links::{FdLink, LinkOrder},
         tc::TcAttachOptions,
         SchedClassifier, TcAttachType,
     },
@@ -30,6 +30,7 @@ use aya::{
 };
 
 use super::model::{Cidr, Compiled, Direction, Identity, Isolation, PolicyEntry};
+use crate::loader_util::{ignore_not_found, in_netns, swap_if_different};
 use crate::{sys, Error, Protocol};
 
 const MAPS: [&str; 7] = [
@@ -275,24 +276,11 @@ pub struct PolicyFlowEvent {
 
 impl PolicyFlowEvent {
     pub fn protocol(&self) -> Option<Protocol> {
-        proto_from_number(self.ip_proto)
+        Protocol::from_number(self.ip_proto)
     }
 }
 
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => libc::IPPROTO_TCP as u8,
-        Protocol::Udp => libc::IPPROTO_UDP as u8,
-    }
-}
 
-fn proto_from_number(n: u8) -> Option<Protocol> {
-    match i32::from(n) {
-        libc::IPPROTO_TCP => Some(Protocol::Tcp),
-        libc::IPPROTO_UDP => Some(Protocol::Udp),
-        _ => None,
-    }
-}
 
 fn dir_number(d: Direction) -> u8 {
     match d {
@@ -318,7 +306,7 @@ fn policy_key(e: &PolicyEntry) -> Result<(u32, PolicyKeyData), Error> {
     let prefix = match e.protocol {
         None => 72,
         Some(p) => {
-            data.proto = proto_number(p);
+            data.proto = p.number();
             let bits = u32::from(e.port_wildcard_bits);
             if bits > 16 {
                 return Err(Error::Invalid(format!(
@@ -339,22 +327,7 @@ fn policy_key(e: &PolicyEntry) -> Result<(u32, PolicyKeyData), Error> {
     Ok((prefix, data))
 }
 
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
 
-/// Deletes ignoring "not there": the mirror may be ahead of a map someone else edited.
-fn ok_if_missing(r: Result<(), MapError>) -> Result<(), Error> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// NetworkPolicy tc programs and their maps for one node.
 ///
@@ -594,17 +567,7 @@ impl PolicyDatapath {
     /// `/run/netns/<name>` or `/proc/<pid>/ns/net`). Only a helper thread switches
     /// namespace, so the caller and its mount namespace (bpffs) are untouched.
     pub fn attach_in_netns(&mut self, netns: &Path, ifname: &str) -> Result<usize, Error> {
-        let ns = fs::File::open(netns)
-            .map_err(|e| Error::Invalid(format!("netns {}: {e}", netns.display())))?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| Error::Invalid(format!("setns {}: {e}", netns.display())))?;
-                self.attach(ifname)
-            })
-            .join()
-            .map_err(|_| Error::Invalid("attach thread panicked".into()))?
-        })
+        in_netns(netns, || self.attach(ifname))
     }
 
     /// Detaches both links of `ifname` and removes their pins. Returns how many were
@@ -709,13 +672,13 @@ impl PolicyDatapath {
             .copied()
             .collect();
         for id in stale_iso {
-            ok_if_missing(self.isolation.remove(&id))?;
+            ignore_not_found(self.isolation.remove(&id))?;
             self.m_isolation.remove(&id);
             st.isolation_removed += 1;
         }
         let stale_policy: Vec<_> = self.m_policy.difference(&want_policy).copied().collect();
         for k in stale_policy {
-            ok_if_missing(self.policy.remove(&Key::new(k.0, k.1)))?;
+            ignore_not_found(self.policy.remove(&Key::new(k.0, k.1)))?;
             self.m_policy.remove(&k);
             st.policy_removed += 1;
         }
@@ -727,7 +690,7 @@ impl PolicyDatapath {
             .collect();
         for cidr in stale_ip {
             let key = Key::new(u32::from(cidr.prefix), ip_be(mask(&cidr)));
-            ok_if_missing(self.ipcache.remove(&key))?;
+            ignore_not_found(self.ipcache.remove(&key))?;
             self.m_ipcache.remove(&cidr);
             st.ipcache_removed += 1;
         }
@@ -754,7 +717,7 @@ impl PolicyDatapath {
                 let protocol = if *prefix == 72 {
                     None
                 } else {
-                    proto_from_number(d.proto)
+                    Protocol::from_number(d.proto)
                 };
                 PolicyEntry {
                     local: d.local_id,
@@ -910,26 +873,9 @@ fn detach_pinned_link(pin: &Path) -> Result<bool, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e.into()),
     };
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
-    }
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let attr = LinkDetach {
-        link_fd: fd.as_raw_fd() as u32,
-    };
-    // SAFETY: attr outlives the call; the kernel reads size_of bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const LinkDetach,
-            std::mem::size_of::<LinkDetach>() as u32,
-        )
-    };
+    let r = sys::bpf_link_detach(fd.as_fd());
     // A link whose device is gone is already detached (ENOLINK/EINVAL): just unpin.
-    if r < 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = r {
         if !matches!(e.raw_os_error(), Some(libc::ENOLINK) | Some(libc::EINVAL)) {
             return Err(Error::Invalid(format!("detach {}: {e}", pin.display())));
         }
@@ -1005,28 +951,6 @@ fn tcx_link_target(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((ifindex, attach_type))
 }
 
-/// Swaps `prog` into the link pinned at `pin` if the running program's code differs (or
-/// always, with `force`: a map pin was missing, so the running program uses an
-/// unreachable map even if its code is the same).
-fn swap_if_different(prog: &SchedClassifier, pin: &Path, force: bool) -> Result<bool, Error> {
-    let link = PinnedLink::from_pin(pin)
-        .map_err(|e| Error::Invalid(format!("link pin {}: {e}", pin.display())))?;
-    let running_id = FdLink::from(link)
-        .info()
-        .map_err(|e| Error::Invalid(format!("link info {}: {e}", pin.display())))?
-        .program_id();
-    let running = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|i| i.id() == running_id)
-        .ok_or_else(|| Error::Invalid(format!("program {running_id} vanished")))?;
-    if !force && prog.info()?.tag() == running.tag() {
-        return Ok(false);
-    }
-    let link_fd = sys::bpf_obj_get(pin)?;
-    let old_fd = running.fd()?;
-    sys::bpf_link_update(link_fd.as_fd(), prog.fd()?.as_fd(), old_fd.as_fd())?;
-    Ok(true)
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,85 @@
+//! Pieces every loader (socket LB, NodePort, NetworkPolicy) needs in the same shape:
+//! map errors that mean "not there", pin removal, tcx link swap and detach, and running
+//! an attach inside another network namespace.
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::Path,
+};
+
+use aya::{
+    maps::MapError,
+    programs::{
+        links::{FdLink, PinnedLink},
+        SchedClassifier,
+    },
+};
+
+use crate::{sys, Error};
+
+pub(crate) fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Deletes ignoring "not there": a mirror may be ahead of a map someone else edited.
+pub(crate) fn ignore_not_found(r: Result<(), MapError>) -> Result<(), Error> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) fn remove_if_exists(p: &Path) -> io::Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+
+
+/// Swaps `prog` into the tcx link pinned at `pin` when its code differs from what runs
+/// there (or always, with `force`: after a map pin was recreated, the running program
+/// still uses the old, unreachable map). Equal kernel tags mean equal instructions.
+pub(crate) fn swap_if_different(prog: &SchedClassifier, pin: &Path, force: bool) -> Result<bool, Error> {
+    let link = PinnedLink::from_pin(pin).map_err(|e| Error::Invalid(format!("link pin {}: {e}", pin.display())))?;
+    let running_id = FdLink::from(link)
+        .info()
+        .map_err(|e| Error::Invalid(format!("link info {}: {e}", pin.display())))?
+        .program_id();
+    let running = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|i| i.id() == running_id)
+        .ok_or_else(|| Error::Invalid(format!("program {running_id} vanished")))?;
+    if !force && prog.info()?.tag() == running.tag() {
+        return Ok(false);
+    }
+    let link_fd = sys::bpf_obj_get(pin)?;
+    let old_fd = running.fd()?;
+    sys::bpf_link_update(link_fd.as_fd(), prog.fd()?.as_fd(), old_fd.as_fd())?;
+    Ok(true)
+}
+
+/// Runs `f` on a short-lived thread that has joined the network namespace at `netns`.
+/// Only that thread moves: the process keeps the host mount namespace (so the bpffs pins
+/// stay reachable), and the caller's thread, e.g. a tokio worker, never changes netns.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T, Error> + Send) -> Result<T, Error> {
+    use nix::sched::{setns, CloneFlags};
+    let target = fs::File::open(netns).map_err(|e| Error::Invalid(format!("network namespace {}: {e}", netns.display())))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(target.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::Invalid(format!("entering network namespace {}: {e}", netns.display())))?;
+            f()
+        })
+        .join()
+        .map_err(|_| Error::Invalid(format!("thread in {} panicked", netns.display())))?
+    })
+}
