@@ -343,8 +343,10 @@ async fn observe_flows_of_a_pod_on_the_lab() {
 
     // The same connection as the NetworkPolicy programs on the client's veth saw it
     // (no policy here, so allowed): pod IPs on the wire, both identities.
-    let policy = observe(&addr, &["--last", "4096", "--type", "policy", "--from-pod", "obs/client", "--to-pod", "obs/echo", "--port", "8080"]);
-    let p = policy.last().expect("a policy flow of the client's connection");
+    let p = eventually("a policy flow of the client's connection", Duration::from_secs(30), || async {
+        Ok(observe(&addr, &["--last", "4096", "--type", "policy", "--from-pod", "obs/client", "--to-pod", "obs/echo", "--port", "8080"]).pop())
+    })
+    .await;
     assert_eq!((p.kind, p.verdict), (FlowKind::Policy, FlowVerdict::Forwarded), "{p:?}");
     assert!(p.source.identity.is_some() && p.destination.identity.is_some(), "{p:?}");
 

@@ -83,14 +83,10 @@ async fn agent_enforces_network_policy_on_a_flannel_lab() {
 
     let (agent1, _pins1, m1) = start_agent(&lab, "node-1").await;
     let (agent2, pins2, m2) = start_agent(&lab, "node-2").await;
-    // Every local pod's veth has the programs: node-1 runs front-1 and other-1 (plus the
-    // flannel and kube-proxy pods, which are host-network and need none).
-    for (addr, want) in [(&m1, 2.0), (&m2, 2.0)] {
-        eventually(&format!("agent {addr} attached to its pods"), Duration::from_secs(60), || async move {
-            let m = metrics(addr)?;
-            Ok((metric(&m, "kubeshift_agent_policy_interfaces") == Some(want)).then_some(()))
-        })
-        .await;
+    // start_agent awaited every local pod's veth having the programs: node-1 runs
+    // front-1 and other-1 (plus the flannel and kube-proxy pods, host-network, none).
+    for addr in [&m1, &m2] {
+        assert_eq!(metric(&metrics(addr).unwrap(), "kubeshift_agent_policy_interfaces"), Some(2.0), "{addr}");
     }
 
     // No policy: everyone reaches the server (Flannel never enforced anything).

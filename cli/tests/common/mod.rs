@@ -282,7 +282,36 @@ pub async fn start_agent(lab: &Lab, node: &str) -> (Agent, Pins, String) {
         async move { Ok(metrics(&a).ok().filter(|m| metric(m, "kubeshift_agent_synced") == Some(1.0))) }
     })
     .await;
+    // The policy half attaches to pod veths on its own loop; a connection made before
+    // that is never seen by the policy programs.
+    let client = lab.client().await;
+    eventually(&format!("agent on {node} attached to every pod-network pod"), Duration::from_secs(60), || {
+        let (a, c) = (addr.clone(), client.clone());
+        async move {
+            let m = metrics(&a)?;
+            let pods = pod_network_pods(&c, node).await;
+            Ok((metric(&m, "kubeshift_agent_policy_synced") == Some(1.0)
+                && metric(&m, "kubeshift_agent_policy_interfaces") == Some(pods as f64))
+            .then_some(()))
+        }
+    })
+    .await;
     (agent, pins, addr)
+}
+
+/// Running pods on `node` that have their own network (a veth the policy programs go on).
+pub async fn pod_network_pods(client: &Client, node: &str) -> usize {
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let pods = Api::<Pod>::all(client.clone()).list(&lp).await.expect("listing pods");
+    pods.items
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true))
+        .filter(|p| {
+            let st = p.status.as_ref();
+            st.and_then(|s| s.pod_ip.as_ref()).is_some()
+                && !matches!(st.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        })
+        .count()
 }
 
 /// Creates an object from JSON; the test fails on any API error.
