@@ -8,15 +8,14 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr,
     },
-    EbpfLoader,
 };
 
-use crate::loader_util::{is_not_found, remove_if_exists};
+use crate::loader_util::{is_not_found, load_pinned, open_pinned, remove_if_exists};
 use crate::{raw::*, sys};
 
 /// Where per-node pin directories go unless configured otherwise.
@@ -298,12 +297,7 @@ impl Datapath {
 
         // Order matters: nothing attached is touched until this build's maps are known to
         // match the pinned ones and all its programs have passed the verifier.
-        let mut loader = EbpfLoader::new();
-        for m in MAPS {
-            // Reuses each pinned map, creating and pinning the ones that are missing.
-            loader.map_pin_path(m, maps_dir.join(m));
-        }
-        let mut ebpf = loader.load(obj)?;
+        let mut ebpf = load_pinned(obj, &maps_dir, &MAPS)?;
         let mut dp = Self::open_pinned(cfg, reopened)?;
         Self::check_layouts(&maps_dir)?;
         for p in PROGRAMS {
@@ -348,9 +342,7 @@ impl Datapath {
     /// The maps the loader does not open typed are checked here too, so a build with a
     /// different layout is refused before it can replace a running program.
     fn check_layouts(maps_dir: &Path) -> Result<(), Error> {
-        let open = |name: &str| -> Result<Map, Error> {
-            Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
-        };
+        let open = |name: &str| open_pinned(&maps_dir, name);
         let _: HashMap<MapData, AffinityKey, AffinityVal> = open("ks_affinity")?.try_into()?;
         let _: HashMap<MapData, RevnatKey, RevnatVal> = open("ks_revnat")?.try_into()?;
         Ok(())
@@ -387,9 +379,7 @@ impl Datapath {
 
     fn open_pinned(cfg: DatapathConfig, reopened: bool) -> Result<Self, Error> {
         let maps_dir = cfg.pin_dir.join("maps");
-        let open = |name: &str| -> Result<Map, Error> {
-            Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
-        };
+        let open = |name: &str| open_pinned(&maps_dir, name);
         // try_from checks key and value sizes, which catches pins left by an
         // incompatible version of the programs.
         let services: HashMap<MapData, SvcKey, SvcVal> = open("ks_services")?.try_into()?;

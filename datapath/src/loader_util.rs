@@ -1,6 +1,7 @@
 //! Pieces every loader (socket LB, NodePort, NetworkPolicy) needs in the same shape:
-//! map errors that mean "not there", pin removal, tcx link swap and detach, and running
-//! an attach inside another network namespace.
+//! loading an object against its pinned maps, map errors that mean "not there", pin
+//! removal, tcx link swap and detach, and running an attach inside another network
+//! namespace.
 
 use std::{
     fs, io,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::MapError,
+    maps::{Map, MapData, MapError},
     programs::{
         links::{FdLink, PinnedLink},
         SchedClassifier,
@@ -17,6 +18,23 @@ use aya::{
 };
 
 use crate::{sys, Error};
+
+/// Loads `obj` with each of `maps` bound to its pin under `maps_dir`: a pinned map is
+/// reused (so counters, conntrack and programmed state survive a restart or upgrade),
+/// a missing one is created and pinned. Nothing is attached yet; the verifier has run.
+pub(crate) fn load_pinned(obj: &[u8], maps_dir: &Path, maps: &[&str]) -> Result<aya::Ebpf, Error> {
+    let mut loader = aya::EbpfLoader::new();
+    for m in maps {
+        loader.map_pin_path(*m, maps_dir.join(m));
+    }
+    Ok(loader.load(obj)?)
+}
+
+/// Opens the map pinned at `maps_dir/name`; `try_into` a typed map then checks key and
+/// value sizes, which refuses pins left by a build with another layout.
+pub(crate) fn open_pinned(maps_dir: &Path, name: &str) -> Result<Map, Error> {
+    Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
+}
 
 pub(crate) fn is_not_found(e: &MapError) -> bool {
     match e {
@@ -42,8 +60,6 @@ pub(crate) fn remove_if_exists(p: &Path) -> io::Result<()> {
         Err(e) => Err(e),
     }
 }
-
-
 
 /// Swaps `prog` into the tcx link pinned at `pin` when its code differs from what runs
 /// there (or always, with `force`: after a map pin was recreated, the running program

@@ -15,16 +15,16 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
         LinkOrder, SchedClassifier, TcAttachType,
     },
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
-use crate::loader_util::{ignore_not_found, is_not_found, remove_if_exists, swap_if_different};
+use crate::loader_util::{ignore_not_found, is_not_found, load_pinned, open_pinned, remove_if_exists, swap_if_different};
 pub use crate::loader_util::in_netns;
 use crate::{sys, Error, Protocol};
 
@@ -383,14 +383,8 @@ impl NodePortDatapath {
         let all_maps = MAPS.iter().all(|m| maps_dir.join(m).exists());
         let all_links = PROGRAMS.iter().all(|p| links_dir.join(p).exists());
 
-        let mut loader = EbpfLoader::new();
-        for m in MAPS {
-            loader.map_pin_path(m, maps_dir.join(m));
-        }
-        let mut ebpf = loader.load(obj)?;
-        let open = |name: &str| -> Result<Map, Error> {
-            Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
-        };
+        let mut ebpf = load_pinned(obj, &maps_dir, &MAPS)?;
+        let open = |name: &str| open_pinned(&maps_dir, name);
         // try_into checks key and value sizes against pins of another build.
         let frontends: HashMap<MapData, FeKey, FeVal> = open("ks_np_frontends")?.try_into()?;
         let backends: HashMap<MapData, BeKey, BeVal> = open("ks_np_backends")?.try_into()?;

@@ -246,13 +246,18 @@ async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
     }
     for (ns, name, selector) in sets {
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
-        let want = spec.nodes as i32;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+        let want = spec.nodes;
         let r = api::wait_for(&format!("DaemonSet {ns}/{name} ready on {want} nodes"), Duration::from_secs(180), || {
-            let api = api.clone();
+            let (api, pods) = (api.clone(), pods.clone());
             async move {
                 let ds = api.get(name).await?;
-                let ready = ds.status.map(|s| s.number_ready).unwrap_or(0);
-                Ok((ready >= want).then_some(()))
+                let counted = ds.status.as_ref().map(|s| s.number_ready).unwrap_or(0) as usize;
+                // The DaemonSet controller's status write can lag far behind its pods on a
+                // loaded machine (once seen in CI: both pods Ready, numberReady short for
+                // 180 s), so the pods themselves count as well.
+                let owned = pods.list(&ListParams::default().labels(selector)).await?;
+                Ok((counted >= want || ready_nodes(&owned.items, &ds) >= want).then_some(()))
             }
         })
         .await;
@@ -261,6 +266,23 @@ async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Distinct nodes with a Ready pod owned by `ds`.
+fn ready_nodes(pods: &[k8s_openapi::api::core::v1::Pod], ds: &DaemonSet) -> usize {
+    let owned_by_ds = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.metadata.owner_references.iter().flatten().any(|o| Some(&o.uid) == ds.metadata.uid.as_ref())
+    };
+    pods.iter()
+        .filter(|p| owned_by_ds(p) && pod_is_ready(p))
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+fn pod_is_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conds.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// One line per pod: where it runs and why it is not ready, for timeout messages.

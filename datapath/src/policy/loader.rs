@@ -19,18 +19,18 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, RingBuf,
+        Array, HashMap, MapData, RingBuf,
     },
     programs::{
         links::{FdLink, LinkOrder},
         tc::TcAttachOptions,
         SchedClassifier, TcAttachType,
     },
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
 use super::model::{Cidr, Compiled, Direction, Identity, Isolation, PolicyEntry};
-use crate::loader_util::{ignore_not_found, in_netns, swap_if_different};
+use crate::loader_util::{ignore_not_found, in_netns, load_pinned, open_pinned, swap_if_different};
 use crate::{sys, Error, Protocol};
 
 const MAPS: [&str; 7] = [
@@ -374,15 +374,8 @@ impl PolicyDatapath {
         let link_pins = Self::link_pins(&links_dir)?;
         let reopened = all_maps && !link_pins.is_empty();
 
-        let mut loader = EbpfLoader::new();
-        for m in MAPS {
-            loader.map_pin_path(m, maps_dir.join(m));
-        }
-        let mut ebpf = loader.load(obj)?;
-
-        let open = |name: &str| -> Result<Map, Error> {
-            Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
-        };
+        let mut ebpf = load_pinned(obj, &maps_dir, &MAPS)?;
+        let open = |name: &str| open_pinned(&maps_dir, name);
         // try_into checks key and value sizes: pins of an incompatible build are refused
         // before anything attached is touched.
         let ipcache: LpmTrie<MapData, u32, IpcacheVal> = open("ks_ipcache")?.try_into()?;
