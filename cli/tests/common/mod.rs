@@ -226,10 +226,15 @@ impl Drop for Pins {
 }
 
 pub fn metrics(addr: &str) -> anyhow::Result<String> {
+    agent_get(addr, "/metrics")
+}
+
+/// The agent's whole HTTP response to `GET path`, status line included.
+pub fn agent_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
     let mut b = String::new();
     s.read_to_string(&mut b)?;
     Ok(b)
@@ -283,16 +288,16 @@ pub async fn start_agent(lab: &Lab, node: &str) -> (Agent, Pins, String) {
     })
     .await;
     // The policy half attaches to pod veths on its own loop; a connection made before
-    // that is never seen by the policy programs.
+    // that is never seen by the policy programs. /readyz says when all is in force; the
+    // count of pods is taken from the API, independently of the agent's own view.
     let client = lab.client().await;
-    eventually(&format!("agent on {node} attached to every pod-network pod"), Duration::from_secs(60), || {
+    eventually(&format!("agent on {node} ready, attached to every pod-network pod"), Duration::from_secs(60), || {
         let (a, c) = (addr.clone(), client.clone());
         async move {
+            let ready = agent_get(&a, "/readyz")?.starts_with("HTTP/1.1 200");
             let m = metrics(&a)?;
             let pods = pod_network_pods(&c, node).await;
-            Ok((metric(&m, "kubeshift_agent_policy_synced") == Some(1.0)
-                && metric(&m, "kubeshift_agent_policy_interfaces") == Some(pods as f64))
-            .then_some(()))
+            Ok((ready && metric(&m, "kubeshift_agent_policy_interfaces") == Some(pods as f64)).then_some(()))
         }
     })
     .await;

@@ -1,14 +1,18 @@
 //! Prometheus text exposition and the flow stream on a plain TCP listener: a handful
 //! of gauges and one NDJSON endpoint do not justify an HTTP framework.
 //!
-//! - `GET /metrics`, `GET /healthz`
+//! - `GET /metrics`, `GET /healthz` (the process answers)
+//! - `GET /readyz`: 200 once the node's datapath is fully in force (every enabled half
+//!   wrote its maps from a full list, and every local pod has the policy programs);
+//!   503 with one line per reason until then. What a rollout waits for before it takes
+//!   the node's old datapath away.
 //! - `GET /flows?last=N`: the newest N flow records (default: all kept), one JSON
 //!   object per line, oldest first.
 //! - `GET /flows?follow=true[&last=N]`: the same, then every new record as it comes;
 //!   the response stays open until the client closes it.
 
 use super::flows::{parse_query, FlowStore};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -28,7 +32,10 @@ pub struct Metrics {
     /// Ring buffer reads (wakeups) that returned events.
     pub flow_reads: AtomicU64,
     // The policy half (see `agent::policy`).
+    pub policy_enabled: AtomicBool,
     pub policy_synced: AtomicU64,
+    /// This node's pods with their own network: each needs the policy programs.
+    pub policy_local_pods: AtomicU64,
     pub policy_identities: AtomicU64,
     pub policy_entries: AtomicU64,
     pub policy_rejected: AtomicU64,
@@ -36,11 +43,33 @@ pub struct Metrics {
     pub policy_attach_errors: AtomicU64,
     pub policy_last_sync_ns: AtomicU64,
     // The NodePort half (see `agent::frontends`).
+    pub nodeport_enabled: AtomicBool,
     pub nodeport_synced: AtomicU64,
     pub nodeport_frontends: AtomicU64,
 }
 
 impl Metrics {
+    /// Why the node's datapath is not fully in force yet; empty when it is.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.synced.load(Relaxed) != 1 {
+            why.push("services: maps not yet written from a full list of Services and endpoints".to_string());
+        }
+        if self.policy_enabled.load(Relaxed) {
+            if self.policy_synced.load(Relaxed) != 1 {
+                why.push("policy: maps not yet written from a full list of Pods, Namespaces and NetworkPolicies".to_string());
+            }
+            let (attached, local) = (self.policy_interfaces.load(Relaxed), self.policy_local_pods.load(Relaxed));
+            if attached < local {
+                why.push(format!("policy: {attached} of {local} local pods have the programs attached"));
+            }
+        }
+        if self.nodeport_enabled.load(Relaxed) && self.nodeport_synced.load(Relaxed) != 1 {
+            why.push("nodeport: frontends not yet written from a full list of Services and EndpointSlices".to_string());
+        }
+        why
+    }
+
     pub fn render(&self) -> String {
         let node = self.node.lock().unwrap().clone();
         let api = self.endpoints_api.lock().unwrap().clone();
@@ -57,6 +86,13 @@ impl Metrics {
             "Agent node and the endpoints API it watches.",
             &format!("{l},endpoints_api=\"{api}\""),
             "1".into(),
+        );
+        m(
+            "kubeshift_agent_ready",
+            "gauge",
+            "1 when GET /readyz answers 200: every enabled half is synced and every local pod has the policy programs.",
+            &l,
+            u64::from(self.not_ready().is_empty()).to_string(),
         );
         m(
             "kubeshift_agent_synced",
@@ -118,6 +154,7 @@ impl Metrics {
         m("kubeshift_agent_policy_identities", "gauge", "Identities in the last compile.", &l, self.policy_identities.load(Relaxed).to_string());
         m("kubeshift_agent_policy_entries", "gauge", "Policy map allow entries for this node's identities.", &l, self.policy_entries.load(Relaxed).to_string());
         m("kubeshift_agent_policy_rejected", "gauge", "NetworkPolicies that could not be read (see the log): enforced as deny-all for their pods, or left out if their pod selector is unreadable.", &l, self.policy_rejected.load(Relaxed).to_string());
+        m("kubeshift_agent_policy_local_pods", "gauge", "This node's pods with their own network interface (each needs the policy programs).", &l, self.policy_local_pods.load(Relaxed).to_string());
         m("kubeshift_agent_policy_interfaces", "gauge", "Pod interfaces with the policy programs attached.", &l, self.policy_interfaces.load(Relaxed).to_string());
         m("kubeshift_agent_policy_attach_errors_total", "counter", "Attach attempts that failed (retried every second; a pod's interface may not exist yet).", &l, self.policy_attach_errors.load(Relaxed).to_string());
         m(
@@ -174,6 +211,10 @@ async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
     match path {
         "/metrics" => respond(&mut sock, "200 OK", TEXT, &metrics.render()).await,
         "/healthz" => respond(&mut sock, "200 OK", TEXT, "ok\n").await,
+        "/readyz" => match metrics.not_ready() {
+            why if why.is_empty() => respond(&mut sock, "200 OK", TEXT, "ok\n").await,
+            why => respond(&mut sock, "503 Service Unavailable", TEXT, &(why.join("\n") + "\n")).await,
+        },
         "/flows" => match parse_query(query) {
             Err(e) => {
                 respond(
@@ -284,6 +325,40 @@ mod tests {
             lines.push(std::mem::take(&mut l));
         }
         (status, lines)
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_every_enabled_half_and_every_local_pod() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = Arc::new(Metrics::default());
+        tokio::spawn(serve(listener, m.clone()));
+        m.policy_enabled.store(true, Relaxed);
+        m.nodeport_enabled.store(true, Relaxed);
+        let ready = || async {
+            let (status, lines) = body_lines(&mut get(addr, "/readyz").await).await;
+            let gauge = m.render().lines().find(|l| l.starts_with("kubeshift_agent_ready{")).map(|l| l.ends_with(" 1"));
+            assert_eq!(gauge, Some(status.starts_with("HTTP/1.1 200")), "{status}");
+            (status.starts_with("HTTP/1.1 200"), lines.concat())
+        };
+
+        let (ok, why) = ready().await;
+        assert!(!ok && why.contains("services:") && why.contains("policy: maps") && why.contains("nodeport:"), "{why}");
+        m.synced.store(1, Relaxed);
+        m.policy_synced.store(1, Relaxed);
+        m.nodeport_synced.store(1, Relaxed);
+        m.policy_local_pods.store(3, Relaxed);
+        m.policy_interfaces.store(2, Relaxed);
+        let (ok, why) = ready().await;
+        assert_eq!((ok, why.as_str()), (false, "policy: 2 of 3 local pods have the programs attached\n"));
+        m.policy_interfaces.store(3, Relaxed);
+        assert_eq!(ready().await, (true, "ok\n".to_string()));
+
+        // A half that is switched off is not waited for.
+        m.nodeport_synced.store(0, Relaxed);
+        assert!(!ready().await.0);
+        m.nodeport_enabled.store(false, Relaxed);
+        assert!(ready().await.0);
     }
 
     #[tokio::test]

@@ -411,6 +411,8 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     }
     let mut flow_fd = register_ring(dp.flows_fd(), "socket LB");
     metrics.node.lock().unwrap().clone_from(&cfg.node);
+    metrics.policy_enabled.store(cfg.policy.is_some(), Relaxed);
+    metrics.nodeport_enabled.store(cfg.nodeport.is_some(), Relaxed);
     update_gauges(&dp, &metrics);
 
     if let Some(addr) = cfg.metrics {

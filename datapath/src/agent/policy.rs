@@ -153,6 +153,7 @@ impl Attachments {
             }
         }
         metrics.policy_interfaces.store(self.by_uid.len() as u64, Relaxed);
+        metrics.policy_local_pods.store(local.len() as u64, Relaxed);
     }
 }
 
