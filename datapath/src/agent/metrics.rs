@@ -327,12 +327,18 @@ mod tests {
         (status, lines)
     }
 
-    #[tokio::test]
-    async fn readyz_waits_for_every_enabled_half_and_every_local_pod() {
+    /// Fresh metrics served on a loopback port.
+    async fn serving() -> (std::net::SocketAddr, Arc<Metrics>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let m = Arc::new(Metrics::default());
         tokio::spawn(serve(listener, m.clone()));
+        (addr, m)
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_every_enabled_half_and_every_local_pod() {
+        let (addr, m) = serving().await;
         m.policy_enabled.store(true, Relaxed);
         m.nodeport_enabled.store(true, Relaxed);
         let ready = || async {
@@ -363,10 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn flows_endpoint_serves_last_n_follow_and_counts() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        tokio::spawn(serve(listener, metrics.clone()));
+        let (addr, metrics) = serving().await;
         for i in 0..3 {
             metrics.flows.push(&rec(
                 i,
