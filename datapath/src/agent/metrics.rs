@@ -201,10 +201,27 @@ async fn respond(sock: &mut tokio::net::TcpStream, status: &str, content_type: &
     let _ = sock.write_all(resp.as_bytes()).await;
 }
 
+/// The request head, read until its blank line: a client may send it in several
+/// segments, and answering the first one alone would cut the rest off. Bounded in size
+/// and time so a silent or endless client cannot hold a task.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    head
+}
+
 async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
-    let mut buf = [0u8; 2048];
-    let n = sock.read(&mut buf).await.unwrap_or(0);
-    let req = String::from_utf8_lossy(&buf[..n]);
+    let head = read_head(&mut sock).await;
+    let req = String::from_utf8_lossy(&head);
     let target = req.split_whitespace().nth(1).unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     const TEXT: &str = "text/plain; version=0.0.4";
@@ -334,6 +351,22 @@ mod tests {
         let m = Arc::new(Metrics::default());
         tokio::spawn(serve(listener, m.clone()));
         (addr, m)
+    }
+
+    #[tokio::test]
+    async fn a_request_head_in_several_segments_is_read_whole() {
+        let (addr, m) = serving().await;
+        m.synced.store(1, Relaxed);
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for part in ["GET ", "/metrics", " HTTP/1.1\r\n", "Host: x\r\n", "\r\n"] {
+            s.write_all(part.as_bytes()).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let (status, lines) = body_lines(&mut BufReader::new(s)).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(lines.iter().any(|l| l.starts_with("kubeshift_agent_synced{") && l.trim_end().ends_with(" 1")), "{lines:?}");
     }
 
     #[tokio::test]
