@@ -15,10 +15,8 @@ const PROGRAMS: &[&str] = &["sock_lb", "policy", "nodeport"];
 
 // Second builds that differ only in their build id, so the tests can exercise an
 // in-place program upgrade. Only built when clang is available.
-const UPGRADE_VARIANTS: &[(&str, &str, &str)] = &[
-    ("sock_lb", "sock_lb_build2", "-DKS_BUILD_ID=2"),
-    ("nodeport", "nodeport_build2", "-DKS_BUILD_ID=2"),
-];
+const UPGRADE_VARIANTS: &[(&str, &str, &str)] =
+    &[("sock_lb", "sock_lb_build2", "-DKS_BUILD_ID=2"), ("nodeport", "nodeport_build2", "-DKS_BUILD_ID=2")];
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
@@ -65,15 +63,9 @@ fn main() {
             Err(e) => {
                 let prebuilt = manifest.join("bpf/prebuilt").join(format!("{name}.o"));
                 if !prebuilt.exists() {
-                    panic!(
-                        "cannot run {clang} ({e}) and no prebuilt object at {}",
-                        prebuilt.display()
-                    );
+                    panic!("cannot run {clang} ({e}) and no prebuilt object at {}", prebuilt.display());
                 }
-                println!(
-                    "cargo:warning=clang not available ({e}); using {}",
-                    prebuilt.display()
-                );
+                println!("cargo:warning=clang not available ({e}); using {}", prebuilt.display());
                 if is_stale(&src, &prebuilt.with_extension("c.cksum")) {
                     println!(
                         "cargo:warning={} was built from an older {}; run bpf/build-prebuilt.sh",

@@ -45,7 +45,8 @@ pub struct AgentArgs {
     pub netns: Option<PathBuf>,
     /// Do not enforce NetworkPolicy (no tc programs on pod interfaces).
     #[arg(long)]
-    pub no_policy: bool,    /// Interface NodePort / external-IP traffic arrives on (default: the one carrying
+    pub no_policy: bool,
+    /// Interface NodePort / external-IP traffic arrives on (default: the one carrying
     /// the node's InternalIP).
     #[arg(long)]
     pub device: Option<String>,
@@ -73,8 +74,22 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     if let Some(ns) = &args.netns {
         anyhow::ensure!(ns.exists(), "--netns {}: no such network namespace file", ns.display());
     }
-    let policy = (!args.no_policy).then(|| PolicyConfig { node: args.node.clone(), pin_dir: dp.pin_dir.clone(), netns: args.netns.clone(), cgroup: dp.cgroup.clone() });
-    let nodeport = (!args.no_nodeport).then(|| NodePortConfig { node: args.node.clone(), pin_dir: dp.pin_dir.clone(), netns: args.netns.clone(), device: args.device.clone() });
+    let policy = (!args.no_policy).then(|| PolicyConfig {
+        node: args.node.clone(),
+        pin_dir: dp.pin_dir.clone(),
+        netns: args.netns.clone(),
+        cgroup: dp.cgroup.clone(),
+    });
+    let nodeport = (!args.no_nodeport).then(|| NodePortConfig {
+        node: args.node.clone(),
+        pin_dir: dp.pin_dir.clone(),
+        netns: args.netns.clone(),
+        device: args.device.clone(),
+    });
     let client = args.cluster.client().await?;
-    agent::run(client, AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport }).await
+    agent::run(
+        client,
+        AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport },
+    )
+    .await
 }

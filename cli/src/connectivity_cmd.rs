@@ -90,12 +90,39 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn run(args: ConnectivityArgs) -> Result<()> {
     match args.command {
-        ConnectivityCommand::Agent { namespace, pod, sa_dir, server, stream_port } => agent::run(agent::AgentArgs { namespace, pod, sa_dir, server, stream_port }).await,
-        ConnectivityCommand::Test { cluster, namespace, test, probe_timeout, settle, nodes, save, compare, junit, json, conn_disrupt_setup, include_conn_disrupt, keep, echo_image, agent_image, agent_command } => {
-            let filter = test.map(|t| regex::Regex::new(&t).with_context(|| format!("--test {t:?} is not a valid regex"))).transpose()?;
+        ConnectivityCommand::Agent { namespace, pod, sa_dir, server, stream_port } => {
+            agent::run(agent::AgentArgs { namespace, pod, sa_dir, server, stream_port }).await
+        }
+        ConnectivityCommand::Test {
+            cluster,
+            namespace,
+            test,
+            probe_timeout,
+            settle,
+            nodes,
+            save,
+            compare,
+            junit,
+            json,
+            conn_disrupt_setup,
+            include_conn_disrupt,
+            keep,
+            echo_image,
+            agent_image,
+            agent_command,
+        } => {
+            let filter = test
+                .map(|t| regex::Regex::new(&t).with_context(|| format!("--test {t:?} is not a valid regex")))
+                .transpose()?;
             let client = cluster.client().await?;
             let opts = suite::SuiteOptions {
-                deploy: DeployConfig { namespace, echo_image, agent_image, agent_command: agent_command.split_whitespace().map(String::from).collect(), nodes },
+                deploy: DeployConfig {
+                    namespace,
+                    echo_image,
+                    agent_image,
+                    agent_command: agent_command.split_whitespace().map(String::from).collect(),
+                    nodes,
+                },
                 probe_timeout,
                 settle,
                 conn_disrupt_setup,
@@ -107,7 +134,8 @@ pub async fn run(args: ConnectivityArgs) -> Result<()> {
             };
             let r = suite::run(&client, &opts).await?;
             if let Some(p) = &save {
-                std::fs::write(p, serde_json::to_string_pretty(&r.matrix)?).with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(p, serde_json::to_string_pretty(&r.matrix)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
             }
             if let Some(p) = &junit {
                 std::fs::write(p, report::junit(&r)).with_context(|| format!("writing {}", p.display()))?;

@@ -23,9 +23,13 @@ impl ClusterArgs {
         let cfg = match &self.kubeconfig {
             Some(p) => {
                 let kc = Kubeconfig::read_from(p).with_context(|| format!("reading kubeconfig {}", p.display()))?;
-                Config::from_custom_kubeconfig(kc, &opts).await.with_context(|| format!("kubeconfig {}", p.display()))?
+                Config::from_custom_kubeconfig(kc, &opts)
+                    .await
+                    .with_context(|| format!("kubeconfig {}", p.display()))?
             }
-            None => Config::from_kubeconfig(&opts).await.context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
+            None => {
+                Config::from_kubeconfig(&opts).await.context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?
+            }
         };
         let url = cfg.cluster_url.clone();
         let mut cfg = cfg;

@@ -113,7 +113,12 @@ pub async fn run(args: LabArgs) -> Result<()> {
     match args.command {
         LabCommand::Up { name, nodes, pools, pool_label, cni, api_port, no_demo, keep_on_failure } => {
             let spec = LabSpec { name, nodes, pools, pool_label, cni: Cni::parse(&cni)?, api_port, demo: !no_demo };
-            let st = kubeshift_lab::up::up(kubeshift_lab::up::UpOptions { spec, self_exe: std::env::current_exe()?, keep_on_failure }).await?;
+            let st = kubeshift_lab::up::up(kubeshift_lab::up::UpOptions {
+                spec,
+                self_exe: std::env::current_exe()?,
+                keep_on_failure,
+            })
+            .await?;
             let s = kubeshift_lab::status::status(&st.spec.name).await?;
             print!("{s}");
             println!("\nexport KUBECONFIG={}", st.kubeconfig.display());
@@ -143,7 +148,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
             Ok(())
         }
         LabCommand::Forward { name, port } => {
-            let st = kubeshift_lab::LabState::load(&spec::state_dir(&name))?.ok_or_else(|| anyhow::anyhow!("lab {name} has no state"))?;
+            let st = kubeshift_lab::LabState::load(&spec::state_dir(&name))?
+                .ok_or_else(|| anyhow::anyhow!("lab {name} has no state"))?;
             kubeshift_lab::forward::run(kubeshift_lab::forward::ForwardArgs {
                 listen: ([127, 0, 0, 1], port).into(),
                 netns: st.spec.netns_control_plane(),
@@ -154,15 +160,31 @@ pub async fn run(args: LabArgs) -> Result<()> {
         }
         LabCommand::Kubelet { name, node } => kubeshift_lab::kubelet::run(&name, &node).await,
         LabCommand::Flanneld { root, node, kubeconfig, net_conf, ip_masq } => {
-            kubeshift_lab::flanneld::run_flanneld(kubeshift_lab::flanneld::FlannelArgs { root: &root, node: &node, kubeconfig: &kubeconfig, net_conf: &net_conf, ip_masq }).await
+            kubeshift_lab::flanneld::run_flanneld(kubeshift_lab::flanneld::FlannelArgs {
+                root: &root,
+                node: &node,
+                kubeconfig: &kubeconfig,
+                net_conf: &net_conf,
+                ip_masq,
+            })
+            .await
         }
         LabCommand::CalicoNode { root, node, kubeconfig } => {
-            kubeshift_lab::calico_node::run_calico_node(kubeshift_lab::calico_node::CalicoArgs { root: &root, node: &node, kubeconfig: &kubeconfig }).await
+            kubeshift_lab::calico_node::run_calico_node(kubeshift_lab::calico_node::CalicoArgs {
+                root: &root,
+                node: &node,
+                kubeconfig: &kubeconfig,
+            })
+            .await
         }
         LabCommand::CniPlugin { .. } => unreachable!("handled before the runtime starts"),
-        LabCommand::InstallCni { root, plugin, conf_name, conf_template, node } => {
-            kubeshift_lab::cni_plugins::install(&root, &plugin, conf_name.as_deref(), conf_template.as_deref(), node.as_deref())
-        }
+        LabCommand::InstallCni { root, plugin, conf_name, conf_template, node } => kubeshift_lab::cni_plugins::install(
+            &root,
+            &plugin,
+            conf_name.as_deref(),
+            conf_template.as_deref(),
+            node.as_deref(),
+        ),
         LabCommand::Netexec { args } => tokio::task::spawn_blocking(move || kubeshift_lab::netexec::run(&args)).await?,
     }
 }

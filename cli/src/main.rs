@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kubeshift", version, about = "Migrate a live Kubernetes cluster from iptables networking to an eBPF datapath, node pool by node pool")]
+#[command(
+    name = "kubeshift",
+    version,
+    about = "Migrate a live Kubernetes cluster from iptables networking to an eBPF datapath, node pool by node pool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +39,8 @@ enum Command {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=off,kube_client=off,hyper=warn,rustls=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=off,kube_client=off,hyper=warn,rustls=warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 

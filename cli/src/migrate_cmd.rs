@@ -121,15 +121,23 @@ async fn plan(a: PlanArgs) -> Result<()> {
     let rendered = match a.output {
         Output::Table => summary(&inv, &analysis, &plan),
         Output::Yaml => plan.to_yaml(),
-        Output::Json => serde_json::to_string_pretty(&serde_json::json!({
-            "inventory": inv, "analysis": analysis, "plan": plan,
-        }))? + "\n",
+        Output::Json => {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "inventory": inv, "analysis": analysis, "plan": plan,
+            }))? + "\n"
+        }
     };
     match a.graph {
         Some(g) => {
             let graph = plan.graph().map_err(|e| anyhow!("plan step graph: {e}"))?;
             eprint!("{rendered}");
-            print!("{}", match g { GraphFormat::Dot => graph.to_dot(), GraphFormat::Mermaid => graph.to_mermaid() });
+            print!(
+                "{}",
+                match g {
+                    GraphFormat::Dot => graph.to_dot(),
+                    GraphFormat::Mermaid => graph.to_mermaid(),
+                }
+            );
         }
         None => print!("{rendered}"),
     }
@@ -155,7 +163,13 @@ fn summary(inv: &Inventory, an: &Analysis, plan: &Plan) -> String {
         *pools.entry(n.pool.as_str()).or_default() += 1;
     }
     let cp = inv.nodes.iter().filter(|n| n.control_plane).count();
-    let _ = writeln!(s, "cluster     {} ({} nodes, {cp} control plane) fingerprint {}", inv.server_version, inv.nodes.len(), plan.cluster.fingerprint);
+    let _ = writeln!(
+        s,
+        "cluster     {} ({} nodes, {cp} control plane) fingerprint {}",
+        inv.server_version,
+        inv.nodes.len(),
+        plan.cluster.fingerprint
+    );
     let _ = writeln!(s, "pools       {}", pools.iter().map(|(p, n)| format!("{p}={n}")).collect::<Vec<_>>().join(" "));
     let _ = writeln!(s, "legacy CNI  {}", inv.cni.kind.as_deref().unwrap_or("none found"));
     let _ = writeln!(
@@ -206,7 +220,8 @@ fn summary(inv: &Inventory, an: &Analysis, plan: &Plan) -> String {
     }
     let _ = writeln!(s, "\nwaves:");
     for w in &plan.waves {
-        let nodes: Vec<String> = w.batches.iter().map(|b| b.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>().join("+")).collect();
+        let nodes: Vec<String> =
+            w.batches.iter().map(|b| b.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>().join("+")).collect();
         let _ = writeln!(s, "  {:<12} {}", w.name, nodes.join(" -> "));
     }
     s

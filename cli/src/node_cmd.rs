@@ -45,7 +45,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             }
             // The lab names node namespaces ks-<lab>-<node>; the node name is the tail.
             let node_name = node_name.or_else(|| {
-                netns.as_deref().and_then(|n| n.strip_prefix("ks-")).and_then(|rest| rest.find("-node-").map(|i| rest[i + 1..].to_string()))
+                netns
+                    .as_deref()
+                    .and_then(|n| n.strip_prefix("ks-"))
+                    .and_then(|rest| rest.find("-node-").map(|i| rest[i + 1..].to_string()))
             });
             let opts = CollectOptions { node_name, cni_conf_dir, ..Default::default() };
             let report = tokio::task::spawn_blocking(move || match netns {

@@ -86,20 +86,34 @@ fn flannel_healthy_passes_broken_is_caught_and_matrix_changes_are_listed() {
         pods.delete(old.metadata.name.as_deref().unwrap(), &Default::default()).await.unwrap();
         eventually("a new kube-proxy on node-1", std::time::Duration::from_secs(60), || async {
             let l = pods.list(&lp).await?;
-            Ok(l.items.iter().any(|p| p.metadata.uid != old.metadata.uid && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(()))
+            Ok(l.items
+                .iter()
+                .any(|p| {
+                    p.metadata.uid != old.metadata.uid
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                })
+                .then_some(()))
         })
         .await;
     });
     let o = connectivity(&lab, &["--include-conn-disrupt", "--keep", "--test", "^pod-to-pod-same-node$"]);
     assert!(o.status.success() && text(&o).contains("PASS no-interrupted-connections"), "{}", text(&o));
-    in_node(&lab, "node-2", &["iptables", "-I", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"]);
+    in_node(
+        &lab,
+        "node-2",
+        &["iptables", "-I", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"],
+    );
     let o = connectivity(&lab, &["--include-conn-disrupt", "--test", "^pod-to-pod-same-node$"]);
     let t = text(&o);
     assert!(!o.status.success() && t.contains("FAIL no-interrupted-connections"), "{t}");
     let broken: Vec<&str> = t.lines().filter(|l| l.contains(":8082)")).collect();
     assert_eq!(broken.len(), 4, "the four connections forwarded by node-2 break, no others:\n{t}");
     assert!(!t.contains("node-1/pod-1 -> svc-pod-2-node-1"), "a node-1-only connection was reported broken:\n{t}");
-    in_node(&lab, "node-2", &["iptables", "-D", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"]);
+    in_node(
+        &lab,
+        "node-2",
+        &["iptables", "-D", "FORWARD", "-p", "tcp", "--dport", "8082", "-j", "REJECT", "--reject-with", "tcp-reset"],
+    );
 
     // A verdict change: node-2 drops TCP 8080 coming from node-1's pods.
     let client = tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -139,7 +153,10 @@ fn flannel_healthy_passes_broken_is_caught_and_matrix_changes_are_listed() {
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("FAIL pod-to-service-remote") && t.contains("FAIL pod-to-service-local"), "{t}");
     let failing: Vec<&str> = t.lines().filter(|l| l.contains(" -> svc-")).collect();
-    assert!(!failing.is_empty() && failing.iter().all(|l| l.trim_start().starts_with("node-1/")), "failures must name node-1 only:\n{t}");
+    assert!(
+        !failing.is_empty() && failing.iter().all(|l| l.trim_start().starts_with("node-1/")),
+        "failures must name node-1 only:\n{t}"
+    );
 
     std::fs::remove_dir_all(&dir).unwrap();
     let left = lab.down();
@@ -175,7 +192,13 @@ fn calico_healthy_cluster_passes_every_scenario_policies_included() {
     // applied while the suite's pods run, via --keep and a second pass.
     let o = connectivity(&lab, &["--keep", "--test", "^pod-to-pod-cross-node$"]);
     assert!(o.status.success(), "{}", text(&o));
-    let k = Command::new("kubectl").arg("--kubeconfig").arg(lab.kubeconfig()).args(["apply", "-f"]).arg(&f).output().unwrap();
+    let k = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(lab.kubeconfig())
+        .args(["apply", "-f"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
     let o = connectivity(&lab, &["--compare", before.to_str().unwrap(), "--test", "^pod-to-pod-cross-node$"]);
     let t = text(&o);
@@ -223,15 +246,26 @@ fn a_cluster_with_one_node_on_kubeshifts_datapath_is_checked_across_both() {
         take_kube_proxy_off(&lab, &c, "node-1").await;
         started
     });
-    let o = connectivity(&lab, &["--include-conn-disrupt", "--test", "^(pod-to-pod|pod-to-service|pod-to-itself|host-to|pod-to-host)"]);
+    let o = connectivity(
+        &lab,
+        &["--include-conn-disrupt", "--test", "^(pod-to-pod|pod-to-service|pod-to-itself|host-to|pod-to-host)"],
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("PASS no-interrupted-connections") && t.contains("PASS pod-to-service-remote") && t.contains("PASS host-to-service"), "{t}");
+    assert!(
+        t.contains("PASS no-interrupted-connections")
+            && t.contains("PASS pod-to-service-remote")
+            && t.contains("PASS host-to-service"),
+        "{t}"
+    );
 
     let o = connectivity(&lab, &["--test", "nodeport", "--settle", "2s"]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     let failing: Vec<&str> = t.lines().filter(|l| l.contains(" -> np-")).collect();
-    assert!(!failing.is_empty() && failing.iter().all(|l| l.contains("@node-1")), "only NodePorts on node-1's address fail:\n{t}");
+    assert!(
+        !failing.is_empty() && failing.iter().all(|l| l.contains("@node-1")),
+        "only NodePorts on node-1's address fail:\n{t}"
+    );
     agent.stop();
 }

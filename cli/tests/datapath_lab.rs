@@ -23,7 +23,8 @@ const NS: &str = "dp";
 
 /// Connected UDP (bash's /dev/udp connects the socket); dd reads one whole datagram.
 fn udp(pod_cgroup: &Path, pod_netns: &str, vip: Ipv4Addr, port: u16) -> Reply {
-    let script = format!("exec 3<>/dev/udp/{vip}/{port} && printf hostname >&3 && timeout 3 dd bs=1500 count=1 <&3 2>/dev/null");
+    let script =
+        format!("exec 3<>/dev/udp/{vip}/{port} && printf hostname >&3 && timeout 3 dd bs=1500 count=1 <&3 2>/dev/null");
     from_pod(pod_cgroup, pod_netns, &["bash", "-c", &script])
 }
 
@@ -125,7 +126,8 @@ async fn agent_replaces_kube_proxy_on_node_1() {
     deploy(&client).await;
 
     let backend = eventually("the echo backend", Duration::from_secs(60), || ready_pod(&client, NS, "app=echo")).await;
-    let client_pod = eventually("the client pod", Duration::from_secs(60), || ready_pod(&client, NS, "app=client")).await;
+    let client_pod =
+        eventually("the client pod", Duration::from_secs(60), || ready_pod(&client, NS, "app=client")).await;
     let echo_ip = cluster_ip(&client, "echo").await;
     let empty_ip = cluster_ip(&client, "empty").await;
     let lab_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap();
@@ -254,14 +256,8 @@ struct Size {
 fn parse_sizes(s: &str) -> Vec<Size> {
     s.split(',')
         .map(|t| match t.split_once(['x', '×']) {
-            Some((n, e)) => Size {
-                n: n.trim().parse().unwrap(),
-                eps: e.trim().parse().unwrap(),
-            },
-            None => Size {
-                n: t.trim().parse().unwrap(),
-                eps: 1,
-            },
+            Some((n, e)) => Size { n: n.trim().parse().unwrap(), eps: e.trim().parse().unwrap() },
+            None => Size { n: t.trim().parse().unwrap(), eps: 1 },
         })
         .collect()
 }
@@ -295,11 +291,7 @@ fn iptables_save_with(lab: &Lab, backend: Backend) -> String {
         .arg(backend.bin("iptables-save"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "iptables-save: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "iptables-save: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -311,11 +303,7 @@ fn flush_kube_services(lab: &Lab, node: &str, backend: Backend) {
             .args(["-w", "-t", table, "-F", "KUBE-SERVICES"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "flush {table}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "flush {table}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -328,19 +316,8 @@ impl LegacyPath {
         let dir = std::env::temp_dir().join("kubeshift-dpb-legacy-iptables");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for t in [
-            "iptables",
-            "iptables-save",
-            "iptables-restore",
-            "ip6tables",
-            "ip6tables-save",
-            "ip6tables-restore",
-        ] {
-            std::os::unix::fs::symlink(
-                format!("/usr/sbin/{}", Backend::Legacy.bin(t)),
-                dir.join(t),
-            )
-            .unwrap();
+        for t in ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"] {
+            std::os::unix::fs::symlink(format!("/usr/sbin/{}", Backend::Legacy.bin(t)), dir.join(t)).unwrap();
         }
         LegacyPath(dir)
     }
@@ -356,10 +333,7 @@ impl Drop for LegacyPath {
 /// iptables-wrapper would choose on a legacy host) and removes the service rules the nft
 /// kube-proxy left: with both, every packet would walk two rule sets.
 async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
-    let path = format!(
-        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        dir.display()
-    );
+    let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", dir.display());
     Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
         .patch(
             "kube-proxy",
@@ -370,30 +344,22 @@ async fn kube_proxy_to_legacy(lab: &Lab, client: &kube::Client, dir: &Path) {
         .await
         .unwrap();
     let p = path.clone();
-    eventually(
-        "kube-proxy on node-1 restarted with legacy iptables",
-        Duration::from_secs(180),
-        || {
-            let p = p.clone();
-            async move {
-                let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
-                    .list(&ListParams::default().labels("k8s-app=kube-proxy"))
-                    .await?;
-                let on_new = pods.items.iter().all(|pod| {
-                    let env = pod
-                        .spec
-                        .as_ref()
-                        .map(|s| s.containers[0].env.clone().unwrap_or_default())
-                        .unwrap_or_default();
-                    env.iter()
-                        .any(|e| e.name == "PATH" && e.value.as_deref() == Some(&p))
-                        && pod.metadata.deletion_timestamp.is_none()
-                });
-                let ready = iptables_save_with(lab, Backend::Legacy).contains("-j KUBE-NODEPORTS");
-                Ok((on_new && pods.items.len() == 2 && ready).then_some(()))
-            }
-        },
-    )
+    eventually("kube-proxy on node-1 restarted with legacy iptables", Duration::from_secs(180), || {
+        let p = p.clone();
+        async move {
+            let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+                .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                .await?;
+            let on_new = pods.items.iter().all(|pod| {
+                let env =
+                    pod.spec.as_ref().map(|s| s.containers[0].env.clone().unwrap_or_default()).unwrap_or_default();
+                env.iter().any(|e| e.name == "PATH" && e.value.as_deref() == Some(&p))
+                    && pod.metadata.deletion_timestamp.is_none()
+            });
+            let ready = iptables_save_with(lab, Backend::Legacy).contains("-j KUBE-NODEPORTS");
+            Ok((on_new && pods.items.len() == 2 && ready).then_some(()))
+        }
+    })
     .await;
     for node in ["node-1", "node-2"] {
         flush_kube_services(lab, node, Backend::Nft);
@@ -409,9 +375,7 @@ fn slice_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
 }
 
 fn endpoints_json(ips: &[String]) -> serde_json::Value {
-    ips.iter()
-        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
-        .collect()
+    ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect()
 }
 
 fn slice_json(i: usize, ips: &[String]) -> serde_json::Value {
@@ -433,19 +397,12 @@ async fn create_services(client: &kube::Client, from: usize, to: usize, ips: &[S
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
             async move {
-                let s: Service =
-                    serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
+                let s: Service = serde_json::from_value(json!({"metadata": {"name": format!("s{i}")},
                     "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
-                    .unwrap();
-                svcs.create(&PostParams::default(), &s)
-                    .await
-                    .expect("create service");
-                let o: kube::api::DynamicObject =
-                    serde_json::from_value(slice_json(i, ips)).unwrap();
-                slices
-                    .create(&PostParams::default(), &o)
-                    .await
-                    .expect("create slice");
+                .unwrap();
+                svcs.create(&PostParams::default(), &s).await.expect("create service");
+                let o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, ips)).unwrap();
+                slices.create(&PostParams::default(), &o).await.expect("create slice");
             }
         })
         .buffer_unordered(16)
@@ -462,10 +419,7 @@ async fn set_endpoints(client: &kube::Client, from: usize, to: usize, ips: &[Str
         .map(|i| {
             let (slices, patch) = (slices.clone(), &patch);
             async move {
-                slices
-                    .patch(&format!("s{i}"), &PatchParams::default(), patch)
-                    .await
-                    .expect("patch slice");
+                slices.patch(&format!("s{i}"), &PatchParams::default(), patch).await.expect("patch slice");
             }
         })
         .buffer_unordered(16)
@@ -481,12 +435,8 @@ async fn delete_services(client: &kube::Client, from: usize, to: usize) {
         .map(|i| {
             let (svcs, slices) = (svcs.clone(), slices.clone());
             async move {
-                let _ = slices
-                    .delete(&format!("s{i}"), &DeleteParams::default())
-                    .await;
-                svcs.delete(&format!("s{i}"), &DeleteParams::default())
-                    .await
-                    .expect("delete service");
+                let _ = slices.delete(&format!("s{i}"), &DeleteParams::default()).await;
+                svcs.delete(&format!("s{i}"), &DeleteParams::default()).await.expect("delete service");
             }
         })
         .buffer_unordered(16)
@@ -502,29 +452,14 @@ fn kube_proxy_state(save: &str) -> (Vec<(String, Ipv4Addr)>, usize) {
     let tag = format!("\"{BENCH_NS}/s");
     let mut order = Vec::new();
     let mut chains = std::collections::HashSet::new();
-    for l in save
-        .lines()
-        .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag))
-    {
-        let Some(vip) = l
-            .split_whitespace()
-            .nth(3)
-            .and_then(|v| v.trim_end_matches("/32").parse().ok())
-        else {
+    for l in save.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains(&tag)) {
+        let Some(vip) = l.split_whitespace().nth(3).and_then(|v| v.trim_end_matches("/32").parse().ok()) else {
             continue;
         };
-        let Some(name) = l
-            .split(&format!("{BENCH_NS}/"))
-            .nth(1)
-            .and_then(|s| s.split(':').next())
-        else {
+        let Some(name) = l.split(&format!("{BENCH_NS}/")).nth(1).and_then(|s| s.split(':').next()) else {
             continue;
         };
-        let Some(chain) = l
-            .split(" -j ")
-            .nth(1)
-            .filter(|c| c.starts_with("KUBE-SVC-"))
-        else {
+        let Some(chain) = l.split(" -j ").nth(1).filter(|c| c.starts_with("KUBE-SVC-")) else {
             continue;
         };
         order.push((name.to_string(), vip));
@@ -533,11 +468,7 @@ fn kube_proxy_state(save: &str) -> (Vec<(String, Ipv4Addr)>, usize) {
     let seps = save
         .lines()
         .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains("-j KUBE-SEP-"))
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|c| chains.contains(c))
-        })
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|c| chains.contains(c)))
         .count();
     (order, seps)
 }
@@ -551,10 +482,7 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
 /// A variant may be several addresses joined by '+' (the probe rotates through them).
 fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f64, f64)> {
     let probe = Path::new(env!("CARGO_BIN_EXE_kubeshift")).with_file_name("kubeshift-dp-probe");
-    assert!(
-        probe.exists(),
-        "build it first: cargo build -p kubeshift-datapath"
-    );
+    assert!(probe.exists(), "build it first: cargo build -p kubeshift-datapath");
     let mut cmd = Command::new(probe);
     cmd.args(["connect-mix", &variants.join(","), &count.to_string()]);
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
@@ -564,26 +492,15 @@ fn connect_mix(cg: &Path, ns: &str, variants: &[String], count: usize) -> Vec<(f
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.len() == 3 && f[0] == "T" {
-            let (i, t): (usize, u64) = (
-                f[1].parse().unwrap(),
-                f[2].parse()
-                    .unwrap_or_else(|_| panic!("connect failed: {l}")),
-            );
+            let (i, t): (usize, u64) =
+                (f[1].parse().unwrap(), f[2].parse().unwrap_or_else(|_| panic!("connect failed: {l}")));
             per[i].push(t);
         }
     }
     per.iter_mut()
         .map(|v| {
-            assert_eq!(
-                v.len(),
-                count,
-                "probe output: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (
-                percentile(v, 0.5) as f64 / 1e3,
-                percentile(v, 0.99) as f64 / 1e3,
-            )
+            assert_eq!(v.len(), count, "probe output: {text} {}", String::from_utf8_lossy(&out.stderr));
+            (percentile(v, 0.5) as f64 / 1e3, percentile(v, 0.99) as f64 / 1e3)
         })
         .collect()
 }
@@ -608,9 +525,7 @@ async fn time_endpoint_change(
          r=${{r##*$'\\n'}}; echo \"$EPOCHREALTIME $r\"; [ \"$r\" = \"{want}\" ] && break; read -t 0.002 -u 9; done"
     );
     let mut cmd = Command::new("bash");
-    cmd.args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+    cmd.args(["-c", &script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
     kubeshift_lab::sys::confine(&mut cmd, Some(ns), Some(cg)).unwrap();
     let mut child = cmd.spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
@@ -620,14 +535,8 @@ async fn time_endpoint_change(
     let mut o: kube::api::DynamicObject = serde_json::from_value(slice_json(i, to)).unwrap();
     let cur = slice_api(client).get(&format!("s{i}")).await.unwrap();
     o.metadata.resource_version = cur.metadata.resource_version;
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    slice_api(client)
-        .replace(&format!("s{i}"), &PostParams::default(), &o)
-        .await
-        .unwrap();
+    let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    slice_api(client).replace(&format!("s{i}"), &PostParams::default(), &o).await.unwrap();
     let mut t1 = None;
     for l in lines {
         let l = l.unwrap();
@@ -657,11 +566,7 @@ async fn endpoint_changes(
     *swapped.last_mut().unwrap() = spare.1.to_string();
     let last = BACKENDS[base.len() - 1];
     let (mut e2e, mut agent) = (Vec::new(), Vec::new());
-    for (to, want) in [
-        (&swapped, spare.0),
-        (&base.to_vec(), last),
-        (&swapped, spare.0),
-    ] {
+    for (to, want) in [(&swapped, spare.0), (&base.to_vec(), last), (&swapped, spare.0)] {
         e2e.push(time_endpoint_change(client, cg, ns, i, vip, to, want).await);
         agent.extend(agent_sync());
     }
@@ -670,19 +575,11 @@ async fn endpoint_changes(
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::fs::read_to_string("/proc/loadavg").unwrap().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 fn utc_now() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .unwrap();
+    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -697,9 +594,7 @@ impl Csv {
     fn new() -> Csv {
         let p = std::env::var("KS_BENCH_CSV")
             .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/datapath-vs-kube-proxy.csv")
-            });
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/datapath-vs-kube-proxy.csv"));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, format!("{CSV_HEADER}\n")).unwrap();
         eprintln!("writing {}", p.display());
@@ -719,11 +614,7 @@ impl Csv {
         ready: f64,
     ) {
         use std::io::Write;
-        let ms = |v: &[f64], k: usize| {
-            v.get(k)
-                .map(|x| format!("{:.3}", x * 1e3))
-                .unwrap_or_default()
-        };
+        let ms = |v: &[f64], k: usize| v.get(k).map(|x| format!("{:.3}", x * 1e3)).unwrap_or_default();
         let line = format!(
             "{},{datapath},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{setup:.1},{ready:.1},{}",
             utc_now(),
@@ -744,23 +635,14 @@ impl Csv {
             ms(agent, 2),
             loadavg().replace(' ', ",")
         );
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.0)
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&self.0).unwrap();
         writeln!(f, "{line}").unwrap();
     }
 }
 
 fn fmt_changes(v: &[f64]) -> String {
     v.iter()
-        .map(|s| {
-            if *s >= 1.0 {
-                format!("{s:.1} s")
-            } else {
-                format!("{:.0} ms", s * 1e3)
-            }
-        })
+        .map(|s| if *s >= 1.0 { format!("{s:.1} s") } else { format!("{:.0} ms", s * 1e3) })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -769,10 +651,7 @@ fn fmt_changes(v: &[f64]) -> String {
 #[ignore = "benchmark: minutes, prints a table"]
 async fn bench_datapath_vs_kube_proxy() {
     let sizes = parse_sizes(&std::env::var("KS_BENCH_SIZES").unwrap_or("10,1000".into()));
-    let count: usize = std::env::var("KS_BENCH_COUNT")
-        .ok()
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(2000);
+    let count: usize = std::env::var("KS_BENCH_COUNT").ok().map(|s| s.parse().unwrap()).unwrap_or(2000);
     let backend = match std::env::var("KS_BENCH_IPTABLES").as_deref() {
         Ok("legacy") => Backend::Legacy,
         Ok("nft") | Err(_) => Backend::Nft,
@@ -786,11 +665,7 @@ async fn bench_datapath_vs_kube_proxy() {
     if let Some(l) = &legacy {
         kube_proxy_to_legacy(&lab, &client, &l.0).await;
     }
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": BENCH_NS}}),
-    )
-    .await;
+    create(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": BENCH_NS}})).await;
     // Backends on the client's node: a backend on node-2 would add node-2's kube-proxy
     // rule walk (its PREROUTING sees every SYN) to both datapaths' numbers.
     for name in BACKENDS.iter().copied().chain(["client"]) {
@@ -809,25 +684,13 @@ async fn bench_datapath_vs_kube_proxy() {
     let mut ips = std::collections::HashMap::new();
     for name in BACKENDS.iter().copied().chain(["client"]) {
         let sel = format!("b={name}");
-        let p = eventually(name, Duration::from_secs(60), || {
-            ready_pod(&client, BENCH_NS, &sel)
-        })
-        .await;
-        ips.insert(
-            name,
-            (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p),
-        );
+        let p = eventually(name, Duration::from_secs(60), || ready_pod(&client, BENCH_NS, &sel)).await;
+        ips.insert(name, (p.status.as_ref().unwrap().pod_ip.clone().unwrap(), p));
     }
     let ip = |b: &str| ips[b].0.clone();
     let base = |eps: usize| -> Vec<String> { BACKENDS[..eps].iter().map(|b| ip(b)).collect() };
     let spare = (BACKENDS[4], ip(BACKENDS[4]));
-    let pod_variant = |eps: usize| {
-        base(eps)
-            .iter()
-            .map(|a| format!("{a}:8080"))
-            .collect::<Vec<_>>()
-            .join("+")
-    };
+    let pod_variant = |eps: usize| base(eps).iter().map(|a| format!("{a}:8080")).collect::<Vec<_>>().join("+");
     let cpod = &ips["client"].1;
     let cg = kubeshift_lab::down::cgroup_dir(&lab.name)
         .unwrap()
@@ -835,20 +698,12 @@ async fn bench_datapath_vs_kube_proxy() {
         .join(format!("pod-{}", cpod.metadata.uid.as_deref().unwrap()));
     let ns = pod_netns(&lab.name, cpod);
     let mut rows: Vec<String> = Vec::new();
-    eprintln!(
-        "{} load average {}, kube-proxy iptables backend {}",
-        utc_now(),
-        loadavg(),
-        backend.name()
-    );
+    eprintln!("{} load average {}, kube-proxy iptables backend {}", utc_now(), loadavg(), backend.name());
 
     // Phase 1: kube-proxy, growing the service count (then the endpoints per service).
     let mut have = Size { n: 0, eps: 1 };
     for &s in &sizes {
-        assert!(
-            s.n >= have.n && s.eps >= have.eps,
-            "sizes must grow: {sizes:?}"
-        );
+        assert!(s.n >= have.n && s.eps >= have.eps, "sizes must grow: {sizes:?}");
         let t = std::time::Instant::now();
         if s.eps != have.eps {
             set_endpoints(&client, 0, have.n, &base(s.eps)).await;
@@ -872,28 +727,10 @@ async fn bench_datapath_vs_kube_proxy() {
         };
         let ready = t.elapsed().as_secs_f64();
         let (first, last) = (order[0].clone(), order[order.len() - 1].clone());
-        let r = connect_mix(
-            &cg,
-            &ns,
-            &[
-                format!("{}:80", last.1),
-                format!("{}:80", first.1),
-                pod_variant(s.eps),
-            ],
-            count,
-        );
+        let r =
+            connect_mix(&cg, &ns, &[format!("{}:80", last.1), format!("{}:80", first.1), pod_variant(s.eps)], count);
         let li: usize = last.0.trim_start_matches('s').parse().unwrap();
-        let (ch, _) = endpoint_changes(
-            &client,
-            &cg,
-            &ns,
-            li,
-            last.1,
-            &base(s.eps),
-            (spare.0, &spare.1),
-            || None,
-        )
-        .await;
+        let (ch, _) = endpoint_changes(&client, &cg, &ns, li, last.1, &base(s.eps), (spare.0, &spare.1), || None).await;
         csv.row("kube-proxy", backend, s, &r, &ch, &[], setup, ready);
         let row = format!(
             "| kube-proxy ({}) | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} (rules present) | {} | set up {setup:.0} s, rules complete {ready:.0} s; load {} |",
@@ -924,25 +761,19 @@ async fn bench_datapath_vs_kube_proxy() {
         )
         .await
         .unwrap();
-    eventually(
-        "kube-proxy to leave node-1",
-        Duration::from_secs(90),
-        || async {
-            let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
-                .list(&ListParams::default().labels("k8s-app=kube-proxy"))
-                .await?;
-            Ok(pods
-                .items
-                .iter()
-                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1"))
-                .then_some(()))
-        },
-    )
+    eventually("kube-proxy to leave node-1", Duration::from_secs(90), || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+            .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+            .await?;
+        Ok(pods
+            .items
+            .iter()
+            .all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some("node-1"))
+            .then_some(()))
+    })
     .await;
     flush_kube_services(&lab, "node-1", backend);
-    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name)
-        .unwrap()
-        .join("node-1");
+    let node_cgroup = kubeshift_lab::down::cgroup_dir(&lab.name).unwrap().join("node-1");
     let pins_dir = kubeshift_lab::down::bpffs_dir(&lab.name).join("node-1");
     let _pins = Pins(pins_dir.clone());
     let metrics_addr = {
@@ -970,60 +801,26 @@ async fn bench_datapath_vs_kube_proxy() {
         let setup = t.elapsed().as_secs_f64();
         // default/kubernetes is one more port with at most one backend.
         let a = metrics_addr.clone();
-        eventually(
-            &format!("the agent to program {s:?}"),
-            Duration::from_secs(1200),
-            || {
-                let a = a.clone();
-                async move {
-                    Ok(metrics(&a).ok().filter(|m| {
-                        let backends =
-                            metric(m, "kubeshift_agent_backends").unwrap_or(0.0) as usize;
-                        metric(m, "kubeshift_agent_synced") == Some(1.0)
-                            && metric(m, "kubeshift_agent_service_ports")
-                                .is_some_and(|v| v as usize == s.n + 1)
-                            && (backends == s.n * s.eps || backends == s.n * s.eps + 1)
-                    }))
-                }
-            },
-        )
+        eventually(&format!("the agent to program {s:?}"), Duration::from_secs(1200), || {
+            let a = a.clone();
+            async move {
+                Ok(metrics(&a).ok().filter(|m| {
+                    let backends = metric(m, "kubeshift_agent_backends").unwrap_or(0.0) as usize;
+                    metric(m, "kubeshift_agent_synced") == Some(1.0)
+                        && metric(m, "kubeshift_agent_service_ports").is_some_and(|v| v as usize == s.n + 1)
+                        && (backends == s.n * s.eps || backends == s.n * s.eps + 1)
+                }))
+            }
+        })
         .await;
         let ready = t.elapsed().as_secs_f64();
-        let vips = [
-            cluster_ip_in(&client, &format!("s{}", s.n - 1)).await,
-            cluster_ip_in(&client, "s0").await,
-        ];
-        let r = connect_mix(
-            &cg,
-            &ns,
-            &[
-                format!("{}:80", vips[0]),
-                format!("{}:80", vips[1]),
-                pod_variant(s.eps),
-            ],
-            count,
-        );
+        let vips = [cluster_ip_in(&client, &format!("s{}", s.n - 1)).await, cluster_ip_in(&client, "s0").await];
+        let r =
+            connect_mix(&cg, &ns, &[format!("{}:80", vips[0]), format!("{}:80", vips[1]), pod_variant(s.eps)], count);
         let m_addr = metrics_addr.clone();
-        let agent_sync = move || {
-            Some(
-                metric(
-                    &metrics(&m_addr).unwrap(),
-                    "kubeshift_agent_last_sync_seconds",
-                )
-                .unwrap(),
-            )
-        };
-        let (ch, agent_s) = endpoint_changes(
-            &client,
-            &cg,
-            &ns,
-            s.n - 1,
-            vips[0],
-            &base(s.eps),
-            (spare.0, &spare.1),
-            agent_sync,
-        )
-        .await;
+        let agent_sync = move || Some(metric(&metrics(&m_addr).unwrap(), "kubeshift_agent_last_sync_seconds").unwrap());
+        let (ch, agent_s) =
+            endpoint_changes(&client, &cg, &ns, s.n - 1, vips[0], &base(s.eps), (spare.0, &spare.1), agent_sync).await;
         csv.row("kubeshift", backend, s, &r, &ch, &agent_s, setup, ready);
         let row = format!(
             "| kubeshift | {} × {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} (agent event→maps: {}) | maps complete {ready:.1} s after {}; load {} |",
@@ -1052,9 +849,6 @@ async fn bench_datapath_vs_kube_proxy() {
 }
 
 async fn cluster_ip_in(client: &kube::Client, name: &str) -> Ipv4Addr {
-    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS)
-        .get(name)
-        .await
-        .unwrap();
+    let s = Api::<Service>::namespaced(client.clone(), BENCH_NS).get(name).await.unwrap();
     s.spec.unwrap().cluster_ip.unwrap().parse().unwrap()
 }

@@ -60,8 +60,12 @@ async fn smoke(lab: &Lab) {
     let client = lab.client().await;
     deploy_smoke(&client).await;
 
-    let backend = eventually("the echo backend to be Ready", Duration::from_secs(60), || ready_pod(&client, "smoke", "app=echo")).await;
-    let client_pod = eventually("the client pod to be Ready", Duration::from_secs(60), || ready_pod(&client, "smoke", "app=client")).await;
+    let backend =
+        eventually("the echo backend to be Ready", Duration::from_secs(60), || ready_pod(&client, "smoke", "app=echo"))
+            .await;
+    let client_pod =
+        eventually("the client pod to be Ready", Duration::from_secs(60), || ready_pod(&client, "smoke", "app=client"))
+            .await;
     assert_eq!(backend.spec.as_ref().unwrap().node_name.as_deref(), Some("node-2"));
     assert_eq!(client_pod.spec.as_ref().unwrap().node_name.as_deref(), Some("node-1"));
     let backend_ip = backend.status.as_ref().unwrap().pod_ip.clone().unwrap();
@@ -72,11 +76,12 @@ async fn smoke(lab: &Lab) {
     // Every node's real kube-proxy has written the Service's chains, pointing at the backend.
     let dnat = format!("--to-destination {backend_ip}:8080");
     for node in NODES {
-        let rules = eventually(&format!("KUBE-SVC for smoke/echo in {node}'s iptables"), Duration::from_secs(60), || async {
-            let s = lab.iptables_save(node);
-            Ok((s.contains("smoke/echo:http") && s.contains(":KUBE-SVC-") && s.contains(&dnat)).then_some(s))
-        })
-        .await;
+        let rules =
+            eventually(&format!("KUBE-SVC for smoke/echo in {node}'s iptables"), Duration::from_secs(60), || async {
+                let s = lab.iptables_save(node);
+                Ok((s.contains("smoke/echo:http") && s.contains(":KUBE-SVC-") && s.contains(&dnat)).then_some(s))
+            })
+            .await;
         assert!(rules.contains(&format!("-d {cluster_ip}/32")), "{node}: no KUBE-SERVICES match for {cluster_ip}");
     }
 
@@ -108,10 +113,14 @@ async fn smoke(lab: &Lab) {
     })
     .await;
     for node in NODES {
-        eventually(&format!("{node}'s rules to drop {backend_ip} and add {new_ip}"), Duration::from_secs(60), || async {
-            let s = lab.iptables_save(node);
-            Ok((!s.contains(&dnat) && s.contains(&format!("--to-destination {new_ip}:8080"))).then_some(()))
-        })
+        eventually(
+            &format!("{node}'s rules to drop {backend_ip} and add {new_ip}"),
+            Duration::from_secs(60),
+            || async {
+                let s = lab.iptables_save(node);
+                Ok((!s.contains(&dnat) && s.contains(&format!("--to-destination {new_ip}:8080"))).then_some(()))
+            },
+        )
         .await;
     }
     let answer = eventually("an answer from the replacement", Duration::from_secs(30), || {
@@ -135,7 +144,10 @@ async fn flannel_lab_routes_a_service_across_nodes_through_real_kube_proxy() {
     let client = lab.client().await;
 
     // Flannel's data plane and API objects are as flanneld and the upstream manifest make them.
-    let cfg = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "kube-flannel").get("kube-flannel-cfg").await.unwrap();
+    let cfg = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "kube-flannel")
+        .get("kube-flannel-cfg")
+        .await
+        .unwrap();
     assert!(cfg.data.unwrap()["net-conf.json"].contains("10.244.0.0/16"));
     let links = kubeshift_lab::sys::ip(Some(&lab.node_netns("node-1")), "-d link show flannel.1").unwrap();
     assert!(links.contains("vxlan id 1") && links.contains("dstport 8472"), "{links}");

@@ -24,7 +24,11 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn node_report(lab: &Lab, node: &str, out: &Path) -> NodeReport {
     let cni = format!("/var/lib/kubeshift/lab/{}/nodes/{node}/root/etc/cni/net.d", lab.name);
-    run_ok(kubeshift().args(["node", "report", "--netns", &lab.node_netns(node), "--cni-conf-dir", &cni, "--out"]).arg(out));
+    run_ok(
+        kubeshift()
+            .args(["node", "report", "--netns", &lab.node_netns(node), "--cni-conf-dir", &cni, "--out"])
+            .arg(out),
+    );
     let text = std::fs::read_to_string(out).unwrap();
     NodeReport::from_json(&text, &out.display().to_string()).unwrap()
 }
@@ -51,9 +55,15 @@ async fn clean_reports(lab: &Lab, nodes: &[&str], dir: &Path) -> Vec<PathBuf> {
                 let svcs = model.summary();
                 // Demo pods may still be starting: wait for all of them to be ready endpoints.
                 let ready = |ns: &str, name: &str| {
-                    inv.services.services.iter().find(|s| s.namespace == ns && s.name == name).map_or(0, |s| s.endpoints.iter().filter(|e| e.ready).count())
+                    inv.services
+                        .services
+                        .iter()
+                        .find(|s| s.namespace == ns && s.name == name)
+                        .map_or(0, |s| s.endpoints.iter().filter(|e| e.ready).count())
                 };
-                let demo_ready = ready("demo-frontend", "frontend") == 2 && ready("demo-backend", "backend") == 3 && ready("demo-backend", "backend-sticky") == 3;
+                let demo_ready = ready("demo-frontend", "frontend") == 2
+                    && ready("demo-backend", "backend") == 3
+                    && ready("demo-backend", "backend-sticky") == 3;
                 Ok((demo_ready && missing.is_empty() && d.is_clean()).then_some(()).map(|_| {
                     eprintln!("{node}: {} services checked, {svcs:?}", d.services_checked);
                 }))
@@ -150,7 +160,8 @@ fn demo_checks(v: &Value) {
     let plan = &v["plan"];
     let waves = plan["waves"].as_array().unwrap();
     assert_eq!(waves[0]["name"], "canary");
-    let planned: usize = waves.iter().flat_map(|w| w["batches"].as_array().unwrap()).map(|b| b["nodes"].as_array().unwrap().len()).sum();
+    let planned: usize =
+        waves.iter().flat_map(|w| w["batches"].as_array().unwrap()).map(|b| b["nodes"].as_array().unwrap().len()).sum();
     assert_eq!(planned, 3);
     let readiness = v["analysis"]["readiness"].as_array().unwrap();
     assert!(readiness.iter().all(|r| r["ready"] == true && r["report"] == true), "{readiness:?}");
@@ -174,7 +185,12 @@ async fn flannel_lab_plan_node_reports_and_bad_input() {
     assert_eq!(v["inventory"]["kubeProxy"]["clusterCidr"], "10.244.0.0/16");
     demo_checks(&v);
     // Flannel does not enforce the demo's four policies; the migration will.
-    let unenforced = v["analysis"]["findings"].as_array().unwrap().iter().find(|f| f["subject"] == "networkpolicy").expect("finding: policies not enforced under Flannel");
+    let unenforced = v["analysis"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["subject"] == "networkpolicy")
+        .expect("finding: policies not enforced under Flannel");
     assert!(unenforced["message"].as_str().unwrap().contains("4 NetworkPolicies"), "{unenforced}");
     let fp = v["plan"]["cluster"]["fingerprint"].as_str().unwrap().to_string();
 
@@ -200,9 +216,16 @@ async fn flannel_lab_plan_node_reports_and_bad_input() {
 
     // A plan made for another cluster is refused, naming the file and both fingerprints.
     let other = dir.join("other-cluster.yaml");
-    let text = std::fs::read_to_string(&plan_file).unwrap().replace(&fp, "sha1:00000000000000000000000000000000deadbeef");
+    let text =
+        std::fs::read_to_string(&plan_file).unwrap().replace(&fp, "sha1:00000000000000000000000000000000deadbeef");
     std::fs::write(&other, text).unwrap();
-    let out = kubeshift().args(["migrate", "check", "--kubeconfig"]).arg(lab.kubeconfig()).arg("--plan").arg(&other).output().unwrap();
+    let out = kubeshift()
+        .args(["migrate", "check", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .arg("--plan")
+        .arg(&other)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("other-cluster.yaml") && err.contains("deadbeef") && err.contains(&fp), "{err}");
@@ -212,12 +235,22 @@ async fn flannel_lab_plan_node_reports_and_bad_input() {
     let client = lab.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-flannel");
     let bad = "{\n  \"Network\": \"10.244.0.0/16\",\n  \"Backend\": {\"Type\": vxlan}\n}\n";
-    cms.patch("kube-flannel-cfg", &PatchParams::default(), &Patch::Merge(serde_json::json!({"data": {"net-conf.json": bad}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "kube-flannel-cfg",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"data": {"net-conf.json": bad}})),
+    )
+    .await
+    .unwrap();
     let before = cms.get("kube-flannel-cfg").await.unwrap().metadata.resource_version;
     let bad_out = dir.join("bad-plan.yaml");
-    let out = kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(lab.kubeconfig()).arg("--out").arg(&bad_out).output().unwrap();
+    let out = kubeshift()
+        .args(["migrate", "plan", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .arg("--out")
+        .arg(&bad_out)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json:3:"), "{err}");
@@ -254,7 +287,8 @@ async fn calico_lab_plan_and_calico_deny_policy_blocks() {
 
     // The pool label override: every node carries kubernetes.io/os, so one pool.
     let o = plan_json(&lab, &["--pool-label", "kubernetes.io/os"], &[]);
-    let pools: std::collections::BTreeSet<&str> = o["inventory"]["nodes"].as_array().unwrap().iter().map(|n| n["pool"].as_str().unwrap()).collect();
+    let pools: std::collections::BTreeSet<&str> =
+        o["inventory"]["nodes"].as_array().unwrap().iter().map(|n| n["pool"].as_str().unwrap()).collect();
     assert_eq!(pools.len(), 1, "{pools:?}");
 
     // A Calico GlobalNetworkPolicy with an ordered Deny is a blocker: non-zero exit
@@ -278,18 +312,36 @@ async fn calico_lab_plan_and_calico_deny_policy_blocks() {
     .unwrap();
     gnp.create(&PostParams::default(), &obj).await.unwrap();
     let plan_file = dir.join("plan.yaml");
-    let out = kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(lab.kubeconfig()).arg("--out").arg(&plan_file).output().unwrap();
+    let out = kubeshift()
+        .args(["migrate", "plan", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .arg("--out")
+        .arg(&plan_file)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}");
     assert!(err.contains("1 blocker(s)") && err.contains("--allow-blockers"), "{err}");
-    let first = stdout.lines().find(|l| l.trim_start().starts_with("BLOCKER") || l.trim_start().starts_with("ATTENTION")).unwrap();
+    let first = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("BLOCKER") || l.trim_start().starts_with("ATTENTION"))
+        .unwrap();
     assert!(first.contains("BLOCKER") && first.contains("deny-metadata"), "{stdout}");
     let flat = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains("Deny rules at order 10"), "{stdout}");
-    assert!(stdout.lines().all(|l| l.chars().count() <= 100 || !l.starts_with("  ")), "summary lines wider than 100 columns:\n{stdout}");
+    assert!(
+        stdout.lines().all(|l| l.chars().count() <= 100 || !l.starts_with("  ")),
+        "summary lines wider than 100 columns:\n{stdout}"
+    );
     assert!(!plan_file.exists());
-    let out = run_ok(kubeshift().args(["migrate", "plan", "--allow-blockers", "-o", "yaml", "--kubeconfig"]).arg(lab.kubeconfig()).arg("--out").arg(&plan_file));
+    let out = run_ok(
+        kubeshift()
+            .args(["migrate", "plan", "--allow-blockers", "-o", "yaml", "--kubeconfig"])
+            .arg(lab.kubeconfig())
+            .arg("--out")
+            .arg(&plan_file),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("kind: Plan"));
     let plan = load_plan(&plan_file, None).unwrap();
     assert_eq!(plan.cluster.legacy_cni.as_deref(), Some("calico"));
@@ -309,7 +361,8 @@ fn unreachable_apiserver_is_named() {
     )
     .unwrap();
     let out_file = dir.join("plan.yaml");
-    let out = kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(&kc).arg("--out").arg(&out_file).output().unwrap();
+    let out =
+        kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(&kc).arg("--out").arg(&out_file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("https://127.0.0.1:1") && err.contains("not reachable"), "{err}");
@@ -318,7 +371,8 @@ fn unreachable_apiserver_is_named() {
     // A node report that is not JSON is named with file:line:col before the cluster is asked.
     let bad = dir.join("node-9.json");
     std::fs::write(&bad, "{\"report_version\": 1,\n oops}").unwrap();
-    let out = kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(&kc).arg("--node-report").arg(&bad).output().unwrap();
+    let out =
+        kubeshift().args(["migrate", "plan", "--kubeconfig"]).arg(&kc).arg("--node-report").arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("node-9.json:2:"), "{err}");

@@ -56,7 +56,8 @@ fn get(from_netns: &str, server_ip: &str) -> Result<String, String> {
 
 async fn await_verdicts(what: &str, clients: &[(&str, &str, bool)], server_ip: &str) {
     eventually(what, Duration::from_secs(60), || async move {
-        let observed: Vec<(&str, bool)> = clients.iter().map(|(name, ns, _)| (*name, get(ns, server_ip).is_ok())).collect();
+        let observed: Vec<(&str, bool)> =
+            clients.iter().map(|(name, ns, _)| (*name, get(ns, server_ip).is_ok())).collect();
         let want: Vec<(&str, bool)> = clients.iter().map(|(name, _, ok)| (*name, *ok)).collect();
         if observed == want {
             Ok(Some(()))
@@ -90,7 +91,8 @@ async fn agent_enforces_network_policy_on_a_flannel_lab() {
     }
 
     // No policy: everyone reaches the server (Flannel never enforced anything).
-    let all_ok = [("front-1", front1.as_str(), true), ("other-1", other1.as_str(), true), ("front-2", front2.as_str(), true)];
+    let all_ok =
+        [("front-1", front1.as_str(), true), ("other-1", other1.as_str(), true), ("front-2", front2.as_str(), true)];
     await_verdicts("no policy: all allowed", &all_ok, &server_ip).await;
 
     // Only frontends may reach the server on its named port.
@@ -103,21 +105,62 @@ async fn agent_enforces_network_policy_on_a_flannel_lab() {
                                      "ports": [{"port": "http"}]}]}}),
     )
     .await;
-    let policy_on = [("front-1", front1.as_str(), true), ("other-1", other1.as_str(), false), ("front-2", front2.as_str(), true)];
+    let policy_on =
+        [("front-1", front1.as_str(), true), ("other-1", other1.as_str(), false), ("front-2", front2.as_str(), true)];
     await_verdicts("frontends allowed across nodes and on the node, other-1 dropped", &policy_on, &server_ip).await;
 
     // The drop is visible in the flow stream of the server's node, with both pods,
     // their identities and the reason; the allowed connection from front-1 too.
-    let out = run_ok(kubeshift().args(["observe", "--server", &m2, "--last", "4096", "-o", "json", "--verdict", "DROPPED", "--from-pod", "pol/other-1", "--to-pod", "pol/server"]));
-    let drops: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let drop = drops.iter().find(|r| r["kind"] == "policy").unwrap_or_else(|| panic!("no policy drop of other-1 → server in {drops:?}"));
+    let out = run_ok(kubeshift().args([
+        "observe",
+        "--server",
+        &m2,
+        "--last",
+        "4096",
+        "-o",
+        "json",
+        "--verdict",
+        "DROPPED",
+        "--from-pod",
+        "pol/other-1",
+        "--to-pod",
+        "pol/server",
+    ]));
+    let drops: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let drop = drops
+        .iter()
+        .find(|r| r["kind"] == "policy")
+        .unwrap_or_else(|| panic!("no policy drop of other-1 → server in {drops:?}"));
     assert_eq!(drop["drop_reason"], "policy-denied-ingress", "{drop}");
     assert_eq!(drop["destination"]["port"], 8080, "{drop}");
     assert_eq!(drop["protocol"], "TCP", "{drop}");
-    assert!(drop["source"]["identity"].as_u64().is_some() && drop["destination"]["identity"].as_u64().is_some(), "{drop}");
+    assert!(
+        drop["source"]["identity"].as_u64().is_some() && drop["destination"]["identity"].as_u64().is_some(),
+        "{drop}"
+    );
     assert_eq!(drop["source"]["labels"]["role"], "other", "{drop}");
-    let out = run_ok(kubeshift().args(["observe", "--server", &m2, "--last", "4096", "-o", "json", "--verdict", "FORWARDED", "--from-pod", "pol/front-1", "--to-pod", "pol/server", "--port", "8080"]));
-    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains("\"kind\":\"policy\"")), "no forwarded policy flow front-1 → server");
+    let out = run_ok(kubeshift().args([
+        "observe",
+        "--server",
+        &m2,
+        "--last",
+        "4096",
+        "-o",
+        "json",
+        "--verdict",
+        "FORWARDED",
+        "--from-pod",
+        "pol/front-1",
+        "--to-pod",
+        "pol/server",
+        "--port",
+        "8080",
+    ]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains("\"kind\":\"policy\"")),
+        "no forwarded policy flow front-1 → server"
+    );
 
     // A label change is an identity change: other-1 becomes a frontend.
     Api::<Pod>::namespaced(client.clone(), NS)
@@ -176,7 +219,9 @@ async fn nodeport_through_the_agents(client: &kube::Client, lab: &Lab, m1: &str,
     }
     let (ip1, ip2) = (internal_ip(client, "node-1").await, internal_ip(client, "node-2").await);
     let (from1, from2) = (lab.node_netns("node-1"), lab.node_netns("node-2"));
-    let get = |netns: &str, ip: &str, port: u16| http_get_from(netns, format!("{ip}:{port}").parse().unwrap(), "/clientip").map_err(|e| format!("{e:#}"));
+    let get = |netns: &str, ip: &str, port: u16| {
+        http_get_from(netns, format!("{ip}:{port}").parse().unwrap(), "/clientip").map_err(|e| format!("{e:#}"))
+    };
 
     // Cluster policy, no endpoint on node-1: node-1 forwards to the server on node-2 with
     // its own address as the source, so the reply comes back through it.
@@ -188,10 +233,34 @@ async fn nodeport_through_the_agents(client: &kube::Client, lab: &Lab, m1: &str,
     let seen = get(&from1, &ip2, 30091).expect("eTP Local on the server's node");
     assert!(seen.starts_with(&format!("{ip1}:")), "server saw {seen}, want the client's (node-1's) address");
 
-    let out = run_ok(kubeshift().args(["observe", "--server", m1, "--last", "4096", "-o", "json", "--to-pod", "pol/server", "--verdict", "FORWARDED"]));
+    let out = run_ok(kubeshift().args([
+        "observe",
+        "--server",
+        m1,
+        "--last",
+        "4096",
+        "-o",
+        "json",
+        "--to-pod",
+        "pol/server",
+        "--verdict",
+        "FORWARDED",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.contains("\"kind\":\"nodeport\"") && l.contains(":30090 snat")), "{text}");
-    let out = run_ok(kubeshift().args(["observe", "--server", m1, "--last", "4096", "-o", "json", "--verdict", "DROPPED", "--port", "30091"]));
+    let out = run_ok(kubeshift().args([
+        "observe",
+        "--server",
+        m1,
+        "--last",
+        "4096",
+        "-o",
+        "json",
+        "--verdict",
+        "DROPPED",
+        "--port",
+        "30091",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.contains("no-local-endpoints")), "{text}");
 }

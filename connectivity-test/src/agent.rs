@@ -78,7 +78,10 @@ pub async fn run(a: AgentArgs) -> Result<()> {
                 "metadata": {"name": result_configmap(&a.pod), "namespace": a.namespace},
                 "data": {"report": serde_json::to_string(&report)?},
             });
-            match cms.patch(&result_configmap(&a.pod), &PatchParams::apply("kubeshift-agent").force(), &Patch::Apply(&cm)).await {
+            match cms
+                .patch(&result_configmap(&a.pod), &PatchParams::apply("kubeshift-agent").force(), &Patch::Apply(&cm))
+                .await
+            {
                 Ok(_) => done = asg.round,
                 Err(e) => tracing::warn!("writing results: {e}"),
             }
@@ -109,7 +112,9 @@ async fn http_hostname(addr: &str, port: u16) -> std::io::Result<String> {
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
     match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => Ok(body.trim().to_string()),
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => {
+            Ok(body.trim().to_string())
+        }
         _ => Err(std::io::Error::other(format!("unexpected answer: {}", text.lines().next().unwrap_or("")))),
     }
 }
@@ -139,7 +144,8 @@ fn now_ms() -> u64 {
 
 /// Echoes every line back: the far end of the long-lived connections.
 pub async fn serve_stream_echo(port: u16) -> Result<()> {
-    let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("stream echo port {port}"))?;
+    let l =
+        tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("stream echo port {port}"))?;
     loop {
         let (mut s, _) = l.accept().await?;
         tokio::spawn(async move {
@@ -163,7 +169,11 @@ async fn run_stream(spec: StreamSpec, generation: u64, status: std::sync::Arc<st
     // Service port a moment after the API has it. After that, any failure is final.
     let give_up = Instant::now() + Duration::from_secs(30);
     let s = loop {
-        let conn = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((spec.addr.as_str(), spec.port))).await;
+        let conn = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect((spec.addr.as_str(), spec.port)),
+        )
+        .await;
         let err = match conn {
             Ok(Ok(s)) => break s,
             Ok(Err(e)) => format!("connect: {e}"),
@@ -205,7 +215,6 @@ async fn run_stream(spec: StreamSpec, generation: u64, status: std::sync::Arc<st
 /// Keeps this agent's long-lived connections as the suite asks and reports on them
 /// every second under the result ConfigMap's `streams` key.
 pub async fn run_streams(cms: Api<ConfigMap>, namespace: String, pod: String) {
-
     let mut generation = 0u64;
     let mut running: Vec<(std::sync::Arc<std::sync::Mutex<StreamStatus>>, tokio::task::JoinHandle<()>)> = vec![];
     loop {
@@ -223,18 +232,30 @@ pub async fn run_streams(cms: Api<ConfigMap>, namespace: String, pod: String) {
             }
             generation = set.generation;
             for spec in set.streams {
-                let st = std::sync::Arc::new(std::sync::Mutex::new(StreamStatus { id: spec.id.clone(), generation, ..Default::default() }));
+                let st = std::sync::Arc::new(std::sync::Mutex::new(StreamStatus {
+                    id: spec.id.clone(),
+                    generation,
+                    ..Default::default()
+                }));
                 running.push((st.clone(), tokio::spawn(run_stream(spec, generation, st))));
             }
         }
         if generation != 0 {
-            let statuses: Vec<StreamStatus> = running.iter().filter_map(|(s, _)| s.lock().ok().map(|s| s.clone())).collect();
+            let statuses: Vec<StreamStatus> =
+                running.iter().filter_map(|(s, _)| s.lock().ok().map(|s| s.clone())).collect();
             let cm = json!({
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": result_configmap(&pod), "namespace": namespace},
                 "data": {"streams": serde_json::to_string(&statuses).unwrap_or_default()},
             });
-            if let Err(e) = cms.patch(&result_configmap(&pod), &PatchParams::apply("kubeshift-agent-streams").force(), &Patch::Apply(&cm)).await {
+            if let Err(e) = cms
+                .patch(
+                    &result_configmap(&pod),
+                    &PatchParams::apply("kubeshift-agent-streams").force(),
+                    &Patch::Apply(&cm),
+                )
+                .await
+            {
                 tracing::warn!("writing stream status: {e}");
             }
         }

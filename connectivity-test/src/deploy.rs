@@ -50,7 +50,11 @@ pub async fn pick_nodes(client: &Client, wanted: &[String]) -> Result<Vec<(Strin
         .items
         .iter()
         .filter(|n| {
-            n.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")).unwrap_or(false)
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                .unwrap_or(false)
                 && !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
         })
         .filter_map(|n| {
@@ -62,12 +66,21 @@ pub async fn pick_nodes(client: &Client, wanted: &[String]) -> Result<Vec<(Strin
     if !wanted.is_empty() {
         let picked: Vec<(String, String)> = wanted
             .iter()
-            .map(|w| ready.iter().find(|(n, _)| n == w).cloned().ok_or_else(|| anyhow!("node {w} is not a Ready, schedulable node")))
+            .map(|w| {
+                ready
+                    .iter()
+                    .find(|(n, _)| n == w)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("node {w} is not a Ready, schedulable node"))
+            })
             .collect::<Result<_>>()?;
         return Ok(picked);
     }
     if ready.len() < 2 {
-        bail!("the connectivity suite needs two Ready, schedulable nodes (same-node and cross-node checks); found {}", ready.len());
+        bail!(
+            "the connectivity suite needs two Ready, schedulable nodes (same-node and cross-node checks); found {}",
+            ready.len()
+        );
     }
     ready.truncate(2);
     Ok(ready)
@@ -75,10 +88,30 @@ pub async fn pick_nodes(client: &Client, wanted: &[String]) -> Result<Vec<(Strin
 
 /// Where the agents report to: the apiserver's own endpoint, not its ClusterIP.
 pub async fn api_server_endpoint(client: &Client) -> Result<String> {
-    let ep = Api::<Endpoints>::namespaced(client.clone(), "default").get("kubernetes").await.context("reading default/kubernetes Endpoints")?;
-    let s = ep.subsets.unwrap_or_default().into_iter().next().ok_or_else(|| anyhow!("default/kubernetes has no endpoints"))?;
-    let ip = s.addresses.unwrap_or_default().into_iter().next().ok_or_else(|| anyhow!("default/kubernetes has no address"))?.ip;
-    let port = s.ports.unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("https")).map(|p| p.port).unwrap_or(443);
+    let ep = Api::<Endpoints>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .context("reading default/kubernetes Endpoints")?;
+    let s = ep
+        .subsets
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("default/kubernetes has no endpoints"))?;
+    let ip = s
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("default/kubernetes has no address"))?
+        .ip;
+    let port = s
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("https"))
+        .map(|p| p.port)
+        .unwrap_or(443);
     Ok(format!("https://{ip}:{port}"))
 }
 
@@ -89,14 +122,19 @@ async fn apply(client: &Client, ns: &str, v: Value) -> Result<()> {
     let r = match kind.as_str() {
         "Namespace" => Api::<Namespace>::all(client.clone()).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
         "Pod" => Api::<Pod>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
-        "Service" => Api::<Service>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ()),
+        "Service" => {
+            Api::<Service>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ())
+        }
         _ => {
             let (group, version) = match v["apiVersion"].as_str().unwrap_or("").split_once('/') {
                 Some((g, v)) => (g.to_string(), v.to_string()),
                 None => (String::new(), v["apiVersion"].as_str().unwrap_or("v1").to_string()),
             };
             let ar = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(&group, &version, &kind));
-            Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &ar).patch(&name, &pp, &Patch::Apply(&v)).await.map(|_| ())
+            Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &ar)
+                .patch(&name, &pp, &Patch::Apply(&v))
+                .await
+                .map(|_| ())
         }
     };
     r.with_context(|| format!("creating {kind} {ns}/{name}"))
@@ -110,12 +148,18 @@ pub fn peer_namespace(cfg: &DeployConfig) -> String {
 fn pod_manifest(cfg: &DeployConfig, pod_ns: &str, server: &str, name: &str, node: &str, host: bool) -> Value {
     let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
     let mut agent_args = vec![
-        "connectivity".to_string(), "agent".into(),
-        "--namespace".into(), cfg.namespace.clone(),
-        "--pod".into(), "$(POD_NAME)".into(),
-        "--sa-dir".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into(),
-        "--server".into(), server.to_string(),
-        "--stream-port".into(), (if host { HOST_STREAM_PORT } else { STREAM_PORT }).to_string(),
+        "connectivity".to_string(),
+        "agent".into(),
+        "--namespace".into(),
+        cfg.namespace.clone(),
+        "--pod".into(),
+        "$(POD_NAME)".into(),
+        "--sa-dir".into(),
+        "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+        "--server".into(),
+        server.to_string(),
+        "--stream-port".into(),
+        (if host { HOST_STREAM_PORT } else { STREAM_PORT }).to_string(),
     ];
     let mut command = cfg.agent_command.clone();
     command.append(&mut agent_args);
@@ -185,18 +229,29 @@ pub fn endpoint_pod_name(node: &str, i: u8, host: bool) -> String {
 }
 
 fn ready(p: &Pod) -> bool {
-    p.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")).unwrap_or(false)
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .unwrap_or(false)
 }
 
 /// Waits for every endpoint to be Ready and returns them with their addresses.
-pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(String, String)], timeout: Duration, progress: impl Fn(usize, usize)) -> Result<Vec<Endpoint>> {
+pub async fn wait_endpoints(
+    client: &Client,
+    cfg: &DeployConfig,
+    nodes: &[(String, String)],
+    timeout: Duration,
+    progress: impl Fn(usize, usize),
+) -> Result<Vec<Endpoint>> {
     let pods: Api<Pod> = Api::all(client.clone());
     let svcs: Api<Service> = Api::namespaced(client.clone(), &cfg.namespace);
     let peer = peer_namespace(cfg);
     let want = nodes.len() * 3 + 1;
     let deadline = Instant::now() + timeout;
     loop {
-        let mut list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/part-of={PART_OF}"))).await?;
+        let mut list =
+            pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/part-of={PART_OF}"))).await?;
         let ours = [cfg.namespace.as_str(), peer.as_str()];
         list.items.retain(|p| ours.contains(&p.metadata.namespace.as_deref().unwrap_or("")));
         let n_ready = list.items.iter().filter(|p| ready(p)).count();
@@ -206,8 +261,16 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
             for (node, node_ip) in nodes {
                 for (i, host) in [(1, false), (2, false), (0, true)] {
                     let name = endpoint_pod_name(node, i, host);
-                    let p = list.items.iter().find(|p| p.metadata.name.as_deref() == Some(&name)).ok_or_else(|| anyhow!("pod {name} vanished"))?;
-                    let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).ok_or_else(|| anyhow!("pod {name} has no IP"))?;
+                    let p = list
+                        .items
+                        .iter()
+                        .find(|p| p.metadata.name.as_deref() == Some(&name))
+                        .ok_or_else(|| anyhow!("pod {name} vanished"))?;
+                    let ip = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .ok_or_else(|| anyhow!("pod {name} has no IP"))?;
                     let (service_ip, node_port) = if host {
                         (None, None)
                     } else {
@@ -215,7 +278,10 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
                         let np = svcs.get(&format!("np-{name}")).await?;
                         (
                             s.spec.and_then(|s| s.cluster_ip),
-                            np.spec.and_then(|s| s.ports).and_then(|p| p.first().and_then(|p| p.node_port)).map(|p| p as u16),
+                            np.spec
+                                .and_then(|s| s.ports)
+                                .and_then(|p| p.first().and_then(|p| p.node_port))
+                                .map(|p| p as u16),
                         )
                     };
                     let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
@@ -235,7 +301,11 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
             }
             let (first, first_ip) = &nodes[0];
             let name = format!("peer-{first}");
-            let p = list.items.iter().find(|p| p.metadata.name.as_deref() == Some(&name)).ok_or_else(|| anyhow!("pod {name} vanished"))?;
+            let p = list
+                .items
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(&name))
+                .ok_or_else(|| anyhow!("pod {name} vanished"))?;
             out.push(Endpoint {
                 key: format!("{first}/peer"),
                 ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()).ok_or_else(|| anyhow!("pod {name} has no IP"))?,
@@ -257,9 +327,15 @@ pub async fn wait_endpoints(client: &Client, cfg: &DeployConfig, nodes: &[(Strin
                 .filter(|p| !ready(p))
                 .map(|p| {
                     let why = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| {
-                        c.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref().and_then(|w| w.message.clone().or(w.reason.clone())))
+                        c.iter().find_map(|c| {
+                            c.state.as_ref()?.waiting.as_ref().and_then(|w| w.message.clone().or(w.reason.clone()))
+                        })
                     });
-                    format!("{} ({})", p.metadata.name.as_deref().unwrap_or(""), why.unwrap_or_else(|| "not ready".into()))
+                    format!(
+                        "{} ({})",
+                        p.metadata.name.as_deref().unwrap_or(""),
+                        why.unwrap_or_else(|| "not ready".into())
+                    )
                 })
                 .collect();
             bail!("test pods not Ready after {timeout:?}: {}", not_ready.join(", "));

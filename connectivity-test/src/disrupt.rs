@@ -34,7 +34,11 @@ pub fn plan(eps: &[Endpoint]) -> BTreeMap<String, Vec<StreamSpec>> {
     }
     for (i, a) in nodes.iter().enumerate() {
         let b = nodes[(i + 1) % nodes.len()];
-        let targets = [(format!("{a}/pod-1"), format!("{b}/pod-1")), (format!("{a}/pod-1"), format!("{a}/pod-2")), (format!("{a}/host"), format!("{b}/pod-1"))];
+        let targets = [
+            (format!("{a}/pod-1"), format!("{b}/pod-1")),
+            (format!("{a}/pod-1"), format!("{a}/pod-2")),
+            (format!("{a}/host"), format!("{b}/pod-1")),
+        ];
         for (from, to) in targets {
             let (Some(f), Some(t)) = (find(&from), find(&to)) else { continue };
             let Some(vip) = &t.service_ip else { continue };
@@ -52,7 +56,9 @@ async fn statuses(client: &Client, ns: &str, pods: &[String]) -> Result<Vec<Stre
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let mut v = vec![];
     for p in pods {
-        if let Some(s) = cms.get_opt(&result_configmap(p)).await?.and_then(|c| c.data).and_then(|d| d.get("streams").cloned()) {
+        if let Some(s) =
+            cms.get_opt(&result_configmap(p)).await?.and_then(|c| c.data).and_then(|d| d.get("streams").cloned())
+        {
             v.extend(serde_json::from_str::<Vec<StreamStatus>>(&s).with_context(|| format!("stream status of {p}"))?);
         }
     }
@@ -66,23 +72,33 @@ pub async fn setup(client: &Client, ns: &str, eps: &[Endpoint], timeout: Duratio
     let generation = now_ms();
     let mut data = serde_json::Map::new();
     for (pod, streams) in &plan {
-        data.insert(streams_key(pod), json!(serde_json::to_string(&StreamSet { generation, streams: streams.clone() })?));
+        data.insert(
+            streams_key(pod),
+            json!(serde_json::to_string(&StreamSet { generation, streams: streams.clone() })?),
+        );
     }
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PROBES_CONFIGMAP, "namespace": ns}, "data": data});
     // Its own field manager: probe rounds rewrite their keys without touching these.
-    cms.patch(PROBES_CONFIGMAP, &PatchParams::apply("kubeshift-connectivity-streams").force(), &Patch::Apply(&cm)).await?;
+    cms.patch(PROBES_CONFIGMAP, &PatchParams::apply("kubeshift-connectivity-streams").force(), &Patch::Apply(&cm))
+        .await?;
     let pods: Vec<String> = plan.keys().cloned().collect();
     let want: usize = plan.values().map(|v| v.len()).sum();
     let deadline = Instant::now() + timeout;
     loop {
-        let st: Vec<StreamStatus> = statuses(client, ns, &pods).await?.into_iter().filter(|s| s.generation == generation).collect();
+        let st: Vec<StreamStatus> =
+            statuses(client, ns, &pods).await?.into_iter().filter(|s| s.generation == generation).collect();
         let broken: Vec<Failure> = st.iter().filter_map(|s| s.broken.as_ref().map(|b| failure(s, b))).collect();
         let flowing = st.iter().filter(|s| s.broken.is_none() && s.received >= 5).count();
         if !broken.is_empty() || flowing >= want || Instant::now() > deadline {
             let mut failures = broken;
             if flowing < want && failures.is_empty() {
-                failures.push(Failure { from: "-".into(), to: "-".into(), address: "-".into(), detail: format!("only {flowing} of {want} connections flowing after {timeout:?}") });
+                failures.push(Failure {
+                    from: "-".into(),
+                    to: "-".into(),
+                    address: "-".into(),
+                    detail: format!("only {flowing} of {want} connections flowing after {timeout:?}"),
+                });
             }
             return Ok(ScenarioOutcome {
                 name: "conn-disrupt-setup".into(),
@@ -99,7 +115,12 @@ pub async fn setup(client: &Client, ns: &str, eps: &[Endpoint], timeout: Duratio
 
 fn failure(s: &StreamStatus, why: &str) -> Failure {
     let (from, to) = s.id.split_once(" -> ").unwrap_or((&s.id, ""));
-    Failure { from: from.to_string(), to: to.to_string(), address: format!("after {} echoes", s.received), detail: why.to_string() }
+    Failure {
+        from: from.to_string(),
+        to: to.to_string(),
+        address: format!("after {} echoes", s.received),
+        detail: why.to_string(),
+    }
 }
 
 /// Every connection set up earlier is still the same connection, still echoing.
@@ -125,7 +146,10 @@ pub async fn check(client: &Client, ns: &str, eps: &[Endpoint]) -> Result<Scenar
                 from: "-".into(),
                 to: "-".into(),
                 address: "-".into(),
-                detail: format!("{} of {want} connections reported: was --conn-disrupt-setup run in namespace {ns}?", st.len()),
+                detail: format!(
+                    "{} of {want} connections reported: was --conn-disrupt-setup run in namespace {ns}?",
+                    st.len()
+                ),
             });
         }
         // Wait while any connection is merely quiet: it either echoes again or its own

@@ -119,11 +119,20 @@ impl Matrix {
 
     pub fn load(path: &std::path::Path) -> anyhow::Result<Matrix> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading verdict matrix {}", path.display()))?;
-        let m: Matrix = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}:{}: not a verdict matrix: {e}", path.display(), e.line(), e.column()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading verdict matrix {}", path.display()))?;
+        let m: Matrix = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{}:{}:{}: not a verdict matrix: {e}", path.display(), e.line(), e.column())
+        })?;
         if m.api_version != Self::API_VERSION || m.kind != Self::KIND {
-            anyhow::bail!("{}: apiVersion/kind {}/{} is not {}/{}", path.display(), m.api_version, m.kind, Self::API_VERSION, Self::KIND);
+            anyhow::bail!(
+                "{}: apiVersion/kind {}/{} is not {}/{}",
+                path.display(),
+                m.api_version,
+                m.kind,
+                Self::API_VERSION,
+                Self::KIND
+            );
         }
         Ok(m)
     }

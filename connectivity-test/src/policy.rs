@@ -58,9 +58,13 @@ pub fn all(eps: &[Endpoint], ns: &str, api: &str, timeout_ms: u64) -> Vec<Policy
         return vec![];
     }
     let find = |node: &str, k: &str| eps.iter().find(|e| e.key == format!("{node}/{k}"));
-    let (Some(l1), Some(l2), Some(t), Some(s), Some(p)) =
-        (find(nodes[0], "pod-1"), find(nodes[0], "pod-2"), find(nodes[1], "pod-1"), find(nodes[1], "pod-2"), find(nodes[0], "peer"))
-    else {
+    let (Some(l1), Some(l2), Some(t), Some(s), Some(p)) = (
+        find(nodes[0], "pod-1"),
+        find(nodes[0], "pod-2"),
+        find(nodes[1], "pod-1"),
+        find(nodes[1], "pod-2"),
+        find(nodes[0], "peer"),
+    ) else {
         return vec![];
     };
     let (api_ip, api_port) = api
@@ -79,41 +83,76 @@ pub fn all(eps: &[Endpoint], ns: &str, api: &str, timeout_ms: u64) -> Vec<Policy
             name: "policy-all-ingress-deny",
             description: "a deny-all ingress policy blocks pods of every node and namespace",
             policies: vec![policy("deny-ingress", ns, json!({}), json!({"policyTypes": ["Ingress"]}))],
-            checks: vec![c(l1, t, Proto::Tcp, false), c(l1, t, Proto::Udp, false), c(s, t, Proto::Tcp, false), c(p, t, Proto::Tcp, false)],
+            checks: vec![
+                c(l1, t, Proto::Tcp, false),
+                c(l1, t, Proto::Udp, false),
+                c(s, t, Proto::Tcp, false),
+                c(p, t, Proto::Tcp, false),
+            ],
         },
         PolicyScenario {
             name: "policy-all-egress-deny",
             description: "a deny-all egress policy (the apiserver excepted) stops a pod's new connections",
-            policies: vec![policy("deny-egress", ns, endpoint(&l1.pod), json!({"policyTypes": ["Egress"],
-                "egress": [{"to": [{"ipBlock": {"cidr": format!("{api_ip}/32")}}], "ports": [{"port": api_port, "protocol": "TCP"}]}]}))],
-            checks: vec![c(l1, t, Proto::Tcp, false), c(l1, t, Proto::Udp, false), c(l1, l2, Proto::Tcp, false), c(l2, t, Proto::Tcp, true)],
+            policies: vec![policy(
+                "deny-egress",
+                ns,
+                endpoint(&l1.pod),
+                json!({"policyTypes": ["Egress"],
+                "egress": [{"to": [{"ipBlock": {"cidr": format!("{api_ip}/32")}}], "ports": [{"port": api_port, "protocol": "TCP"}]}]}),
+            )],
+            checks: vec![
+                c(l1, t, Proto::Tcp, false),
+                c(l1, t, Proto::Udp, false),
+                c(l1, l2, Proto::Tcp, false),
+                c(l2, t, Proto::Tcp, true),
+            ],
         },
         PolicyScenario {
             name: "policy-allow-from-label",
             description: "ingress allowed only from pods with a given label",
-            policies: vec![policy("from-label", ns, endpoint(&t.pod), json!({"policyTypes": ["Ingress"],
-                "ingress": [{"from": [{"podSelector": endpoint(&l1.pod)}]}]}))],
+            policies: vec![policy(
+                "from-label",
+                ns,
+                endpoint(&t.pod),
+                json!({"policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": endpoint(&l1.pod)}]}]}),
+            )],
             checks: vec![c(l1, t, Proto::Tcp, true), c(l2, t, Proto::Tcp, false), c(p, t, Proto::Tcp, false)],
         },
         PolicyScenario {
             name: "policy-allow-from-namespace",
             description: "ingress allowed only from another namespace, by namespace label",
-            policies: vec![policy("from-namespace", ns, endpoint(&t.pod), json!({"policyTypes": ["Ingress"],
-                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubeshift.io/connectivity": "peer"}}}]}]}))],
+            policies: vec![policy(
+                "from-namespace",
+                ns,
+                endpoint(&t.pod),
+                json!({"policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubeshift.io/connectivity": "peer"}}}]}]}),
+            )],
             checks: vec![c(p, t, Proto::Tcp, true), c(l1, t, Proto::Tcp, false)],
         },
         PolicyScenario {
             name: "policy-port-restricted",
             description: "ingress allowed on the named TCP port only; UDP is denied",
-            policies: vec![policy("port", ns, endpoint(&t.pod), json!({"policyTypes": ["Ingress"],
-                "ingress": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}))],
+            policies: vec![policy(
+                "port",
+                ns,
+                endpoint(&t.pod),
+                json!({"policyTypes": ["Ingress"],
+                "ingress": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}),
+            )],
             checks: vec![c(l1, t, Proto::Tcp, true), c(l1, t, Proto::Udp, false)],
         },
         PolicyScenario {
             name: "policy-ip-block",
             description: "ingress allowed from an ipBlock with an except",
-            policies: vec![policy("ip-block", ns, endpoint(&t.pod), json!({"policyTypes": ["Ingress"],
-                "ingress": [{"from": [{"ipBlock": {"cidr": net16, "except": [format!("{}/32", l2.ip)]}}]}]}))],
+            policies: vec![policy(
+                "ip-block",
+                ns,
+                endpoint(&t.pod),
+                json!({"policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"ipBlock": {"cidr": net16, "except": [format!("{}/32", l2.ip)]}}]}]}),
+            )],
             checks: vec![c(l1, t, Proto::Tcp, true), c(l2, t, Proto::Tcp, false)],
         },
     ]

@@ -39,13 +39,27 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn check(&mut self, from: &Endpoint, target: String, addr: &str, port: u16, proto: Proto, expect: Vec<String>) -> Check {
+    fn check(
+        &mut self,
+        from: &Endpoint,
+        target: String,
+        addr: &str,
+        port: u16,
+        proto: Proto,
+        expect: Vec<String>,
+    ) -> Check {
         self.n += 1;
         Check {
             from: from.pod.clone(),
             from_key: from.key.clone(),
             target,
-            probe: Probe { id: format!("c{}", self.n), addr: addr.to_string(), port, proto, timeout_ms: self.timeout_ms },
+            probe: Probe {
+                id: format!("c{}", self.n),
+                addr: addr.to_string(),
+                port,
+                proto,
+                timeout_ms: self.timeout_ms,
+            },
             expect,
         }
     }
@@ -112,11 +126,15 @@ pub fn all(eps: &[Endpoint], timeout_ms: u64) -> Vec<Scenario> {
             b.check(&s, format!("svc-{}", d.pod), &vip, d.udp, Proto::Udp, answers(&d)),
         ])
     });
-    scenario!("pod-to-nodeport-local", "a pod reaches a NodePort on its own node's address, backend on another node", |b, a, r| {
-        let (s, d) = (b.find(a, "pod-1")?.clone(), b.find(r, "pod-2")?.clone());
-        let np = d.node_port?;
-        Some(vec![b.check(&s, format!("np-{}@{}", d.pod, s.node), &s.node_ip, np, Proto::Tcp, answers(&d))])
-    });
+    scenario!(
+        "pod-to-nodeport-local",
+        "a pod reaches a NodePort on its own node's address, backend on another node",
+        |b, a, r| {
+            let (s, d) = (b.find(a, "pod-1")?.clone(), b.find(r, "pod-2")?.clone());
+            let np = d.node_port?;
+            Some(vec![b.check(&s, format!("np-{}@{}", d.pod, s.node), &s.node_ip, np, Proto::Tcp, answers(&d))])
+        }
+    );
     scenario!("pod-to-nodeport-remote", "a pod reaches a NodePort on another node's address", |b, a, r| {
         let (s, d) = (b.find(a, "pod-1")?.clone(), b.find(a, "pod-2")?.clone());
         let np = d.node_port?;
@@ -140,11 +158,15 @@ pub fn all(eps: &[Endpoint], timeout_ms: u64) -> Vec<Scenario> {
             b.check(&s, h.key.clone(), &h.ip, h.tcp, Proto::Tcp, answers(&h)),
         ])
     });
-    scenario!("pod-to-itself-via-service", "a pod reaches its own ClusterIP and is answered by itself (hairpin)", |b, a, _r| {
-        let s = b.find(a, "pod-1")?.clone();
-        let vip = s.service_ip.clone()?;
-        Some(vec![b.check(&s, format!("svc-{}", s.pod), &vip, 80, Proto::Tcp, answers(&s))])
-    });
+    scenario!(
+        "pod-to-itself-via-service",
+        "a pod reaches its own ClusterIP and is answered by itself (hairpin)",
+        |b, a, _r| {
+            let s = b.find(a, "pod-1")?.clone();
+            let vip = s.service_ip.clone()?;
+            Some(vec![b.check(&s, format!("svc-{}", s.pod), &vip, 80, Proto::Tcp, answers(&s))])
+        }
+    );
     out
 }
 

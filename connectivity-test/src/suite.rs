@@ -63,7 +63,8 @@ pub struct SuiteReport {
 
 impl SuiteReport {
     pub fn passed(&self) -> bool {
-        self.scenarios.iter().all(|s| s.failures.is_empty()) && self.changes.as_ref().map(|c| c.is_empty()).unwrap_or(true)
+        self.scenarios.iter().all(|s| s.failures.is_empty())
+            && self.changes.as_ref().map(|c| c.is_empty()).unwrap_or(true)
     }
 }
 
@@ -91,16 +92,27 @@ pub async fn run(client: &Client, opts: &SuiteOptions) -> Result<SuiteReport> {
 
 fn bar(show: bool, len: u64, msg: &str) -> indicatif::ProgressBar {
     let b = if show { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
-    b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len}").unwrap().progress_chars("=> "));
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     b.set_message(msg.to_string());
     b.enable_steady_tick(Duration::from_millis(200));
     b
 }
 
-async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, String)], before: Option<Matrix>) -> Result<SuiteReport> {
+async fn run_deployed(
+    client: &Client,
+    opts: &SuiteOptions,
+    nodes: &[(String, String)],
+    before: Option<Matrix>,
+) -> Result<SuiteReport> {
     deploy::deploy(client, &opts.deploy, nodes).await?;
     let pb = bar(opts.progress, (nodes.len() * 3) as u64, "test pods ready");
-    let eps = deploy::wait_endpoints(client, &opts.deploy, nodes, Duration::from_secs(180), |n, _| pb.set_position(n as u64)).await?;
+    let eps =
+        deploy::wait_endpoints(client, &opts.deploy, nodes, Duration::from_secs(180), |n, _| pb.set_position(n as u64))
+            .await?;
     pb.finish_and_clear();
 
     // The conn-disrupt check comes first: it judges what happened before this run.
@@ -123,7 +135,10 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
     let mut matrix = Matrix::new();
     for c in &matrix_checks {
         let allowed = results.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
-        matrix.entries.insert(pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto), if allowed { Verdict::Allowed } else { Verdict::Denied });
+        matrix.entries.insert(
+            pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto),
+            if allowed { Verdict::Allowed } else { Verdict::Denied },
+        );
     }
 
     // Policy scenarios, one at a time. Their verdicts join the matrix, so a migration
@@ -142,7 +157,10 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
         let mut o = outcome(ps.name, ps.description, &ps.checks, &r);
         for c in &ps.checks {
             let allowed = r.get(&c.probe.id).map(|r| r.ok).unwrap_or(false);
-            matrix.entries.insert(format!("{}: {}", ps.name, pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto)), if allowed { Verdict::Allowed } else { Verdict::Denied });
+            matrix.entries.insert(
+                format!("{}: {}", ps.name, pair_key(&c.from_key, &c.target, c.probe.port, c.probe.proto)),
+                if allowed { Verdict::Allowed } else { Verdict::Denied },
+            );
         }
         // A deny-all that denies nothing means the cluster enforces no policy at all
         // (Flannel): say so instead of failing every policy scenario.
@@ -150,7 +168,10 @@ async fn run_deployed(client: &Client, opts: &SuiteOptions, nodes: &[(String, St
             enforcing = Some(ps.checks.iter().any(|c| r.get(&c.probe.id).map(|r| !r.ok).unwrap_or(false)));
         }
         if enforcing == Some(false) {
-            o.skipped = Some("this cluster does not enforce NetworkPolicy: a deny-all ingress policy left every probe allowed".into());
+            o.skipped = Some(
+                "this cluster does not enforce NetworkPolicy: a deny-all ingress policy left every probe allowed"
+                    .into(),
+            );
             o.failures.clear();
         }
         scenarios.push(o);
@@ -178,7 +199,12 @@ fn passes(c: &Check, r: Option<&ProbeResult>) -> bool {
 }
 
 /// Runs `checks` and repeats the failing ones until they pass or `settle` has passed.
-async fn settle_round(client: &Client, opts: &SuiteOptions, eps: &[Endpoint], checks: &[&Check]) -> Result<HashMap<String, ProbeResult>> {
+async fn settle_round(
+    client: &Client,
+    opts: &SuiteOptions,
+    eps: &[Endpoint],
+    checks: &[&Check],
+) -> Result<HashMap<String, ProbeResult>> {
     let mut results = run_round(client, opts, eps, checks).await?;
     let until = Instant::now() + opts.settle;
     loop {
@@ -210,9 +236,17 @@ fn outcome(name: &str, description: &str, checks: &[Check], results: &HashMap<St
         name: name.to_string(),
         description: description.to_string(),
         checks: checks.len(),
-        failures: checks.iter().filter(|c| !passes(c, results.get(&c.probe.id))).map(|c| failure(c, results.get(&c.probe.id))).collect(),
+        failures: checks
+            .iter()
+            .filter(|c| !passes(c, results.get(&c.probe.id)))
+            .map(|c| failure(c, results.get(&c.probe.id)))
+            .collect(),
         skipped: None,
-        max_ms: checks.iter().filter_map(|c| results.get(&c.probe.id)).map(|r| r.micros as f64 / 1000.0).fold(0.0, f64::max),
+        max_ms: checks
+            .iter()
+            .filter_map(|c| results.get(&c.probe.id))
+            .map(|r| r.micros as f64 / 1000.0)
+            .fold(0.0, f64::max),
     }
 }
 
@@ -223,7 +257,9 @@ async fn apply_policies(client: &Client, policies: &[serde_json::Value], delete:
         let name = p["metadata"]["name"].as_str().unwrap_or_default();
         let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
         if delete {
-            api.delete(name, &Default::default()).await.with_context(|| format!("deleting NetworkPolicy {ns}/{name}"))?;
+            api.delete(name, &Default::default())
+                .await
+                .with_context(|| format!("deleting NetworkPolicy {ns}/{name}"))?;
         } else {
             api.patch(name, &PatchParams::apply("kubeshift-connectivity").force(), &Patch::Apply(p))
                 .await
@@ -235,12 +271,21 @@ async fn apply_policies(client: &Client, policies: &[serde_json::Value], delete:
 
 /// Hands every agent its probes in one ConfigMap write and waits for all reports of
 /// this round. An agent that does not report is an error naming it and its node.
-async fn run_round(client: &Client, opts: &SuiteOptions, eps: &[Endpoint], checks: &[&Check]) -> Result<HashMap<String, ProbeResult>> {
+async fn run_round(
+    client: &Client,
+    opts: &SuiteOptions,
+    eps: &[Endpoint],
+    checks: &[&Check],
+) -> Result<HashMap<String, ProbeResult>> {
     let ns = &opts.deploy.namespace;
     let round = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let mut per_agent: BTreeMap<String, Assignment> = BTreeMap::new();
     for c in checks {
-        per_agent.entry(c.from.clone()).or_insert_with(|| Assignment { round, probes: vec![] }).probes.push(c.probe.clone());
+        per_agent
+            .entry(c.from.clone())
+            .or_insert_with(|| Assignment { round, probes: vec![] })
+            .probes
+            .push(c.probe.clone());
     }
     let mut data = serde_json::Map::new();
     for (pod, a) in &per_agent {
@@ -281,7 +326,9 @@ async fn run_round(client: &Client, opts: &SuiteOptions, eps: &[Endpoint], check
                 pb.finish_and_clear();
                 let who: Vec<String> = pending
                     .iter()
-                    .map(|p| format!("{p} on {}", eps.iter().find(|e| &e.pod == p).map(|e| e.node.as_str()).unwrap_or("?")))
+                    .map(|p| {
+                        format!("{p} on {}", eps.iter().find(|e| &e.pod == p).map(|e| e.node.as_str()).unwrap_or("?"))
+                    })
                     .collect();
                 bail!("probe agents did not report: {} (can they reach the apiserver?)", who.join(", "));
             }

@@ -28,14 +28,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 pub const MAX_BACKENDS_PER_SERVICE: usize = 65_535;
 const SLOT_HALF: u32 = 1 << 16;
 
-const MAPS: [&str; 6] = [
-    "ks_services",
-    "ks_backends",
-    "ks_affinity",
-    "ks_revnat",
-    "ks_flows",
-    "ks_config",
-];
+const MAPS: [&str; 6] = ["ks_services", "ks_backends", "ks_affinity", "ks_revnat", "ks_flows", "ks_config"];
 const PROGRAMS: [&str; 8] = [
     "ks_connect4",
     "ks_sendmsg4",
@@ -109,10 +102,7 @@ pub struct DatapathConfig {
 impl DatapathConfig {
     /// `DEFAULT_BPFFS_ROOT/<name>`, attached to the root of the cgroup v2 hierarchy.
     pub fn new(name: &str) -> io::Result<Self> {
-        Ok(Self {
-            pin_dir: Path::new(DEFAULT_BPFFS_ROOT).join(name),
-            cgroup: sys::cgroup2_mount()?,
-        })
+        Ok(Self { pin_dir: Path::new(DEFAULT_BPFFS_ROOT).join(name), cgroup: sys::cgroup2_mount()? })
     }
 }
 
@@ -212,29 +202,16 @@ fn ip_from_raw(raw: u32) -> Ipv4Addr {
 }
 
 fn svc_key_raw(k: &ServiceKey) -> SvcKey {
-    SvcKey {
-        vip: ip_raw(k.vip),
-        port: k.port.to_be(),
-        proto: k.protocol.number(),
-        pad: 0,
-    }
+    SvcKey { vip: ip_raw(k.vip), port: k.port.to_be(), proto: k.protocol.number(), pad: 0 }
 }
 
 fn backend_raw(b: &Backend) -> BackendVal {
-    BackendVal {
-        ip: ip_raw(b.ip),
-        port: b.port.to_be(),
-        pad: 0,
-    }
+    BackendVal { ip: ip_raw(b.ip), port: b.port.to_be(), pad: 0 }
 }
 
 fn backend_from_raw(b: &BackendVal) -> Backend {
-    Backend {
-        ip: ip_from_raw(b.ip),
-        port: u16::from_be(b.port),
-    }
+    Backend { ip: ip_from_raw(b.ip), port: u16::from_be(b.port) }
 }
-
 
 /// Orders the new backend set so that backends that stay keep their slot index.
 /// Affinity entries remember a slot index, so stable slots keep clients on their
@@ -242,15 +219,9 @@ fn backend_from_raw(b: &BackendVal) -> Backend {
 fn stable_order(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
     let wanted: HashSet<Backend> = new.iter().copied().collect();
     let kept: HashSet<Backend> = old.iter().copied().filter(|b| wanted.contains(b)).collect();
-    let mut slots: Vec<Option<Backend>> = old
-        .iter()
-        .map(|b| wanted.contains(b).then_some(*b))
-        .collect();
+    let mut slots: Vec<Option<Backend>> = old.iter().map(|b| wanted.contains(b).then_some(*b)).collect();
     let mut seen = HashSet::new();
-    let mut added = new
-        .iter()
-        .copied()
-        .filter(|b| !kept.contains(b) && seen.insert(*b));
+    let mut added = new.iter().copied().filter(|b| !kept.contains(b) && seen.insert(*b));
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         match added.next() {
             Some(b) => *slot = Some(b),
@@ -352,8 +323,7 @@ impl Datapath {
     /// what runs there (or always, with `force`). The kernel's program tag hashes the
     /// instructions with map references zeroed, so equal tags mean equal programs.
     fn swap_if_different(prog: &CgroupSockAddr, pin: &Path, force: bool) -> Result<bool, Error> {
-        let link = PinnedLink::from_pin(pin)
-            .map_err(|e| Error::Invalid(format!("link pin {}: {e}", pin.display())))?;
+        let link = PinnedLink::from_pin(pin).map_err(|e| Error::Invalid(format!("link pin {}: {e}", pin.display())))?;
         let running_id = FdLink::from(link)
             .info()
             .map_err(|e| Error::Invalid(format!("link info {}: {e}", pin.display())))?
@@ -394,36 +364,19 @@ impl Datapath {
             let Some(protocol) = Protocol::from_number(k.proto) else {
                 continue;
             };
-            let key = ServiceKey {
-                vip: ip_from_raw(k.vip),
-                port: u16::from_be(k.port),
-                protocol,
-            };
+            let key = ServiceKey { vip: ip_from_raw(k.vip), port: u16::from_be(k.port), protocol };
             let mut list = Vec::with_capacity(v.count as usize);
             for i in 0..u32::from(v.count) {
-                let bk = BackendKey {
-                    svc_id: v.svc_id,
-                    slot: v.slot_base + i,
-                };
+                let bk = BackendKey { svc_id: v.svc_id, slot: v.slot_base + i };
                 list.push(backend_from_raw(&backends.get(&bk, 0)?));
             }
             let affinity = if v.flags & SVC_F_AFFINITY_CLIENTIP != 0 {
-                Affinity::ClientIp {
-                    timeout: Duration::from_secs(u64::from(v.affinity_timeout_s)),
-                }
+                Affinity::ClientIp { timeout: Duration::from_secs(u64::from(v.affinity_timeout_s)) }
             } else {
                 Affinity::None
             };
             max_id = max_id.max(v.svc_id);
-            state.insert(
-                key,
-                ServiceState {
-                    id: v.svc_id,
-                    slot_base: v.slot_base,
-                    backends: list,
-                    affinity,
-                },
-            );
+            state.insert(key, ServiceState { id: v.svc_id, slot_base: v.slot_base, backends: list, affinity });
         }
         let mut dp = Self {
             cfg,
@@ -446,17 +399,12 @@ impl Datapath {
     /// entry (or between flipping and deleting the old range) leaves slots no service
     /// points at. They would never be overwritten if the service is gone, so drop them.
     fn collect_orphan_slots(&mut self) -> Result<(), Error> {
-        let live: StdHashMap<u32, (u32, u32)> = self
-            .state
-            .values()
-            .map(|s| (s.id, (s.slot_base, s.backends.len() as u32)))
-            .collect();
+        let live: StdHashMap<u32, (u32, u32)> =
+            self.state.values().map(|s| (s.id, (s.slot_base, s.backends.len() as u32))).collect();
         let mut orphans = Vec::new();
         for key in self.backends.keys() {
             let key = key?;
-            let used = live
-                .get(&key.svc_id)
-                .is_some_and(|&(base, n)| key.slot >= base && key.slot < base + n);
+            let used = live.get(&key.svc_id).is_some_and(|&(base, n)| key.slot >= base && key.slot < base + n);
             if !used {
                 orphans.push(key);
             }
@@ -483,12 +431,7 @@ impl Datapath {
     /// Creates or replaces one service port. Only this service's entries are written:
     /// its backends go to the unused half of its slot range, then the service entry
     /// flips to them in one map update, then the old half is deleted.
-    pub fn upsert_service(
-        &mut self,
-        key: ServiceKey,
-        backends: Vec<Backend>,
-        affinity: Affinity,
-    ) -> Result<(), Error> {
+    pub fn upsert_service(&mut self, key: ServiceKey, backends: Vec<Backend>, affinity: Affinity) -> Result<(), Error> {
         if backends.len() > MAX_BACKENDS_PER_SERVICE {
             return Err(Error::Invalid(format!(
                 "{} backends for {key:?}, at most {MAX_BACKENDS_PER_SERVICE} supported",
@@ -500,9 +443,7 @@ impl Datapath {
             Affinity::ClientIp { timeout } => {
                 let s = timeout.as_secs();
                 if s == 0 || s > u64::from(u32::MAX) {
-                    return Err(Error::Invalid(format!(
-                        "affinity timeout {timeout:?} out of range"
-                    )));
+                    return Err(Error::Invalid(format!("affinity timeout {timeout:?} out of range")));
                 }
                 s as u32
             }
@@ -512,10 +453,7 @@ impl Datapath {
             None => (self.next_id, None, Vec::new()),
         };
         let ordered = stable_order(&old_backends, &backends);
-        if old_base.is_some()
-            && ordered == old_backends
-            && self.state.get(&key).map(|s| s.affinity) == Some(affinity)
-        {
+        if old_base.is_some() && ordered == old_backends && self.state.get(&key).map(|s| s.affinity) == Some(affinity) {
             return Ok(());
         }
         let new_base = match old_base {
@@ -524,17 +462,11 @@ impl Datapath {
         };
 
         for (i, b) in ordered.iter().enumerate() {
-            let bk = BackendKey {
-                svc_id: id,
-                slot: new_base + i as u32,
-            };
+            let bk = BackendKey { svc_id: id, slot: new_base + i as u32 };
             if let Err(e) = self.backends.insert(bk, backend_raw(b), 0) {
                 // Leave the service exactly as it was: the live half is untouched.
                 for j in 0..i {
-                    let _ = self.backends.remove(&BackendKey {
-                        svc_id: id,
-                        slot: new_base + j as u32,
-                    });
+                    let _ = self.backends.remove(&BackendKey { svc_id: id, slot: new_base + j as u32 });
                 }
                 return Err(e.into());
             }
@@ -543,11 +475,7 @@ impl Datapath {
             svc_id: id,
             slot_base: new_base,
             count: ordered.len() as u16,
-            flags: if timeout_s > 0 {
-                SVC_F_AFFINITY_CLIENTIP
-            } else {
-                0
-            },
+            flags: if timeout_s > 0 { SVC_F_AFFINITY_CLIENTIP } else { 0 },
             pad: 0,
             affinity_timeout_s: timeout_s,
         };
@@ -561,26 +489,15 @@ impl Datapath {
         } else {
             self.next_id += 1;
         }
-        self.state.insert(
-            key,
-            ServiceState {
-                id,
-                slot_base: new_base,
-                backends: ordered,
-                affinity,
-            },
-        );
+        self.state.insert(key, ServiceState { id, slot_base: new_base, backends: ordered, affinity });
         Ok(())
     }
 
     /// An endpoint change: replaces the backends of one existing service and keeps its
     /// affinity setting.
     pub fn set_backends(&mut self, key: ServiceKey, backends: Vec<Backend>) -> Result<(), Error> {
-        let affinity = self
-            .state
-            .get(&key)
-            .map(|s| s.affinity)
-            .ok_or_else(|| Error::Invalid(format!("no service {key:?}")))?;
+        let affinity =
+            self.state.get(&key).map(|s| s.affinity).ok_or_else(|| Error::Invalid(format!("no service {key:?}")))?;
         self.upsert_service(key, backends, affinity)
     }
 
@@ -601,10 +518,7 @@ impl Datapath {
 
     fn remove_slots(&mut self, id: u32, base: u32, count: usize) -> Result<(), Error> {
         for i in 0..count {
-            match self.backends.remove(&BackendKey {
-                svc_id: id,
-                slot: base + i as u32,
-            }) {
+            match self.backends.remove(&BackendKey { svc_id: id, slot: base + i as u32 }) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e.into()),
@@ -615,11 +529,7 @@ impl Datapath {
 
     /// The services currently programmed, sorted, for reconciling against the API.
     pub fn services(&self) -> Vec<(ServiceKey, Vec<Backend>, Affinity)> {
-        let mut v: Vec<_> = self
-            .state
-            .iter()
-            .map(|(k, s)| (*k, s.backends.clone(), s.affinity))
-            .collect();
+        let mut v: Vec<_> = self.state.iter().map(|(k, s)| (*k, s.backends.clone(), s.affinity)).collect();
         v.sort_by_key(|(k, _, _)| *k);
         v
     }
@@ -631,18 +541,11 @@ impl Datapath {
             let link = PinnedLink::from_pin(self.cfg.pin_dir.join("links").join(name))
                 .map_err(|e| Error::Invalid(format!("link pin {name}: {e}")))?;
             let fd: FdLink = link.into();
-            let prog_id = fd
-                .info()
-                .map_err(|e| Error::Invalid(format!("link info {name}: {e}")))?
-                .program_id();
+            let prog_id = fd.info().map_err(|e| Error::Invalid(format!("link info {name}: {e}")))?.program_id();
             for info in aya::programs::loaded_programs() {
                 let info = info?;
                 if info.id() == prog_id {
-                    out.push(ProgramStats {
-                        name,
-                        run_count: info.run_count(),
-                        run_time: info.run_time(),
-                    });
+                    out.push(ProgramStats { name, run_count: info.run_count(), run_time: info.run_time() });
                 }
             }
         }
@@ -681,17 +584,15 @@ impl Datapath {
             }
             // SAFETY: length checked above; the ring buffer gives no alignment guarantee
             // beyond 8 bytes, so read unaligned anyway.
-            let r: FlowEventRaw =
-                unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEventRaw) };
+            let r: FlowEventRaw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEventRaw) };
             out.push(FlowEvent {
                 timestamp_ns: r.ts_ns,
                 socket_cookie: r.cookie,
                 netns_cookie: r.netns_cookie,
                 source: SocketAddrV4::new(ip_from_raw(r.src_ip), u16::from_be(r.src_port)),
                 service: SocketAddrV4::new(ip_from_raw(r.dst_ip), u16::from_be(r.dst_port)),
-                backend: (r.verdict == VERDICT_FORWARDED).then(|| {
-                    SocketAddrV4::new(ip_from_raw(r.backend_ip), u16::from_be(r.backend_port))
-                }),
+                backend: (r.verdict == VERDICT_FORWARDED)
+                    .then(|| SocketAddrV4::new(ip_from_raw(r.backend_ip), u16::from_be(r.backend_port))),
                 protocol: Protocol::from_number(r.proto),
                 verdict: match r.verdict {
                     VERDICT_FORWARDED => Verdict::Forwarded,
@@ -742,31 +643,21 @@ impl Datapath {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn b(last: u8) -> Backend {
-        Backend {
-            ip: Ipv4Addr::new(10, 0, 0, last),
-            port: 80,
-        }
+        Backend { ip: Ipv4Addr::new(10, 0, 0, last), port: 80 }
     }
 
     #[test]
     fn stable_order_keeps_slots_of_remaining_backends() {
         assert_eq!(stable_order(&[], &[b(1), b(2)]), vec![b(1), b(2)]);
         // b(2) removed, b(4) added: b(4) takes b(2)'s slot, b(1) and b(3) stay put.
-        assert_eq!(
-            stable_order(&[b(1), b(2), b(3)], &[b(3), b(4), b(1)]),
-            vec![b(1), b(4), b(3)]
-        );
+        assert_eq!(stable_order(&[b(1), b(2), b(3)], &[b(3), b(4), b(1)]), vec![b(1), b(4), b(3)]);
         // A removal without replacement moves only the last backend into the hole.
-        assert_eq!(
-            stable_order(&[b(1), b(2), b(3), b(4)], &[b(1), b(3), b(4)]),
-            vec![b(1), b(4), b(3)]
-        );
+        assert_eq!(stable_order(&[b(1), b(2), b(3), b(4)], &[b(1), b(3), b(4)]), vec![b(1), b(4), b(3)]);
         assert_eq!(stable_order(&[b(1)], &[]), vec![]);
         // Duplicates would skew the random pick.
         assert_eq!(stable_order(&[], &[b(1), b(1)]), vec![b(1)]);
@@ -774,11 +665,7 @@ mod tests {
 
     #[test]
     fn raw_encoding_is_network_order() {
-        let k = svc_key_raw(&ServiceKey {
-            vip: Ipv4Addr::new(10, 96, 0, 1),
-            port: 80,
-            protocol: Protocol::Tcp,
-        });
+        let k = svc_key_raw(&ServiceKey { vip: Ipv4Addr::new(10, 96, 0, 1), port: 80, protocol: Protocol::Tcp });
         assert_eq!(k.vip.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(k.port.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, 6);

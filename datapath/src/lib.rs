@@ -7,22 +7,21 @@
 //! or roll back while traffic keeps flowing.
 
 pub mod agent;
-pub mod policy;
 mod datapath;
 mod loader_util;
 pub mod nodeport;
+pub mod policy;
 mod raw;
 pub mod sys;
 pub mod testenv;
 
 pub use nodeport::{
-    Frontend, NodePortDatapath, NpBackend, NpConnection, NpFlowEvent, NpReason, NpVerdict,
-    TrafficPolicy,
+    Frontend, NodePortDatapath, NpBackend, NpConnection, NpFlowEvent, NpReason, NpVerdict, TrafficPolicy,
 };
 
 pub use datapath::{
-    Affinity, Backend, Datapath, DatapathConfig, Error, FlowEvent, Hook, ProgramStats, Protocol,
-    ServiceKey, Verdict, DEFAULT_AFFINITY_TIMEOUT, DEFAULT_BPFFS_ROOT, MAX_BACKENDS_PER_SERVICE,
+    Affinity, Backend, Datapath, DatapathConfig, Error, FlowEvent, Hook, ProgramStats, Protocol, ServiceKey, Verdict,
+    DEFAULT_AFFINITY_TIMEOUT, DEFAULT_BPFFS_ROOT, MAX_BACKENDS_PER_SERVICE,
 };
 
 /// The compiled object, embedded so the agent is a single file.
@@ -33,20 +32,17 @@ pub static SOCK_LB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static POLICY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy.o"));
 
 /// The NodePort / external-IP tc programs (`bpf/nodeport.c`).
-pub static NODEPORT_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
+pub static NODEPORT_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
 
 /// The same programs with build id 2, for upgrade tests.
 #[cfg(ks_upgrade_variant)]
 #[doc(hidden)]
-pub static SOCK_LB_OBJ_BUILD2: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb_build2.o"));
+pub static SOCK_LB_OBJ_BUILD2: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb_build2.o"));
 
 /// The NodePort programs with build id 2, for upgrade tests.
 #[cfg(ks_upgrade_variant)]
 #[doc(hidden)]
-pub static NODEPORT_OBJ_BUILD2: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport_build2.o"));
+pub static NODEPORT_OBJ_BUILD2: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport_build2.o"));
 
 /// Removes everything a node's datapath pinned under `pin_dir` (socket LB, NetworkPolicy,
 /// NodePort), which detaches their programs: the rollback of a node, or cleanup after a

@@ -3,11 +3,7 @@
 //! removal, tcx link swap and detach, and running an attach inside another network
 //! namespace.
 
-use std::{
-    fs, io,
-    os::fd::AsFd,
-    path::Path,
-};
+use std::{fs, io, os::fd::AsFd, path::Path};
 
 use aya::{
     maps::{Map, MapData, MapError},
@@ -88,7 +84,8 @@ pub(crate) fn swap_if_different(prog: &SchedClassifier, pin: &Path, force: bool)
 /// stay reachable), and the caller's thread, e.g. a tokio worker, never changes netns.
 pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T, Error> + Send) -> Result<T, Error> {
     use nix::sched::{setns, CloneFlags};
-    let target = fs::File::open(netns).map_err(|e| Error::Invalid(format!("network namespace {}: {e}", netns.display())))?;
+    let target =
+        fs::File::open(netns).map_err(|e| Error::Invalid(format!("network namespace {}: {e}", netns.display())))?;
     std::thread::scope(|s| {
         s.spawn(move || {
             setns(target.as_fd(), CloneFlags::CLONE_NEWNET)

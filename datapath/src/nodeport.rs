@@ -24,18 +24,14 @@ use aya::{
     Ebpf,
 };
 
-use crate::loader_util::{ignore_not_found, is_not_found, load_pinned, open_pinned, remove_if_exists, swap_if_different};
 pub use crate::loader_util::in_netns;
+use crate::loader_util::{
+    ignore_not_found, is_not_found, load_pinned, open_pinned, remove_if_exists, swap_if_different,
+};
 use crate::{sys, Error, Protocol};
 
-const MAPS: [&str; 6] = [
-    "ks_np_frontends",
-    "ks_np_backends",
-    "ks_np_members",
-    "ks_np_ct",
-    "ks_np_config",
-    "ks_np_flows",
-];
+const MAPS: [&str; 6] =
+    ["ks_np_frontends", "ks_np_backends", "ks_np_members", "ks_np_ct", "ks_np_config", "ks_np_flows"];
 const INGRESS: &str = "ks_np_ingress";
 const EGRESS: &str = "ks_np_egress";
 const PROGRAMS: [&str; 2] = [INGRESS, EGRESS];
@@ -317,38 +313,20 @@ fn sock(ip: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip_from_raw(ip), u16::from_be(port))
 }
 
-
-
 fn fe_key_raw(f: &Frontend) -> FeKey {
-    FeKey {
-        ip: ip_raw(f.ip),
-        port: f.port.to_be(),
-        proto: f.protocol.number(),
-        pad: 0,
-    }
+    FeKey { ip: ip_raw(f.ip), port: f.port.to_be(), proto: f.protocol.number(), pad: 0 }
 }
 
 fn member_key(id: u32, b: &NpBackend) -> MemberKey {
-    MemberKey {
-        fe_id: id,
-        ip: ip_raw(b.ip),
-        port: b.port.to_be(),
-        pad: 0,
-    }
+    MemberKey { fe_id: id, ip: ip_raw(b.ip), port: b.port.to_be(), pad: 0 }
 }
-
-
 
 /// Slot order for a frontend: duplicates removed (they would skew the random pick), and
 /// for externalTrafficPolicy Local the local endpoints first, since only the first
 /// `count` slots are eligible. Returns the order and `count`.
 fn slot_order(backends: &[NpBackend], policy: TrafficPolicy) -> (Vec<NpBackend>, usize) {
     let mut seen = HashSet::new();
-    let unique: Vec<NpBackend> = backends
-        .iter()
-        .copied()
-        .filter(|b| seen.insert((b.ip, b.port)))
-        .collect();
+    let unique: Vec<NpBackend> = backends.iter().copied().filter(|b| seen.insert((b.ip, b.port))).collect();
     match policy {
         TrafficPolicy::Cluster => {
             let n = unique.len();
@@ -362,7 +340,6 @@ fn slot_order(backends: &[NpBackend], policy: TrafficPolicy) -> (Vec<NpBackend>,
         }
     }
 }
-
 
 impl NodePortDatapath {
     /// Loads the NodePort programs and their maps pinned under `<pin_dir>/nodeport/`, or
@@ -431,20 +408,10 @@ impl NodePortDatapath {
             let Some(protocol) = Protocol::from_number(k.proto) else {
                 continue;
             };
-            let fe = Frontend {
-                ip: ip_from_raw(k.ip),
-                port: u16::from_be(k.port),
-                protocol,
-            };
+            let fe = Frontend { ip: ip_from_raw(k.ip), port: u16::from_be(k.port), protocol };
             let mut list = Vec::with_capacity(v.total as usize);
             for i in 0..v.total {
-                let b = self.backends.get(
-                    &BeKey {
-                        fe_id: v.fe_id,
-                        slot: v.slot_base + i,
-                    },
-                    0,
-                )?;
+                let b = self.backends.get(&BeKey { fe_id: v.fe_id, slot: v.slot_base + i }, 0)?;
                 list.push(NpBackend {
                     ip: ip_from_raw(b.ip),
                     port: u16::from_be(b.port),
@@ -459,33 +426,26 @@ impl NodePortDatapath {
                     slot_base: v.slot_base,
                     backends: list,
                     count: usize::from(v.count),
-                    policy: if v.flags & FE_F_LOCAL_ONLY != 0 {
-                        TrafficPolicy::Local
-                    } else {
-                        TrafficPolicy::Cluster
-                    },
+                    policy: if v.flags & FE_F_LOCAL_ONLY != 0 { TrafficPolicy::Local } else { TrafficPolicy::Cluster },
                 },
             );
         }
         // Ids are not reused while connections may still name them.
         self.next_id = max_id + 1;
 
-        let live: StdHashMap<u32, &FrontendState> =
-            self.state.values().map(|s| (s.id, s)).collect();
+        let live: StdHashMap<u32, &FrontendState> = self.state.values().map(|s| (s.id, s)).collect();
         let mut stale_slots = Vec::new();
         for k in self.backends.keys() {
             let k = k?;
-            let used = live.get(&k.fe_id).is_some_and(|s| {
-                k.slot >= s.slot_base && k.slot < s.slot_base + s.backends.len() as u32
-            });
+            let used = live
+                .get(&k.fe_id)
+                .is_some_and(|s| k.slot >= s.slot_base && k.slot < s.slot_base + s.backends.len() as u32);
             if !used {
                 stale_slots.push(k);
             }
         }
-        let wanted: HashSet<MemberKey> = live
-            .values()
-            .flat_map(|s| s.backends[..s.count].iter().map(|b| member_key(s.id, b)))
-            .collect();
+        let wanted: HashSet<MemberKey> =
+            live.values().flat_map(|s| s.backends[..s.count].iter().map(|b| member_key(s.id, b))).collect();
         let mut stale_members = Vec::new();
         for k in self.members.keys() {
             let k = k?;
@@ -525,19 +485,13 @@ impl NodePortDatapath {
     /// already to the same interface, only the node IP is (re)written.
     pub fn attach(&mut self, ifname: &str, node_ip: Ipv4Addr) -> Result<(), Error> {
         if node_ip.is_unspecified() {
-            return Err(Error::Invalid(format!(
-                "node IP for {ifname}: 0.0.0.0 is not an address"
-            )));
+            return Err(Error::Invalid(format!("node IP for {ifname}: 0.0.0.0 is not an address")));
         }
-        let c = std::ffi::CString::new(ifname)
-            .map_err(|_| Error::Invalid(format!("interface name {ifname:?}")))?;
+        let c = std::ffi::CString::new(ifname).map_err(|_| Error::Invalid(format!("interface name {ifname:?}")))?;
         // SAFETY: c is a valid NUL-terminated string.
         let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
         if ifindex == 0 {
-            return Err(Error::Invalid(format!(
-                "interface {ifname:?}: {}",
-                io::Error::last_os_error()
-            )));
+            return Err(Error::Invalid(format!("interface {ifname:?}: {}", io::Error::last_os_error())));
         }
         let mut cfg = self.config.get(&0, 0)?;
         let links = self.links_dir();
@@ -575,9 +529,8 @@ impl NodePortDatapath {
                         return Err(Error::Invalid(format!("attaching {p} to {ifname}: {e}")));
                     }
                 };
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| Error::Invalid(e.to_string()))?;
+                let fd: FdLink =
+                    link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Invalid(e.to_string()))?;
                 fd.pin(&pin)?;
             }
         }
@@ -593,12 +546,7 @@ impl NodePortDatapath {
 
     /// [`NodePortDatapath::attach`] from inside the network namespace at `netns` (e.g.
     /// `/run/netns/<name>`), leaving the calling thread where it was.
-    pub fn attach_in_netns(
-        &mut self,
-        netns: &Path,
-        ifname: &str,
-        node_ip: Ipv4Addr,
-    ) -> Result<(), Error> {
+    pub fn attach_in_netns(&mut self, netns: &Path, ifname: &str, node_ip: Ipv4Addr) -> Result<(), Error> {
         in_netns(netns, || self.attach(ifname, node_ip))
     }
 
@@ -612,9 +560,7 @@ impl NodePortDatapath {
     /// `net.ipv4.ip_local_port_range`.
     pub fn set_snat_ports(&mut self, ports: RangeInclusive<u16>) -> Result<(), Error> {
         if ports.is_empty() || *ports.start() == 0 {
-            return Err(Error::Invalid(format!(
-                "SNAT port range {ports:?} is empty"
-            )));
+            return Err(Error::Invalid(format!("SNAT port range {ports:?} is empty")));
         }
         let mut c = self.config.get(&0, 0)?;
         c.snat_min = *ports.start();
@@ -658,14 +604,8 @@ impl NodePortDatapath {
                 backends.len()
             )));
         }
-        if let Some(b) = backends
-            .iter()
-            .find(|b| b.ip.is_unspecified() || b.port == 0)
-        {
-            return Err(Error::Invalid(format!(
-                "frontend {fe:?}: backend {}:{} has no address or port",
-                b.ip, b.port
-            )));
+        if let Some(b) = backends.iter().find(|b| b.ip.is_unspecified() || b.port == 0) {
+            return Err(Error::Invalid(format!("frontend {fe:?}: backend {}:{} has no address or port", b.ip, b.port)));
         }
         let (ordered, count) = slot_order(&backends, policy);
         let old = self.state.get(&fe).cloned();
@@ -679,17 +619,9 @@ impl NodePortDatapath {
             Some(0) => SLOT_HALF,
             _ => 0,
         };
-        let old_members: HashSet<MemberKey> = old
-            .as_ref()
-            .map(|o| {
-                o.backends[..o.count]
-                    .iter()
-                    .map(|b| member_key(id, b))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let new_members: Vec<MemberKey> =
-            ordered[..count].iter().map(|b| member_key(id, b)).collect();
+        let old_members: HashSet<MemberKey> =
+            old.as_ref().map(|o| o.backends[..o.count].iter().map(|b| member_key(id, b)).collect()).unwrap_or_default();
+        let new_members: Vec<MemberKey> = ordered[..count].iter().map(|b| member_key(id, b)).collect();
 
         let mut written = 0;
         let mut added = Vec::new();
@@ -701,14 +633,7 @@ impl NodePortDatapath {
                     flags: if b.local { BE_F_LOCAL } else { 0 },
                     pad: 0,
                 };
-                self.backends.insert(
-                    BeKey {
-                        fe_id: id,
-                        slot: new_base + i as u32,
-                    },
-                    v,
-                    0,
-                )?;
+                self.backends.insert(BeKey { fe_id: id, slot: new_base + i as u32 }, v, 0)?;
                 written += 1;
             }
             for m in &new_members {
@@ -734,10 +659,7 @@ impl NodePortDatapath {
         if let Err(e) = result {
             // The live half and the frontend entry are as before; undo what we added.
             for i in 0..written {
-                let _ = self.backends.remove(&BeKey {
-                    fe_id: id,
-                    slot: new_base + i as u32,
-                });
+                let _ = self.backends.remove(&BeKey { fe_id: id, slot: new_base + i as u32 });
             }
             for m in added {
                 let _ = self.members.remove(&m);
@@ -746,10 +668,7 @@ impl NodePortDatapath {
         }
         if let Some(o) = &old {
             for i in 0..o.backends.len() {
-                ignore_not_found(self.backends.remove(&BeKey {
-                    fe_id: id,
-                    slot: o.slot_base + i as u32,
-                }))?;
+                ignore_not_found(self.backends.remove(&BeKey { fe_id: id, slot: o.slot_base + i as u32 }))?;
             }
             let keep: HashSet<MemberKey> = new_members.iter().copied().collect();
             for m in old_members.difference(&keep) {
@@ -758,16 +677,7 @@ impl NodePortDatapath {
         } else {
             self.next_id += 1;
         }
-        self.state.insert(
-            fe,
-            FrontendState {
-                id,
-                slot_base: new_base,
-                backends: ordered,
-                count,
-                policy,
-            },
-        );
+        self.state.insert(fe, FrontendState { id, slot_base: new_base, backends: ordered, count, policy });
         Ok(())
     }
 
@@ -779,10 +689,7 @@ impl NodePortDatapath {
         // Entry first, so no new connection lands on a half-deleted slot range.
         ignore_not_found(self.frontends.remove(&fe_key_raw(fe)))?;
         for i in 0..s.backends.len() {
-            ignore_not_found(self.backends.remove(&BeKey {
-                fe_id: s.id,
-                slot: s.slot_base + i as u32,
-            }))?;
+            ignore_not_found(self.backends.remove(&BeKey { fe_id: s.id, slot: s.slot_base + i as u32 }))?;
         }
         for b in &s.backends[..s.count] {
             ignore_not_found(self.members.remove(&member_key(s.id, b)))?;
@@ -793,11 +700,7 @@ impl NodePortDatapath {
     /// What is programmed, sorted, for reconciling: each frontend with the backend set
     /// it was given (eligible ones first) and its policy.
     pub fn frontends(&self) -> Vec<(Frontend, Vec<NpBackend>, TrafficPolicy)> {
-        let mut v: Vec<_> = self
-            .state
-            .iter()
-            .map(|(k, s)| (*k, s.backends.clone(), s.policy))
-            .collect();
+        let mut v: Vec<_> = self.state.iter().map(|(k, s)| (*k, s.backends.clone(), s.policy)).collect();
         v.sort_by_key(|(k, _, _)| *k);
         v
     }
@@ -871,18 +774,12 @@ impl NodePortDatapath {
         for name in PROGRAMS {
             let link = PinnedLink::from_pin(self.links_dir().join(name))
                 .map_err(|e| Error::Invalid(format!("link pin {name}: {e}")))?;
-            let prog_id = FdLink::from(link)
-                .info()
-                .map_err(|e| Error::Invalid(format!("link info {name}: {e}")))?
-                .program_id();
+            let prog_id =
+                FdLink::from(link).info().map_err(|e| Error::Invalid(format!("link info {name}: {e}")))?.program_id();
             for info in aya::programs::loaded_programs() {
                 let info = info?;
                 if info.id() == prog_id {
-                    out.push(crate::ProgramStats {
-                        name,
-                        run_count: info.run_count(),
-                        run_time: info.run_time(),
-                    });
+                    out.push(crate::ProgramStats { name, run_count: info.run_count(), run_time: info.run_time() });
                 }
             }
         }
@@ -904,8 +801,7 @@ impl NodePortDatapath {
                 frontend: sock(r.daddr, r.dport),
                 protocol: Protocol::from_number(r.proto),
                 backend: (r.backend_ip != 0).then(|| sock(r.backend_ip, r.backend_port)),
-                snat: (r.flags & FLOW_F_SNAT != 0 && r.snat_port != 0)
-                    .then(|| sock(r.snat_ip, r.snat_port)),
+                snat: (r.flags & FLOW_F_SNAT != 0 && r.snat_port != 0).then(|| sock(r.snat_ip, r.snat_port)),
                 backend_local: r.flags & FLOW_F_LOCAL != 0,
                 verdict: match r.verdict {
                     1 => NpVerdict::Forwarded,
@@ -982,38 +878,22 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
         .try_into()?)
 }
 
-
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn b(last: u8, local: bool) -> NpBackend {
-        NpBackend {
-            ip: Ipv4Addr::new(10, 0, 0, last),
-            port: 80,
-            local,
-        }
+        NpBackend { ip: Ipv4Addr::new(10, 0, 0, last), port: 80, local }
     }
 
     #[test]
     fn local_policy_puts_local_backends_first_and_counts_only_them() {
-        let (o, n) = slot_order(
-            &[b(1, false), b(2, true), b(3, false), b(4, true)],
-            TrafficPolicy::Local,
-        );
+        let (o, n) = slot_order(&[b(1, false), b(2, true), b(3, false), b(4, true)], TrafficPolicy::Local);
         assert_eq!(o, vec![b(2, true), b(4, true), b(1, false), b(3, false)]);
         assert_eq!(n, 2);
-        let (o, n) = slot_order(
-            &[b(1, false), b(2, true), b(1, false)],
-            TrafficPolicy::Cluster,
-        );
+        let (o, n) = slot_order(&[b(1, false), b(2, true), b(1, false)], TrafficPolicy::Cluster);
         assert_eq!(o, vec![b(1, false), b(2, true)]);
         assert_eq!(n, 2);
-        assert_eq!(
-            slot_order(&[b(1, false)], TrafficPolicy::Local),
-            (vec![b(1, false)], 0)
-        );
+        assert_eq!(slot_order(&[b(1, false)], TrafficPolicy::Local), (vec![b(1, false)], 0));
     }
 }

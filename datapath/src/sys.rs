@@ -22,11 +22,7 @@ pub fn mounts() -> io::Result<Vec<Mount>> {
             let source = f.next()?.to_string();
             let target = unescape_mount_path(f.next()?);
             let fstype = f.next()?.to_string();
-            Some(Mount {
-                source,
-                target: PathBuf::from(target),
-                fstype,
-            })
+            Some(Mount { source, target: PathBuf::from(target), fstype })
         })
         .collect())
 }
@@ -37,13 +33,8 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = u32::from(b[i + 1] - b'0') * 64
-                + u32::from(b[i + 2] - b'0') * 8
-                + u32::from(b[i + 3] - b'0');
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
             out.push(v as u8);
             i += 4;
         } else {
@@ -62,12 +53,7 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         .into_iter()
         .find(|m| m.fstype == "cgroup2")
         .map(|m| m.target)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "no cgroup2 mount in /proc/self/mounts",
-            )
-        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/self/mounts"))
 }
 
 /// Makes sure `dir` can hold pins: it must sit on a bpffs. If nothing covers it and it
@@ -91,14 +77,8 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
         ));
     }
     fs::create_dir_all(default)?;
-    nix::mount::mount(
-        Some("bpf"),
-        default,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(io::Error::from)
+    nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(io::Error::from)
 }
 
 /// Removes `dir` and its parents up to (not including) `stop` while they are empty.
@@ -127,22 +107,11 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-    };
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, pad: 0 };
     const BPF_OBJ_GET: libc::c_long = 7;
     // SAFETY: attr lives across the call; the kernel reads at most size_of bytes.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGet,
-            std::mem::size_of::<ObjGet>() as u32,
-        )
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>() as u32)
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -201,7 +170,14 @@ pub fn bpf_link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     const BPF_LINK_DETACH: libc::c_long = 34;
     let attr = LinkDetach { link_fd: link.as_raw_fd() as u32 };
     // SAFETY: attr lives across the call; the kernel reads at most size_of bytes.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &attr as *const LinkDetach, std::mem::size_of::<LinkDetach>() as u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>() as u32,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -44,11 +44,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// `<pid>-<n>`: unique across parallel tests in one binary and across binaries.
 pub fn unique_tag() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn run(cmd: &str, args: &[&str]) -> io::Result<()> {
@@ -71,9 +67,7 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> io::Result<Self> {
         run("ip", &["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_string(),
-        };
+        let ns = Self { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -91,17 +85,7 @@ impl Netns {
 
     /// Sets a per-namespace sysctl (the host's value is untouched).
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        )
+        run("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")])
     }
 
     /// Moves the calling thread (only) into this namespace.
@@ -138,18 +122,14 @@ impl Drop for Cgroup {
         // Probes are waited for, but a panic mid-probe could leave one behind.
         if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         // rmdir fails with EBUSY until the killed processes are reaped by their parent;
         // poll the kernel's own "populated" flag rather than guessing a delay.
         for _ in 0..200 {
-            let populated = fs::read_to_string(self.path.join("cgroup.events"))
-                .map(|s| s.contains("populated 1"))
-                .unwrap_or(false);
+            let populated =
+                fs::read_to_string(self.path.join("cgroup.events")).map(|s| s.contains("populated 1")).unwrap_or(false);
             if !populated {
                 break;
             }
@@ -223,32 +203,14 @@ impl Lab {
                 &backend.name,
             ],
         )?;
-        client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/{SUBNET_PREFIX}"),
-            "dev",
-            "ksc0",
-        ])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/{SUBNET_PREFIX}"), "dev", "ksc0"])?;
         client.ip(&["link", "set", "ksc0", "up"])?;
         for ip in backend_ips {
-            backend.ip(&[
-                "addr",
-                "add",
-                &format!("{ip}/{SUBNET_PREFIX}"),
-                "dev",
-                "ksb0",
-            ])?;
+            backend.ip(&["addr", "add", &format!("{ip}/{SUBNET_PREFIX}"), "dev", "ksb0"])?;
         }
         backend.ip(&["link", "set", "ksb0", "up"])?;
         let cgroup = Cgroup::create(&format!("kubeshift-dptest-{tag}"))?;
-        Ok(Self {
-            tag,
-            servers: Vec::new(),
-            cgroup,
-            client,
-            backend,
-        })
+        Ok(Self { tag, servers: Vec::new(), cgroup, client, backend })
     }
 
     /// A TCP server in the backend netns that greets every connection with `id\n` and
@@ -305,11 +267,7 @@ impl Lab {
             while !stop2.load(Ordering::SeqCst) {
                 let mut fds: Vec<libc::pollfd> = listeners
                     .iter()
-                    .map(|l| libc::pollfd {
-                        fd: l.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    })
+                    .map(|l| libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 })
                     .collect();
                 // The timeout is only a safety net for stop(); shutdown() wakes poll.
                 let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
@@ -328,14 +286,8 @@ impl Lab {
                 }
             }
         });
-        let listeners = rx
-            .recv()
-            .map_err(|_| io::Error::other("server thread died"))??;
-        self.servers.push(Server {
-            sock: ServerSock::Tcp(listeners),
-            stop,
-            thread: Some(thread),
-        });
+        let listeners = rx.recv().map_err(|_| io::Error::other("server thread died"))??;
+        self.servers.push(Server { sock: ServerSock::Tcp(listeners), stop, thread: Some(thread) });
         Ok(())
     }
 
@@ -377,14 +329,8 @@ impl Lab {
                 }
             }
         });
-        let sock = rx
-            .recv()
-            .map_err(|_| io::Error::other("server thread died"))??;
-        self.servers.push(Server {
-            sock: ServerSock::Udp(sock),
-            stop,
-            thread: Some(thread),
-        });
+        let sock = rx.recv().map_err(|_| io::Error::other("server thread died"))??;
+        self.servers.push(Server { sock: ServerSock::Udp(sock), stop, thread: Some(thread) });
         Ok(())
     }
 
@@ -403,9 +349,7 @@ impl Lab {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> io::Result<Vec<String>> {
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(cgroup.join("cgroup.procs"))?;
+        let procs = fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"))?;
         let ns = fs::File::open(self.client.path())?;
         let procs_fd = procs.as_raw_fd();
         let ns_fd = ns.as_raw_fd();
@@ -434,10 +378,7 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect())
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
     }
 }
 
@@ -459,8 +400,5 @@ pub fn sibling_binary(name: &str) -> io::Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{name} next to {}", exe.display()),
-    ))
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("{name} next to {}", exe.display())))
 }

@@ -60,12 +60,9 @@ impl Setup {
         let mut pins = Vec::new();
         let mut dps = Vec::new();
         for n in &lab.nodes {
-            let dir =
-                Path::new("/sys/fs/bpf/kubeshift").join(format!("test-{}-{}", lab.tag, n.name));
+            let dir = Path::new("/sys/fs/bpf/kubeshift").join(format!("test-{}-{}", lab.tag, n.name));
             pins.push(PinGuard(dir.clone()));
-            dps.push(Some(
-                PolicyDatapath::load(&dir).expect("load policy datapath"),
-            ));
+            dps.push(Some(PolicyDatapath::load(&dir).expect("load policy datapath")));
         }
         let mut s = Self { dps, pins, lab };
         s.attach_all();
@@ -85,11 +82,7 @@ impl Setup {
             let node = self.lab.pods[i].node;
             let ns = self.lab.nodes[node].netns.path();
             let ifname = self.lab.pods[i].host_if.clone();
-            self.dps[node]
-                .as_mut()
-                .unwrap()
-                .attach_in_netns(&ns, &ifname)
-                .expect("attach");
+            self.dps[node].as_mut().unwrap().attach_in_netns(&ns, &ifname).expect("attach");
         }
     }
 
@@ -103,9 +96,7 @@ impl Setup {
     /// Probes `cells`; cells expected reachable that were not get retried once.
     fn observe(&self, cells: &[Cell], expected: &[bool]) -> Vec<bool> {
         let mut got = self.lab.probe(cells, TIMEOUT).expect("probe");
-        let retry: Vec<usize> = (0..cells.len())
-            .filter(|&i| expected[i] && !got[i])
-            .collect();
+        let retry: Vec<usize> = (0..cells.len()).filter(|&i| expected[i] && !got[i]).collect();
         if !retry.is_empty() {
             let again: Vec<Cell> = retry.iter().map(|&i| cells[i]).collect();
             let r = self.lab.probe(&again, RETRY_TIMEOUT).expect("probe");
@@ -128,13 +119,7 @@ impl Setup {
 
 /// Upstream-style tables (`.` reachable, `X` blocked) of expected and observed, per
 /// protocol/port that has a difference, and a third table marking the wrong cells.
-fn truth_table_diff(
-    lab: &NetpolLab,
-    name: &str,
-    cells: &[Cell],
-    expected: &[bool],
-    got: &[bool],
-) -> String {
+fn truth_table_diff(lab: &NetpolLab, name: &str, cells: &[Cell], expected: &[bool], got: &[bool]) -> String {
     let mut out = String::new();
     let ids: Vec<String> = lab.pods.iter().map(|p| p.id()).collect();
     for proto in PROTOCOLS {
@@ -187,10 +172,7 @@ fn truth_table_diff(
 
 fn cidr(s: &str) -> Cidr {
     let (a, p) = s.split_once('/').unwrap();
-    Cidr {
-        addr: a.parse().unwrap(),
-        prefix: p.parse().unwrap(),
-    }
+    Cidr { addr: a.parse().unwrap(), prefix: p.parse().unwrap() }
 }
 
 /// Identities for a hand-written `Compiled`: pod k → 100 + k, everything else → 2.
@@ -198,34 +180,14 @@ fn handwritten_base(lab: &NetpolLab) -> Compiled {
     let mut c = Compiled::default();
     c.ipcache.push((cidr("0.0.0.0/0"), 2));
     for (k, p) in lab.pods.iter().enumerate() {
-        c.ipcache.push((
-            Cidr {
-                addr: p.ip,
-                prefix: 32,
-            },
-            100 + k as u32,
-        ));
+        c.ipcache.push((Cidr { addr: p.ip, prefix: 32 }, 100 + k as u32));
     }
     c.ipcache.sort();
     c
 }
 
-fn entry(
-    local: u32,
-    peer: u32,
-    direction: Direction,
-    protocol: Option<Protocol>,
-    port: u16,
-    bits: u8,
-) -> PolicyEntry {
-    PolicyEntry {
-        local,
-        peer,
-        direction,
-        protocol,
-        port,
-        port_wildcard_bits: bits,
-    }
+fn entry(local: u32, peer: u32, direction: Direction, protocol: Option<Protocol>, port: u16, bits: u8) -> PolicyEntry {
+    PolicyEntry { local, peer, direction, protocol, port, port_wildcard_bits: bits }
 }
 
 /// The datapath alone, with a `Compiled` written by hand (no compiler involved): x/a only
@@ -241,44 +203,17 @@ fn handwritten_compiled_is_enforced() {
     let zc = s.lab.pod_index("z/c");
     let mut c = handwritten_base(&s.lab);
     let id = |k: usize| 100 + k as u32;
-    c.isolation.insert(
-        id(xa),
-        Isolation {
-            ingress: true,
-            egress: false,
-        },
-    );
-    c.isolation.insert(
-        id(yb),
-        Isolation {
-            ingress: false,
-            egress: true,
-        },
-    );
-    c.entries.push(entry(
-        id(xa),
-        id(zc),
-        Direction::Ingress,
-        Some(Protocol::Tcp),
-        80,
-        0,
-    ));
-    c.entries.push(entry(
-        id(yb),
-        ANY_PEER,
-        Direction::Egress,
-        Some(Protocol::Udp),
-        0,
-        16,
-    ));
+    c.isolation.insert(id(xa), Isolation { ingress: true, egress: false });
+    c.isolation.insert(id(yb), Isolation { ingress: false, egress: true });
+    c.entries.push(entry(id(xa), id(zc), Direction::Ingress, Some(Protocol::Tcp), 80, 0));
+    c.entries.push(entry(id(yb), ANY_PEER, Direction::Egress, Some(Protocol::Udp), 0, 16));
     c.entries.sort();
     s.apply(&[c.clone(), c]);
     let report = s.check("handwritten", &|cell| {
         if cell.from == cell.to {
             return true; // loopback inside the pod, never crosses the veth
         }
-        let to_xa_ok =
-            cell.to != xa || (cell.from == zc && cell.protocol == Protocol::Tcp && cell.port == 80);
+        let to_xa_ok = cell.to != xa || (cell.from == zc && cell.protocol == Protocol::Tcp && cell.port == 80);
         let from_yb_ok = cell.from != yb || cell.protocol == Protocol::Udp;
         to_xa_ok && from_yb_ok
     });
@@ -290,17 +225,11 @@ fn handwritten_compiled_is_enforced() {
 // ---------------------------------------------------------------------------------------
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector {
-        match_labels: labels(pairs),
-        match_expressions: vec![],
-    }
+    LabelSelector { match_labels: labels(pairs), match_expressions: vec![] }
 }
 
 fn expr(key: &str, operator: SelectorOp, values: &[&str]) -> LabelSelector {
@@ -319,49 +248,27 @@ fn all() -> LabelSelector {
 }
 
 fn pods(pod: Option<LabelSelector>, ns: Option<LabelSelector>) -> Peer {
-    Peer::Pods {
-        pod_selector: pod,
-        namespace_selector: ns,
-    }
+    Peer::Pods { pod_selector: pod, namespace_selector: ns }
 }
 
 fn block(c: &str, except: &[&str]) -> Peer {
-    Peer::IpBlock(IpBlock {
-        cidr: cidr(c),
-        except: except.iter().map(|e| cidr(e)).collect(),
-    })
+    Peer::IpBlock(IpBlock { cidr: cidr(c), except: except.iter().map(|e| cidr(e)).collect() })
 }
 
 fn port(protocol: Protocol, n: u16) -> PortRule {
-    PortRule {
-        protocol,
-        port: Some(PortRef::Number(n)),
-        end_port: None,
-    }
+    PortRule { protocol, port: Some(PortRef::Number(n)), end_port: None }
 }
 
 fn named(protocol: Protocol, name: &str) -> PortRule {
-    PortRule {
-        protocol,
-        port: Some(PortRef::Name(name.into())),
-        end_port: None,
-    }
+    PortRule { protocol, port: Some(PortRef::Name(name.into())), end_port: None }
 }
 
 fn range(protocol: Protocol, from: u16, to: u16) -> PortRule {
-    PortRule {
-        protocol,
-        port: Some(PortRef::Number(from)),
-        end_port: Some(to),
-    }
+    PortRule { protocol, port: Some(PortRef::Number(from)), end_port: Some(to) }
 }
 
 fn every_port(protocol: Protocol) -> PortRule {
-    PortRule {
-        protocol,
-        port: None,
-        end_port: None,
-    }
+    PortRule { protocol, port: None, end_port: None }
 }
 
 fn rule(ports: Vec<PortRule>, peers: Vec<Peer>) -> Rule {
@@ -414,11 +321,7 @@ fn base_input(lab: &NetpolLab) -> PolicyInput {
             let mut named_ports = Vec::new();
             for port in PORTS {
                 for (proto, pname) in [(Tcp, "tcp"), (Udp, "udp")] {
-                    named_ports.push(NamedPort {
-                        name: format!("serve-{port}-{pname}"),
-                        protocol: proto,
-                        port,
-                    });
+                    named_ports.push(NamedPort { name: format!("serve-{port}-{pname}"), protocol: proto, port });
                 }
             }
             PodInfo {
@@ -431,12 +334,7 @@ fn base_input(lab: &NetpolLab) -> PolicyInput {
             }
         })
         .collect();
-    PolicyInput {
-        namespaces,
-        pods,
-        policies: vec![],
-        host_ips: vec![],
-    }
+    PolicyInput { namespaces, pods, policies: vec![], host_ips: vec![] }
 }
 
 struct Case {
@@ -447,11 +345,7 @@ struct Case {
 }
 
 fn case(name: &'static str, policies: Vec<NetworkPolicy>) -> Case {
-    Case {
-        name,
-        policies,
-        relabel: vec![],
-    }
+    Case { name, policies, relabel: vec![] }
 }
 
 /// Node-1 pods are 10.244.1.0/24 (x/a x/c y/b z/a z/c), node-2 pods 10.244.2.0/24
@@ -462,35 +356,15 @@ fn cases() -> Vec<Case> {
     vec![
         case("no policy: everything reachable", vec![]),
         case("default deny ingress in x", vec![deny_in("x", all())]),
-        case(
-            "default deny egress in x",
-            vec![policy("x", "deny-eg", all(), EG, vec![], vec![])],
-        ),
-        case(
-            "default deny both directions in y",
-            vec![policy("y", "deny-all", all(), BOTH, vec![], vec![])],
-        ),
+        case("default deny egress in x", vec![policy("x", "deny-eg", all(), EG, vec![], vec![])]),
+        case("default deny both directions in y", vec![policy("y", "deny-all", all(), BOTH, vec![], vec![])]),
         case(
             "allow all ingress in x (empty rule)",
-            vec![policy(
-                "x",
-                "allow-all",
-                all(),
-                IN,
-                vec![rule(vec![], vec![])],
-                vec![],
-            )],
+            vec![policy("x", "allow-all", all(), IN, vec![rule(vec![], vec![])], vec![])],
         ),
         case(
             "allow all egress in x (empty rule)",
-            vec![policy(
-                "x",
-                "allow-all-eg",
-                all(),
-                EG,
-                vec![],
-                vec![rule(vec![], vec![])],
-            )],
+            vec![policy("x", "allow-all-eg", all(), EG, vec![], vec![rule(vec![], vec![])])],
         ),
         case(
             "podSelector matchLabels: x/a from x pods with pod=b",
@@ -510,10 +384,7 @@ fn cases() -> Vec<Case> {
                 "in",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(Some(expr("pod", SelectorOp::In, &["b", "c"])), None)],
-                )],
+                vec![rule(vec![], vec![pods(Some(expr("pod", SelectorOp::In, &["b", "c"])), None)])],
                 vec![],
             )],
         ),
@@ -524,13 +395,7 @@ fn cases() -> Vec<Case> {
                 "notin",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(
-                        Some(expr("pod", SelectorOp::NotIn, &["b"])),
-                        Some(all()),
-                    )],
-                )],
+                vec![rule(vec![], vec![pods(Some(expr("pod", SelectorOp::NotIn, &["b"])), Some(all()))])],
                 vec![],
             )],
         ),
@@ -541,13 +406,7 @@ fn cases() -> Vec<Case> {
                 "exists",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(
-                        Some(expr("tier", SelectorOp::Exists, &[])),
-                        Some(all()),
-                    )],
-                )],
+                vec![rule(vec![], vec![pods(Some(expr("tier", SelectorOp::Exists, &[])), Some(all()))])],
                 vec![],
             )],
         ),
@@ -580,10 +439,7 @@ fn cases() -> Vec<Case> {
                 "from-not-xy",
                 all(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(None, Some(expr("ns", SelectorOp::NotIn, &["x", "y"])))],
-                )],
+                vec![rule(vec![], vec![pods(None, Some(expr("ns", SelectorOp::NotIn, &["x", "y"])))])],
                 vec![],
             )],
         ),
@@ -594,10 +450,7 @@ fn cases() -> Vec<Case> {
                 "and",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))],
-                )],
+                vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))])],
                 vec![],
             )],
         ),
@@ -608,26 +461,13 @@ fn cases() -> Vec<Case> {
                 "or",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![
-                        pods(Some(sel(&[("pod", "b")])), None),
-                        pods(None, Some(sel(&[("ns", "y")]))),
-                    ],
-                )],
+                vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), None), pods(None, Some(sel(&[("ns", "y")])))])],
                 vec![],
             )],
         ),
         case(
             "empty from with a port: x/a from anyone on TCP 80",
-            vec![policy(
-                "x",
-                "port80",
-                pa(),
-                IN,
-                vec![rule(vec![port(Tcp, 80)], vec![])],
-                vec![],
-            )],
+            vec![policy("x", "port80", pa(), IN, vec![rule(vec![port(Tcp, 80)], vec![])], vec![])],
         ),
         case(
             "empty namespaceSelector: x/a from b pods of every namespace",
@@ -636,17 +476,11 @@ fn cases() -> Vec<Case> {
                 "b-anywhere",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![pods(Some(sel(&[("pod", "b")])), Some(all()))],
-                )],
+                vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), Some(all()))])],
                 vec![],
             )],
         ),
-        case(
-            "policy in another namespace does not apply: y denies pod=a",
-            vec![deny_in("y", pa())],
-        ),
+        case("policy in another namespace does not apply: y denies pod=a", vec![deny_in("y", pa())]),
         case(
             "ipBlock with except: x/a from 10.244.0.0/16 except node-1's /24",
             vec![policy(
@@ -654,10 +488,7 @@ fn cases() -> Vec<Case> {
                 "ipblock",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![block("10.244.0.0/16", &["10.244.1.0/24"])],
-                )],
+                vec![rule(vec![], vec![block("10.244.0.0/16", &["10.244.1.0/24"])])],
                 vec![],
             )],
         ),
@@ -668,10 +499,7 @@ fn cases() -> Vec<Case> {
                 "ipblock-pod",
                 all(),
                 IN,
-                vec![rule(
-                    vec![],
-                    vec![block("10.244.2.0/24", &["10.244.2.17/32"])],
-                )],
+                vec![rule(vec![], vec![block("10.244.2.0/24", &["10.244.2.17/32"])])],
                 vec![],
             )],
         ),
@@ -683,22 +511,12 @@ fn cases() -> Vec<Case> {
                 sel(&[("pod", "b")]),
                 EG,
                 vec![],
-                vec![rule(
-                    vec![every_port(Udp)],
-                    vec![block("10.244.2.0/24", &[])],
-                )],
+                vec![rule(vec![every_port(Udp)], vec![block("10.244.2.0/24", &[])])],
             )],
         ),
         case(
             "port by number: x from anyone on TCP 81 only",
-            vec![policy(
-                "x",
-                "tcp81",
-                all(),
-                IN,
-                vec![rule(vec![port(Tcp, 81)], vec![])],
-                vec![],
-            )],
+            vec![policy("x", "tcp81", all(), IN, vec![rule(vec![port(Tcp, 81)], vec![])], vec![])],
         ),
         case(
             "port by name: x/a serve-80-tcp from namespace z",
@@ -707,10 +525,7 @@ fn cases() -> Vec<Case> {
                 "named",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![named(Tcp, "serve-80-tcp")],
-                    vec![pods(None, Some(sel(&[("ns", "z")])))],
-                )],
+                vec![rule(vec![named(Tcp, "serve-80-tcp")], vec![pods(None, Some(sel(&[("ns", "z")])))])],
                 vec![],
             )],
         ),
@@ -721,10 +536,7 @@ fn cases() -> Vec<Case> {
                 "named-udp",
                 all(),
                 IN,
-                vec![rule(
-                    vec![named(Udp, "serve-81-udp"), named(Tcp, "serve-80-udp")],
-                    vec![],
-                )],
+                vec![rule(vec![named(Udp, "serve-81-udp"), named(Tcp, "serve-80-udp")], vec![])],
                 vec![],
             )],
         ),
@@ -736,10 +548,7 @@ fn cases() -> Vec<Case> {
                 all(),
                 EG,
                 vec![],
-                vec![rule(
-                    vec![named(Tcp, "serve-81-tcp")],
-                    vec![pods(Some(all()), Some(all()))],
-                )],
+                vec![rule(vec![named(Tcp, "serve-81-tcp")], vec![pods(Some(all()), Some(all()))])],
             )],
         ),
         case(
@@ -766,25 +575,11 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "UDP only, every port: z ingress",
-            vec![policy(
-                "z",
-                "udp",
-                all(),
-                IN,
-                vec![rule(vec![every_port(Udp)], vec![])],
-                vec![],
-            )],
+            vec![policy("z", "udp", all(), IN, vec![rule(vec![every_port(Udp)], vec![])], vec![])],
         ),
         case(
             "TCP only, every port: z egress",
-            vec![policy(
-                "z",
-                "tcp",
-                all(),
-                EG,
-                vec![],
-                vec![rule(vec![every_port(Tcp)], vec![])],
-            )],
+            vec![policy("z", "tcp", all(), EG, vec![], vec![rule(vec![every_port(Tcp)], vec![])])],
         ),
         case(
             "ingress and egress together: x/a from y, to z on port 80",
@@ -794,10 +589,7 @@ fn cases() -> Vec<Case> {
                 pa(),
                 BOTH,
                 vec![rule(vec![], vec![pods(None, Some(sel(&[("ns", "y")])))])],
-                vec![rule(
-                    vec![port(Tcp, 80), port(Udp, 80)],
-                    vec![pods(None, Some(sel(&[("ns", "z")])))],
-                )],
+                vec![rule(vec![port(Tcp, 80), port(Udp, 80)], vec![pods(None, Some(sel(&[("ns", "z")])))])],
             )],
         ),
         case(
@@ -807,10 +599,7 @@ fn cases() -> Vec<Case> {
                 "egress-only",
                 pa(),
                 EG,
-                vec![rule(
-                    vec![port(Tcp, 80)],
-                    vec![pods(Some(sel(&[("pod", "b")])), None)],
-                )],
+                vec![rule(vec![port(Tcp, 80)], vec![pods(Some(sel(&[("pod", "b")])), None)])],
                 vec![rule(vec![], vec![pods(None, Some(sel(&[("ns", "y")])))])],
             )],
         ),
@@ -822,10 +611,7 @@ fn cases() -> Vec<Case> {
                     "p1",
                     pa(),
                     IN,
-                    vec![rule(
-                        vec![port(Tcp, 80)],
-                        vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))],
-                    )],
+                    vec![rule(vec![port(Tcp, 80)], vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))])],
                     vec![],
                 ),
                 policy(
@@ -833,10 +619,7 @@ fn cases() -> Vec<Case> {
                     "p2",
                     pa(),
                     IN,
-                    vec![rule(
-                        vec![port(Udp, 81)],
-                        vec![pods(Some(sel(&[("pod", "c")])), Some(sel(&[("ns", "z")])))],
-                    )],
+                    vec![rule(vec![port(Udp, 81)], vec![pods(Some(sel(&[("pod", "c")])), Some(sel(&[("ns", "z")])))])],
                     vec![],
                 ),
             ],
@@ -850,10 +633,7 @@ fn cases() -> Vec<Case> {
                     "allow-zb",
                     pa(),
                     IN,
-                    vec![rule(
-                        vec![],
-                        vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "z")])))],
-                    )],
+                    vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "z")])))])],
                     vec![],
                 ),
             ],
@@ -865,10 +645,7 @@ fn cases() -> Vec<Case> {
                 "changing",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![port(Tcp, 80), port(Udp, 80)],
-                    vec![pods(None, Some(sel(&[("ns", "y")])))],
-                )],
+                vec![rule(vec![port(Tcp, 80), port(Udp, 80)], vec![pods(None, Some(sel(&[("ns", "y")])))])],
                 vec![],
             )],
         ),
@@ -879,10 +656,7 @@ fn cases() -> Vec<Case> {
                 "changing",
                 pa(),
                 IN,
-                vec![rule(
-                    vec![port(Tcp, 81), port(Udp, 81)],
-                    vec![pods(None, Some(sel(&[("ns", "z")])))],
-                )],
+                vec![rule(vec![port(Tcp, 81), port(Udp, 81)], vec![pods(None, Some(sel(&[("ns", "z")])))])],
                 vec![],
             )],
         ),
@@ -909,10 +683,7 @@ fn cases() -> Vec<Case> {
             )],
             relabel: vec![("x/a", "pod", Some("b"))],
         },
-        case(
-            "one-way allow: x/a -> y/b only; replies must pass",
-            one_way(),
-        ),
+        case("one-way allow: x/a -> y/b only; replies must pass", one_way()),
     ]
 }
 
@@ -925,20 +696,14 @@ fn one_way() -> Vec<NetworkPolicy> {
             sel(&[("pod", "a")]),
             BOTH,
             vec![],
-            vec![rule(
-                vec![],
-                vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))],
-            )],
+            vec![rule(vec![], vec![pods(Some(sel(&[("pod", "b")])), Some(sel(&[("ns", "y")])))])],
         ),
         policy(
             "y",
             "b-in",
             sel(&[("pod", "b")]),
             IN,
-            vec![rule(
-                vec![],
-                vec![pods(Some(sel(&[("pod", "a")])), Some(sel(&[("ns", "x")])))],
-            )],
+            vec![rule(vec![], vec![pods(Some(sel(&[("pod", "a")])), Some(sel(&[("ns", "x")])))])],
             vec![],
         ),
     ]
@@ -949,11 +714,7 @@ fn input_for(lab: &NetpolLab, c: &Case) -> PolicyInput {
     input.policies = c.policies.clone();
     for (id, key, value) in &c.relabel {
         let (ns, name) = id.split_once('/').unwrap();
-        let p = input
-            .pods
-            .iter_mut()
-            .find(|p| p.namespace == ns && p.name == name)
-            .unwrap();
+        let p = input.pods.iter_mut().find(|p| p.namespace == ns && p.name == name).unwrap();
         match value {
             Some(v) => p.labels.insert(key.to_string(), v.to_string()),
             None => p.labels.remove(*key),
@@ -964,11 +725,7 @@ fn input_for(lab: &NetpolLab, c: &Case) -> PolicyInput {
 
 /// One `Compiled` per node, each from that node's compiler (stable identities across
 /// cases, like a running agent) with the node's own address as host IP.
-fn compile_nodes(
-    lab: &NetpolLab,
-    compilers: &mut [Compiler],
-    input: &PolicyInput,
-) -> Vec<Compiled> {
+fn compile_nodes(lab: &NetpolLab, compilers: &mut [Compiler], input: &PolicyInput) -> Vec<Compiled> {
     lab.nodes
         .iter()
         .zip(compilers.iter_mut())
@@ -983,13 +740,7 @@ fn compile_nodes(
 /// What Kubernetes says, from the oracle (which, like every CNI, allows a pod's traffic
 /// to its own address: it stays on the pod's loopback).
 fn expected(lab: &NetpolLab, input: &PolicyInput, c: &Cell) -> bool {
-    oracle::allowed(
-        input,
-        lab.pods[c.from].ip,
-        lab.pods[c.to].ip,
-        c.protocol,
-        c.port,
-    )
+    oracle::allowed(input, lab.pods[c.from].ip, lab.pods[c.to].ip, c.protocol, c.port)
 }
 
 /// The upstream-style matrix: every case applied over the previous one (so every case
@@ -1013,12 +764,7 @@ fn netpol_matrix() {
         let lab = &s.lab;
         let report = s.check(c.name, &|cell| expected(lab, &input, cell));
         probes += 324;
-        eprintln!(
-            "{:>5} ms  {}{}",
-            t.elapsed().as_millis(),
-            c.name,
-            if report.is_empty() { "" } else { "  MISMATCH" }
-        );
+        eprintln!("{:>5} ms  {}{}", t.elapsed().as_millis(), c.name, if report.is_empty() { "" } else { "  MISMATCH" });
         failures += &report;
     }
     // The reply case, spelled out: the connection from x/a works in full (TCP greeting
@@ -1028,21 +774,10 @@ fn netpol_matrix() {
     let yb = s.lab.pod_index("y/b");
     let cells: Vec<Cell> = [Tcp, Udp]
         .iter()
-        .flat_map(|&protocol| {
-            [(xa, yb), (yb, xa)].map(|(from, to)| Cell {
-                from,
-                to,
-                protocol,
-                port: 80,
-            })
-        })
+        .flat_map(|&protocol| [(xa, yb), (yb, xa)].map(|(from, to)| Cell { from, to, protocol, port: 80 }))
         .collect();
     let got = s.observe(&cells, &[true, false, true, false]);
-    assert_eq!(
-        got,
-        vec![true, false, true, false],
-        "one-way allow {cells:?}"
-    );
+    assert_eq!(got, vec![true, false, true, false], "one-way allow {cells:?}");
     eprintln!(
         "{} cases, {probes} probes, lab setup {} ms, total {} ms",
         cases.len(),
@@ -1053,11 +788,7 @@ fn netpol_matrix() {
 }
 
 /// Entries as the loader stores them: "every protocol" has no port.
-type Programmed = (
-    Vec<(Cidr, Identity)>,
-    BTreeMap<Identity, Isolation>,
-    Vec<PolicyEntry>,
-);
+type Programmed = (Vec<(Cidr, Identity)>, BTreeMap<Identity, Isolation>, Vec<PolicyEntry>);
 
 fn normalized(c: &Compiled) -> Programmed {
     let mut entries: Vec<PolicyEntry> = c
@@ -1086,10 +817,7 @@ fn loader_restart_keeps_verdicts_and_converges() {
     let mut s = Setup::new();
     let mut compilers = vec![Compiler::new(), Compiler::new()];
     let cases = cases();
-    let first = cases
-        .iter()
-        .find(|c| c.name.starts_with("pod AND namespace"))
-        .unwrap();
+    let first = cases.iter().find(|c| c.name.starts_with("pod AND namespace")).unwrap();
     let input = input_for(&s.lab, first);
     let compiled = compile_nodes(&s.lab, &mut compilers, &input);
     s.apply(&compiled);
@@ -1119,19 +847,12 @@ fn loader_restart_keeps_verdicts_and_converges() {
         let node = s.lab.pods[i].node;
         let ns = s.lab.nodes[node].netns.path();
         let ifname = s.lab.pods[i].host_if.clone();
-        assert_eq!(
-            s.dp(node).attach_in_netns(&ns, &ifname).unwrap(),
-            0,
-            "{ifname}"
-        );
+        assert_eq!(s.dp(node).attach_in_netns(&ns, &ifname).unwrap(), 0, "{ifname}");
     }
 
     // A restarted agent's compiler hands out new numbers above what the maps hold, so
     // every old identity's entries are stale and must go.
-    let changed = cases
-        .iter()
-        .find(|c| c.name.starts_with("egress ipBlock"))
-        .unwrap();
+    let changed = cases.iter().find(|c| c.name.starts_with("egress ipBlock")).unwrap();
     let input2 = input_for(&s.lab, changed);
     let mut fresh: Vec<Compiler> = (0..2)
         .map(|n| {
@@ -1148,22 +869,14 @@ fn loader_restart_keeps_verdicts_and_converges() {
         // Both cases police only node-1 pods (x/a, y/b), so only node-1 held entries of
         // the old identities; node-2 only gets its ipcache renumbered.
         if node == 0 {
-            assert!(
-                st.policy_removed > 0 && st.isolation_removed > 0,
-                "node-1: nothing stale removed: {st:?}"
-            );
+            assert!(st.policy_removed > 0 && st.isolation_removed > 0, "node-1: nothing stale removed: {st:?}");
         }
-        assert_eq!(
-            normalized(&s.dps[node].as_ref().unwrap().programmed()),
-            normalized(want)
-        );
+        assert_eq!(normalized(&s.dps[node].as_ref().unwrap().programmed()), normalized(want));
         // Re-applying the same input writes nothing.
         assert_eq!(s.dp(node).apply(want).unwrap().changes(), 0);
     }
     let lab = &s.lab;
-    let r = s.check("after restart with a changed input", &|c| {
-        expected(lab, &input2, c)
-    });
+    let r = s.check("after restart with a changed input", &|c| expected(lab, &input2, c));
     assert!(r.is_empty(), "{r}");
     // And the kernel's maps really hold only that: a third loader reads the same back.
     for (node, want) in compiled2.iter().enumerate() {
@@ -1178,11 +891,7 @@ fn identity_of(c: &Compiled, ip: Ipv4Addr) -> Identity {
     c.ipcache
         .iter()
         .filter(|(cidr, _)| {
-            let m = if cidr.prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(cidr.prefix))
-            };
+            let m = if cidr.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(cidr.prefix)) };
             u32::from(ip) & m == u32::from(cidr.addr)
         })
         .max_by_key(|(cidr, _)| cidr.prefix)
@@ -1213,29 +922,16 @@ fn flow_events_report_drops_and_new_connections() {
     for dp in s.dps.iter_mut().flatten() {
         dp.read_flows();
     }
-    let cell = |from, to, protocol| Cell {
-        from,
-        to,
-        protocol,
-        port: 80,
-    };
-    let got = s
-        .lab
-        .probe(
-            &[cell(yb, xa, Tcp), cell(xb, za, Udp), cell(za, ya, Tcp)],
-            TIMEOUT,
-        )
-        .unwrap();
+    let cell = |from, to, protocol| Cell { from, to, protocol, port: 80 };
+    let got = s.lab.probe(&[cell(yb, xa, Tcp), cell(xb, za, Udp), cell(za, ya, Tcp)], TIMEOUT).unwrap();
     assert_eq!(got, vec![false, false, true]);
 
     let n1 = s.dp(0).read_flows();
     let n2 = s.dp(1).read_flows();
     let ip = |k: usize| s.lab.pods[k].ip;
     // y/b -> x/a TCP 80, dropped at x/a's ingress on node-1 (the SYN and its retries).
-    let drop_in: Vec<_> = n1
-        .iter()
-        .filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Dropped)
-        .collect();
+    let drop_in: Vec<_> =
+        n1.iter().filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Dropped).collect();
     assert!(!drop_in.is_empty(), "no drop event on node-1: {n1:#?}");
     for e in &drop_in {
         assert_eq!(e.drop_reason, Some(DropReason::PolicyDeniedIngress));
@@ -1249,18 +945,13 @@ fn flow_events_report_drops_and_new_connections() {
         assert_ne!(e.ifindex, 0);
     }
     // The sender's egress check on node-1 let it out: one New event, not one per packet.
-    let out: Vec<_> = n1
-        .iter()
-        .filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Forwarded)
-        .collect();
+    let out: Vec<_> =
+        n1.iter().filter(|e| e.src == ip(yb) && e.dst == ip(xa) && e.verdict == PolicyVerdict::Forwarded).collect();
     assert_eq!(out.len(), 1, "{out:#?}");
     assert_eq!(out[0].direction, Some(Direction::Egress));
 
     // x/b -> z/a UDP 80, dropped at x/b's egress on node-2.
-    let drop_eg: Vec<_> = n2
-        .iter()
-        .filter(|e| e.src == ip(xb) && e.dst == ip(za))
-        .collect();
+    let drop_eg: Vec<_> = n2.iter().filter(|e| e.src == ip(xb) && e.dst == ip(za)).collect();
     assert_eq!(drop_eg.len(), 1, "{n2:#?}");
     let e = drop_eg[0];
     assert_eq!(e.verdict, PolicyVerdict::Dropped);
@@ -1275,19 +966,13 @@ fn flow_events_report_drops_and_new_connections() {
     let fwd = |evs: &[kubeshift_datapath::policy::loader::PolicyFlowEvent], dir| {
         evs.iter()
             .filter(|e| {
-                e.src == ip(za)
-                    && e.dst == ip(ya)
-                    && e.verdict == PolicyVerdict::Forwarded
-                    && e.direction == Some(dir)
+                e.src == ip(za) && e.dst == ip(ya) && e.verdict == PolicyVerdict::Forwarded && e.direction == Some(dir)
             })
             .count()
     };
     assert_eq!(fwd(&n1, Direction::Egress), 1, "{n1:#?}");
     assert_eq!(fwd(&n2, Direction::Ingress), 1, "{n2:#?}");
-    assert!(
-        !n1.iter().chain(&n2).any(|e| e.src == ip(ya)),
-        "replies must not be reported"
-    );
+    assert!(!n1.iter().chain(&n2).any(|e| e.src == ip(ya)), "replies must not be reported");
 
     // Off: the same drop reports nothing.
     s.dp(0).set_flow_events(false).unwrap();
@@ -1309,45 +994,22 @@ fn detach_and_unpin_leave_nothing() {
     s.apply(&compiled);
     let xa = s.lab.pod_index("x/a");
     let yb = s.lab.pod_index("y/b");
-    let cell = Cell {
-        from: yb,
-        to: xa,
-        protocol: Tcp,
-        port: 80,
-    };
+    let cell = Cell { from: yb, to: xa, protocol: Tcp, port: 80 };
     assert_eq!(s.lab.probe(&[cell], TIMEOUT).unwrap(), vec![false]);
-    assert_eq!(
-        s.dp(0).interfaces().unwrap().len(),
-        5,
-        "node-1 has 5 pods attached"
-    );
+    assert_eq!(s.dp(0).interfaces().unwrap().len(), 5, "node-1 has 5 pods attached");
     let ifname = s.lab.pods[xa].host_if.clone();
     assert_eq!(s.dp(0).detach(&ifname).unwrap(), 2);
     assert!(!s.dp(0).interfaces().unwrap().contains(&ifname));
     // One UDP datagram, no retransmission: the program must be gone when detach returns.
-    let udp = Cell {
-        protocol: Udp,
-        ..cell
-    };
-    assert_eq!(
-        s.lab.probe(&[udp], RETRY_TIMEOUT).unwrap(),
-        vec![true],
-        "detached x/a still enforced"
-    );
+    let udp = Cell { protocol: Udp, ..cell };
+    assert_eq!(s.lab.probe(&[udp], RETRY_TIMEOUT).unwrap(), vec![true], "detached x/a still enforced");
 
     for node in 0..2 {
         let dp = s.dps[node].take().unwrap();
         dp.detach_and_unpin().unwrap();
         assert!(!s.pin_dir(node).exists(), "pin dir left behind");
         let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &s.lab.nodes[node].netns.name,
-                "bpftool",
-                "net",
-                "show",
-            ])
+            .args(["netns", "exec", &s.lab.nodes[node].netns.name, "bpftool", "net", "show"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -1356,12 +1018,7 @@ fn detach_and_unpin_leave_nothing() {
     }
     // Nothing enforces any more: x/b (still in x, denied before) is reachable.
     let xb = s.lab.pod_index("x/b");
-    let c2 = Cell {
-        from: yb,
-        to: xb,
-        protocol: Udp,
-        port: 81,
-    };
+    let c2 = Cell { from: yb, to: xb, protocol: Udp, port: 81 };
     assert_eq!(s.lab.probe(&[c2], RETRY_TIMEOUT).unwrap(), vec![true]);
 }
 
@@ -1385,10 +1042,7 @@ fn panic_midway_cleans_up() {
         panic!("on purpose");
     }));
     assert!(r.is_err());
-    let list = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     for n in &names {
         assert!(!list.contains(n.as_str()), "netns {n} left behind");
@@ -1425,32 +1079,17 @@ fn fragmented_udp_follows_its_first_fragment() {
     let mut s = Setup::new();
     let mut compilers = vec![Compiler::new(), Compiler::new()];
     let mut input = base_input(&s.lab);
-    input.policies = vec![policy(
-        "x",
-        "udp80",
-        sel(&[("pod", "a")]),
-        IN,
-        vec![rule(vec![port(Udp, 80)], vec![])],
-        vec![],
-    )];
+    input.policies =
+        vec![policy("x", "udp80", sel(&[("pod", "a")]), IN, vec![rule(vec![port(Udp, 80)], vec![])], vec![])];
     let compiled = compile_nodes(&s.lab, &mut compilers, &input);
     s.apply(&compiled);
     let xa = s.lab.pod_index("x/a"); // node-1
     let yb = s.lab.pod_index("y/b"); // node-1
     let ya = s.lab.pod_index("y/a"); // node-2
     for from in [yb, ya] {
-        assert!(
-            udp_roundtrip(&s.lab, from, xa, 80, 4000),
-            "fragmented, allowed port"
-        );
-        assert!(
-            udp_roundtrip(&s.lab, from, xa, 80, 100),
-            "small, allowed port"
-        );
-        assert!(
-            !udp_roundtrip(&s.lab, from, xa, 81, 4000),
-            "fragmented, denied port"
-        );
+        assert!(udp_roundtrip(&s.lab, from, xa, 80, 4000), "fragmented, allowed port");
+        assert!(udp_roundtrip(&s.lab, from, xa, 80, 100), "small, allowed port");
+        assert!(!udp_roundtrip(&s.lab, from, xa, 81, 4000), "fragmented, denied port");
     }
 }
 
@@ -1504,10 +1143,7 @@ fn established_flow_follows_policy_change() {
 }
 
 fn ip_output(args: &[&str]) -> String {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("ip").args(args).output().unwrap();
     assert!(out.status.success(), "ip {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -1545,12 +1181,7 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
         if line.contains("tentative") {
             return None;
         }
-        line.split_whitespace()
-            .nth(1)?
-            .split('/')
-            .next()?
-            .parse()
-            .ok()
+        line.split_whitespace().nth(1)?.split('/').next()?.parse().ok()
     })
     .expect("pod link-local address");
     // The node sends from its own link-local address on the veth, usable (not
@@ -1565,16 +1196,11 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
 
     let node_path = s.lab.nodes[0].netns.path();
     let pod_path = s.lab.pods[xa].netns.path();
-    assert!(
-        !v6_delivered(&node_path, &pod_path, &host_if, ll, TIMEOUT),
-        "IPv6 datagram reached the pod"
-    );
+    assert!(!v6_delivered(&node_path, &pod_path, &host_if, ll, TIMEOUT), "IPv6 datagram reached the pod");
     // NS out through the pod's ingress program, NA back through its egress program.
     let neigh = await_some(Duration::from_secs(3), || {
         let out = ip_output(&["-n", &node_ns, "-6", "neigh", "show", "dev", &host_if]);
-        out.lines()
-            .find(|l| l.starts_with(&ll.to_string()) && l.contains("lladdr"))
-            .map(str::to_string)
+        out.lines().find(|l| l.starts_with(&ll.to_string()) && l.contains("lladdr")).map(str::to_string)
     });
     assert!(neigh.is_some(), "neighbour discovery did not complete");
     // The datagram itself, sent once the neighbour resolved, is dropped.
@@ -1582,10 +1208,7 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
     let dropped = await_some(Duration::from_secs(3), || {
         seen.extend(s.dp(0).read_flows());
         seen.iter()
-            .find(|e| {
-                e.drop_reason == Some(DropReason::UnsupportedL3)
-                    && e.direction == Some(Direction::Ingress)
-            })
+            .find(|e| e.drop_reason == Some(DropReason::UnsupportedL3) && e.direction == Some(Direction::Ingress))
             .cloned()
     });
     let e = dropped.unwrap_or_else(|| panic!("no unsupported-L3 drop: {seen:#?}"));
@@ -1601,13 +1224,7 @@ fn ipv6_is_dropped_but_neighbour_discovery_passes() {
 
 /// Sends one UDP datagram from the node to the pod's link-local address (port 9999) and
 /// says whether a socket in the pod received it within `timeout`.
-fn v6_delivered(
-    node: &Path,
-    pod: &Path,
-    host_if: &str,
-    ll: std::net::Ipv6Addr,
-    timeout: Duration,
-) -> bool {
+fn v6_delivered(node: &Path, pod: &Path, host_if: &str, ll: std::net::Ipv6Addr, timeout: Duration) -> bool {
     let enter = |p: &Path| {
         let f = std::fs::File::open(p).unwrap();
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -1630,8 +1247,7 @@ fn v6_delivered(
                 let scope_id = unsafe { libc::if_nametoindex(c.as_ptr()) };
                 assert_ne!(scope_id, 0);
                 let sock = std::net::UdpSocket::bind("[::]:0").unwrap();
-                sock.send_to(b"v6", std::net::SocketAddrV6::new(ll, 9999, 0, scope_id))
-                    .unwrap();
+                sock.send_to(b"v6", std::net::SocketAddrV6::new(ll, 9999, 0, scope_id)).unwrap();
             })
             .join()
             .unwrap();

@@ -30,8 +30,7 @@ use std::{
 
 use kubeshift_datapath::{
     testenv::{unique_tag, Netns},
-    Frontend, NodePortDatapath, NpBackend, NpReason, NpVerdict, Protocol, TrafficPolicy,
-    DEFAULT_BPFFS_ROOT,
+    Frontend, NodePortDatapath, NpBackend, NpReason, NpVerdict, Protocol, TrafficPolicy, DEFAULT_BPFFS_ROOT,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
@@ -51,8 +50,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const DROP_TIMEOUT: Duration = Duration::from_millis(700);
 
 fn ip(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip -n {} {args:?}: {e}", ns.name));
+    ns.ip(args).unwrap_or_else(|e| panic!("ip -n {} {args:?}: {e}", ns.name));
 }
 
 /// Runs `f` on a thread inside `ns` (sockets stay in the netns they were made in, so a
@@ -117,20 +115,13 @@ fn set_no_check(s: &UdpSocket) {
 /// TCP: greets each connection with `id=<id> peer=<what the server sees>` and then
 /// echoes lines. UDP: answers each datagram with the same greeting, with zero checksums
 /// when `no_check`.
-fn start_server(
-    ns: &Netns,
-    addr: SocketAddrV4,
-    proto: Protocol,
-    id: &str,
-    no_check: bool,
-) -> Server {
+fn start_server(ns: &Netns, addr: SocketAddrV4, proto: Protocol, id: &str, no_check: bool) -> Server {
     let sock = Arc::new(in_ns(ns, || match proto {
         Protocol::Tcp => Sock::Tcp(TcpListener::bind(addr).expect("bind tcp")),
         Protocol::Udp => {
             let u = UdpSocket::bind(addr).expect("bind udp");
             // Safety net in case shutdown() does not wake recv_from.
-            u.set_read_timeout(Some(Duration::from_millis(500)))
-                .expect("timeout");
+            u.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
             if no_check {
                 set_no_check(&u);
             }
@@ -154,9 +145,7 @@ fn start_server(
                     let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                     // One write per message: several small ones would wait on each
                     // other's ACK (Nagle against delayed ACK, 40 ms each).
-                    if c.write_all(format!("id={id} peer={peer}\n").as_bytes())
-                        .is_err()
-                    {
+                    if c.write_all(format!("id={id} peer={peer}\n").as_bytes()).is_err() {
                         return;
                     }
                     let mut r = BufReader::new(c.try_clone().expect("clone"));
@@ -182,12 +171,7 @@ fn start_server(
             }
         }
     });
-    Server {
-        sock,
-        conns,
-        stop,
-        thread: Some(thread),
-    }
+    Server { sock, conns, stop, thread: Some(thread) }
 }
 
 /// The namespaces of the picture at the top. Field order is drop order: servers stop
@@ -205,17 +189,10 @@ struct Cluster {
 
 fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     let out = std::process::Command::new("ip")
-        .args([
-            "link", "add", a_name, "netns", &a.name, "type", "veth", "peer", "name", b_name,
-            "netns", &b.name,
-        ])
+        .args(["link", "add", a_name, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns", &b.name])
         .output()
         .expect("ip");
-    assert!(
-        out.status.success(),
-        "veth {a_name}/{b_name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "veth {a_name}/{b_name}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Cluster {
@@ -235,33 +212,15 @@ impl Cluster {
         let u = &c._underlay;
         ip(u, &["link", "add", "br0", "type", "bridge"]);
         ip(u, &["link", "set", "br0", "up"]);
-        for (ns, port, addr) in [
-            (&c.client, "vc", CLIENT),
-            (&c.node1, "v1", NODE1),
-            (&c.node2, "v2", NODE2),
-        ] {
+        for (ns, port, addr) in [(&c.client, "vc", CLIENT), (&c.node1, "v1", NODE1), (&c.node2, "v2", NODE2)] {
             veth(ns, "eth0", u, port);
             ip(u, &["link", "set", port, "master", "br0", "up"]);
             ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             ip(ns, &["link", "set", "eth0", "up"]);
         }
         for (node, pod, gw, pod_ips, other_range, other_node) in [
-            (
-                &c.node1,
-                &c.pod1,
-                "10.244.1.1",
-                &[P1A, P1B][..],
-                "10.244.2.0/24",
-                NODE2,
-            ),
-            (
-                &c.node2,
-                &c.pod2,
-                "10.244.2.1",
-                &[P2][..],
-                "10.244.1.0/24",
-                NODE1,
-            ),
+            (&c.node1, &c.pod1, "10.244.1.1", &[P1A, P1B][..], "10.244.2.0/24", NODE2),
+            (&c.node2, &c.pod2, "10.244.2.1", &[P2][..], "10.244.1.0/24", NODE1),
         ] {
             node.sysctl("net.ipv4.ip_forward", "1").expect("ip_forward");
             veth(node, "pod0", pod, "eth0");
@@ -272,34 +231,14 @@ impl Cluster {
             }
             ip(pod, &["link", "set", "eth0", "up"]);
             ip(pod, &["route", "add", "default", "via", gw]);
-            ip(
-                node,
-                &["route", "add", other_range, "via", &other_node.to_string()],
-            );
+            ip(node, &["route", "add", other_range, "via", &other_node.to_string()]);
         }
         // External IPs are routed to a node by whoever owns them (a router, MetalLB…).
-        ip(
-            &c.client,
-            &[
-                "route",
-                "add",
-                &format!("{EXTERNAL_IP}/32"),
-                "via",
-                &NODE1.to_string(),
-            ],
-        );
+        ip(&c.client, &["route", "add", &format!("{EXTERNAL_IP}/32"), "via", &NODE1.to_string()]);
         c
     }
 
-    fn serve(
-        &mut self,
-        pod: u8,
-        addr: Ipv4Addr,
-        proto: Protocol,
-        port: u16,
-        id: &str,
-        no_check: bool,
-    ) {
+    fn serve(&mut self, pod: u8, addr: Ipv4Addr, proto: Protocol, port: u16, id: &str, no_check: bool) {
         let ns = if pod == 1 { &self.pod1 } else { &self.pod2 };
         let s = start_server(ns, SocketAddrV4::new(addr, port), proto, id, no_check);
         self.servers.push(s);
@@ -328,11 +267,7 @@ impl Ctx {
     fn new() -> Ctx {
         let c = Cluster::with_pods();
         let pin_dir = Path::new(DEFAULT_BPFFS_ROOT).join(format!("nptest-{}", c.tag));
-        let mut ctx = Ctx {
-            dp: None,
-            pin_dir,
-            c,
-        };
+        let mut ctx = Ctx { dp: None, pin_dir, c };
         ctx.load();
         ctx.attach();
         ctx
@@ -344,9 +279,7 @@ impl Ctx {
 
     fn attach(&mut self) {
         let node1 = self.c.node1.path();
-        self.dp()
-            .attach_in_netns(&node1, "eth0", NODE1)
-            .expect("attach");
+        self.dp().attach_in_netns(&node1, "eth0", NODE1).expect("attach");
     }
 
     fn dp(&mut self) -> &mut NodePortDatapath {
@@ -354,9 +287,7 @@ impl Ctx {
     }
 
     fn set(&mut self, fe: Frontend, backends: &[NpBackend], policy: TrafficPolicy) {
-        self.dp()
-            .upsert_frontend(fe, backends.to_vec(), policy)
-            .expect("upsert_frontend");
+        self.dp().upsert_frontend(fe, backends.to_vec(), policy).expect("upsert_frontend");
     }
 
     fn tcp(&self, to: SocketAddrV4) -> io::Result<Hello> {
@@ -397,26 +328,16 @@ impl Hello {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
         }
         if line.trim_end() != text {
-            return Err(io::Error::other(format!(
-                "echo {text:?} came back as {line:?}"
-            )));
+            return Err(io::Error::other(format!("echo {text:?} came back as {line:?}")));
         }
         Ok(())
     }
 }
 
 fn parse_greeting(s: &str) -> io::Result<(String, SocketAddrV4)> {
-    let f: BTreeMap<&str, &str> = s
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .collect();
-    let id = f
-        .get("id")
-        .ok_or_else(|| io::Error::other(format!("greeting {s:?}")))?;
-    let seen = f
-        .get("peer")
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("greeting {s:?}")))?;
+    let f: BTreeMap<&str, &str> = s.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
+    let id = f.get("id").ok_or_else(|| io::Error::other(format!("greeting {s:?}")))?;
+    let seen = f.get("peer").and_then(|p| p.parse().ok()).ok_or_else(|| io::Error::other(format!("greeting {s:?}")))?;
     Ok((id.to_string(), seen))
 }
 
@@ -434,11 +355,7 @@ fn tcp_hello(client: &Netns, to: SocketAddrV4, timeout: Duration) -> io::Result<
             line.push(b[0]);
         }
         let (id, seen) = parse_greeting(&String::from_utf8_lossy(&line))?;
-        Ok(Hello {
-            id,
-            seen,
-            stream: s,
-        })
+        Ok(Hello { id, seen, stream: s })
     })
 }
 
@@ -449,12 +366,7 @@ struct UdpHello {
     from: SocketAddr,
 }
 
-fn udp_hello(
-    client: &Netns,
-    to: SocketAddrV4,
-    no_check: bool,
-    timeout: Duration,
-) -> io::Result<UdpHello> {
+fn udp_hello(client: &Netns, to: SocketAddrV4, no_check: bool, timeout: Duration) -> io::Result<UdpHello> {
     in_ns(client, || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         if no_check {
@@ -493,10 +405,7 @@ fn addr(f: Frontend) -> SocketAddrV4 {
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -511,13 +420,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_ip() {
     ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
     ctx.set(np_udp(), &[be(P1A, UDP_PORT, true)], TrafficPolicy::Cluster);
     // Something of the node's own on the same address: must be left alone.
-    let node_own = start_server(
-        &ctx.c.node1,
-        SocketAddrV4::new(NODE1, 9000),
-        Protocol::Tcp,
-        "node1",
-        false,
-    );
+    let node_own = start_server(&ctx.c.node1, SocketAddrV4::new(NODE1, 9000), Protocol::Tcp, "node1", false);
 
     let mut h = ctx.tcp(addr(np_tcp())).expect("tcp via nodePort");
     assert_eq!(h.id, "p1a");
@@ -525,10 +428,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_ip() {
     // The handshake itself proves the reverse NAT (a SYN-ACK from the pod IP would be
     // reset by the client); data both ways proves it for every later packet.
     h.echo("hello").expect("echo over the nodePort connection");
-    assert_eq!(
-        h.stream.peer_addr().unwrap(),
-        SocketAddr::V4(addr(np_tcp()))
-    );
+    assert_eq!(h.stream.peer_addr().unwrap(), SocketAddr::V4(addr(np_tcp())));
 
     for no_check in [false, true] {
         let u = ctx.udp(addr(np_udp()), no_check).expect("udp via nodePort");
@@ -541,9 +441,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_ip() {
         );
     }
 
-    let own = ctx
-        .tcp(SocketAddrV4::new(NODE1, 9000))
-        .expect("node's own server");
+    let own = ctx.tcp(SocketAddrV4::new(NODE1, 9000)).expect("node's own server");
     assert_eq!(own.id, "node1");
     assert_eq!(*own.seen.ip(), CLIENT);
     drop(node_own);
@@ -560,18 +458,11 @@ fn nodeport_to_a_local_backend_keeps_the_client_ip() {
     assert!(tcp_flow.backend_local);
     assert_eq!(tcp_flow.snat, None);
     assert_eq!(
-        flows
-            .iter()
-            .filter(|f| f.protocol == Some(Protocol::Udp))
-            .count(),
+        flows.iter().filter(|f| f.protocol == Some(Protocol::Udp)).count(),
         2,
         "one event per new UDP flow: {flows:?}"
     );
-    assert_eq!(
-        flows.len(),
-        3,
-        "no events for the node's own traffic or established packets: {flows:?}"
-    );
+    assert_eq!(flows.len(), 3, "no events for the node's own traffic or established packets: {flows:?}");
 }
 
 #[test]
@@ -588,37 +479,21 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
         h.echo(&format!("line {i}")).expect("echo through node-1");
     }
     for no_check in [false, true] {
-        let u = ctx
-            .udp(addr(np_udp()), no_check)
-            .expect("udp via nodePort to node-2");
+        let u = ctx.udp(addr(np_udp()), no_check).expect("udp via nodePort to node-2");
         assert_eq!(u.id, "p2");
         assert_eq!(*u.seen.ip(), NODE1);
-        assert_eq!(
-            u.from,
-            SocketAddr::V4(addr(np_udp())),
-            "no_check={no_check}"
-        );
+        assert_eq!(u.from, SocketAddr::V4(addr(np_udp())), "no_check={no_check}");
     }
 
     let conns = ctx.dp().connections().unwrap();
-    let c = conns
-        .iter()
-        .find(|c| c.protocol == Some(Protocol::Tcp))
-        .expect("tcp connection tracked");
+    let c = conns.iter().find(|c| c.protocol == Some(Protocol::Tcp)).expect("tcp connection tracked");
     assert_eq!((c.closing, c.reverse_closing), (false, Some(false)));
-    assert_eq!(
-        c.snat,
-        Some(h.seen),
-        "CT entry names the SNAT address the pod saw"
-    );
+    assert_eq!(c.snat, Some(h.seen), "CT entry names the SNAT address the pod saw");
     assert_eq!(c.backend, SocketAddrV4::new(P2, TCP_PORT));
     assert_eq!(*c.client.ip(), CLIENT);
 
     let flows = ctx.dp().read_flows();
-    let f = flows
-        .iter()
-        .find(|f| f.protocol == Some(Protocol::Tcp))
-        .unwrap_or_else(|| panic!("{flows:?}"));
+    let f = flows.iter().find(|f| f.protocol == Some(Protocol::Tcp)).unwrap_or_else(|| panic!("{flows:?}"));
     assert_eq!(f.snat, Some(h.seen));
     assert!(!f.backend_local);
     assert_eq!(*f.client.ip(), CLIENT);
@@ -626,10 +501,7 @@ fn nodeport_to_a_backend_on_another_node_is_snated_and_answered_through_node1() 
     // A client that aborts with RST: the backend sends nothing back, yet the entry that
     // holds the SNAT port must be marked closing too, or the port stays taken for the
     // full TCP lifetime.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     let r = unsafe {
         libc::setsockopt(
             h.stream.as_raw_fd(),
@@ -666,18 +538,11 @@ fn external_ips_are_translated_like_node_ports() {
     h.echo("ext").unwrap();
     let u = ctx.udp(addr(ext_udp), false).expect("udp to external IP");
     assert_eq!(u.id, "p2");
-    assert_eq!(
-        *u.seen.ip(),
-        NODE1,
-        "remote backend: SNAT to the node IP, not the external IP"
-    );
+    assert_eq!(*u.seen.ip(), NODE1, "remote backend: SNAT to the node IP, not the external IP");
     assert_eq!(u.from, SocketAddr::V4(addr(ext_udp)));
     // The same port on the node IP is not a frontend.
     let not_fe = ctx.tcp(SocketAddrV4::new(NODE1, 80));
-    assert!(
-        not_fe.is_err(),
-        "node IP:80 is no frontend and nothing listens there"
-    );
+    assert!(not_fe.is_err(), "node IP:80 is no frontend and nothing listens there");
 }
 
 #[test]
@@ -686,55 +551,32 @@ fn external_traffic_policy_local_uses_only_local_backends_and_drops_without_one(
     // Local: the remote endpoint is never picked, the client IP is kept.
     ctx.set(
         np_tcp(),
-        &[
-            be(P2, TCP_PORT, false),
-            be(P1A, TCP_PORT, true),
-            be(P1B, TCP_PORT, true),
-        ],
+        &[be(P2, TCP_PORT, false), be(P1A, TCP_PORT, true), be(P1B, TCP_PORT, true)],
         TrafficPolicy::Local,
     );
     let mut seen = BTreeMap::new();
     for _ in 0..30 {
-        let h = ctx
-            .tcp(addr(np_tcp()))
-            .expect("local policy, local backends");
+        let h = ctx.tcp(addr(np_tcp())).expect("local policy, local backends");
         assert_eq!(*h.seen.ip(), CLIENT);
         *seen.entry(h.id).or_insert(0) += 1;
     }
-    assert!(
-        !seen.contains_key("p2"),
-        "remote backend picked under Local: {seen:?}"
-    );
+    assert!(!seen.contains_key("p2"), "remote backend picked under Local: {seen:?}");
     assert_eq!(seen.len(), 2, "both local backends used: {seen:?}");
     let (_, programmed, policy) = ctx.dp().frontends().into_iter().next().unwrap();
     assert_eq!(policy, TrafficPolicy::Local);
-    assert_eq!(
-        programmed.len(),
-        3,
-        "the remote endpoint is remembered, just not used"
-    );
+    assert_eq!(programmed.len(), 3, "the remote endpoint is remembered, just not used");
 
     // Local with only a remote endpoint: dropped, like kube-proxy's KUBE-XLB drop.
     ctx.set(np_udp(), &[be(P2, UDP_PORT, false)], TrafficPolicy::Local);
-    let e = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT)
-        .err()
-        .expect("must be dropped");
-    assert!(
-        matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ),
-        "silence, not a rejection: {e}"
-    );
+    let e = udp_hello(&ctx.c.client, addr(np_udp()), false, DROP_TIMEOUT).err().expect("must be dropped");
+    assert!(matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "silence, not a rejection: {e}");
     // A frontend with no endpoints at all is rejected like kube-proxy's REJECT rule:
     // ICMP port unreachable, so TCP connect() and a connected UDP socket fail at once.
     let empty = fe(NODE1, 30099, Protocol::Tcp);
     let empty_udp = fe(NODE1, 30099, Protocol::Udp);
     ctx.set(empty, &[], TrafficPolicy::Cluster);
     ctx.set(empty_udp, &[], TrafficPolicy::Cluster);
-    let e = tcp_hello(&ctx.c.client, addr(empty), TIMEOUT)
-        .err()
-        .expect("refused");
+    let e = tcp_hello(&ctx.c.client, addr(empty), TIMEOUT).err().expect("refused");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     let e = in_ns(&ctx.c.client, || -> io::Result<()> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -759,19 +601,10 @@ fn external_traffic_policy_local_uses_only_local_backends_and_drops_without_one(
         .filter(|f| f.verdict == NpVerdict::Rejected && f.reason == NpReason::NoBackends)
         .map(|f| (f.frontend, f.protocol))
         .collect();
-    assert_eq!(
-        rejected,
-        [
-            (addr(empty), Some(Protocol::Tcp)),
-            (addr(empty_udp), Some(Protocol::Udp))
-        ],
-        "{flows:?}"
-    );
+    assert_eq!(rejected, [(addr(empty), Some(Protocol::Tcp)), (addr(empty_udp), Some(Protocol::Udp))], "{flows:?}");
     // Switching the UDP frontend to Cluster makes the remote endpoint usable again.
     ctx.set(np_udp(), &[be(P2, UDP_PORT, false)], TrafficPolicy::Cluster);
-    let u = ctx
-        .udp(addr(np_udp()), false)
-        .expect("cluster policy reaches node-2");
+    let u = ctx.udp(addr(np_udp()), false).expect("cluster policy reaches node-2");
     assert_eq!(u.id, "p2");
 }
 
@@ -792,11 +625,7 @@ fn endpoint_changes_apply_to_new_connections_and_established_ones_to_kept_backen
     assert_eq!(kept.id, "p1a");
 
     // Add: both are used, the established connection is untouched.
-    ctx.set(
-        np_tcp(),
-        &[be(P1A, TCP_PORT, true), be(P2, TCP_PORT, false)],
-        TrafficPolicy::Cluster,
-    );
+    ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true), be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
     let s = spread(&ctx, 30);
     assert_eq!(s.len(), 2, "{s:?}");
     kept.echo("after add").unwrap();
@@ -820,10 +649,7 @@ fn endpoint_changes_apply_to_new_connections_and_established_ones_to_kept_backen
     assert_eq!(spread(&ctx, 15).keys().collect::<Vec<_>>(), ["p1b"]);
     assert!(kept.echo("after replace").is_err());
     let flows = ctx.dp().read_flows();
-    assert!(
-        flows.iter().any(|f| f.reason == NpReason::BackendGone),
-        "re-picks are reported: {flows:?}"
-    );
+    assert!(flows.iter().any(|f| f.reason == NpReason::BackendGone), "re-picks are reported: {flows:?}");
     // Only this frontend was touched.
     assert_eq!(ctx.dp().frontends().len(), 1);
 }
@@ -831,11 +657,7 @@ fn endpoint_changes_apply_to_new_connections_and_established_ones_to_kept_backen
 #[test]
 fn many_connections_spread_over_two_backends() {
     let mut ctx = Ctx::new();
-    ctx.set(
-        np_tcp(),
-        &[be(P1A, TCP_PORT, true), be(P2, TCP_PORT, false)],
-        TrafficPolicy::Cluster,
-    );
+    ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true), be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
     let n = 120;
     let s = spread(&ctx, n);
     // Binomial(120, 0.5): fewer than 30 on either side has probability < 1e-7.
@@ -845,20 +667,10 @@ fn many_connections_spread_over_two_backends() {
     assert_eq!(conns.len(), n, "one CT connection per client connection");
     assert_eq!(snat.len(), s["p2"]);
     let distinct: std::collections::HashSet<_> = snat.iter().collect();
-    assert_eq!(
-        distinct.len(),
-        snat.len(),
-        "every SNATed connection has its own port"
-    );
+    assert_eq!(distinct.len(), snat.len(), "every SNATed connection has its own port");
     // The client's last FIN may still be on its way through the veths.
     wait_for("every connection seen closing", || {
-        ctx.dp
-            .as_ref()
-            .unwrap()
-            .connections()
-            .unwrap()
-            .iter()
-            .all(|c| c.closing)
+        ctx.dp.as_ref().unwrap().connections().unwrap().iter().all(|c| c.closing)
     });
     let (fwd, rev_local, rev_snat) = ctx.dp().conntrack_counts().unwrap();
     assert_eq!((fwd, rev_local, rev_snat), (n, s["p1a"], s["p2"]));
@@ -874,10 +686,7 @@ fn reload_from_pins_keeps_established_connections_and_serves_new_ones() {
     let before = ctx.dp().frontends();
     let local_conn = ctx.tcp(addr(np_tcp())).unwrap();
     let remote_conn = ctx.tcp(addr(remote)).unwrap();
-    assert_eq!(
-        (local_conn.id.as_str(), remote_conn.id.as_str()),
-        ("p1a", "p2")
-    );
+    assert_eq!((local_conn.id.as_str(), remote_conn.id.as_str()), ("p1a", "p2"));
 
     // Both connections talk continuously while the loader goes away and comes back.
     let stop = Arc::new(AtomicBool::new(false));
@@ -902,22 +711,12 @@ fn reload_from_pins_keeps_established_connections_and_serves_new_ones() {
         let at = echoes.load(Ordering::SeqCst);
         drop(ctx.dp.take());
         // No loader at all: new connections still work from the pinned state.
-        let h = ctx
-            .tcp(addr(remote))
-            .expect("new connection with no loader");
+        let h = ctx.tcp(addr(remote)).expect("new connection with no loader");
         assert_eq!(h.id, "p2");
         ctx.load();
         assert!(ctx.dp().reopened(), "round {round}");
-        assert_eq!(
-            ctx.dp().upgraded_programs(),
-            0,
-            "same build: nothing swapped"
-        );
-        assert_eq!(
-            ctx.dp().frontends(),
-            before,
-            "frontends rebuilt from the pins"
-        );
+        assert_eq!(ctx.dp().upgraded_programs(), 0, "same build: nothing swapped");
+        assert_eq!(ctx.dp().frontends(), before, "frontends rebuilt from the pins");
         // The agent's usual start-up: attach again, which must be a no-op.
         ctx.attach();
         // Wait for traffic to have moved on during this round (bounded by the
@@ -929,10 +728,7 @@ fn reload_from_pins_keeps_established_connections_and_serves_new_ones() {
     }
     stop.store(true, Ordering::SeqCst);
     for t in talkers {
-        let n = t
-            .join()
-            .unwrap()
-            .expect("an established connection broke across a reload");
+        let n = t.join().unwrap().expect("an established connection broke across a reload");
         assert!(n > 0);
     }
     // The reloaded handle programs as usual.
@@ -945,14 +741,8 @@ fn reload_from_pins_keeps_established_connections_and_serves_new_ones() {
 fn tcx_programs(ctx: &Ctx) -> (usize, usize) {
     use aya::programs::{SchedClassifier, TcAttachType};
     in_ns(&ctx.c.node1, || {
-        let i = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress)
-            .unwrap()
-            .1
-            .len();
-        let e = SchedClassifier::query_tcx("eth0", TcAttachType::Egress)
-            .unwrap()
-            .1
-            .len();
+        let i = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).unwrap().1.len();
+        let e = SchedClassifier::query_tcx("eth0", TcAttachType::Egress).unwrap().1.len();
         (i, e)
     })
 }
@@ -965,11 +755,7 @@ fn detach_leaves_no_pins_and_no_programs() {
     assert_eq!(tcx_programs(&ctx), (1, 1));
     assert!(ctx.pin_dir.join("nodeport/links/ks_np_ingress").exists());
     ctx.dp.take().unwrap().detach_and_unpin().unwrap();
-    assert!(
-        !ctx.pin_dir.exists(),
-        "{} left behind",
-        ctx.pin_dir.display()
-    );
+    assert!(!ctx.pin_dir.exists(), "{} left behind", ctx.pin_dir.display());
     assert_eq!(tcx_programs(&ctx), (0, 0));
     // Untranslated now: nothing listens on node-1's nodePort, the node resets.
     let e = ctx.tcp(addr(np_tcp())).err().expect("no longer translated");
@@ -980,37 +766,19 @@ fn detach_leaves_no_pins_and_no_programs() {
 fn bad_input_is_refused_with_the_culprit_named() {
     let mut ctx = Ctx::new();
     let node1 = ctx.c.node1.path();
-    let e = ctx
-        .dp()
-        .attach_in_netns(&node1, "nosuch0", NODE1)
-        .unwrap_err();
+    let e = ctx.dp().attach_in_netns(&node1, "nosuch0", NODE1).unwrap_err();
     assert!(e.to_string().contains("nosuch0"), "{e}");
     let e = ctx.dp().attach_in_netns(&node1, "pod0", NODE1).unwrap_err();
-    assert!(
-        e.to_string().contains("pod0") && e.to_string().contains("detach first"),
-        "{e}"
-    );
-    let e = ctx
-        .dp()
-        .upsert_frontend(fe(NODE1, 0, Protocol::Tcp), vec![], TrafficPolicy::Cluster)
-        .unwrap_err();
+    assert!(e.to_string().contains("pod0") && e.to_string().contains("detach first"), "{e}");
+    let e = ctx.dp().upsert_frontend(fe(NODE1, 0, Protocol::Tcp), vec![], TrafficPolicy::Cluster).unwrap_err();
     assert!(e.to_string().contains("192.168.77.1:0"), "{e}");
     let e = ctx
         .dp()
-        .upsert_frontend(
-            np_tcp(),
-            vec![be(Ipv4Addr::UNSPECIFIED, 80, true)],
-            TrafficPolicy::Cluster,
-        )
+        .upsert_frontend(np_tcp(), vec![be(Ipv4Addr::UNSPECIFIED, 80, true)], TrafficPolicy::Cluster)
         .unwrap_err();
     assert!(e.to_string().contains("0.0.0.0:80"), "{e}");
-    assert!(
-        ctx.dp().frontends().is_empty(),
-        "nothing written on bad input"
-    );
-    let e = NodePortDatapath::load(Path::new("/tmp/not-bpffs-kubeshift"))
-        .err()
-        .unwrap();
+    assert!(ctx.dp().frontends().is_empty(), "nothing written on bad input");
+    let e = NodePortDatapath::load(Path::new("/tmp/not-bpffs-kubeshift")).err().unwrap();
     assert!(e.to_string().contains("/tmp/not-bpffs-kubeshift"), "{e}");
     let _ = fs::remove_dir("/tmp/not-bpffs-kubeshift");
 }
@@ -1027,23 +795,13 @@ fn measure_per_packet_cost() {
     ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
     ctx.set(remote, &[be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
     let snapshot = |ctx: &Ctx| -> Vec<(u64, Duration)> {
-        ctx.dp
-            .as_ref()
-            .unwrap()
-            .program_stats()
-            .unwrap()
-            .iter()
-            .map(|s| (s.run_count, s.run_time))
-            .collect()
+        ctx.dp.as_ref().unwrap().program_stats().unwrap().iter().map(|s| (s.run_count, s.run_time)).collect()
     };
     let report = |what: &str, a: &[(u64, Duration)], b: &[(u64, Duration)]| {
         for (i, name) in ["ingress", "egress"].iter().enumerate() {
             let n = b[i].0 - a[i].0;
             let t = b[i].1 - a[i].1;
-            println!(
-                "{what:<28} {name:<8} {n:>7} runs  {:>6.0} ns/run",
-                t.as_nanos() as f64 / n.max(1) as f64
-            );
+            println!("{what:<28} {name:<8} {n:>7} runs  {:>6.0} ns/run", t.as_nanos() as f64 / n.max(1) as f64);
         }
     };
     for (label, f) in [("local", np_tcp()), ("remote (SNAT)", remote)] {
@@ -1081,21 +839,15 @@ impl Drop for SecondNode {
 #[test]
 fn both_nodes_serve_the_node_port_each_with_its_own_pins() {
     let mut ctx = Ctx::new();
-    let mut n2 = SecondNode {
-        dp: None,
-        pin_dir: Path::new(DEFAULT_BPFFS_ROOT).join(format!("nptest-{}-node2", ctx.c.tag)),
-    };
-    let dp2 = n2
-        .dp
-        .insert(NodePortDatapath::load(&n2.pin_dir).expect("load node-2"));
-    dp2.attach_in_netns(&ctx.c.node2.path(), "eth0", NODE2)
-        .expect("attach node-2");
+    let mut n2 =
+        SecondNode { dp: None, pin_dir: Path::new(DEFAULT_BPFFS_ROOT).join(format!("nptest-{}-node2", ctx.c.tag)) };
+    let dp2 = n2.dp.insert(NodePortDatapath::load(&n2.pin_dir).expect("load node-2"));
+    dp2.attach_in_netns(&ctx.c.node2.path(), "eth0", NODE2).expect("attach node-2");
     // The same Service as each node sees it: p1a is local on node-1, p2 on node-2.
     let backends = |on_node1: bool| vec![be(P1A, TCP_PORT, on_node1), be(P2, TCP_PORT, !on_node1)];
     ctx.set(np_tcp(), &backends(true), TrafficPolicy::Cluster);
     let fe2 = fe(NODE2, NODE_PORT_TCP, Protocol::Tcp);
-    dp2.upsert_frontend(fe2, backends(false), TrafficPolicy::Cluster)
-        .unwrap();
+    dp2.upsert_frontend(fe2, backends(false), TrafficPolicy::Cluster).unwrap();
     for (node_ip, fe) in [(NODE1, np_tcp()), (NODE2, fe2)] {
         let mut ids = BTreeMap::new();
         for _ in 0..30 {
@@ -1130,10 +882,7 @@ fn a_test_that_panics_leaves_nothing_behind() {
     assert!(r.is_err());
     let (pin_dir, tag) = names.lock().unwrap().take().unwrap();
     assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
-    let out = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(!list.contains(&format!("ksnp-{tag}-")), "{list}");
 }
@@ -1157,25 +906,13 @@ fn a_new_build_is_swapped_in_place_and_connections_survive_upgrade_and_rollback(
     let remote = fe(NODE1, 30081, Protocol::Tcp);
     ctx.set(np_tcp(), &[be(P1A, TCP_PORT, true)], TrafficPolicy::Cluster);
     ctx.set(remote, &[be(P2, TCP_PORT, false)], TrafficPolicy::Cluster);
-    let mut conns = [
-        ctx.tcp(addr(np_tcp())).unwrap(),
-        ctx.tcp(addr(remote)).unwrap(),
-    ];
-    let builds = |ctx: &mut Ctx| -> Vec<u8> {
-        ctx.dp()
-            .read_flows()
-            .iter()
-            .map(|f| f.program_build)
-            .collect()
-    };
+    let mut conns = [ctx.tcp(addr(np_tcp())).unwrap(), ctx.tcp(addr(remote)).unwrap()];
+    let builds = |ctx: &mut Ctx| -> Vec<u8> { ctx.dp().read_flows().iter().map(|f| f.program_build).collect() };
     assert_eq!(builds(&mut ctx), [1, 1]);
     let ids1 = tcx_program_ids(&ctx);
     assert_eq!(ids1.len(), 2);
 
-    for (obj, build) in [
-        (kubeshift_datapath::NODEPORT_OBJ_BUILD2, 2u8),
-        (kubeshift_datapath::NODEPORT_OBJ, 1u8),
-    ] {
+    for (obj, build) in [(kubeshift_datapath::NODEPORT_OBJ_BUILD2, 2u8), (kubeshift_datapath::NODEPORT_OBJ, 1u8)] {
         drop(ctx.dp.take());
         let dp = NodePortDatapath::load_object(&ctx.pin_dir, obj).expect("load other build");
         ctx.dp = Some(dp);
@@ -1192,10 +929,6 @@ fn a_new_build_is_swapped_in_place_and_connections_survive_upgrade_and_rollback(
                 .unwrap_or_else(|e| panic!("connection {i} across the swap: {e}"));
         }
         ctx.tcp(addr(remote)).unwrap();
-        assert_eq!(
-            builds(&mut ctx),
-            [build],
-            "new connections served by build {build}"
-        );
+        assert_eq!(builds(&mut ctx), [build], "new connections served by build {build}");
     }
 }

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
+    let kc =
+        Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
     let mut cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("kubeconfig {}", kubeconfig.display()))?;
@@ -71,17 +72,20 @@ pub async fn apply_yaml(client: &Client, name: &str, yaml: &str) -> Result<Vec<S
     let discovery = Discovery::new(client.clone()).run().await.context("API discovery")?;
     let mut applied = vec![];
     for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).with_context(|| format!("{name}: document {}", i + 1))?;
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+            .with_context(|| format!("{name}: document {}", i + 1))?;
         if value.is_null() {
             continue;
         }
-        let obj: DynamicObject = serde_yaml::from_value(value).with_context(|| format!("{name}: document {}", i + 1))?;
+        let obj: DynamicObject =
+            serde_yaml::from_value(value).with_context(|| format!("{name}: document {}", i + 1))?;
         let tm = obj.types.clone().ok_or_else(|| anyhow!("{name}: document {} has no apiVersion/kind", i + 1))?;
         let gvk = GroupVersionKind::try_from(&tm)?;
         let (ar, caps) = discovery
             .resolve_gvk(&gvk)
             .ok_or_else(|| anyhow!("{name}: {}/{} is not served by this apiserver", tm.api_version, tm.kind))?;
-        let obj_name = obj.metadata.name.clone().ok_or_else(|| anyhow!("{name}: document {} has no metadata.name", i + 1))?;
+        let obj_name =
+            obj.metadata.name.clone().ok_or_else(|| anyhow!("{name}: document {} has no metadata.name", i + 1))?;
         let api: Api<DynamicObject> = match caps.scope {
             kube::discovery::Scope::Namespaced => {
                 let ns = obj.metadata.namespace.clone().unwrap_or_else(|| "default".into());

@@ -65,7 +65,10 @@ pub async fn run_calico_node(a: CalicoArgs<'_>) -> Result<()> {
     if pool.vxlan {
         if ip(None, "link show vxlan.calico").is_err() {
             let local = node_ip.split('/').next().unwrap_or("");
-            ip(None, &format!("link add vxlan.calico type vxlan id 4096 local {local} dev eth0 dstport 4789 nolearning"))?;
+            ip(
+                None,
+                &format!("link add vxlan.calico type vxlan id 4096 local {local} dev eth0 dstport 4789 nolearning"),
+            )?;
         }
         ip(None, "link set vxlan.calico mtu 1450 up")?;
         ip(None, &format!("addr replace {tunnel_ip}/32 dev vxlan.calico"))?;
@@ -76,8 +79,9 @@ pub async fn run_calico_node(a: CalicoArgs<'_>) -> Result<()> {
         // tunl0 is the ipip module's fallback device, present in every netns once
         // the module is loaded; adding it by name loads the module.
         if ip(None, "link show tunl0").is_err() {
-            ip(None, "link add name tunl0 type ipip")
-                .context("the IPPool asks for IPIP but this kernel has no IPIP device (CONFIG_NET_IPIP); use vxlanMode: Always")?;
+            ip(None, "link add name tunl0 type ipip").context(
+                "the IPPool asks for IPIP but this kernel has no IPIP device (CONFIG_NET_IPIP); use vxlanMode: Always",
+            )?;
         }
         ip(None, "link set tunl0 mtu 1480 up")?;
         ip(None, &format!("addr replace {tunnel_ip}/32 dev tunl0"))?;
@@ -124,7 +128,10 @@ impl PeerBackend for CalicoPeers {
         let node_ip = ann.get("projectcalico.org/IPv4Address")?.split('/').next()?.to_string();
         let cidr = n.spec.as_ref()?.pod_cidr.clone()?;
         let vxlan = if self.vxlan {
-            Some((ann.get("projectcalico.org/IPv4VXLANTunnelAddr")?.clone(), ann.get("projectcalico.org/VXLANTunnelMACAddr")?.clone()))
+            Some((
+                ann.get("projectcalico.org/IPv4VXLANTunnelAddr")?.clone(),
+                ann.get("projectcalico.org/VXLANTunnelMACAddr")?.clone(),
+            ))
         } else {
             None
         };
@@ -135,7 +142,17 @@ impl PeerBackend for CalicoPeers {
         match &p.vxlan {
             Some((tip, mac)) => {
                 ip(None, &format!("neigh replace {tip} lladdr {mac} dev vxlan.calico nud permanent"))?;
-                crate::sys::run(std::process::Command::new("bridge").args(["fdb", "replace", mac, "dev", "vxlan.calico", "dst", &p.node_ip, "self", "permanent"]))?;
+                crate::sys::run(std::process::Command::new("bridge").args([
+                    "fdb",
+                    "replace",
+                    mac,
+                    "dev",
+                    "vxlan.calico",
+                    "dst",
+                    &p.node_ip,
+                    "self",
+                    "permanent",
+                ]))?;
                 ip(None, &format!("route replace {} via {tip} dev vxlan.calico onlink", p.cidr))?;
             }
             None => ip(None, &format!("route replace {} via {} dev tunl0 onlink", p.cidr, p.node_ip)).map(|_| ())?,

@@ -54,7 +54,13 @@ fn pod_info(p: &Pod) -> Option<PodInfo> {
             .containers
             .iter()
             .flat_map(|c| c.ports.iter().flatten())
-            .map(|cp| (cp.name.clone().unwrap_or_default(), cp.container_port, cp.protocol.clone().unwrap_or_else(|| "TCP".into())))
+            .map(|cp| {
+                (
+                    cp.name.clone().unwrap_or_default(),
+                    cp.container_port,
+                    cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                )
+            })
             .collect(),
     })
 }
@@ -98,7 +104,9 @@ fn port_match(p: &NetworkPolicyPort, target: &PodInfo) -> Option<String> {
     let port = match &p.port {
         None => return Some(format!("-p {}", proto.to_lowercase())),
         Some(IntOrString::Int(n)) => *n,
-        Some(IntOrString::String(name)) => target.ports.iter().find(|(n, _, pr)| n == name && *pr == proto).map(|x| x.1)?,
+        Some(IntOrString::String(name)) => {
+            target.ports.iter().find(|(n, _, pr)| n == name && *pr == proto).map(|x| x.1)?
+        }
     };
     Some(match p.end_port {
         Some(end) if end > port => format!("-p {} --dport {port}:{end}", proto.to_lowercase()),
@@ -132,7 +140,12 @@ pub fn render(c: &Cluster, node: &str) -> String {
                 .policies
                 .iter()
                 .filter(|p| p.metadata.namespace.as_deref() == Some(pod.namespace.as_str()))
-                .filter(|p| p.spec.as_ref().map(|s| s.pod_selector.as_ref().map(|sel| selects(sel, &pod.labels)).unwrap_or(true)).unwrap_or(false))
+                .filter(|p| {
+                    p.spec
+                        .as_ref()
+                        .map(|s| s.pod_selector.as_ref().map(|sel| selects(sel, &pod.labels)).unwrap_or(true))
+                        .unwrap_or(false)
+                })
                 .filter(|p| if ingress { policy_types(p).0 } else { policy_types(p).1 })
                 .collect();
             if applying.is_empty() {
@@ -158,15 +171,19 @@ pub fn render(c: &Cluster, node: &str) -> String {
                     for (cidr, except) in peer_sets {
                         // Ports resolve on the destination: the local pod for ingress,
                         // the peer pod for egress.
-                        let target = if ingress { Some(pod) } else { c.pods.iter().find(|p| format!("{}/32", p.ip) == cidr) };
+                        let target =
+                            if ingress { Some(pod) } else { c.pods.iter().find(|p| format!("{}/32", p.ip) == cidr) };
                         let matches: Vec<String> = match &ports {
                             None => vec![String::new()],
                             Some(ps) if ps.is_empty() => vec![String::new()],
-                            Some(ps) => ps.iter().filter_map(|p| match target {
-                                Some(t) => port_match(p, t),
-                                None if matches!(p.port, Some(IntOrString::String(_))) => None,
-                                None => port_match(p, pod),
-                            }).collect(),
+                            Some(ps) => ps
+                                .iter()
+                                .filter_map(|p| match target {
+                                    Some(t) => port_match(p, t),
+                                    None if matches!(p.port, Some(IntOrString::String(_))) => None,
+                                    None => port_match(p, pod),
+                                })
+                                .collect(),
                         };
                         let jump = if except.is_empty() {
                             "MARK --set-xmark 0x100000/0x100000".to_string()
@@ -274,7 +291,10 @@ pub async fn enforce(client: Client, node: String) -> Result<()> {
                 if let Err(e) = apply(&rendered) {
                     tracing::warn!("policy rules: {e:#}");
                 } else if rendered != last {
-                    tracing::info!("policy rules for {} local pods applied", c.pods.iter().filter(|p| p.node == node).count());
+                    tracing::info!(
+                        "policy rules for {} local pods applied",
+                        c.pods.iter().filter(|p| p.node == node).count()
+                    );
                     last = rendered;
                 }
             }
@@ -306,7 +326,11 @@ mod tests {
                 pod("a", "cli", "10.0.1.3", "n2", &[("app", "cli")]),
                 pod("b", "other", "10.0.1.4", "n2", &[("app", "cli")]),
             ],
-            namespaces: [("a".to_string(), BTreeMap::new()), ("b".to_string(), [("team".to_string(), "b".to_string())].into())].into(),
+            namespaces: [
+                ("a".to_string(), BTreeMap::new()),
+                ("b".to_string(), [("team".to_string(), "b".to_string())].into()),
+            ]
+            .into(),
             policies: policies.into_iter().map(|p| serde_json::from_value(p).unwrap()).collect(),
         }
     }
@@ -316,7 +340,10 @@ mod tests {
         let r = render(&cluster(vec![]), "n1");
         let web = calico_veth_name("a", "web");
         assert!(r.contains(&format!("-A cali-tw-{web} -j RETURN")));
-        let r = render(&cluster(vec![json!({"metadata": {"name": "deny", "namespace": "a"}, "spec": {"podSelector": {}}})]), "n1");
+        let r = render(
+            &cluster(vec![json!({"metadata": {"name": "deny", "namespace": "a"}, "spec": {"podSelector": {}}})]),
+            "n1",
+        );
         assert!(r.contains(&format!("-A cali-tw-{web} -m comment --comment \"cali:policy-drop\" -j DROP")), "{r}");
         // Egress is not isolated by an ingress-only policy.
         assert!(r.contains(&format!("-A cali-fw-{web} -j RETURN")), "{r}");
@@ -326,12 +353,12 @@ mod tests {
     fn peers_ports_and_except_become_rules() {
         let r = render(
             &cluster(vec![json!({"metadata": {"name": "p", "namespace": "a"}, "spec": {
-                "podSelector": {"matchLabels": {"app": "web"}},
-                "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}], "ports": [{"port": "http"}]},
-                    {"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}], "ports": [{"port": 9000, "endPort": 9100, "protocol": "UDP"}]},
-                    {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.1.0/24"]}}]}
-                ]}})]),
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}], "ports": [{"port": "http"}]},
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}], "ports": [{"port": 9000, "endPort": 9100, "protocol": "UDP"}]},
+                {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.1.0/24"]}}]}
+            ]}})]),
             "n1",
         );
         let web = calico_veth_name("a", "web");
@@ -339,6 +366,10 @@ mod tests {
         assert!(r.contains(&format!("-A cali-tw-{web} -s 10.0.1.3/32 -p tcp --dport 8080 -j MARK")), "{r}");
         assert!(!r.contains("-s 10.0.1.4/32 -p tcp --dport 8080"), "{r}");
         assert!(r.contains(&format!("-A cali-tw-{web} -s 10.0.1.4/32 -p udp --dport 9000:9100 -j MARK")), "{r}");
-        assert!(r.contains("-s 10.0.1.0/24 -j RETURN") && r.contains(&format!("-A cali-tw-{web} -s 10.0.0.0/8  -j cali-pi-n1-1")), "{r}");
+        assert!(
+            r.contains("-s 10.0.1.0/24 -j RETURN")
+                && r.contains(&format!("-A cali-tw-{web} -s 10.0.0.0/8  -j cali-pi-n1-1")),
+            "{r}"
+        );
     }
 }

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 fn node_root() -> Result<PathBuf> {
-    std::env::var_os("KUBESHIFT_LAB_NODE_ROOT").map(PathBuf::from).ok_or_else(|| anyhow!("KUBESHIFT_LAB_NODE_ROOT is not set: this plugin only runs on lab nodes"))
+    std::env::var_os("KUBESHIFT_LAB_NODE_ROOT")
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("KUBESHIFT_LAB_NODE_ROOT is not set: this plugin only runs on lab nodes"))
 }
 
 fn env(k: &str) -> String {
@@ -160,7 +162,8 @@ fn calico(conf: &Value) -> Result<String> {
     match env("CNI_COMMAND").as_str() {
         "ADD" => {
             let cidr_file = root.join("var/lib/calico/pod-cidr");
-            let cidr = std::fs::read_to_string(&cidr_file).with_context(|| format!("{}: calico-node has not started on this node", cidr_file.display()))?;
+            let cidr = std::fs::read_to_string(&cidr_file)
+                .with_context(|| format!("{}: calico-node has not started on this node", cidr_file.display()))?;
             let d = json!({
                 "name": conf["name"], "cniVersion": conf["cniVersion"], "type": "ptp",
                 "mtu": conf.get("mtu").cloned().unwrap_or(json!(1480)),
@@ -178,7 +181,10 @@ fn calico(conf: &Value) -> Result<String> {
             let mut result: Value = serde_json::from_str(&out)?;
             let want = calico_veth_name(&cni_arg("K8S_POD_NAMESPACE"), &cni_arg("K8S_POD_NAME"));
             if let Some(ifaces) = result.get_mut("interfaces").and_then(|i| i.as_array_mut()) {
-                if let Some(host) = ifaces.iter_mut().find(|i| i.get("sandbox").map(|s| s.as_str().unwrap_or("").is_empty()).unwrap_or(true)) {
+                if let Some(host) = ifaces
+                    .iter_mut()
+                    .find(|i| i.get("sandbox").map(|s| s.as_str().unwrap_or("").is_empty()).unwrap_or(true))
+                {
                     let cur = host["name"].as_str().unwrap_or("").to_string();
                     if !cur.is_empty() && cur != want {
                         crate::sys::ip(None, &format!("link set {cur} down"))?;
@@ -199,7 +205,13 @@ fn calico(conf: &Value) -> Result<String> {
 
 /// What the DaemonSets' `install-cni` init containers do: put the plugin on the node,
 /// and for Calico render 10-calico.conflist from the ConfigMap template.
-pub fn install(root: &Path, plugin: &str, conf_name: Option<&str>, template: Option<&Path>, node: Option<&str>) -> Result<()> {
+pub fn install(
+    root: &Path,
+    plugin: &str,
+    conf_name: Option<&str>,
+    template: Option<&Path>,
+    node: Option<&str>,
+) -> Result<()> {
     let exe = std::env::current_exe()?;
     let bin = root.join("opt/cni/bin");
     std::fs::create_dir_all(&bin)?;
@@ -213,7 +225,8 @@ pub fn install(root: &Path, plugin: &str, conf_name: Option<&str>, template: Opt
             .replace("__KUBERNETES_NODE_NAME__", node.unwrap_or(""))
             .replace("__CNI_MTU__", "1480")
             .replace("__KUBECONFIG_FILEPATH__", "/etc/cni/net.d/calico-kubeconfig");
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: rendered CNI config is not JSON", t.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: rendered CNI config is not JSON", t.display()))?;
         let dir = root.join("etc/cni/net.d");
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join(name), serde_json::to_string_pretty(&v)?)?;

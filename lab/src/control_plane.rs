@@ -18,10 +18,7 @@ pub fn binary_dir() -> PathBuf {
 pub fn binary(name: &str) -> Result<PathBuf> {
     let p = binary_dir().join(name);
     if !p.exists() {
-        bail!(
-            "{} is missing: build the lab's control plane first with scripts/build-control-plane.sh",
-            p.display()
-        );
+        bail!("{} is missing: build the lab's control plane first with scripts/build-control-plane.sh", p.display());
     }
     Ok(p)
 }

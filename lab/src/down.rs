@@ -22,7 +22,8 @@ fn prefix(lab: &str) -> String {
 
 /// What of a lab is still on the machine, one line per thing. Empty means clean.
 pub fn leftovers(lab: &str) -> Vec<String> {
-    let mut v: Vec<String> = sys::list_netns_with_prefix(&prefix(lab)).into_iter().map(|n| format!("netns {n}")).collect();
+    let mut v: Vec<String> =
+        sys::list_netns_with_prefix(&prefix(lab)).into_iter().map(|n| format!("netns {n}")).collect();
     if let Some(c) = cgroup_dir(lab).filter(|c| c.exists()) {
         v.push(format!("cgroup {}", c.display()));
     }

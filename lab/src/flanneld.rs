@@ -32,8 +32,13 @@ pub struct NetConf {
 }
 
 pub fn parse_net_conf(name: &str, text: &str) -> Result<NetConf> {
-    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("{name}:{}:{}: net-conf.json is not JSON: {e}", e.line(), e.column()))?;
-    let network = v.get("Network").and_then(|n| n.as_str()).ok_or_else(|| anyhow!("{name}: net-conf.json has no \"Network\""))?.to_string();
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| anyhow!("{name}:{}:{}: net-conf.json is not JSON: {e}", e.line(), e.column()))?;
+    let network = v
+        .get("Network")
+        .and_then(|n| n.as_str())
+        .ok_or_else(|| anyhow!("{name}: net-conf.json has no \"Network\""))?
+        .to_string();
     let b = v.get("Backend").cloned().unwrap_or(json!({}));
     let backend = b.get("Type").and_then(|t| t.as_str()).unwrap_or("udp").to_string();
     Ok(NetConf {
@@ -70,7 +75,10 @@ pub async fn run_flanneld(a: FlannelArgs<'_>) -> Result<()> {
     std::fs::create_dir_all(&run_dir)?;
     std::fs::write(
         run_dir.join("subnet.env"),
-        format!("FLANNEL_NETWORK={}\nFLANNEL_SUBNET={gw}/{len}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={}\n", conf.network, a.ip_masq),
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={gw}/{len}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={}\n",
+            conf.network, a.ip_masq
+        ),
     )?;
 
     let mut annotations = serde_json::Map::new();
@@ -79,19 +87,32 @@ pub async fn run_flanneld(a: FlannelArgs<'_>) -> Result<()> {
     annotations.insert("flannel.alpha.coreos.com/public-ip".into(), json!(node_ip));
     if conf.backend == "vxlan" {
         if ip(None, "link show flannel.1").is_err() {
-            ip(None, &format!("link add flannel.1 type vxlan id {} local {node_ip} dev eth0 dstport {} nolearning", conf.vni, conf.port))?;
+            ip(
+                None,
+                &format!(
+                    "link add flannel.1 type vxlan id {} local {node_ip} dev eth0 dstport {} nolearning",
+                    conf.vni, conf.port
+                ),
+            )?;
         }
         ip(None, &format!("link set flannel.1 mtu {mtu} up"))?;
         ip(None, &format!("addr replace {net_addr}/32 dev flannel.1"))?;
         let mac = link_mac("flannel.1")?;
-        annotations.insert("flannel.alpha.coreos.com/backend-data".into(), json!(json!({"VNI": conf.vni, "VtepMAC": mac}).to_string()));
+        annotations.insert(
+            "flannel.alpha.coreos.com/backend-data".into(),
+            json!(json!({"VNI": conf.vni, "VtepMAC": mac}).to_string()),
+        );
     } else {
         annotations.insert("flannel.alpha.coreos.com/backend-data".into(), json!("null"));
     }
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         // Through nodes/status, as the real daemons do: their RBAC allows only that.
-        .patch_status(a.node, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": annotations}})))
+        .patch_status(
+            a.node,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": annotations}})),
+        )
         .await
         .context("annotating the node")?;
     if a.ip_masq {
@@ -180,7 +201,17 @@ impl PeerBackend for FlannelPeers {
         match &p.vtep_mac {
             Some(mac) => {
                 ip(None, &format!("neigh replace {net} lladdr {mac} dev flannel.1 nud permanent"))?;
-                run(std::process::Command::new("bridge").args(["fdb", "replace", mac, "dev", "flannel.1", "dst", &p.public_ip, "self", "permanent"]))?;
+                run(std::process::Command::new("bridge").args([
+                    "fdb",
+                    "replace",
+                    mac,
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &p.public_ip,
+                    "self",
+                    "permanent",
+                ]))?;
                 ip(None, &format!("route replace {} via {net} dev flannel.1 onlink", p.cidr))?;
             }
             None => {
@@ -195,7 +226,16 @@ impl PeerBackend for FlannelPeers {
         let _ = ip(None, &format!("route del {}", p.cidr));
         if let Some(mac) = &p.vtep_mac {
             let _ = ip(None, &format!("neigh del {net} dev flannel.1"));
-            let _ = run(std::process::Command::new("bridge").args(["fdb", "del", mac, "dev", "flannel.1", "dst", &p.public_ip, "self"]));
+            let _ = run(std::process::Command::new("bridge").args([
+                "fdb",
+                "del",
+                mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &p.public_ip,
+                "self",
+            ]));
         }
         Ok(())
     }

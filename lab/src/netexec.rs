@@ -7,9 +7,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 
 pub fn hostname() -> String {
-    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
-        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
-    })
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default())
 }
 
 /// The reply for one request path, or None for 404.
@@ -58,14 +59,20 @@ fn serve_http(mut s: TcpStream) {
         Some(b) => ("200 OK", b),
         None => ("404 Not Found", "not found".to_string()),
     };
-    let _ = write!(s, "HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        s,
+        "HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 /// Replies leave from the address the request was sent to (IP_PKTINFO). On a node
 /// with several addresses (cni0, eth0) the routing table would otherwise pick the
 /// source, and a client's connected UDP socket drops the mismatched reply.
 fn serve_udp(sock: &UdpSocket) -> Result<()> {
-    use nix::sys::socket::{recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+    use nix::sys::socket::{
+        recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn,
+    };
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
     setsockopt(sock, sockopt::Ipv4PacketInfo, &true)?;

@@ -120,9 +120,7 @@ pub fn underlay_ip(host: u8) -> Ipv4Addr {
 }
 
 pub fn state_root() -> PathBuf {
-    std::env::var_os("KUBESHIFT_LAB_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/kubeshift/lab"))
+    std::env::var_os("KUBESHIFT_LAB_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/kubeshift/lab"))
 }
 
 pub fn state_dir(name: &str) -> PathBuf {

@@ -26,7 +26,9 @@ impl LabState {
     pub fn load(dir: &Path) -> Result<Option<LabState>> {
         let p = Self::path(dir);
         match std::fs::read_to_string(&p) {
-            Ok(s) => Ok(Some(serde_json::from_str(&s).with_context(|| format!("{}: not a lab state file", p.display()))?)),
+            Ok(s) => {
+                Ok(Some(serde_json::from_str(&s).with_context(|| format!("{}: not a lab state file", p.display()))?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }

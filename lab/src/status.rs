@@ -28,7 +28,8 @@ pub struct NodeLine {
 
 pub async fn status(lab: &str) -> Result<LabStatus> {
     let dir = crate::spec::state_dir(lab);
-    let st = LabState::load(&dir)?.ok_or_else(|| anyhow!("lab {lab} is not up (no {})", LabState::path(&dir).display()))?;
+    let st =
+        LabState::load(&dir)?.ok_or_else(|| anyhow!("lab {lab} is not up (no {})", LabState::path(&dir).display()))?;
     let processes = st.processes.iter().map(|p| (p.name.clone(), p.pid, p.is_running())).collect();
     let mut nodes = vec![];
     let api = match crate::api::client_from(&st.kubeconfig).await {

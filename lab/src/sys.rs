@@ -18,17 +18,9 @@ use std::process::{Command, Stdio};
 /// Runs a command to completion; a non-zero exit is an error that names the command
 /// and carries its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start {}", describe(cmd)))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("could not start {}", describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{} failed ({}): {}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -308,7 +300,8 @@ pub fn spawn_daemon(name: &str, mut cmd: Command, log: &Path) -> Result<ProcessR
     let pid = child.id() as i32;
     // The child is reaped by init once we exit; dropping the handle does not kill it.
     std::mem::forget(child);
-    let start_time = start_time(pid).ok_or_else(|| anyhow!("{name} (pid {pid}) exited at once; see {}", log.display()))?;
+    let start_time =
+        start_time(pid).ok_or_else(|| anyhow!("{name} (pid {pid}) exited at once; see {}", log.display()))?;
     Ok(ProcessRecord { name: name.to_string(), pid, start_time, log: log.to_path_buf() })
 }
 

@@ -47,7 +47,10 @@ pub async fn up(opts: UpOptions) -> Result<LabState> {
     let name = opts.spec.name.clone();
     if let Ok(Some(st)) = LabState::load(&opts.spec.state_dir()) {
         if st.processes.iter().all(|p| p.is_running()) {
-            bail!("lab {name} is already up (kubeconfig {}); run `kubeshift lab down --name {name}` first", st.kubeconfig.display());
+            bail!(
+                "lab {name} is already up (kubeconfig {}); run `kubeshift lab down --name {name}` first",
+                st.kubeconfig.display()
+            );
         }
     }
     if down::exists(&opts.spec) {
@@ -56,11 +59,18 @@ pub async fn up(opts: UpOptions) -> Result<LabState> {
     }
     match build(&opts).await {
         Ok(st) => Ok(st),
-        Err(e) if opts.keep_on_failure => Err(e.context(format!("lab up failed; left in place for debugging (remove with `kubeshift lab down --name {name}`)"))),
+        Err(e) if opts.keep_on_failure => Err(e.context(format!(
+            "lab up failed; left in place for debugging (remove with `kubeshift lab down --name {name}`)"
+        ))),
         Err(e) => {
             let logs = crate::spec::state_dir(&name).join("logs");
             let hint = std::fs::read_dir(&logs)
-                .map(|rd| rd.flatten().map(|e| format!("--- {}\n{}", e.path().display(), sys::tail(&e.path(), 8))).collect::<Vec<_>>().join("\n"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| format!("--- {}\n{}", e.path().display(), sys::tail(&e.path(), 8)))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
                 .unwrap_or_default();
             if let Err(d) = down::down(&name) {
                 tracing::error!("cleaning up after the failure: {d:#}");
@@ -90,11 +100,7 @@ async fn build(opts: &UpOptions) -> Result<LabState> {
     state.save()?;
 
     // --- credentials --------------------------------------------------------------
-    let san: Vec<IpAddr> = vec![
-        "127.0.0.1".parse()?,
-        IpAddr::V4(spec.apiserver_ip()),
-        KUBERNETES_SERVICE_IP.parse()?,
-    ];
+    let san: Vec<IpAddr> = vec!["127.0.0.1".parse()?, IpAddr::V4(spec.apiserver_ip()), KUBERNETES_SERVICE_IP.parse()?];
     let pki = pki::write(&dir.join("pki"), &san)?;
     let ca_pem = std::fs::read_to_string(pki.ca())?;
     let admin = pki::random_token()?;
@@ -104,7 +110,11 @@ async fn build(opts: &UpOptions) -> Result<LabState> {
         Identity { token: admin.clone(), user: "kubeshift-lab-admin".into(), groups: vec!["system:masters".into()] },
         // No service-account token controller runs, so the controllers share one
         // privileged identity instead of per-controller service accounts.
-        Identity { token: cm.clone(), user: "kubeshift-lab-controller-manager".into(), groups: vec!["system:masters".into()] },
+        Identity {
+            token: cm.clone(),
+            user: "kubeshift-lab-controller-manager".into(),
+            groups: vec!["system:masters".into()],
+        },
         Identity { token: sched.clone(), user: "system:kube-scheduler".into(), groups: vec![] },
     ];
     let local = format!("https://127.0.0.1:{APISERVER_PORT}");
@@ -147,7 +157,16 @@ async fn build(opts: &UpOptions) -> Result<LabState> {
     state.add_process(sys::spawn_daemon("apiserver-forwarder", fwd, &dir.join("logs/forwarder.log"))?)?;
     let port = wait_port_file(&port_file).await?;
     state.api_port = port;
-    std::fs::write(&state.kubeconfig, pki::kubeconfig(&format!("https://127.0.0.1:{port}"), &ca_pem, "admin", &admin, &format!("kubeshift-lab-{}", spec.name)))?;
+    std::fs::write(
+        &state.kubeconfig,
+        pki::kubeconfig(
+            &format!("https://127.0.0.1:{port}"),
+            &ca_pem,
+            "admin",
+            &admin,
+            &format!("kubeshift-lab-{}", spec.name),
+        ),
+    )?;
     state.save()?;
 
     let client = api::client_from(&state.kubeconfig).await?;
@@ -174,7 +193,12 @@ async fn build(opts: &UpOptions) -> Result<LabState> {
             api::wait_for("Calico CRDs to be served", Duration::from_secs(60), || {
                 let client = client.clone();
                 let vars = vars.clone();
-                async move { Ok(api::apply_yaml(&client, "calico.yaml", &api::render("calico.yaml", MANIFEST_CALICO, &vars)?).await.ok().map(|_| ())) }
+                async move {
+                    Ok(api::apply_yaml(&client, "calico.yaml", &api::render("calico.yaml", MANIFEST_CALICO, &vars)?)
+                        .await
+                        .ok()
+                        .map(|_| ()))
+                }
             })
             .await?;
         }
@@ -186,7 +210,11 @@ async fn build(opts: &UpOptions) -> Result<LabState> {
         k.args(["lab", "kubelet", "--name", &spec.name, "--node", &node]);
         k.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         sys::confine(&mut k, Some(&spec.netns_node(&node)), None)?;
-        state.add_process(sys::spawn_daemon(&format!("kubelet-{node}"), k, &dir.join(format!("logs/kubelet-{node}.log")))?)?;
+        state.add_process(sys::spawn_daemon(
+            &format!("kubelet-{node}"),
+            k,
+            &dir.join(format!("logs/kubelet-{node}.log")),
+        )?)?;
     }
     wait_nodes_ready(&client, spec).await?;
     wait_daemonsets(&client, spec).await?;
@@ -248,19 +276,20 @@ async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
         let want = spec.nodes;
-        let r = api::wait_for(&format!("DaemonSet {ns}/{name} ready on {want} nodes"), Duration::from_secs(180), || {
-            let (api, pods) = (api.clone(), pods.clone());
-            async move {
-                let ds = api.get(name).await?;
-                let counted = ds.status.as_ref().map(|s| s.number_ready).unwrap_or(0) as usize;
-                // The DaemonSet controller's status write can lag far behind its pods on a
-                // loaded machine (once seen in CI: both pods Ready, numberReady short for
-                // 180 s), so the pods themselves count as well.
-                let owned = pods.list(&ListParams::default().labels(selector)).await?;
-                Ok((counted >= want || ready_nodes(&owned.items, &ds) >= want).then_some(()))
-            }
-        })
-        .await;
+        let r =
+            api::wait_for(&format!("DaemonSet {ns}/{name} ready on {want} nodes"), Duration::from_secs(180), || {
+                let (api, pods) = (api.clone(), pods.clone());
+                async move {
+                    let ds = api.get(name).await?;
+                    let counted = ds.status.as_ref().map(|s| s.number_ready).unwrap_or(0) as usize;
+                    // The DaemonSet controller's status write can lag far behind its pods on a
+                    // loaded machine (once seen in CI: both pods Ready, numberReady short for
+                    // 180 s), so the pods themselves count as well.
+                    let owned = pods.list(&ListParams::default().labels(selector)).await?;
+                    Ok((counted >= want || ready_nodes(&owned.items, &ds) >= want).then_some(()))
+                }
+            })
+            .await;
         if let Err(e) = r {
             return Err(e.context(pod_states(client, ns, selector).await));
         }
@@ -298,7 +327,15 @@ async fn pod_states(client: &Client, ns: &str, selector: &str) -> String {
                     .container_statuses
                     .unwrap_or_default()
                     .iter()
-                    .map(|c| format!("{} ready={} restarts={} {:?}", c.name, c.ready, c.restart_count, c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone())))
+                    .map(|c| {
+                        format!(
+                            "{} ready={} restarts={} {:?}",
+                            c.name,
+                            c.ready,
+                            c.restart_count,
+                            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone())
+                        )
+                    })
                     .collect();
                 format!(
                     "{} on {}: {} {}",

@@ -13,7 +13,11 @@ use std::time::Instant;
 fn synthetic(nodes: usize, pods: usize, services: usize, policies: usize) -> Inventory {
     let mut inv = Inventory { kube_system_uid: "uid".into(), ..Default::default() };
     inv.cni.kind = Some("flannel".into());
-    inv.cni.flannel = Some(FlannelConfig { network: Some("10.244.0.0/16".into()), backend_type: Some("vxlan".into()), ..Default::default() });
+    inv.cni.flannel = Some(FlannelConfig {
+        network: Some("10.244.0.0/16".into()),
+        backend_type: Some("vxlan".into()),
+        ..Default::default()
+    });
     inv.kube_proxy.mode = Some("iptables".into());
     inv.apiserver_addresses = vec!["10.96.0.1".into(), "192.168.0.10:6443".into()];
     for i in 0..nodes {
@@ -48,24 +52,45 @@ fn synthetic(nodes: usize, pods: usize, services: usize, policies: usize) -> Inv
             cluster_ip: Some(format!("10.{}.{}.{}", 96 + i / 65_536, (i / 256) % 256, i % 256)),
             ports: vec![ApiServicePort { name: "http".into(), port: 80, protocol: "TCP".into(), node_port: None }],
             endpoints: (0..3)
-                .map(|e| ApiEndpoint { ip: format!("10.244.{}.{}", e, i % 250 + 2), node_name: None, ready: true, ports: vec![ApiEndpointPort { name: "http".into(), port: 8080, protocol: "TCP".into() }] })
+                .map(|e| ApiEndpoint {
+                    ip: format!("10.244.{}.{}", e, i % 250 + 2),
+                    node_name: None,
+                    ready: true,
+                    ports: vec![ApiEndpointPort { name: "http".into(), port: 8080, protocol: "TCP".into() }],
+                })
                 .collect(),
             ..Default::default()
         });
     }
     for i in 0..policies {
         let spec = match i % 4 {
-            0 => serde_json::json!({"podSelector": {"matchLabels": {"app": format!("app-{}", i % 2_000)}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": 8080}]}]}),
+            0 => {
+                serde_json::json!({"podSelector": {"matchLabels": {"app": format!("app-{}", i % 2_000)}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": 8080}]}]})
+            }
             1 => serde_json::json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]}]}),
-            2 => serde_json::json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}]}]}),
-            _ => serde_json::json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["app-1", "app-2"]}]}, "policyTypes": ["Ingress"]}),
+            2 => {
+                serde_json::json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}]}]})
+            }
+            _ => {
+                serde_json::json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["app-1", "app-2"]}]}, "policyTypes": ["Ingress"]})
+            }
         };
-        inv.network_policies.push(PolicyInfo { namespace: format!("ns-{}", i % namespaces), name: format!("np-{i}"), spec: serde_json::from_value(spec).unwrap() });
+        inv.network_policies.push(PolicyInfo {
+            namespace: format!("ns-{}", i % namespaces),
+            name: format!("np-{i}"),
+            spec: serde_json::from_value(spec).unwrap(),
+        });
     }
     for i in 0..namespaces {
         let mut sel = BTreeMap::new();
         sel.insert("app".to_string(), format!("app-{i}"));
-        inv.pdbs.push(PdbInfo { namespace: format!("ns-{i}"), name: format!("pdb-{i}"), selector: sel, min_available: Some("50%".into()), ..Default::default() });
+        inv.pdbs.push(PdbInfo {
+            namespace: format!("ns-{i}"),
+            name: format!("pdb-{i}"),
+            selector: sel,
+            min_available: Some("50%".into()),
+            ..Default::default()
+        });
     }
     inv
 }
@@ -94,5 +119,9 @@ fn main() {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage only writes into the struct we pass.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    println!("median {:.3} s over {runs} runs; peak RSS {:.1} MiB", times[times.len() / 2], ru.ru_maxrss as f64 / 1024.0);
+    println!(
+        "median {:.3} s over {runs} runs; peak RSS {:.1} MiB",
+        times[times.len() / 2],
+        ru.ru_maxrss as f64 / 1024.0
+    );
 }

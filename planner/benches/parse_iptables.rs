@@ -27,14 +27,8 @@ fn cpu_seconds() -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; a number on the command line overrides the size.
-    let lines: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(700_000);
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let lines: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(700_000);
+    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
     let dump = kubeshift_planner::iptables::synth::synthetic_dump(lines);
     let actual_lines = dump.lines().count();
     let rss_input = peak_rss_mib();
@@ -48,8 +42,8 @@ fn main() {
     for run in 0..runs {
         let t = Instant::now();
         let c = cpu_seconds();
-        let model = kubeshift_planner::iptables::parse_iptables_save("synthetic", &dump)
-            .expect("synthetic dump parses");
+        let model =
+            kubeshift_planner::iptables::parse_iptables_save("synthetic", &dump).expect("synthetic dump parses");
         let el = t.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - c;
         services = model.services.len();

@@ -7,10 +7,7 @@
 use std::time::Instant;
 
 fn main() {
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let input = kubeshift_planner::planning::synthetic_input(5_000, 150_000);
     let mut times = Vec::new();
     let mut size = 0;

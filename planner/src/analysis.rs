@@ -129,11 +129,8 @@ pub fn classify_policy(p: &PolicyInfo, ctx: &PolicyContext) -> PolicyVerdict {
                     except.join(", ")
                 ));
             }
-            let named_legacy: Vec<&String> = ctx
-                .legacy_pod_cidrs
-                .iter()
-                .filter(|c| *c == &b.cidr || except.iter().any(|e| e == *c))
-                .collect();
+            let named_legacy: Vec<&String> =
+                ctx.legacy_pod_cidrs.iter().filter(|c| *c == &b.cidr || except.iter().any(|e| e == *c)).collect();
             if !named_legacy.is_empty() {
                 attention.push(format!(
                     "{dir} ipBlock names the legacy pod CIDR {}: pods move to {} during the migration, add that range next to it or the policy's verdicts change",
@@ -164,7 +161,9 @@ pub fn classify_policy(p: &PolicyInfo, ctx: &PolicyContext) -> PolicyVerdict {
         .pods
         .iter()
         .copied()
-        .filter(|pod| pod.namespace == p.namespace && spec.pod_selector.as_ref().is_none_or(|s| selector_matches(s, &pod.labels)))
+        .filter(|pod| {
+            pod.namespace == p.namespace && spec.pod_selector.as_ref().is_none_or(|s| selector_matches(s, &pod.labels))
+        })
         .collect();
     let host_net: Vec<String> = selected.iter().filter(|p| p.host_network).map(|p| p.name.clone()).collect();
     if !host_net.is_empty() {
@@ -182,7 +181,13 @@ pub fn classify_policy(p: &PolicyInfo, ctx: &PolicyContext) -> PolicyVerdict {
         PolicyClass::CarriedOver
     };
     blockers.extend(attention);
-    PolicyVerdict { api: "networking.k8s.io".into(), namespace: p.namespace.clone(), name: p.name.clone(), class, reasons: blockers }
+    PolicyVerdict {
+        api: "networking.k8s.io".into(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        class,
+        reasons: blockers,
+    }
 }
 
 pub fn classify_calico(p: &crate::inventory::CalicoPolicyInfo) -> PolicyVerdict {
@@ -236,7 +241,8 @@ pub fn node_readiness(inv: &Inventory, reports: &[NodeReport]) -> Vec<NodeReadin
     inv.nodes
         .iter()
         .map(|n| {
-            let report = reports.iter().find(|r| r.node_name.as_deref().or(Some(r.hostname.as_str())) == Some(n.name.as_str()));
+            let report =
+                reports.iter().find(|r| r.node_name.as_deref().or(Some(r.hostname.as_str())) == Some(n.name.as_str()));
             let mut reasons = Vec::new();
             match report {
                 Some(r) => reasons.extend(r.readiness_blockers()),
@@ -353,9 +359,17 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     }
 
     let readiness = node_readiness(inv, reports);
-    let failing: Vec<String> = readiness.iter().filter(|r| !r.ready).map(|r| format!("{} ({})", r.node, r.reasons.join("; "))).collect();
+    let failing: Vec<String> =
+        readiness.iter().filter(|r| !r.ready).map(|r| format!("{} ({})", r.node, r.reasons.join("; "))).collect();
     if !failing.is_empty() {
-        a.findings.push(f(Severity::Blocker, "nodes", format!("nodes not ready for the eBPF datapath (needs kernel >= 5.10, BTF, cgroup v2): {}", failing.join(", "))));
+        a.findings.push(f(
+            Severity::Blocker,
+            "nodes",
+            format!(
+                "nodes not ready for the eBPF datapath (needs kernel >= 5.10, BTF, cgroup v2): {}",
+                failing.join(", ")
+            ),
+        ));
     }
     let unreported: Vec<&str> = readiness.iter().filter(|r| !r.report).map(|r| r.node.as_str()).collect();
     if !unreported.is_empty() {
@@ -369,11 +383,23 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             Some(Ok(model)) => {
                 let d = diff_node(&node, &model, &inv.services);
                 if !d.is_clean() {
-                    a.findings.push(f(Severity::Attention, &format!("node/{node}"), format!("{} differences between kube-proxy's rules and the API (first: {})", d.findings.len(), d.findings[0].reason)));
+                    a.findings.push(f(
+                        Severity::Attention,
+                        &format!("node/{node}"),
+                        format!(
+                            "{} differences between kube-proxy's rules and the API (first: {})",
+                            d.findings.len(),
+                            d.findings[0].reason
+                        ),
+                    ));
                 }
                 a.rule_diffs.push(d);
             }
-            Some(Err(e)) => a.findings.push(f(Severity::Attention, &format!("node/{node}"), format!("its iptables-save does not parse: {e}"))),
+            Some(Err(e)) => a.findings.push(f(
+                Severity::Attention,
+                &format!("node/{node}"),
+                format!("its iptables-save does not parse: {e}"),
+            )),
             None => {}
         }
     }
@@ -398,27 +424,59 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             PolicyClass::NeedsAttention => Severity::Attention,
             PolicyClass::Blocker => Severity::Blocker,
         };
-        let subject = if v.namespace.is_empty() { format!("{}/{}", v.api, v.name) } else { format!("{}/{}/{}", v.api, v.namespace, v.name) };
+        let subject = if v.namespace.is_empty() {
+            format!("{}/{}", v.api, v.name)
+        } else {
+            format!("{}/{}/{}", v.api, v.namespace, v.name)
+        };
         for r in &v.reasons {
             a.findings.push(f(sev, &subject, r.clone()));
         }
     }
 
-    let host_ports: Vec<String> = inv.pods.iter().filter(|p| !p.host_ports.is_empty()).map(|p| format!("{}/{} ({})", p.namespace, p.name, p.host_ports.join(", "))).collect();
+    let host_ports: Vec<String> = inv
+        .pods
+        .iter()
+        .filter(|p| !p.host_ports.is_empty())
+        .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.host_ports.join(", ")))
+        .collect();
     if !host_ports.is_empty() {
-        a.findings.push(f(Severity::Attention, "pods", format!("pods with hostPorts, served by the portmap plugin today, must be re-wired by the datapath: {}", host_ports.join("; "))));
+        a.findings.push(f(
+            Severity::Attention,
+            "pods",
+            format!(
+                "pods with hostPorts, served by the portmap plugin today, must be re-wired by the datapath: {}",
+                host_ports.join("; ")
+            ),
+        ));
     }
     let host_net = inv.pods.iter().filter(|p| p.host_network).count();
     if host_net > 0 {
-        a.findings.push(f(Severity::Info, "pods", format!("{host_net} hostNetwork pods keep the node's network during the migration")));
+        a.findings.push(f(
+            Severity::Info,
+            "pods",
+            format!("{host_net} hostNetwork pods keep the node's network during the migration"),
+        ));
     }
-    let local: Vec<String> = inv.services.services.iter().filter(|s| s.external_traffic_policy == TrafficPolicy::Local && s.service_type != crate::api::ServiceType::ClusterIP).map(|s| format!("{}/{}", s.namespace, s.name)).collect();
+    let local: Vec<String> = inv
+        .services
+        .services
+        .iter()
+        .filter(|s| {
+            s.external_traffic_policy == TrafficPolicy::Local && s.service_type != crate::api::ServiceType::ClusterIP
+        })
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
     if !local.is_empty() {
         a.findings.push(f(Severity::Attention, "services", format!("externalTrafficPolicy Local (client source IP kept, only local endpoints): {}; check health check node ports after take-over", local.join(", "))));
     }
     for pdb in &inv.pdbs {
         if pdb.disruptions_allowed == Some(0) {
-            a.findings.push(f(Severity::Attention, &format!("pdb/{}/{}", pdb.namespace, pdb.name), "allows no disruption now: drains of nodes with its pods will wait".into()));
+            a.findings.push(f(
+                Severity::Attention,
+                &format!("pdb/{}/{}", pdb.namespace, pdb.name),
+                "allows no disruption now: drains of nodes with its pods will wait".into(),
+            ));
         }
     }
     a.findings.sort_by(|x, y| x.severity.cmp(&y.severity));
@@ -453,7 +511,11 @@ pub fn pool_disruption_limits(inv: &Inventory) -> BTreeMap<String, u32> {
             .into_iter()
             .flatten()
             .copied()
-            .filter(|p| p.namespace == pdb.namespace && !pdb.selector.is_empty() && pdb.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter(|p| {
+                p.namespace == pdb.namespace
+                    && !pdb.selector.is_empty()
+                    && pdb.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            })
             .collect();
         if pods.is_empty() {
             continue;

@@ -121,9 +121,7 @@ impl ApiService {
             .filter_map(|e| {
                 e.ports
                     .iter()
-                    .find(|p| {
-                        p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol)
-                    })
+                    .find(|p| p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol))
                     .map(|p| format!("{}:{}", e.ip, p.port))
             })
             .collect();

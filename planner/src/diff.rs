@@ -77,29 +77,17 @@ fn targets(eps: &[crate::iptables::EndpointRule]) -> Vec<String> {
 fn set_diff(want: &[String], have: &[String]) -> (Vec<String>, Vec<String>) {
     let w: BTreeSet<&String> = want.iter().collect();
     let h: BTreeSet<&String> = have.iter().collect();
-    (
-        w.difference(&h).map(|s| s.to_string()).collect(),
-        h.difference(&w).map(|s| s.to_string()).collect(),
-    )
+    (w.difference(&h).map(|s| s.to_string()).collect(), h.difference(&w).map(|s| s.to_string()).collect())
 }
 
 /// Diffs one node's rules against the API. `node` is the node's name as in
 /// the API, used to pick its local endpoints for Local traffic policies.
 pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
-    let mut out = NodeDiff {
-        node: node.to_string(),
-        input: model.input.clone(),
-        ..Default::default()
-    };
+    let mut out = NodeDiff { node: node.to_string(), input: model.input.clone(), ..Default::default() };
     let by_key: HashMap<String, &ServiceRules> = model
         .services
         .iter()
-        .map(|s| {
-            (
-                service_port_key(&s.namespace, &s.name, &s.port_name, &s.protocol),
-                s,
-            )
-        })
+        .map(|s| (service_port_key(&s.namespace, &s.name, &s.port_name, &s.protocol), s))
         .collect();
     let mut api_keys = BTreeSet::new();
 
@@ -143,8 +131,7 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             reason: format!("chain {c} exists but no rule jumps to it; it is left over and can be removed with the other KUBE-* chains"),
         });
     }
-    out.findings
-        .sort_by(|a, b| (a.kind, &a.service).cmp(&(b.kind, &b.service)));
+    out.findings.sort_by(|a, b| (a.kind, &a.service).cmp(&(b.kind, &b.service)));
     out
 }
 
@@ -166,12 +153,7 @@ fn missing(svc: &ApiService, port: &crate::api::ApiServicePort, key: &str) -> Fi
             show(&ready)
         )
     };
-    Finding {
-        kind: FindingKind::MissingRules,
-        service: Some(key.to_string()),
-        chains: Vec::new(),
-        reason,
-    }
+    Finding { kind: FindingKind::MissingRules, service: Some(key.to_string()), chains: Vec::new(), reason }
 }
 
 fn compare(
@@ -182,14 +164,8 @@ fn compare(
     s: &ServiceRules,
     f: &mut Vec<Finding>,
 ) {
-    let mut push = |kind, reason: String| {
-        f.push(Finding {
-            kind,
-            service: Some(key.to_string()),
-            chains: rule_chains(s),
-            reason,
-        })
-    };
+    let mut push =
+        |kind, reason: String| f.push(Finding { kind, service: Some(key.to_string()), chains: rule_chains(s), reason });
     let api_ip = svc.cluster_ip.as_deref().unwrap_or("");
     if s.cluster_ip.as_deref() != Some(api_ip) || s.port.is_some_and(|p| p != port.port) {
         push(
@@ -221,10 +197,7 @@ fn compare(
         if !have.is_empty() {
             push(
                 FindingKind::EndpointMismatch,
-                format!(
-                    "the API lists no ready endpoint but the rules still send traffic to {}",
-                    show(&have)
-                ),
+                format!("the API lists no ready endpoint but the rules still send traffic to {}", show(&have)),
             );
         } else if !s.reject_no_endpoints {
             push(
@@ -237,21 +210,12 @@ fn compare(
         if !missing.is_empty() || !extra.is_empty() {
             let mut parts = Vec::new();
             if !missing.is_empty() {
-                parts.push(format!(
-                    "ready in the API but not in the rules: {}",
-                    show(&missing)
-                ));
+                parts.push(format!("ready in the API but not in the rules: {}", show(&missing)));
             }
             if !extra.is_empty() {
-                parts.push(format!(
-                    "in the rules but not ready in the API: {}",
-                    show(&extra)
-                ));
+                parts.push(format!("in the rules but not ready in the API: {}", show(&extra)));
             }
-            push(
-                FindingKind::EndpointMismatch,
-                format!("{which} differ; {}", parts.join("; ")),
-            );
+            push(FindingKind::EndpointMismatch, format!("{which} differ; {}", parts.join("; ")));
         }
         if s.reject_no_endpoints {
             push(
@@ -295,10 +259,7 @@ fn compare(
         if !s.node_ports.contains(&np) {
             push(
                 FindingKind::NodePortMismatch,
-                format!(
-                    "the API allocates node port {np}; the rules have {:?}",
-                    s.node_ports
-                ),
+                format!("the API allocates node port {np}; the rules have {:?}", s.node_ports),
             );
         }
     }
@@ -306,9 +267,7 @@ fn compare(
         if port.node_port != Some(*np) {
             push(
                 FindingKind::NodePortMismatch,
-                format!(
-                    "the rules open node port {np}, which the API does not allocate to this port"
-                ),
+                format!("the rules open node port {np}, which the API does not allocate to this port"),
             );
         }
     }
@@ -319,17 +278,10 @@ fn compare(
             SessionAffinity::None => None,
         };
         if want != s.affinity_seconds {
-            let fmt = |v: Option<u32>| {
-                v.map(|s| format!("ClientIP for {s} s"))
-                    .unwrap_or_else(|| "none".into())
-            };
+            let fmt = |v: Option<u32>| v.map(|s| format!("ClientIP for {s} s")).unwrap_or_else(|| "none".into());
             push(
                 FindingKind::AffinityMismatch,
-                format!(
-                    "session affinity in the API: {}; in the rules: {}",
-                    fmt(want),
-                    fmt(s.affinity_seconds)
-                ),
+                format!("session affinity in the API: {}; in the rules: {}", fmt(want), fmt(s.affinity_seconds)),
             );
         }
     }
@@ -337,12 +289,7 @@ fn compare(
     if all_ready.is_empty() {
         // Without endpoints kube-proxy writes one REJECT per external address
         // and the rule no longer says whether it is an external or an LB IP.
-        let mut want: Vec<String> = svc
-            .external_ips
-            .iter()
-            .chain(&svc.lb_ingress_ips)
-            .cloned()
-            .collect();
+        let mut want: Vec<String> = svc.external_ips.iter().chain(&svc.lb_ingress_ips).cloned().collect();
         let mut have: Vec<String> = s.external_ips.iter().chain(&s.lb_ips).cloned().collect();
         want.sort();
         want.dedup();
@@ -351,11 +298,7 @@ fn compare(
         if want != have {
             push(
                 FindingKind::ExternalAddressMismatch,
-                format!(
-                    "external and load balancer IPs: API has [{}], rules have [{}]",
-                    show(&want),
-                    show(&have)
-                ),
+                format!("external and load balancer IPs: API has [{}], rules have [{}]", show(&want), show(&have)),
             );
         }
         return;
@@ -377,33 +320,19 @@ fn compare(
     if !miss_ext.is_empty() || !extra_ext.is_empty() {
         push(
             FindingKind::ExternalAddressMismatch,
-            format!(
-                "external IPs: API has [{}], rules have [{}]",
-                show(&svc.external_ips),
-                show(&s.external_ips)
-            ),
+            format!("external IPs: API has [{}], rules have [{}]", show(&svc.external_ips), show(&s.external_ips)),
         );
     }
     let (miss_lb, extra_lb) = set_diff(&svc.lb_ingress_ips, &s.lb_ips);
     if !miss_lb.is_empty() || !extra_lb.is_empty() {
         push(
             FindingKind::ExternalAddressMismatch,
-            format!(
-                "load balancer IPs: API has [{}], rules have [{}]",
-                show(&svc.lb_ingress_ips),
-                show(&s.lb_ips)
-            ),
+            format!("load balancer IPs: API has [{}], rules have [{}]", show(&svc.lb_ingress_ips), show(&s.lb_ips)),
         );
     }
 }
 
 /// Diffs every node; `models` pairs node names with their parsed rules.
-pub fn diff_nodes<'a>(
-    models: impl IntoIterator<Item = (&'a str, &'a RuleModel)>,
-    api: &ApiServices,
-) -> Vec<NodeDiff> {
-    models
-        .into_iter()
-        .map(|(n, m)| diff_node(n, m, api))
-        .collect()
+pub fn diff_nodes<'a>(models: impl IntoIterator<Item = (&'a str, &'a RuleModel)>, api: &ApiServices) -> Vec<NodeDiff> {
+    models.into_iter().map(|(n, m)| diff_node(n, m, api)).collect()
 }

@@ -48,13 +48,14 @@ impl Served {
     }
 }
 
-async fn list_dynamic(client: &Client, ar: &kube::discovery::ApiResource, what: &str) -> Result<Vec<serde_json::Value>> {
+async fn list_dynamic(
+    client: &Client,
+    ar: &kube::discovery::ApiResource,
+    what: &str,
+) -> Result<Vec<serde_json::Value>> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
     let list = api.list(&ListParams::default()).await.with_context(|| format!("listing {what}"))?;
-    list.items
-        .into_iter()
-        .map(|o| serde_json::to_value(o).with_context(|| format!("reading {what}")))
-        .collect()
+    list.items.into_iter().map(|o| serde_json::to_value(o).with_context(|| format!("reading {what}"))).collect()
 }
 
 fn labels(meta: &kube::api::ObjectMeta) -> BTreeMap<String, String> {
@@ -100,17 +101,8 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
     let pods = Api::<Pod>::all(client.clone()).list(&ListParams::default()).await.context("listing pods")?;
     for p in &pods.items {
         let spec = p.spec.clone().unwrap_or_default();
-        let owned_by_ds = p
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.kind == "DaemonSet");
-        let mirror = p
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+        let owned_by_ds = p.metadata.owner_references.iter().flatten().any(|o| o.kind == "DaemonSet");
+        let mirror = p.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
         let mut host_ports = Vec::new();
         for c in &spec.containers {
             for port in c.ports.iter().flatten() {
@@ -135,7 +127,8 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
         });
     }
 
-    let daemonsets = Api::<DaemonSet>::all(client.clone()).list(&ListParams::default()).await.context("listing DaemonSets")?;
+    let daemonsets =
+        Api::<DaemonSet>::all(client.clone()).list(&ListParams::default()).await.context("listing DaemonSets")?;
     discover_cni(client, &served, &daemonsets.items, &mut inv).await?;
     discover_kube_proxy(client, &daemonsets.items, &pods.items, &mut inv).await?;
     discover_services(client, &served, &mut inv).await?;
@@ -145,13 +138,18 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
             return None;
         }
         p.spec.as_ref()?.containers.iter().find_map(|c| {
-            c.command.iter().flatten().chain(c.args.iter().flatten()).find_map(|a| {
-                a.strip_prefix("--service-cluster-ip-range=").map(str::to_string)
-            })
+            c.command
+                .iter()
+                .flatten()
+                .chain(c.args.iter().flatten())
+                .find_map(|a| a.strip_prefix("--service-cluster-ip-range=").map(str::to_string))
         })
     });
 
-    let nps = Api::<NetworkPolicy>::all(client.clone()).list(&ListParams::default()).await.context("listing NetworkPolicies")?;
+    let nps = Api::<NetworkPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing NetworkPolicies")?;
     for np in nps.items {
         inv.network_policies.push(PolicyInfo {
             namespace: np.metadata.namespace.unwrap_or_default(),
@@ -173,17 +171,15 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
                 inv.pdbs.push(pdb_from_json(&format!("policy/{ver}"), &v));
             }
         }
-        None => inv.problems.push("the API server serves no PodDisruptionBudget version (policy/v1 or v1beta1): batches ignore PDBs".into()),
+        None => inv.problems.push(
+            "the API server serves no PodDisruptionBudget version (policy/v1 or v1beta1): batches ignore PDBs".into(),
+        ),
     }
     Ok(inv)
 }
 
 fn ds_name(ds: &DaemonSet) -> String {
-    format!(
-        "{}/{}",
-        ds.metadata.namespace.as_deref().unwrap_or(""),
-        ds.metadata.name.as_deref().unwrap_or("")
-    )
+    format!("{}/{}", ds.metadata.namespace.as_deref().unwrap_or(""), ds.metadata.name.as_deref().unwrap_or(""))
 }
 
 fn ds_is(ds: &DaemonSet, name: &str) -> bool {
@@ -223,7 +219,8 @@ async fn flannel_config(client: &Client, ns: &str, candidates: &[String]) -> Res
 
 async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: &mut Inventory) -> Result<()> {
     let canal = dss.iter().find(|d| ds_is(d, "canal"));
-    let flannel = dss.iter().find(|d| ds_is(d, "flannel") || d.metadata.name.as_deref().is_some_and(|n| n.contains("flannel")));
+    let flannel =
+        dss.iter().find(|d| ds_is(d, "flannel") || d.metadata.name.as_deref().is_some_and(|n| n.contains("flannel")));
     let calico = dss.iter().find(|d| ds_is(d, "calico-node"));
     let installation = match served.resource("operator.tigera.io", "v1", "Installation") {
         Some(ar) => list_dynamic(client, &ar, "operator.tigera.io Installations").await?.into_iter().next(),
@@ -245,7 +242,11 @@ async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: 
         inv.cni.workload = Some(ds_name(ds));
         inv.cni.flannel = flannel_config(client, &ns, &names).await?;
         if inv.cni.flannel.is_none() {
-            inv.problems.push(format!("Flannel DaemonSet {} found but no ConfigMap with net-conf.json ({})", ds_name(ds), names.join(", ")));
+            inv.problems.push(format!(
+                "Flannel DaemonSet {} found but no ConfigMap with net-conf.json ({})",
+                ds_name(ds),
+                names.join(", ")
+            ));
         }
     }
     if calico.is_some() || installation.is_some() {
@@ -257,23 +258,28 @@ async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: 
                 cfg.backend = cm.data.as_ref().and_then(|d| d.get("calico_backend")).cloned();
             }
         } else if let Some(i) = &installation {
-            cfg.installed_by = format!(
-                "Installation {}",
-                i.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("default")
-            );
+            cfg.installed_by =
+                format!("Installation {}", i.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("default"));
         }
         if let Some(ar) = served.resource("crd.projectcalico.org", "v1", "IPPool") {
-            cfg.ip_pools = list_dynamic(client, &ar, "Calico IPPools").await?.iter().map(calico_pool_from_json).collect();
+            cfg.ip_pools =
+                list_dynamic(client, &ar, "Calico IPPools").await?.iter().map(calico_pool_from_json).collect();
         }
         if cfg.ip_pools.is_empty() {
             // The operator writes its pools into the Installation before calico-node creates IPPools.
-            for p in installation.iter().flat_map(|i| i.pointer("/spec/calicoNetwork/ipPools").and_then(|p| p.as_array()).cloned().unwrap_or_default()) {
+            for p in installation.iter().flat_map(|i| {
+                i.pointer("/spec/calicoNetwork/ipPools").and_then(|p| p.as_array()).cloned().unwrap_or_default()
+            }) {
                 let enc = p.get("encapsulation").and_then(|e| e.as_str()).unwrap_or("");
                 cfg.ip_pools.push(CalicoIpPool {
                     name: "installation".into(),
                     cidr: p.get("cidr").and_then(|c| c.as_str()).unwrap_or("").into(),
-                    ipip_mode: enc.starts_with("IPIP").then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
-                    vxlan_mode: enc.starts_with("VXLAN").then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
+                    ipip_mode: enc
+                        .starts_with("IPIP")
+                        .then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
+                    vxlan_mode: enc
+                        .starts_with("VXLAN")
+                        .then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
                     nat_outgoing: p.get("natOutgoing").and_then(|n| n.as_str()) != Some("Disabled"),
                     disabled: false,
                 });
@@ -286,7 +292,11 @@ async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: 
                     .iter()
                     .find(|o| o.pointer("/metadata/name").and_then(|n| n.as_str()) == Some("default"))
                     .and_then(|o| o.get("spec").cloned());
-                if slot == 0 { cfg.felix = spec } else { cfg.bgp = spec }
+                if slot == 0 {
+                    cfg.felix = spec
+                } else {
+                    cfg.bgp = spec
+                }
             }
         }
         if let Some(ar) = served.resource("crd.projectcalico.org", "v1", "BGPPeer") {
@@ -337,11 +347,9 @@ async fn discover_kube_proxy(client: &Client, dss: &[DaemonSet], pods: &[Pod], i
     cms.push("kube-proxy".into());
     for name in cms {
         let Some(cm) = config_map(client, &ns, &name).await? else { continue };
-        let Some((key, text)) = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.iter().find(|(k, _)| k.as_str() == "config.conf" || k.ends_with(".conf") && !k.starts_with("kubeconfig")))
-        else {
+        let Some((key, text)) = cm.data.as_ref().and_then(|d| {
+            d.iter().find(|(k, _)| k.as_str() == "config.conf" || k.ends_with(".conf") && !k.starts_with("kubeconfig"))
+        }) else {
             continue;
         };
         let input = format!("ConfigMap {ns}/{name} key {key}");
@@ -370,7 +378,10 @@ async fn discover_services(client: &Client, served: &Served, inv: &mut Inventory
     let mut eps = Vec::new();
     if served.resource("discovery.k8s.io", "v1", "EndpointSlice").is_some() {
         inv.endpoints_source = "discovery.k8s.io/v1".into();
-        let list = Api::<EndpointSlice>::all(client.clone()).list(&ListParams::default()).await.context("listing EndpointSlices (discovery.k8s.io/v1)")?;
+        let list = Api::<EndpointSlice>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .context("listing EndpointSlices (discovery.k8s.io/v1)")?;
         for s in list.items {
             let v = serde_json::to_value(&s).context("reading an EndpointSlice")?;
             eps.extend(endpoints_from_slice(&v));
@@ -382,7 +393,8 @@ async fn discover_services(client: &Client, served: &Served, inv: &mut Inventory
         }
     } else {
         inv.endpoints_source = "v1/Endpoints".into();
-        let list = Api::<Endpoints>::all(client.clone()).list(&ListParams::default()).await.context("listing Endpoints")?;
+        let list =
+            Api::<Endpoints>::all(client.clone()).list(&ListParams::default()).await.context("listing Endpoints")?;
         for e in list.items {
             eps.push((
                 e.metadata.namespace.clone().unwrap_or_default(),
@@ -399,7 +411,11 @@ async fn discover_services(client: &Client, served: &Served, inv: &mut Inventory
             inv.apiserver_addresses.push(ip);
         }
     }
-    if let Some(e) = Api::<Endpoints>::namespaced(client.clone(), "default").get_opt("kubernetes").await.context("reading Endpoints default/kubernetes")? {
+    if let Some(e) = Api::<Endpoints>::namespaced(client.clone(), "default")
+        .get_opt("kubernetes")
+        .await
+        .context("reading Endpoints default/kubernetes")?
+    {
         for ep in endpoints_from_core(&e) {
             for p in &ep.ports {
                 inv.apiserver_addresses.push(format!("{}:{}", ep.ip, p.port));

@@ -4,8 +4,7 @@
 //! unit-tested with fixtures.
 
 use crate::api::{
-    ApiEndpoint, ApiEndpointPort, ApiService, ApiServicePort, ApiServices, ServiceType,
-    SessionAffinity, TrafficPolicy,
+    ApiEndpoint, ApiEndpointPort, ApiService, ApiServicePort, ApiServices, ServiceType, SessionAffinity, TrafficPolicy,
 };
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
@@ -182,11 +181,7 @@ impl Inventory {
         let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         names.sort();
         let joined = names.join(",");
-        let svc = self
-            .service_cidr
-            .clone()
-            .or_else(|| self.apiserver_addresses.first().cloned())
-            .unwrap_or_default();
+        let svc = self.service_cidr.clone().or_else(|| self.apiserver_addresses.first().cloned()).unwrap_or_default();
         let cni = self.cni.kind.clone().unwrap_or_default();
         crate::plan::fingerprint(&[&self.kube_system_uid, &joined, &svc, &cni])
     }
@@ -214,8 +209,8 @@ pub fn is_control_plane(labels: &BTreeMap<String, String>) -> bool {
 
 /// Flannel's `net-conf.json`. `input` names the ConfigMap key in errors.
 pub fn parse_flannel_net_conf(input: &str, text: &str) -> Result<FlannelConfig, String> {
-    let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| format!("{input}:{}:{}: not valid JSON: {e}", e.line(), e.column()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("{input}:{}:{}: not valid JSON: {e}", e.line(), e.column()))?;
     let obj = v.as_object().ok_or_else(|| format!("{input}: expected a JSON object"))?;
     let backend = obj.get("Backend");
     if let Some(b) = backend {
@@ -247,11 +242,7 @@ pub fn parse_kube_proxy_config(input: &str, text: &str) -> Result<(String, Optio
     })?;
     let mode = v.get("mode").and_then(|m| m.as_str()).unwrap_or("").trim().to_string();
     let mode = if mode.is_empty() { "iptables".to_string() } else { mode };
-    let cidr = v
-        .get("clusterCIDR")
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
-        .filter(|s| !s.is_empty());
+    let cidr = v.get("clusterCIDR").and_then(|m| m.as_str()).map(str::to_string).filter(|s| !s.is_empty());
     Ok((mode, cidr))
 }
 
@@ -394,10 +385,12 @@ pub fn endpoints_from_core(ep: &Endpoints) -> Vec<ApiEndpoint> {
 /// A PodDisruptionBudget of either policy/v1 or policy/v1beta1 (same fields
 /// for what the planner needs), read as JSON.
 pub fn pdb_from_json(api_version: &str, v: &serde_json::Value) -> PdbInfo {
-    let s = |p: &str| v.pointer(p).map(|x| match x {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    });
+    let s = |p: &str| {
+        v.pointer(p).map(|x| match x {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
     let selector = v
         .pointer("/spec/selector/matchLabels")
         .and_then(|m| m.as_object())

@@ -181,10 +181,7 @@ impl NodeReport {
     pub fn readiness_blockers(&self) -> Vec<String> {
         let mut v = Vec::new();
         if !self.kernel.meets_minimum {
-            v.push(format!(
-                "kernel {} is older than {}.{}",
-                self.kernel.release, MIN_KERNEL.0, MIN_KERNEL.1
-            ));
+            v.push(format!("kernel {} is older than {}.{}", self.kernel.release, MIN_KERNEL.0, MIN_KERNEL.1));
         }
         if !self.btf.present {
             v.push("no BTF at /sys/kernel/btf/vmlinux".into());
@@ -205,8 +202,8 @@ impl NodeReport {
     }
 
     pub fn from_json(text: &str, name: &str) -> Result<Self, String> {
-        let r: NodeReport = serde_json::from_str(text)
-            .map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
+        let r: NodeReport =
+            serde_json::from_str(text).map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
         if r.report_version > NODE_REPORT_VERSION {
             return Err(format!(
                 "{name}: node report version {} is newer than this kubeshift understands ({NODE_REPORT_VERSION})",
@@ -227,10 +224,8 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
 /// Like [`run`], also returning stderr, where iptables-nft-save 1.8.9 writes
 /// its "legacy tables present" warning.
 fn run_with_stderr(cmd: &str, args: &[&str]) -> Result<(String, String), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `{cmd} {}`: {e}", args.join(" ")))?;
+    let out =
+        Command::new(cmd).args(args).output().map_err(|e| format!("cannot run `{cmd} {}`: {e}", args.join(" ")))?;
     if !out.status.success() {
         return Err(format!(
             "`{cmd} {}` failed ({}): {}",
@@ -239,24 +234,20 @@ fn run_with_stderr(cmd: &str, args: &[&str]) -> Result<(String, String), String>
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let stdout = String::from_utf8(out.stdout)
-        .map_err(|_| format!("`{cmd} {}` printed non-UTF-8 output", args.join(" ")))?;
+    let stdout =
+        String::from_utf8(out.stdout).map_err(|_| format!("`{cmd} {}` printed non-UTF-8 output", args.join(" ")))?;
     Ok((stdout, String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
 pub(crate) fn parse_kernel_release(release: &str) -> (u32, u32) {
-    let mut it = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty());
+    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
     let major = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let minor = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     (major, minor)
 }
 
 fn read_trim(p: &str) -> Option<String> {
-    std::fs::read_to_string(p)
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
 }
 
 fn kernel(problems: &mut Vec<String>) -> KernelInfo {
@@ -266,33 +257,18 @@ fn kernel(problems: &mut Vec<String>) -> KernelInfo {
     });
     let version = read_trim("/proc/sys/kernel/version").unwrap_or_default();
     let (major, minor) = parse_kernel_release(&release);
-    KernelInfo {
-        meets_minimum: (major, minor) >= MIN_KERNEL,
-        release,
-        version,
-        major,
-        minor,
-    }
+    KernelInfo { meets_minimum: (major, minor) >= MIN_KERNEL, release, version, major, minor }
 }
 
 fn btf() -> BtfInfo {
     // Under `ip netns exec` /sys is a fresh sysfs; BTF is still there, but
     // fall back to PID 1's view in case a private /sys hides it.
-    for p in [
-        "/sys/kernel/btf/vmlinux",
-        "/proc/1/root/sys/kernel/btf/vmlinux",
-    ] {
+    for p in ["/sys/kernel/btf/vmlinux", "/proc/1/root/sys/kernel/btf/vmlinux"] {
         if Path::new(p).exists() {
-            return BtfInfo {
-                present: true,
-                path: p.into(),
-            };
+            return BtfInfo { present: true, path: p.into() };
         }
     }
-    BtfInfo {
-        present: false,
-        path: "/sys/kernel/btf/vmlinux".into(),
-    }
+    BtfInfo { present: false, path: "/sys/kernel/btf/vmlinux".into() }
 }
 
 /// cgroup2 mount points in a /proc/*/mounts text.
@@ -314,11 +290,7 @@ fn cgroup(problems: &mut Vec<String>) -> CgroupInfo {
             Ok(text) => {
                 let m = cgroup2_mounts(&text);
                 if !m.is_empty() {
-                    return CgroupInfo {
-                        v2_mounted: true,
-                        v2_mount_points: m,
-                        seen_in: seen.into(),
-                    };
+                    return CgroupInfo { v2_mounted: true, v2_mount_points: m, seen_in: seen.into() };
                 }
             }
             Err(e) if seen == "self" => problems.push(format!("cannot read {file}: {e}")),
@@ -349,11 +321,8 @@ fn iptables(opts: &CollectOptions, problems: &mut Vec<String>) -> IptablesInfo {
     }
     match run_with_stderr(&opts.iptables_save, &[]) {
         Ok((out, err)) => {
-            info.save_warnings = err
-                .lines()
-                .map(|l| l.trim_start_matches('#').trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect();
+            info.save_warnings =
+                err.lines().map(|l| l.trim_start_matches('#').trim().to_string()).filter(|l| !l.is_empty()).collect();
             let legacy = |w: &String| w.contains("iptables-legacy tables present");
             info.legacy_tables_present = info.save_warnings.iter().any(legacy);
             match parse_iptables_save(&format!("{} output", opts.iptables_save), &out) {
@@ -374,10 +343,7 @@ fn iptables(opts: &CollectOptions, problems: &mut Vec<String>) -> IptablesInfo {
 /// Reads the CNI conf dir the way the container runtime does: `*.conf`,
 /// `*.conflist` and `*.json`, sorted by name (the first one wins).
 pub fn read_cni_dir(dir: &Path, problems: &mut Vec<String>) -> CniInfo {
-    let mut info = CniInfo {
-        dir: dir.display().to_string(),
-        files: Vec::new(),
-    };
+    let mut info = CniInfo { dir: dir.display().to_string(), files: Vec::new() };
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) => {
@@ -387,44 +353,26 @@ pub fn read_cni_dir(dir: &Path, problems: &mut Vec<String>) -> CniInfo {
     };
     let mut names: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("conf" | "conflist" | "json")
-            )
-        })
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conf" | "conflist" | "json")))
         .collect();
     names.sort();
     for p in names {
-        let name = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
         match std::fs::read_to_string(&p) {
             Ok(content) => {
-                let plugin_types = serde_json::from_str::<serde_json::Value>(&content)
-                    .ok()
-                    .map(|v| {
-                        let mut t = Vec::new();
-                        if let Some(list) = v.get("plugins").and_then(|p| p.as_array()) {
-                            t.extend(
-                                list.iter()
-                                    .filter_map(|p| p.get("type")?.as_str().map(str::to_string)),
-                            );
-                        } else if let Some(ty) = v.get("type").and_then(|t| t.as_str()) {
-                            t.push(ty.to_string());
-                        }
-                        t
-                    });
+                let plugin_types = serde_json::from_str::<serde_json::Value>(&content).ok().map(|v| {
+                    let mut t = Vec::new();
+                    if let Some(list) = v.get("plugins").and_then(|p| p.as_array()) {
+                        t.extend(list.iter().filter_map(|p| p.get("type")?.as_str().map(str::to_string)));
+                    } else if let Some(ty) = v.get("type").and_then(|t| t.as_str()) {
+                        t.push(ty.to_string());
+                    }
+                    t
+                });
                 if plugin_types.is_none() {
                     problems.push(format!("CNI conf {} is not valid JSON", p.display()));
                 }
-                info.files.push(CniFile {
-                    name,
-                    content,
-                    plugin_types,
-                });
+                info.files.push(CniFile { name, content, plugin_types });
             }
             Err(e) => problems.push(format!("cannot read {}: {e}", p.display())),
         }
@@ -462,8 +410,7 @@ struct LinkInfoJson {
 
 /// Parses `ip -d -j addr` output.
 pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, String> {
-    let raw: Vec<IpAddrJson> =
-        serde_json::from_str(text).map_err(|e| format!("ip -j addr output: {e}"))?;
+    let raw: Vec<IpAddrJson> = serde_json::from_str(text).map_err(|e| format!("ip -j addr output: {e}"))?;
     Ok(raw
         .into_iter()
         .map(|r| Interface {
@@ -501,8 +448,7 @@ pub fn parse_ip_route_json(text: &str, family: u8) -> Result<Vec<Route>, String>
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let raw: Vec<IpRouteJson> =
-        serde_json::from_str(text).map_err(|e| format!("ip -j route output: {e}"))?;
+    let raw: Vec<IpRouteJson> = serde_json::from_str(text).map_err(|e| format!("ip -j route output: {e}"))?;
     Ok(raw
         .into_iter()
         .map(|r| Route {
@@ -525,19 +471,16 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
     let cgroup = cgroup(&mut problems);
     let iptables = iptables(opts, &mut problems);
     let cni = read_cni_dir(&opts.cni_conf_dir, &mut problems);
-    let interfaces =
-        match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(e);
-                Vec::new()
-            }
-        };
+    let interfaces = match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
+        Ok(v) => v,
+        Err(e) => {
+            problems.push(e);
+            Vec::new()
+        }
+    };
     let mut routes = Vec::new();
     for (fam, flag) in [(4u8, "-4"), (6u8, "-6")] {
-        match run(&opts.ip, &[flag, "-j", "route", "show"])
-            .and_then(|o| parse_ip_route_json(&o, fam))
-        {
+        match run(&opts.ip, &[flag, "-j", "route", "show"]).and_then(|o| parse_ip_route_json(&o, fam)) {
             Ok(v) => routes.extend(v),
             Err(e) => problems.push(e),
         }
@@ -565,13 +508,9 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
 /// or a path) without leaving the host mount namespace: only a helper thread
 /// switches its network namespace, and the commands it starts inherit it.
 pub fn collect_in_netns(netns: &str, opts: &CollectOptions) -> Result<NodeReport, String> {
-    let path = if netns.contains('/') {
-        PathBuf::from(netns)
-    } else {
-        Path::new("/run/netns").join(netns)
-    };
-    let file = std::fs::File::open(&path)
-        .map_err(|e| format!("cannot open network namespace {}: {e}", path.display()))?;
+    let path = if netns.contains('/') { PathBuf::from(netns) } else { Path::new("/run/netns").join(netns) };
+    let file =
+        std::fs::File::open(&path).map_err(|e| format!("cannot open network namespace {}: {e}", path.display()))?;
     let opts = opts.clone();
     std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -588,10 +527,7 @@ mod tests {
 
     #[test]
     fn rule_model_from_a_report_names_the_node() {
-        let mut r = NodeReport {
-            node_name: Some("node-7".into()),
-            ..Default::default()
-        };
+        let mut r = NodeReport { node_name: Some("node-7".into()), ..Default::default() };
         assert!(r.rule_model().is_none());
         r.iptables.save = Some("*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n".into());
         assert!(r.rule_model().unwrap().unwrap().services.is_empty());
@@ -616,14 +552,8 @@ mod tests {
 
     #[test]
     fn backend_from_version() {
-        assert_eq!(
-            parse_backend("iptables v1.8.9 (nf_tables)"),
-            IptablesBackend::Nft
-        );
-        assert_eq!(
-            parse_backend("iptables v1.8.9 (legacy)"),
-            IptablesBackend::Legacy
-        );
+        assert_eq!(parse_backend("iptables v1.8.9 (nf_tables)"), IptablesBackend::Nft);
+        assert_eq!(parse_backend("iptables v1.8.9 (legacy)"), IptablesBackend::Legacy);
         assert_eq!(parse_backend("iptables v1.4.21"), IptablesBackend::Unknown);
     }
 
@@ -634,7 +564,11 @@ mod tests {
         assert_eq!(i[0].kind.as_deref(), Some("vxlan"));
         assert_eq!(i[0].kind_data.as_ref().unwrap()["port"], 8472);
         assert_eq!(i[0].addresses[0].local, "10.244.1.0");
-        let r = parse_ip_route_json(r#"[{"dst":"10.244.2.0/24","gateway":"10.244.2.0","dev":"flannel.1","flags":["onlink"]}]"#, 4).unwrap();
+        let r = parse_ip_route_json(
+            r#"[{"dst":"10.244.2.0/24","gateway":"10.244.2.0","dev":"flannel.1","flags":["onlink"]}]"#,
+            4,
+        )
+        .unwrap();
         assert_eq!(r[0].gateway.as_deref(), Some("10.244.2.0"));
         assert!(parse_ip_route_json("", 6).unwrap().is_empty());
         assert!(parse_ip_addr_json("not json").is_err());
@@ -661,10 +595,7 @@ mod tests {
         let mut problems = Vec::new();
         let info = read_cni_dir(&dir, &mut problems);
         assert_eq!(info.files.len(), 2);
-        assert_eq!(
-            info.files[0].plugin_types.as_deref(),
-            Some(&["flannel".to_string(), "portmap".to_string()][..])
-        );
+        assert_eq!(info.files[0].plugin_types.as_deref(), Some(&["flannel".to_string(), "portmap".to_string()][..]));
         assert_eq!(info.files[1].plugin_types, None);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("99-broken.conf is not valid JSON"));

@@ -20,27 +20,15 @@ pub const KIND: &str = "Plan";
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Syntax { path: String, line: usize, column: usize, message: String },
     #[error("{path}: apiVersion is {found:?}, this kubeshift reads {API_VERSION:?} (was the plan written by another kubeshift version?)")]
     ApiVersion { path: String, found: String },
     #[error("{path}: kind is {found:?}, expected {KIND:?}")]
     Kind { path: String, found: String },
     #[error("{path}: the plan was made for cluster {plan}, but this cluster's fingerprint is {cluster}; re-run `kubeshift migrate plan` against this cluster")]
-    FingerprintMismatch {
-        path: String,
-        plan: String,
-        cluster: String,
-    },
+    FingerprintMismatch { path: String, plan: String, cluster: String },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -221,51 +209,28 @@ struct Header {
 }
 
 fn syntax(path: &str, e: serde_yaml::Error) -> PlanError {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
+    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     // serde_yaml appends " at line X column Y"; the prefix already says it.
     let mut message = e.to_string();
     if let Some(i) = message.find(" at line ") {
         message.truncate(i);
     }
-    PlanError::Syntax {
-        path: path.to_string(),
-        line,
-        column,
-        message,
-    }
+    PlanError::Syntax { path: path.to_string(), line, column, message }
 }
 
 /// Parses and validates a plan. `cluster_fingerprint` is the live cluster's,
 /// when known (apply always knows it; `plan show` may not).
-pub fn parse_plan(
-    path: &str,
-    text: &str,
-    cluster_fingerprint: Option<&str>,
-) -> Result<Plan, PlanError> {
+pub fn parse_plan(path: &str, text: &str, cluster_fingerprint: Option<&str>) -> Result<Plan, PlanError> {
     let header: Header = serde_yaml::from_str(text).map_err(|e| syntax(path, e))?;
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
-        other => {
-            return Err(PlanError::ApiVersion {
-                path: path.into(),
-                found: other.unwrap_or("").into(),
-            })
-        }
+        other => return Err(PlanError::ApiVersion { path: path.into(), found: other.unwrap_or("").into() }),
     }
     if header.kind.as_deref() != Some(KIND) {
-        return Err(PlanError::Kind {
-            path: path.into(),
-            found: header.kind.unwrap_or_default(),
-        });
+        return Err(PlanError::Kind { path: path.into(), found: header.kind.unwrap_or_default() });
     }
     let plan: Plan = serde_yaml::from_str(text).map_err(|e| syntax(path, e))?;
-    plan.validate().map_err(|message| PlanError::Invalid {
-        path: path.into(),
-        message,
-    })?;
+    plan.validate().map_err(|message| PlanError::Invalid { path: path.into(), message })?;
     if let Some(fp) = cluster_fingerprint {
         if plan.cluster.fingerprint != fp {
             return Err(PlanError::FingerprintMismatch {
@@ -281,10 +246,7 @@ pub fn parse_plan(
 /// Reads, parses and validates a plan file.
 pub fn load_plan(path: &Path, cluster_fingerprint: Option<&str>) -> Result<Plan, PlanError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
-        path: name.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io { path: name.clone(), source })?;
     parse_plan(&name, &text, cluster_fingerprint)
 }
 
@@ -299,11 +261,7 @@ impl Plan {
 
     pub fn all_steps(&self) -> impl Iterator<Item = (&Wave, &NodePlan, &Step)> {
         self.waves.iter().flat_map(|w| {
-            w.batches.iter().flat_map(move |b| {
-                b.nodes
-                    .iter()
-                    .flat_map(move |n| n.steps.iter().map(move |s| (w, n, s)))
-            })
+            w.batches.iter().flat_map(move |b| b.nodes.iter().flat_map(move |n| n.steps.iter().map(move |s| (w, n, s))))
         })
     }
 
@@ -326,10 +284,7 @@ impl Plan {
                 }
                 for n in &b.nodes {
                     if let Some(prev) = seen_nodes.insert(&n.name, &w.name) {
-                        return Err(format!(
-                            "node {} appears twice (waves {prev} and {})",
-                            n.name, w.name
-                        ));
+                        return Err(format!("node {} appears twice (waves {prev} and {})", n.name, w.name));
                     }
                     if n.steps.is_empty() {
                         return Err(format!("node {} has no steps", n.name));
@@ -446,10 +401,7 @@ impl StepGraph {
             g.add_edge(d, i, ());
         }
         if let Err(cycle) = petgraph::algo::toposort(&g, None) {
-            return Err(format!(
-                "the steps form a cycle through {}",
-                g[cycle.node_id()].id
-            ));
+            return Err(format!("the steps form a cycle through {}", g[cycle.node_id()].id));
         }
         Ok(StepGraph { graph: g, index })
     }
@@ -469,12 +421,8 @@ impl StepGraph {
         let order = petgraph::algo::toposort(&self.graph, None).expect("validated acyclic");
         let mut max = 0;
         for i in order {
-            let start = self
-                .graph
-                .neighbors_directed(i, petgraph::Direction::Incoming)
-                .map(|p| best[&p])
-                .max()
-                .unwrap_or(0);
+            let start =
+                self.graph.neighbors_directed(i, petgraph::Direction::Incoming).map(|p| best[&p]).max().unwrap_or(0);
             let end = start + self.graph[i].estimate_seconds as u64;
             best.insert(i, end);
             max = max.max(end);
@@ -483,10 +431,7 @@ impl StepGraph {
     }
 
     fn label(n: &StepNode) -> String {
-        let action = serde_yaml::to_string(&n.action)
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let action = serde_yaml::to_string(&n.action).unwrap_or_default().trim().to_string();
         match &n.node {
             Some(node) => format!("{node}: {action}"),
             None => format!("wave {}: {action}", n.wave),
@@ -495,9 +440,7 @@ impl StepGraph {
 
     /// Graphviz DOT. Gates are diamonds, rollback points have a double border.
     pub fn to_dot(&self) -> String {
-        let mut s = String::from(
-            "digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"sans-serif\"];\n",
-        );
+        let mut s = String::from("digraph plan {\n  rankdir=TB;\n  node [shape=box, fontname=\"sans-serif\"];\n");
         for i in self.graph.node_indices() {
             let n = &self.graph[i];
             let mut attrs = format!("label=\"{}\"", Self::label(n).replace('"', "\\\""));

@@ -6,8 +6,8 @@
 //! discovery will fill it.
 
 use crate::plan::{
-    Batch, ClusterInfo, Estimates, Gate, NodePlan, Plan, PlanMetadata, Step, StepAction,
-    TargetDatapath, Tunnel, Wave, API_VERSION, KIND,
+    Batch, ClusterInfo, Estimates, Gate, NodePlan, Plan, PlanMetadata, Step, StepAction, TargetDatapath, Tunnel, Wave,
+    API_VERSION, KIND,
 };
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -93,10 +93,7 @@ fn pick_pod_cidr(input: &PlanInput) -> Result<String, PlanningError> {
     if let Some(want) = &input.pod_cidr {
         let w = parse_cidr(want)?.ok_or_else(|| PlanningError::BadCidr(want.clone()))?;
         if let Some((_, u)) = used.iter().find(|(u, _)| cidrs_overlap(w, *u)) {
-            return Err(PlanningError::Overlap {
-                wanted: want.clone(),
-                used: (*u).clone(),
-            });
+            return Err(PlanningError::Overlap { wanted: want.clone(), used: (*u).clone() });
         }
         return Ok(want.clone());
     }
@@ -115,18 +112,12 @@ fn pick_pod_cidr(input: &PlanInput) -> Result<String, PlanningError> {
 fn steps_for(node: &PlanNodeInput) -> Vec<Step> {
     let n = &node.name;
     let step = |action: StepAction, secs: u32, rollback_point: bool| {
-        let suffix = serde_yaml::to_string(&action)
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let suffix = serde_yaml::to_string(&action).unwrap_or_default().trim().to_string();
         Step {
             id: format!("{n}/{suffix}"),
             action,
             after: Vec::new(),
-            gate: (action == StepAction::ConnectivityGate).then(|| Gate {
-                suite: "node".into(),
-                timeout_seconds: 300,
-            }),
+            gate: (action == StepAction::ConnectivityGate).then(|| Gate { suite: "node".into(), timeout_seconds: 300 }),
             rollback_point,
             estimate_seconds: secs,
         }
@@ -152,11 +143,7 @@ fn batches(nodes: &[&PlanNodeInput], size: usize) -> Vec<Batch> {
         .map(|c| Batch {
             nodes: c
                 .iter()
-                .map(|n| NodePlan {
-                    name: n.name.clone(),
-                    pool: Some(n.pool.clone()),
-                    steps: steps_for(n),
-                })
+                .map(|n| NodePlan { name: n.name.clone(), pool: Some(n.pool.clone()), steps: steps_for(n) })
                 .collect(),
         })
         .collect()
@@ -192,11 +179,7 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
     // Smallest risk first: fewest pods to move, then fewest nodes.
     let mut pools: Vec<(&str, Vec<&PlanNodeInput>)> = workers.into_iter().collect();
     pools.sort_by_key(|(name, nodes)| {
-        (
-            nodes.iter().map(|n| n.evictable_pods).sum::<usize>(),
-            nodes.len(),
-            name.to_string(),
-        )
+        (nodes.iter().map(|n| n.evictable_pods).sum::<usize>(), nodes.len(), name.to_string())
     });
 
     let mut waves = Vec::new();
@@ -211,28 +194,17 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
         name: "canary".into(),
         pools: vec![canary.pool.clone()],
         batches: batches(&[canary], 1),
-        gate: Some(Gate {
-            suite: "full".into(),
-            timeout_seconds: 600,
-        }),
+        gate: Some(Gate { suite: "full".into(), timeout_seconds: 600 }),
     });
     for (pool, nodes) in pools.iter().filter(|(_, n)| !n.is_empty()) {
-        let pdb = input
-            .pool_disruption_limit
-            .get(*pool)
-            .copied()
-            .map(|v| v.max(1) as usize)
-            .unwrap_or(usize::MAX);
+        let pdb = input.pool_disruption_limit.get(*pool).copied().map(|v| v.max(1) as usize).unwrap_or(usize::MAX);
         let size = global.min(pdb).min(nodes.len());
         max_parallel = max_parallel.max(size);
         waves.push(Wave {
             name: format!("pool-{pool}"),
             pools: vec![pool.to_string()],
             batches: batches(nodes, size),
-            gate: Some(Gate {
-                suite: "full".into(),
-                timeout_seconds: 600,
-            }),
+            gate: Some(Gate { suite: "full".into(), timeout_seconds: 600 }),
         });
     }
     if !control.is_empty() {
@@ -243,10 +215,7 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
             pools,
             // One at a time: the control plane keeps quorum.
             batches: batches(&control, 1),
-            gate: Some(Gate {
-                suite: "full".into(),
-                timeout_seconds: 600,
-            }),
+            gate: Some(Gate { suite: "full".into(), timeout_seconds: 600 }),
         });
     }
 
@@ -268,18 +237,13 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
         target: TargetDatapath {
             pod_cidr,
             service_cidr: input.service_cidr.clone(),
-            tunnel: Tunnel {
-                protocol: "vxlan".into(),
-                port,
-            },
+            tunnel: Tunnel { protocol: "vxlan".into(), port },
             max_unavailable: global as u32,
         },
         waves,
         estimates: Estimates::default(),
     };
-    let graph = plan
-        .graph()
-        .expect("generated plans are acyclic with unique ids");
+    let graph = plan.graph().expect("generated plans are acyclic with unique ids");
     plan.estimates = Estimates {
         total_seconds: graph.critical_path_seconds(),
         nodes: input.nodes.len(),
@@ -298,17 +262,9 @@ pub fn synthetic_input(nodes: usize, pods: usize) -> PlanInput {
         let control_plane = i < cp;
         v.push(PlanNodeInput {
             name: format!("node-{i:05}"),
-            pool: if control_plane {
-                "control-plane".into()
-            } else {
-                format!("pool-{:02}", (i - cp) / 200)
-            },
+            pool: if control_plane { "control-plane".into() } else { format!("pool-{:02}", (i - cp) / 200) },
             control_plane,
-            evictable_pods: if control_plane {
-                0
-            } else {
-                (pods / nodes.max(1)) + (i * 7919) % 11
-            },
+            evictable_pods: if control_plane { 0 } else { (pods / nodes.max(1)) + (i * 7919) % 11 },
         });
     }
     let pools = (nodes.saturating_sub(cp)).div_ceil(200);
@@ -319,9 +275,7 @@ pub fn synthetic_input(nodes: usize, pods: usize) -> PlanInput {
         used_cidrs: vec!["10.244.0.0/16".into(), "192.168.0.0/16".into()],
         service_cidr: Some("10.96.0.0/12".into()),
         max_unavailable: 10,
-        pool_disruption_limit: (0..pools)
-            .map(|p| (format!("pool-{p:02}"), 2 + (p as u32 % 5)))
-            .collect(),
+        pool_disruption_limit: (0..pools).map(|p| (format!("pool-{p:02}"), 2 + (p as u32 % 5))).collect(),
         ..Default::default()
     }
 }
@@ -332,22 +286,13 @@ mod tests {
 
     #[test]
     fn cidr_math() {
-        assert_eq!(
-            parse_cidr("10.244.1.7/16").unwrap(),
-            Some((u32::from(Ipv4Addr::new(10, 244, 0, 0)), 16))
-        );
+        assert_eq!(parse_cidr("10.244.1.7/16").unwrap(), Some((u32::from(Ipv4Addr::new(10, 244, 0, 0)), 16)));
         assert_eq!(parse_cidr("fd00::/64").unwrap(), None);
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("10.0.0.0").is_err());
         let a = parse_cidr("10.96.0.0/12").unwrap().unwrap();
-        assert!(cidrs_overlap(
-            a,
-            parse_cidr("10.100.0.0/16").unwrap().unwrap()
-        ));
-        assert!(!cidrs_overlap(
-            a,
-            parse_cidr("10.200.0.0/16").unwrap().unwrap()
-        ));
+        assert!(cidrs_overlap(a, parse_cidr("10.100.0.0/16").unwrap().unwrap()));
+        assert!(!cidrs_overlap(a, parse_cidr("10.200.0.0/16").unwrap().unwrap()));
         assert!(cidrs_overlap(parse_cidr("0.0.0.0/0").unwrap().unwrap(), a));
     }
 }

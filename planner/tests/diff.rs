@@ -69,37 +69,24 @@ fn api() -> ApiServices {
 }
 
 fn kinds(d: &NodeDiff) -> Vec<(FindingKind, Option<String>)> {
-    d.findings
-        .iter()
-        .map(|f| (f.kind, f.service.clone()))
-        .collect()
+    d.findings.iter().map(|f| (f.kind, f.service.clone())).collect()
 }
 
 #[test]
 fn matching_api_only_reports_the_deleted_service() {
     let d = diff_node("node-1", &model(), &api());
-    assert_eq!(
-        d.services_checked, 7,
-        "headless and ExternalName are not proxied"
-    );
+    assert_eq!(d.services_checked, 7, "headless and ExternalName are not proxied");
     assert_eq!(
         kinds(&d),
         vec![
-            (
-                FindingKind::StaleService,
-                Some("old/gone:http/tcp".to_string())
-            ),
+            (FindingKind::StaleService, Some("old/gone:http/tcp".to_string())),
             (FindingKind::StaleChain, None),
             (FindingKind::StaleChain, None),
         ],
         "{:#?}",
         d.findings
     );
-    assert!(
-        d.findings[0].reason.contains("old/gone:http"),
-        "{}",
-        d.findings[0].reason
-    );
+    assert!(d.findings[0].reason.contains("old/gone:http"), "{}", d.findings[0].reason);
     assert_eq!(d.findings[0].chains, vec!["KUBE-SVC-GONEHASHAAAAAAAA"]);
 }
 
@@ -117,15 +104,9 @@ fn endpoint_mismatch_both_directions() {
     let f = only(&d, FindingKind::EndpointMismatch);
     assert_eq!(f.len(), 1, "{:#?}", d.findings);
     assert_eq!(f[0].service.as_deref(), Some("default/web:http/tcp"));
+    assert!(f[0].reason.contains("ready in the API but not in the rules: 10.244.1.55:8080"), "{}", f[0].reason);
     assert!(
-        f[0].reason
-            .contains("ready in the API but not in the rules: 10.244.1.55:8080"),
-        "{}",
-        f[0].reason
-    );
-    assert!(
-        f[0].reason
-            .contains("in the rules but not ready in the API: 10.244.1.5:8080, 10.244.2.5:8080"),
+        f[0].reason.contains("in the rules but not ready in the API: 10.244.1.5:8080, 10.244.2.5:8080"),
         "{}",
         f[0].reason
     );
@@ -143,31 +124,17 @@ fn service_missing_rules() {
     let f = only(&d, FindingKind::MissingRules);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].service.as_deref(), Some("default/web2:http/tcp"));
-    assert!(
-        f[0].reason.contains("3 ready endpoint(s)"),
-        "{}",
-        f[0].reason
-    );
+    assert!(f[0].reason.contains("3 ready endpoint(s)"), "{}", f[0].reason);
 }
 
 #[test]
 fn endpoints_gone_but_rules_still_route() {
     let mut a = api();
-    a.services
-        .iter_mut()
-        .find(|s| s.name == "sticky")
-        .unwrap()
-        .endpoints
-        .clear();
+    a.services.iter_mut().find(|s| s.name == "sticky").unwrap().endpoints.clear();
     let d = diff_node("node-1", &model(), &a);
     let f = only(&d, FindingKind::EndpointMismatch);
     assert_eq!(f.len(), 1, "{:#?}", d.findings);
-    assert!(
-        f[0].reason
-            .contains("still send traffic to 10.244.1.7:9000, 10.244.2.7:9000"),
-        "{}",
-        f[0].reason
-    );
+    assert!(f[0].reason.contains("still send traffic to 10.244.1.7:9000, 10.244.2.7:9000"), "{}", f[0].reason);
 }
 
 #[test]
@@ -184,31 +151,19 @@ fn node_port_affinity_cluster_ip_and_policy_drift() {
         s.cluster_ip = Some("10.96.100.21".into());
     }
     {
-        let s = a
-            .services
-            .iter_mut()
-            .find(|s| s.name == "lb-local")
-            .unwrap();
+        let s = a.services.iter_mut().find(|s| s.name == "lb-local").unwrap();
         s.external_traffic_policy = TrafficPolicy::Cluster;
     }
     let d = diff_node("node-1", &model(), &a);
     let np = only(&d, FindingKind::NodePortMismatch);
     assert_eq!(np.len(), 2, "{:#?}", d.findings);
-    assert!(np
-        .iter()
-        .any(|f| f.reason.contains("allocates node port 30081")));
+    assert!(np.iter().any(|f| f.reason.contains("allocates node port 30081")));
     assert!(np.iter().any(|f| f.reason.contains("open node port 30080")));
     let aff = only(&d, FindingKind::AffinityMismatch);
     assert_eq!(aff.len(), 1);
-    assert_eq!(
-        aff[0].reason,
-        "session affinity in the API: ClientIP for 60 s; in the rules: none"
-    );
+    assert_eq!(aff[0].reason, "session affinity in the API: ClientIP for 60 s; in the rules: none");
     let cip = only(&d, FindingKind::ClusterIpMismatch);
-    assert_eq!(
-        cip[0].reason,
-        "rules capture 10.96.100.20:9000, the API says 10.96.100.21:9000"
-    );
+    assert_eq!(cip[0].reason, "rules capture 10.96.100.20:9000, the API says 10.96.100.21:9000");
     let pol = only(&d, FindingKind::TrafficPolicyMismatch);
     assert_eq!(pol.len(), 1);
     assert_eq!(pol[0].service.as_deref(), Some("default/lb-local:http/tcp"));
@@ -220,22 +175,13 @@ fn local_endpoints_are_checked_per_node() {
     let d = diff_node("node-2", &model(), &api());
     let f = only(&d, FindingKind::EndpointMismatch);
     assert_eq!(f.len(), 1, "{:#?}", d.findings);
-    assert!(
-        f[0].reason
-            .contains("local endpoints on node node-2 differ"),
-        "{}",
-        f[0].reason
-    );
+    assert!(f[0].reason.contains("local endpoints on node node-2 differ"), "{}", f[0].reason);
 }
 
 #[test]
 fn missing_reject_for_service_without_endpoints() {
     let mut m = model();
-    m.services
-        .iter_mut()
-        .find(|s| s.name == "empty")
-        .unwrap()
-        .reject_no_endpoints = false;
+    m.services.iter_mut().find(|s| s.name == "empty").unwrap().reject_no_endpoints = false;
     let d = diff_node("node-1", &m, &api());
     let f = only(&d, FindingKind::EndpointMismatch);
     assert_eq!(f.len(), 1);
@@ -264,20 +210,10 @@ services:
     let d = diff_node("node-1", &m, &a);
     let ext = only(&d, FindingKind::ExternalAddressMismatch);
     assert_eq!(ext.len(), 1, "{:#?}", d.findings);
-    assert_eq!(
-        ext[0].reason,
-        "external IPs: API has [192.168.60.201], rules have [192.168.60.200]"
-    );
+    assert_eq!(ext[0].reason, "external IPs: API has [192.168.60.201], rules have [192.168.60.200]");
     // Everything else in the dump is stale relative to this one-service API.
-    assert_eq!(
-        only(&d, FindingKind::StaleService).len(),
-        m.services.len() - 1
-    );
-    assert!(
-        only(&d, FindingKind::EndpointMismatch).is_empty(),
-        "{:#?}",
-        d.findings
-    );
+    assert_eq!(only(&d, FindingKind::StaleService).len(), m.services.len() - 1);
+    assert!(only(&d, FindingKind::EndpointMismatch).is_empty(), "{:#?}", d.findings);
     let json = serde_json::to_string(&d).unwrap();
     assert!(json.contains("\"kind\":\"external-address-mismatch\""));
 }
@@ -310,10 +246,5 @@ services:
     let f = on("node-2");
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0].kind, FindingKind::EndpointMismatch);
-    assert!(
-        f[0].reason
-            .starts_with("local endpoints (internalTrafficPolicy Local) differ"),
-        "{}",
-        f[0].reason
-    );
+    assert!(f[0].reason.starts_with("local endpoints (internalTrafficPolicy Local) differ"), "{}", f[0].reason);
 }

@@ -102,12 +102,23 @@ fn pools_from_managed_offerings_and_override() {
 
 #[test]
 fn flannel_net_conf_backends_and_errors() {
-    let c = parse_flannel_net_conf("cm", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"DirectRouting":true}}"#).unwrap();
+    let c = parse_flannel_net_conf(
+        "cm",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"DirectRouting":true}}"#,
+    )
+    .unwrap();
     assert_eq!(c.network.as_deref(), Some("10.244.0.0/16"));
-    assert_eq!((c.backend_type.as_deref(), c.vni, c.port, c.direct_routing), (Some("vxlan"), Some(4096), Some(4789), Some(true)));
+    assert_eq!(
+        (c.backend_type.as_deref(), c.vni, c.port, c.direct_routing),
+        (Some("vxlan"), Some(4096), Some(4789), Some(true))
+    );
     let c = parse_flannel_net_conf("cm", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
     assert_eq!(c.backend_type.as_deref(), Some("host-gw"));
-    let e = parse_flannel_net_conf("ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json", "{\n \"Network\": \"10.244.0.0/16\",\n").unwrap_err();
+    let e = parse_flannel_net_conf(
+        "ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json",
+        "{\n \"Network\": \"10.244.0.0/16\",\n",
+    )
+    .unwrap_err();
     assert!(e.starts_with("ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json:3:"), "{e}");
     assert!(parse_flannel_net_conf("x", r#"{"Network": 5}"#).unwrap_err().contains("Network must be a string"));
     assert!(parse_flannel_net_conf("x", r#"[1]"#).unwrap_err().contains("object"));
@@ -123,25 +134,50 @@ fn kube_proxy_config_and_flags() {
     assert_eq!(m, "nftables");
     let e = parse_kube_proxy_config("ConfigMap kube-system/kube-proxy key config.conf", "mode: [\n").unwrap_err();
     assert!(e.starts_with("ConfigMap kube-system/kube-proxy key config.conf:"), "{e}");
-    let args: Vec<String> = ["kube-proxy", "--proxy-mode=ipvs", "--cluster-cidr", "10.0.0.0/8"].iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> =
+        ["kube-proxy", "--proxy-mode=ipvs", "--cluster-cidr", "10.0.0.0/8"].iter().map(|s| s.to_string()).collect();
     assert_eq!(kube_proxy_flags(&args), (Some("ipvs".into()), Some("10.0.0.0/8".into())));
 }
 
 fn np(ns: &str, name: &str, spec: serde_json::Value) -> PolicyInfo {
-    PolicyInfo { namespace: ns.into(), name: name.into(), spec: serde_json::from_value::<NetworkPolicySpec>(spec).unwrap() }
+    PolicyInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        spec: serde_json::from_value::<NetworkPolicySpec>(spec).unwrap(),
+    }
 }
 
 #[test]
 fn network_policy_classes_and_reasons() {
     let pods = vec![
-        PodInfo { namespace: "mon".into(), name: "node-exporter-1".into(), labels: labels(&[("app", "ne")]), host_network: true, ..Default::default() },
-        PodInfo { namespace: "shop".into(), name: "web-1".into(), labels: labels(&[("app", "web")]), ..Default::default() },
+        PodInfo {
+            namespace: "mon".into(),
+            name: "node-exporter-1".into(),
+            labels: labels(&[("app", "ne")]),
+            host_network: true,
+            ..Default::default()
+        },
+        PodInfo {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            labels: labels(&[("app", "web")]),
+            ..Default::default()
+        },
     ];
     let pod_refs: Vec<&PodInfo> = pods.iter().collect();
     let api = vec!["10.96.0.1".to_string(), "192.168.1.10:6443".to_string()];
-    let ctx = PolicyContext { legacy_pod_cidrs: vec!["10.244.0.0/16".into()], new_pod_cidr: Some("10.200.0.0/16".into()), apiserver_addresses: &api, pods: &pod_refs };
+    let ctx = PolicyContext {
+        legacy_pod_cidrs: vec!["10.244.0.0/16".into()],
+        new_pod_cidr: Some("10.200.0.0/16".into()),
+        apiserver_addresses: &api,
+        pods: &pod_refs,
+    };
 
-    let plain = np("shop", "allow-web", json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": 80}]}]}));
+    let plain = np(
+        "shop",
+        "allow-web",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": 80}]}]}),
+    );
     let v = classify_policy(&plain, &ctx);
     assert_eq!(v.class, PolicyClass::CarriedOver, "{:?}", v.reasons);
 
@@ -150,15 +186,27 @@ fn network_policy_classes_and_reasons() {
     assert_eq!(v.class, PolicyClass::NeedsAttention);
     assert!(v.reasons[0].contains("named port \"http\""));
 
-    let range = np("shop", "range", json!({"podSelector": {}, "egress": [{"ports": [{"port": 9000, "endPort": 9100, "protocol": "UDP"}]}]}));
+    let range = np(
+        "shop",
+        "range",
+        json!({"podSelector": {}, "egress": [{"ports": [{"port": 9000, "endPort": 9100, "protocol": "UDP"}]}]}),
+    );
     let v = classify_policy(&range, &ctx);
     assert!(v.reasons[0].contains("9000-9100"), "{:?}", v.reasons);
 
-    let api_egress = np("shop", "to-api", json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "192.168.1.0/24"}}], "ports": [{"port": 443}]}]}));
+    let api_egress = np(
+        "shop",
+        "to-api",
+        json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "192.168.1.0/24"}}], "ports": [{"port": 443}]}]}),
+    );
     let v = classify_policy(&api_egress, &ctx);
     assert!(v.reasons.iter().any(|r| r.contains("API server (192.168.1.10:6443)")), "{:?}", v.reasons);
 
-    let except = np("shop", "except", json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16", "192.168.1.10/32"]}}]}]}));
+    let except = np(
+        "shop",
+        "except",
+        json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16", "192.168.1.10/32"]}}]}]}),
+    );
     let v = classify_policy(&except, &ctx);
     assert_eq!(v.class, PolicyClass::NeedsAttention);
     assert!(v.reasons.iter().any(|r| r.contains("except 10.244.0.0/16")));
@@ -166,27 +214,38 @@ fn network_policy_classes_and_reasons() {
     // The apiserver endpoint is excepted, only the ClusterIP is still in the block.
     assert!(v.reasons.iter().any(|r| r.contains("API server (10.96.0.1)")), "{:?}", v.reasons);
 
-    let host = np("mon", "exporter", json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["ne"]}]}}));
+    let host = np(
+        "mon",
+        "exporter",
+        json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["ne"]}]}}),
+    );
     let v = classify_policy(&host, &ctx);
     assert!(v.reasons.iter().any(|r| r.contains("hostNetwork pods (node-exporter-1)")), "{:?}", v.reasons);
 
-    let sctp = np("shop", "sctp", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 7777, "protocol": "SCTP"}]}]}));
+    let sctp =
+        np("shop", "sctp", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 7777, "protocol": "SCTP"}]}]}));
     assert_eq!(classify_policy(&sctp, &ctx).class, PolicyClass::Blocker);
 }
 
 #[test]
 fn calico_policies_deny_with_order_is_a_blocker() {
-    let gnp = calico_policy_from_json("GlobalNetworkPolicy", &json!({
-        "metadata": {"name": "deny-meta"},
-        "spec": {"order": 10, "selector": "all()", "egress": [{"action": "Deny"}, {"action": "Allow"}]}
-    }));
+    let gnp = calico_policy_from_json(
+        "GlobalNetworkPolicy",
+        &json!({
+            "metadata": {"name": "deny-meta"},
+            "spec": {"order": 10, "selector": "all()", "egress": [{"action": "Deny"}, {"action": "Allow"}]}
+        }),
+    );
     let v = classify_calico(&gnp);
     assert_eq!(v.class, PolicyClass::Blocker);
     assert!(v.reasons[0].contains("Deny rules at order 10"), "{:?}", v.reasons);
-    let allow = calico_policy_from_json("NetworkPolicy", &json!({
-        "metadata": {"name": "allow", "namespace": "shop"},
-        "spec": {"selector": "app == 'web'", "ingress": [{"action": "Allow"}]}
-    }));
+    let allow = calico_policy_from_json(
+        "NetworkPolicy",
+        &json!({
+            "metadata": {"name": "allow", "namespace": "shop"},
+            "spec": {"selector": "app == 'web'", "ingress": [{"action": "Allow"}]}
+        }),
+    );
     let v = classify_calico(&allow);
     assert_eq!(v.class, PolicyClass::NeedsAttention);
     assert!(v.reasons[0].contains("app == 'web'"));
@@ -201,9 +260,22 @@ fn unknown_cni_old_kernel_and_pdb_limits() {
     let mut inv = Inventory::default();
     inv.nodes = vec![node("a1", "a", "4.19.0-27-amd64"), node("a2", "a", "6.1.0"), node("b1", "b", "5.10.0")];
     inv.pods = (0..3)
-        .map(|i| PodInfo { namespace: "data".into(), name: format!("db-{i}"), node: Some(if i < 2 { "a2" } else { "b1" }.into()), labels: labels(&[("app", "db")]), evictable: true, ..Default::default() })
+        .map(|i| PodInfo {
+            namespace: "data".into(),
+            name: format!("db-{i}"),
+            node: Some(if i < 2 { "a2" } else { "b1" }.into()),
+            labels: labels(&[("app", "db")]),
+            evictable: true,
+            ..Default::default()
+        })
         .collect();
-    inv.pdbs = vec![PdbInfo { namespace: "data".into(), name: "db".into(), selector: labels(&[("app", "db")]), min_available: Some("2".into()), ..Default::default() }];
+    inv.pdbs = vec![PdbInfo {
+        namespace: "data".into(),
+        name: "db".into(),
+        selector: labels(&[("app", "db")]),
+        min_available: Some("2".into()),
+        ..Default::default()
+    }];
     let a = analyze(&inv, &[], None);
     let blockers: Vec<&Finding> = a.blockers().collect();
     assert_eq!(blockers.len(), 2, "{blockers:?}");
@@ -227,11 +299,19 @@ fn unknown_cni_old_kernel_and_pdb_limits() {
 fn policies_under_plain_flannel_are_flagged_as_not_enforced_today() {
     let mut inv = Inventory::default();
     inv.cni.kind = Some("flannel".into());
-    inv.network_policies = (0..7).map(|i| PolicyInfo { namespace: "shop".into(), name: format!("p{i}"), spec: NetworkPolicySpec::default() }).collect();
+    inv.network_policies = (0..7)
+        .map(|i| PolicyInfo { namespace: "shop".into(), name: format!("p{i}"), spec: NetworkPolicySpec::default() })
+        .collect();
     let a = analyze(&inv, &[], None);
     let hit = a.findings.iter().find(|f| f.subject == "networkpolicy").expect("a finding about unenforced policies");
     assert_eq!(hit.severity, Severity::Attention);
-    assert!(hit.message.contains("7 NetworkPolicies (shop/p0, shop/p1, shop/p2, shop/p3, shop/p4 and 2 more) are not enforced today"), "{}", hit.message);
+    assert!(
+        hit.message.contains(
+            "7 NetworkPolicies (shop/p0, shop/p1, shop/p2, shop/p3, shop/p4 and 2 more) are not enforced today"
+        ),
+        "{}",
+        hit.message
+    );
 
     // Canal enforces them with Calico's engine; no policies, nothing to say.
     inv.cni.kind = Some("canal".into());

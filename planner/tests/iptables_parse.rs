@@ -1,9 +1,7 @@
 //! Parser tests on hand-written dumps in the shape of kube-proxy 1.20 (legacy
 //! backend, Flannel) and current kube-proxy (nft backend, Calico).
 
-use kubeshift_planner::iptables::{
-    parse_iptables_save, ChainLayout, ParseErrorKind, RuleModel, ServiceRules,
-};
+use kubeshift_planner::iptables::{parse_iptables_save, ChainLayout, ParseErrorKind, RuleModel, ServiceRules};
 
 const V120: &str = include_str!("fixtures/kube-proxy-1.20-flannel.txt");
 const CURRENT: &str = include_str!("fixtures/kube-proxy-current-calico-nft.txt");
@@ -13,27 +11,20 @@ fn v120() -> RuleModel {
 }
 
 fn current() -> RuleModel {
-    parse_iptables_save("kube-proxy-current-calico-nft.txt", CURRENT)
-        .expect("current fixture parses")
+    parse_iptables_save("kube-proxy-current-calico-nft.txt", CURRENT).expect("current fixture parses")
 }
 
 fn svc<'m>(m: &'m RuleModel, ns: &str, name: &str, port: &str, proto: &str) -> &'m ServiceRules {
     m.service(ns, name, port, proto).unwrap_or_else(|| {
         panic!(
             "{ns}/{name}:{port}/{proto} missing; have {:?}",
-            m.services
-                .iter()
-                .map(|s| s.display_name())
-                .collect::<Vec<_>>()
+            m.services.iter().map(|s| s.display_name()).collect::<Vec<_>>()
         )
     })
 }
 
 fn ips(s: &ServiceRules) -> Vec<String> {
-    s.endpoints
-        .iter()
-        .map(|e| format!("{}:{}", e.ip, e.port))
-        .collect()
+    s.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
 }
 
 // ---------- kube-proxy 1.20 ----------
@@ -42,11 +33,7 @@ fn ips(s: &ServiceRules) -> Vec<String> {
 fn v120_layout_and_service_set() {
     let m = v120();
     assert_eq!(m.layout, ChainLayout::Legacy);
-    let names: Vec<String> = m
-        .services
-        .iter()
-        .map(|s| format!("{}/{}", s.display_name(), s.protocol))
-        .collect();
+    let names: Vec<String> = m.services.iter().map(|s| format!("{}/{}", s.display_name(), s.protocol)).collect();
     assert_eq!(
         names,
         vec![
@@ -68,10 +55,7 @@ fn v120_cluster_ip_endpoints_and_probabilities() {
     let web = svc(&m, "default", "web", "http", "tcp");
     assert_eq!(web.cluster_ip.as_deref(), Some("10.96.100.10"));
     assert_eq!(web.port, Some(80));
-    assert_eq!(
-        ips(web),
-        vec!["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"]
-    );
+    assert_eq!(ips(web), vec!["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"]);
     let probs: Vec<f64> = web.endpoints.iter().map(|e| e.probability).collect();
     assert_eq!(probs, vec![0.33333333349, 0.5, 1.0]);
     // Each of three endpoints gets a third of new connections.
@@ -145,10 +129,7 @@ fn v120_reject_for_service_without_endpoints() {
 #[test]
 fn v120_stale_chains_and_canaries_and_foreign() {
     let m = v120();
-    assert_eq!(
-        m.unreferenced_chains,
-        vec!["KUBE-SEP-GONE0AAAAAAAAAAA", "KUBE-SVC-GONEHASHAAAAAAAA"]
-    );
+    assert_eq!(m.unreferenced_chains, vec!["KUBE-SEP-GONE0AAAAAAAAAAA", "KUBE-SVC-GONEHASHAAAAAAAA"]);
     assert_eq!(m.kube_proxy_canary, vec!["filter", "mangle", "nat"]);
     assert_eq!(m.kubelet_canary, vec!["filter", "mangle", "nat"]);
     let flannel = &m.foreign["flannel"];
@@ -163,19 +144,9 @@ fn v120_stale_chains_and_canaries_and_foreign() {
 fn current_layout_and_nft_warning() {
     let m = current();
     assert_eq!(m.layout, ChainLayout::Current);
-    assert_eq!(
-        m.warnings,
-        vec!["iptables-legacy tables present, use iptables-legacy-save to see them"]
-    );
-    assert_eq!(
-        m.generated_by.as_deref(),
-        Some("iptables-nft-save v1.8.9 (nf_tables)")
-    );
-    assert!(
-        m.unreferenced_chains.is_empty(),
-        "{:?}",
-        m.unreferenced_chains
-    );
+    assert_eq!(m.warnings, vec!["iptables-legacy tables present, use iptables-legacy-save to see them"]);
+    assert_eq!(m.generated_by.as_deref(), Some("iptables-nft-save v1.8.9 (nf_tables)"));
+    assert!(m.unreferenced_chains.is_empty(), "{:?}", m.unreferenced_chains);
 }
 
 #[test]
@@ -189,14 +160,7 @@ fn current_svl_ext_fw_and_firewall() {
     assert_eq!(f.lb_ips, vec!["203.0.113.50"]);
     assert_eq!(f.lb_source_ranges, vec!["198.51.100.0/24"]);
     assert_eq!(f.affinity_seconds, Some(3600));
-    assert_eq!(
-        ips(f),
-        vec![
-            "192.168.1.10:8080",
-            "192.168.2.10:8080",
-            "192.168.3.10:8080"
-        ]
-    );
+    assert_eq!(ips(f), vec!["192.168.1.10:8080", "192.168.2.10:8080", "192.168.3.10:8080"]);
     assert_eq!(f.local_endpoints.len(), 1);
     assert_eq!(f.local_endpoints[0].ip, "192.168.1.10");
     assert_eq!(f.masquerade_unless_from.as_deref(), Some("192.168.0.0/16"));
@@ -219,10 +183,7 @@ fn current_local_policy_without_local_endpoints() {
 fn current_cluster_policy_ext_chain() {
     let m = current();
     let a = svc(&m, "shop", "api", "grpc", "tcp");
-    assert!(
-        !a.local_only,
-        "cluster policy EXT chain masquerades and jumps to SVC"
-    );
+    assert!(!a.local_only, "cluster policy EXT chain masquerades and jumps to SVC");
     // The localhost nodeport rule and the plain one carry the same port.
     assert_eq!(a.node_ports, vec![30500]);
 }
@@ -259,8 +220,7 @@ fn current_masquerade_mark() {
 #[test]
 fn or_mark_as_written_by_kube_proxy_is_normalized() {
     // kube-proxy writes --or-mark; iptables-save prints --set-xmark v/v.
-    let dump =
-        "*nat\n:KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n";
+    let dump = "*nat\n:KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n";
     let m = parse_iptables_save("inline", dump).unwrap();
     assert_eq!(m.masquerade.masq_mark.as_deref(), Some("0x4000/0x4000"));
 }
@@ -278,7 +238,8 @@ fn current_calico_chains_are_counted_not_parsed() {
 
 #[test]
 fn masquerade_all_and_unnamed_comment_forms() {
-    let dump = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n:KUBE-SEP-BBBB - [0:0]\n\
+    let dump =
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n:KUBE-SEP-BBBB - [0:0]\n\
 -A KUBE-SERVICES -d 10.96.0.5/32 -p tcp -m comment --comment \"a/b:c cluster IP\" -m tcp --dport 80 -j KUBE-SVC-AAAA\n\
 -A KUBE-SVC-AAAA -d 10.96.0.5/32 -p tcp -m comment --comment \"a/b:c cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ\n\
 -A KUBE-SVC-AAAA -m comment --comment \"a/b:c -> 10.0.0.9:80\" -j KUBE-SEP-BBBB\n\
@@ -303,11 +264,7 @@ fn model_serializes_to_json() {
     let m = current();
     let j = serde_json::to_value(&m).unwrap();
     assert_eq!(j["layout"], "current");
-    assert!(j["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["name"] == "front" && s["local_only"] == true));
+    assert!(j["services"].as_array().unwrap().iter().any(|s| s["name"] == "front" && s["local_only"] == true));
     let back: RuleModel = serde_json::from_value(j).unwrap();
     assert_eq!(back, m);
 }
@@ -343,9 +300,8 @@ fn error_undeclared_chain() {
     let e = err("*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SVC-X -j KUBE-SERVICES\nCOMMIT\n");
     assert_eq!(e.line, 3);
     assert!(
-        e.to_string().starts_with(
-            "node-a.txt:3: rule appended to chain KUBE-SVC-X, which is not declared in table nat"
-        ),
+        e.to_string()
+            .starts_with("node-a.txt:3: rule appended to chain KUBE-SVC-X, which is not declared in table nat"),
         "{e}"
     );
 }
@@ -364,20 +320,14 @@ fn error_truncated_dump_names_the_open_table() {
     // The nat table opens at line 47 of the fixture and is never committed.
     let nat_line = V120.lines().position(|l| l == "*nat").unwrap() + 1;
     assert_eq!(e.line, nat_line);
-    assert!(
-        e.to_string().contains("table nat is not closed by COMMIT"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("table nat is not closed by COMMIT"), "{e}");
 }
 
 #[test]
 fn error_table_opened_while_another_is_open() {
     let e = err("*filter\n:INPUT ACCEPT [0:0]\n*nat\nCOMMIT\n");
     assert_eq!(e.line, 3);
-    assert!(
-        e.to_string().contains("table filter (opened at line 1)"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("table filter (opened at line 1)"), "{e}");
 }
 
 #[test]
@@ -412,10 +362,7 @@ fn error_malformed_options_name_the_line() {
         assert_eq!(e.line, 4, "{rule}");
         assert!(matches!(e.kind, ParseErrorKind::Rule(_)), "{rule}: {e}");
         assert!(e.to_string().contains(what), "{rule}: {e}");
-        assert!(
-            e.to_string().starts_with("node-a.txt:4: malformed rule: "),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("node-a.txt:4: malformed rule: "), "{e}");
     }
 }
 
@@ -429,15 +376,9 @@ fn error_unrecognised_line() {
 
 #[test]
 fn parse_file_reports_io_errors_with_the_path() {
-    let e = kubeshift_planner::iptables::parse_iptables_save_file(std::path::Path::new(
-        "/nonexistent/dump.txt",
-    ))
-    .unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with("/nonexistent/dump.txt:0: cannot read"),
-        "{e}"
-    );
+    let e = kubeshift_planner::iptables::parse_iptables_save_file(std::path::Path::new("/nonexistent/dump.txt"))
+        .unwrap_err();
+    assert!(e.to_string().starts_with("/nonexistent/dump.txt:0: cannot read"), "{e}");
 }
 
 #[test]
@@ -467,19 +408,11 @@ fn synthetic_benchmark_dump_parses_with_expected_shape() {
     assert_eq!(m.layout, ChainLayout::Current);
     assert!(m.unreferenced_chains.is_empty());
     let no_ep = m.services.iter().filter(|s| s.reject_no_endpoints).count();
-    let with_ep = m
-        .services
-        .iter()
-        .filter(|s| !s.endpoints.is_empty())
-        .count();
+    let with_ep = m.services.iter().filter(|s| !s.endpoints.is_empty()).count();
     assert_eq!(no_ep + with_ep, m.services.len());
     assert!(m.services.iter().any(|s| s.affinity_seconds == Some(10800)));
     for s in m.services.iter().filter(|s| !s.endpoints.is_empty()) {
         let total: f64 = s.endpoints.iter().map(|e| e.share).sum();
-        assert!(
-            (total - 1.0).abs() < 1e-6,
-            "{}: shares sum to {total}",
-            s.display_name()
-        );
+        assert!((total - 1.0).abs() < 1e-6, "{}: shares sum to {total}", s.display_name());
     }
 }

@@ -15,10 +15,7 @@ const CURRENT: &str = include_str!("fixtures/kube-proxy-current-calico-nft.txt")
 /// objects this namespace does not have; those lines carry no service data
 /// except one duplicate node-port rule.
 fn restorable(dump: &str) -> String {
-    dump.lines()
-        .filter(|l| !l.contains("--match-set") && !l.contains("nfacct"))
-        .map(|l| format!("{l}\n"))
-        .collect()
+    dump.lines().filter(|l| !l.contains("--match-set") && !l.contains("nfacct")).map(|l| format!("{l}\n")).collect()
 }
 
 fn same_services(a: &RuleModel, b: &RuleModel) {
@@ -35,16 +32,15 @@ fn round_trip(backend: &str, fixture: &str) {
     let input = restorable(fixture);
     ns.exec_stdin(&[&format!("iptables-{backend}-restore")], &input);
     let saved = ns.exec_stdin(&[&format!("iptables-{backend}-save")], "");
-    let from_kernel = parse_iptables_save(&format!("iptables-{backend}-save"), &saved)
-        .unwrap_or_else(|e| panic!("{e}\n{saved}"));
+    let from_kernel =
+        parse_iptables_save(&format!("iptables-{backend}-save"), &saved).unwrap_or_else(|e| panic!("{e}\n{saved}"));
     let from_file = parse_iptables_save("fixture", &input).unwrap();
     assert!(!from_file.services.is_empty());
     same_services(&from_file, &from_kernel);
     assert!(from_kernel
         .generated_by
         .as_deref()
-        .is_some_and(|g| g.starts_with(&format!("iptables-{backend}-save"))
-            || g.starts_with("iptables-save")));
+        .is_some_and(|g| g.starts_with(&format!("iptables-{backend}-save")) || g.starts_with("iptables-save")));
 }
 
 #[test]

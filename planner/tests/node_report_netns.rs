@@ -2,9 +2,7 @@
 //! root (as the lab does). Only the test's own namespace is changed: the
 //! interface and the iptables rules are added with `ip netns exec`.
 
-use kubeshift_planner::node_report::{
-    collect_in_netns, CollectOptions, IptablesBackend, NodeReport,
-};
+use kubeshift_planner::node_report::{collect_in_netns, CollectOptions, IptablesBackend, NodeReport};
 use std::process::Command;
 
 mod common;
@@ -20,9 +18,7 @@ impl Populate for Netns {
     fn populate(&self) {
         self.exec(&["ip", "link", "set", "lo", "up"]);
         // A veth pair with both ends inside (this kernel has no dummy driver).
-        self.exec(&[
-            "ip", "link", "add", "ksdummy0", "type", "veth", "peer", "name", "ksdummy1",
-        ]);
+        self.exec(&["ip", "link", "add", "ksdummy0", "type", "veth", "peer", "name", "ksdummy1"]);
         self.exec(&["ip", "addr", "add", "10.123.0.1/24", "dev", "ksdummy0"]);
         self.exec(&["ip", "link", "set", "ksdummy0", "up"]);
         for rule in [
@@ -46,11 +42,7 @@ impl Populate for Netns {
     }
 
     fn opts(&self) -> CollectOptions {
-        CollectOptions {
-            node_name: Some("node-test".into()),
-            cni_conf_dir: self.tmp.clone(),
-            ..Default::default()
-        }
+        CollectOptions { node_name: Some("node-test".into()), cni_conf_dir: self.tmp.clone(), ..Default::default() }
     }
 }
 
@@ -62,38 +54,15 @@ fn check(r: &NodeReport) {
     let rules = r.iptables.rules.as_ref().unwrap();
     assert_eq!(rules.services, 1);
     assert_eq!(rules.endpoints, 1);
-    assert_ne!(
-        r.iptables.backend,
-        IptablesBackend::Unknown,
-        "{}",
-        r.iptables.version
-    );
-    let dummy = r
-        .interfaces
-        .iter()
-        .find(|i| i.ifname == "ksdummy0")
-        .expect("interface from inside the netns");
+    assert_ne!(r.iptables.backend, IptablesBackend::Unknown, "{}", r.iptables.version);
+    let dummy = r.interfaces.iter().find(|i| i.ifname == "ksdummy0").expect("interface from inside the netns");
     assert_eq!(dummy.kind.as_deref(), Some("veth"));
-    assert!(dummy
-        .addresses
-        .iter()
-        .any(|a| a.local == "10.123.0.1" && a.prefixlen == 24));
+    assert!(dummy.addresses.iter().any(|a| a.local == "10.123.0.1" && a.prefixlen == 24));
     // Only lo and the veth pair: proof that the host's interfaces were not read.
-    assert_eq!(
-        r.interfaces.len(),
-        3,
-        "{:?}",
-        r.interfaces.iter().map(|i| &i.ifname).collect::<Vec<_>>()
-    );
-    assert!(r
-        .routes
-        .iter()
-        .any(|rt| rt.dst == "10.123.0.0/24" && rt.dev.as_deref() == Some("ksdummy0")));
+    assert_eq!(r.interfaces.len(), 3, "{:?}", r.interfaces.iter().map(|i| &i.ifname).collect::<Vec<_>>());
+    assert!(r.routes.iter().any(|rt| rt.dst == "10.123.0.0/24" && rt.dev.as_deref() == Some("ksdummy0")));
     assert_eq!(r.cni.files.len(), 1);
-    assert_eq!(
-        r.cni.files[0].plugin_types.as_deref(),
-        Some(&["bridge".to_string(), "portmap".to_string()][..])
-    );
+    assert_eq!(r.cni.files[0].plugin_types.as_deref(), Some(&["bridge".to_string(), "portmap".to_string()][..]));
     assert!(r.kernel.major > 0);
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
@@ -112,23 +81,12 @@ fn collect_inside_a_netns_via_setns() {
     ns.exec(&["iptables-legacy", "-t", "mangle", "-N", "KSPLAN-LEGACY"]);
     let r = collect_in_netns(&ns.name, &ns.opts()).expect("collect");
     check(&r);
-    assert_eq!(
-        r.iptables.backend,
-        IptablesBackend::Nft,
-        "this machine's default iptables is nft"
-    );
-    assert!(
-        r.iptables.legacy_tables_present,
-        "{:?}",
-        r.iptables.save_warnings
-    );
+    assert_eq!(r.iptables.backend, IptablesBackend::Nft, "this machine's default iptables is nft");
+    assert!(r.iptables.legacy_tables_present, "{:?}", r.iptables.save_warnings);
     // On this machine BTF and cgroup v2 exist; the report must see them.
     assert!(r.btf.present);
     assert!(r.cgroup.v2_mounted, "{:?}", r.cgroup);
-    assert!(
-        !host_has_test_rules(),
-        "test rules leaked into the host namespace"
-    );
+    assert!(!host_has_test_rules(), "test rules leaked into the host namespace");
     let json = serde_json::to_string(&r).unwrap();
     let back = NodeReport::from_json(&json, "report.json").unwrap();
     assert_eq!(back, r);
@@ -142,11 +100,8 @@ fn collect_under_ip_netns_exec() {
     if let Ok(out) = std::env::var("KUBESHIFT_TEST_REPORT_OUT") {
         // Child side.
         let cni = std::env::var("KUBESHIFT_TEST_CNI_DIR").unwrap();
-        let opts = CollectOptions {
-            node_name: Some("node-test".into()),
-            cni_conf_dir: cni.into(),
-            ..Default::default()
-        };
+        let opts =
+            CollectOptions { node_name: Some("node-test".into()), cni_conf_dir: cni.into(), ..Default::default() };
         let r = kubeshift_planner::node_report::collect(&opts);
         std::fs::write(out, serde_json::to_string(&r).unwrap()).unwrap();
         return;
@@ -184,11 +139,7 @@ fn bad_report_json_names_the_place() {
     let e = NodeReport::from_json("{\n \"report_version\": \"x\"\n}", "n1.json").unwrap_err();
     assert!(e.starts_with("n1.json:2:"), "{e}");
     let e = NodeReport::from_json(
-        &serde_json::to_string(&NodeReport {
-            report_version: 99,
-            ..Default::default()
-        })
-        .unwrap(),
+        &serde_json::to_string(&NodeReport { report_version: 99, ..Default::default() }).unwrap(),
         "n1.json",
     )
     .unwrap_err();

@@ -27,72 +27,34 @@ fn yaml_round_trip() {
 fn broken_yaml_names_line_and_column() {
     let bad = PLAN.replace("  podCidr: 10.200.0.0/16", "  podCidr: [10.200.0.0/16");
     let e = parse_plan("plan.yaml", &bad, None).unwrap_err();
-    let PlanError::Syntax { line, .. } = &e else {
-        panic!("{e}")
-    };
+    let PlanError::Syntax { line, .. } = &e else { panic!("{e}") };
     assert!(*line >= 17, "{e}");
-    assert!(
-        e.to_string().starts_with(&format!("plan.yaml:{line}:")),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with(&format!("plan.yaml:{line}:")), "{e}");
 }
 
 #[test]
 fn unknown_field_is_an_error_with_location() {
     let bad = PLAN.replace("  maxUnavailable: 2", "  maxUnavailabel: 2");
     let e = parse_plan("plan.yaml", &bad, None).unwrap_err();
-    let line = PLAN
-        .lines()
-        .position(|l| l == "  maxUnavailable: 2")
-        .unwrap()
-        + 1;
-    assert!(
-        e.to_string().starts_with(&format!("plan.yaml:{line}:")),
-        "{e}"
-    );
-    assert!(
-        e.to_string().contains("unknown field `maxUnavailabel`"),
-        "{e}"
-    );
+    let line = PLAN.lines().position(|l| l == "  maxUnavailable: 2").unwrap() + 1;
+    assert!(e.to_string().starts_with(&format!("plan.yaml:{line}:")), "{e}");
+    assert!(e.to_string().contains("unknown field `maxUnavailabel`"), "{e}");
 }
 
 #[test]
 fn wrong_step_action_is_an_error_with_location() {
-    let bad = PLAN.replace(
-        "action: drain, estimateSeconds: 100",
-        "action: drian, estimateSeconds: 100",
-    );
+    let bad = PLAN.replace("action: drain, estimateSeconds: 100", "action: drian, estimateSeconds: 100");
     let e = parse_plan("plan.yaml", &bad, None).unwrap_err();
-    let line = PLAN
-        .lines()
-        .position(|l| l.contains("node-2/drain"))
-        .unwrap()
-        + 1;
-    assert!(
-        e.to_string().starts_with(&format!("plan.yaml:{line}:")),
-        "{e}"
-    );
+    let line = PLAN.lines().position(|l| l.contains("node-2/drain")).unwrap() + 1;
+    assert!(e.to_string().starts_with(&format!("plan.yaml:{line}:")), "{e}");
 }
 
 #[test]
 fn wrong_api_version_and_kind() {
-    let e = parse_plan(
-        "plan.yaml",
-        &PLAN.replace("kubeshift.io/v1alpha1", "kubeshift.io/v2"),
-        None,
-    )
-    .unwrap_err();
+    let e = parse_plan("plan.yaml", &PLAN.replace("kubeshift.io/v1alpha1", "kubeshift.io/v2"), None).unwrap_err();
     assert!(matches!(e, PlanError::ApiVersion { .. }));
-    assert!(
-        e.to_string().contains("apiVersion is \"kubeshift.io/v2\""),
-        "{e}"
-    );
-    let e = parse_plan(
-        "plan.yaml",
-        &PLAN.replace("kind: Plan", "kind: Inventory"),
-        None,
-    )
-    .unwrap_err();
+    assert!(e.to_string().contains("apiVersion is \"kubeshift.io/v2\""), "{e}");
+    let e = parse_plan("plan.yaml", &PLAN.replace("kind: Plan", "kind: Inventory"), None).unwrap_err();
     assert!(matches!(e, PlanError::Kind { .. }), "{e}");
     let e = parse_plan("plan.yaml", "kind: Plan\n", None).unwrap_err();
     assert!(matches!(e, PlanError::ApiVersion { .. }), "{e}");
@@ -102,9 +64,7 @@ fn wrong_api_version_and_kind() {
 fn fingerprint_mismatch_is_refused() {
     let other = fingerprint(&["another-cluster"]);
     let e = parse_plan("plan.yaml", PLAN, Some(&other)).unwrap_err();
-    let PlanError::FingerprintMismatch { plan, cluster, .. } = &e else {
-        panic!("{e}")
-    };
+    let PlanError::FingerprintMismatch { plan, cluster, .. } = &e else { panic!("{e}") };
     assert_eq!(plan, FP);
     assert_eq!(cluster, &other);
     assert!(e.to_string().contains("re-run `kubeshift migrate plan`"));
@@ -123,22 +83,13 @@ fn fingerprint_is_stable_and_unambiguous() {
 fn semantic_errors() {
     let cases = [
         (PLAN.replace("port: 8473", "port: 8472"), "8472"),
-        (
-            PLAN.replace("id: node-2/install", "id: node-2/drain"),
-            "step id node-2/drain is used twice",
-        ),
+        (PLAN.replace("id: node-2/install", "id: node-2/drain"), "step id node-2/drain is used twice"),
         (
             PLAN.replace("after: [node-1/uncordon]", "after: [node-9/uncordon]"),
             "step cp-1/install: `after` names unknown step node-9/uncordon",
         ),
-        (
-            PLAN.replace("after: [node-1/uncordon]", "after: [cp-1/install]"),
-            "cycle",
-        ),
-        (
-            PLAN.replace("- name: node-3", "- name: node-2"),
-            "node node-2 appears twice",
-        ),
+        (PLAN.replace("after: [node-1/uncordon]", "after: [cp-1/install]"), "cycle"),
+        (PLAN.replace("- name: node-3", "- name: node-2"), "node node-2 appears twice"),
     ];
     for (text, want) in cases {
         let e = parse_plan("plan.yaml", &text, None).unwrap_err();
@@ -172,8 +123,5 @@ fn graph_order_and_exports() {
     assert!(mm.starts_with("flowchart TD\n"));
     assert!(mm.contains("[[\"node-1: install-datapath\"]]"));
     assert_eq!(mm.matches("-->").count(), g.graph.edge_count());
-    assert_eq!(
-        g.graph[g.index["node-1/gate"]].action,
-        StepAction::ConnectivityGate
-    );
+    assert_eq!(g.graph[g.index["node-1/gate"]].action, StepAction::ConnectivityGate);
 }

@@ -2,17 +2,10 @@
 //! a valid plan file.
 
 use kubeshift_planner::plan::{parse_plan, StepAction};
-use kubeshift_planner::planning::{
-    build_plan, synthetic_input, PlanInput, PlanNodeInput, PlanningError,
-};
+use kubeshift_planner::planning::{build_plan, synthetic_input, PlanInput, PlanNodeInput, PlanningError};
 
 fn node(name: &str, pool: &str, pods: usize) -> PlanNodeInput {
-    PlanNodeInput {
-        name: name.into(),
-        pool: pool.into(),
-        control_plane: pool == "control-plane",
-        evictable_pods: pods,
-    }
+    PlanNodeInput { name: name.into(), pool: pool.into(), control_plane: pool == "control-plane", evictable_pods: pods }
 }
 
 fn input() -> PlanInput {
@@ -37,41 +30,18 @@ fn input() -> PlanInput {
 }
 
 fn wave_nodes(p: &kubeshift_planner::plan::Plan, w: usize) -> Vec<Vec<String>> {
-    p.waves[w]
-        .batches
-        .iter()
-        .map(|b| b.nodes.iter().map(|n| n.name.clone()).collect())
-        .collect()
+    p.waves[w].batches.iter().map(|b| b.nodes.iter().map(|n| n.name.clone()).collect()).collect()
 }
 
 #[test]
 fn canary_then_pools_by_risk_then_control_plane() {
     let p = build_plan(&input()).unwrap();
     let names: Vec<&str> = p.waves.iter().map(|w| w.name.as_str()).collect();
-    assert_eq!(
-        names,
-        vec!["canary", "pool-small", "pool-big", "control-plane"]
-    );
-    assert_eq!(
-        wave_nodes(&p, 0),
-        vec![vec!["small-2"]],
-        "quietest node of the least risky pool"
-    );
-    assert_eq!(
-        wave_nodes(&p, 1),
-        vec![vec!["small-1", "small-3"]],
-        "max-unavailable 2"
-    );
-    assert_eq!(
-        wave_nodes(&p, 2),
-        vec![vec!["big-2"], vec!["big-1"]],
-        "PDB limit 1 on pool big"
-    );
-    assert_eq!(
-        wave_nodes(&p, 3),
-        vec![vec!["cp-1"], vec!["cp-2"]],
-        "control plane one at a time"
-    );
+    assert_eq!(names, vec!["canary", "pool-small", "pool-big", "control-plane"]);
+    assert_eq!(wave_nodes(&p, 0), vec![vec!["small-2"]], "quietest node of the least risky pool");
+    assert_eq!(wave_nodes(&p, 1), vec![vec!["small-1", "small-3"]], "max-unavailable 2");
+    assert_eq!(wave_nodes(&p, 2), vec![vec!["big-2"], vec!["big-1"]], "PDB limit 1 on pool big");
+    assert_eq!(wave_nodes(&p, 3), vec![vec!["cp-1"], vec!["cp-2"]], "control plane one at a time");
     assert_eq!(p.estimates.nodes, 7);
     assert_eq!(p.estimates.max_parallel_nodes, 2);
     assert!(p.estimates.total_seconds > 0);
@@ -84,10 +54,7 @@ fn every_node_has_gated_rollbackable_steps() {
         let last = n.steps.last().unwrap();
         assert_eq!(last.action, StepAction::ConnectivityGate, "{}", n.name);
         assert!(last.gate.is_some());
-        assert!(n
-            .steps
-            .iter()
-            .any(|s| s.rollback_point && s.action == StepAction::InstallDatapath));
+        assert!(n.steps.iter().any(|s| s.rollback_point && s.action == StepAction::InstallDatapath));
     }
 }
 
@@ -100,10 +67,7 @@ fn target_settings_avoid_used_ranges() {
     i.pod_cidr = Some("10.100.0.0/16".into());
     assert_eq!(
         build_plan(&i).unwrap_err(),
-        PlanningError::Overlap {
-            wanted: "10.100.0.0/16".into(),
-            used: "10.96.0.0/12".into()
-        }
+        PlanningError::Overlap { wanted: "10.100.0.0/16".into(), used: "10.96.0.0/12".into() }
     );
     let mut i = input();
     i.tunnel_port = Some(8472);
@@ -138,13 +102,7 @@ fn control_plane_only_cluster() {
 fn synthetic_large_input_plans() {
     let i = synthetic_input(600, 18_000);
     let p = build_plan(&i).unwrap();
-    assert_eq!(
-        p.all_steps()
-            .map(|(_, n, _)| n.name.clone())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len(),
-        600
-    );
+    assert_eq!(p.all_steps().map(|(_, n, _)| n.name.clone()).collect::<std::collections::BTreeSet<_>>().len(), 600);
     assert_eq!(p.waves.last().unwrap().name, "control-plane");
     let g = p.graph().unwrap();
     assert_eq!(g.graph.node_count(), 600 * 9 + p.waves.len());

@@ -30,14 +30,14 @@ async fn get(server: &str, path: &str) -> Result<Body> {
         .await
         .map_err(|_| anyhow::anyhow!("{}: no answer within {CONNECT_TIMEOUT:?}", what()))?
         .with_context(|| {
-            format!(
-                "{}: cannot connect (is `kubeshift agent --metrics {server}` running there?)",
-                what()
-            )
+            format!("{}: cannot connect (is `kubeshift agent --metrics {server}` running there?)", what())
         })?;
-    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nAccept: application/x-ndjson\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .with_context(what)?;
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nAccept: application/x-ndjson\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .with_context(what)?;
     let mut rd = BufReader::new(sock);
     let mut status = String::new();
     rd.read_line(&mut status).await.with_context(what)?;
@@ -51,43 +51,23 @@ async fn get(server: &str, path: &str) -> Result<Body> {
     if code != "200" {
         let mut body = String::new();
         let _ = rd.read_to_string(&mut body).await;
-        let hint = if code == "404" {
-            " (an agent without the flow stream?)"
-        } else {
-            ""
-        };
-        bail!(
-            "{}: GET {path}: {} {}{hint}",
-            what(),
-            status.trim(),
-            body.trim()
-        );
+        let hint = if code == "404" { " (an agent without the flow stream?)" } else { "" };
+        bail!("{}: GET {path}: {} {}{hint}", what(), status.trim(), body.trim());
     }
-    Ok(Body {
-        server: server.to_string(),
-        lines: rd.lines(),
-        n: 0,
-    })
+    Ok(Body { server: server.to_string(), lines: rd.lines(), n: 0 })
 }
 
 impl Body {
     /// The next record; None at the end of the body.
     pub async fn next(&mut self) -> Result<Option<Flow>> {
-        let Some(raw) = self
-            .lines
-            .next_line()
-            .await
-            .with_context(|| format!("agent at {}: reading /flows", self.server))?
+        let Some(raw) =
+            self.lines.next_line().await.with_context(|| format!("agent at {}: reading /flows", self.server))?
         else {
             return Ok(None);
         };
         self.n += 1;
-        let record = serde_json::from_str(&raw).with_context(|| {
-            format!(
-                "agent at {}: /flows line {}: not a flow record: {raw}",
-                self.server, self.n
-            )
-        })?;
+        let record = serde_json::from_str(&raw)
+            .with_context(|| format!("agent at {}: /flows line {}: not a flow record: {raw}", self.server, self.n))?;
         Ok(Some(Flow { record, raw }))
     }
 }

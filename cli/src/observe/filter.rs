@@ -19,14 +19,9 @@ pub struct PodMatch {
 pub fn parse_pod(s: &str) -> Result<PodMatch, String> {
     let (ns, name) = s.split_once('/').unwrap_or(("default", s));
     if ns.is_empty() || name.is_empty() || name.contains('/') {
-        return Err(format!(
-            "{s:?}: want NAMESPACE/POD (the pod name may be a prefix)"
-        ));
+        return Err(format!("{s:?}: want NAMESPACE/POD (the pod name may be a prefix)"));
     }
-    Ok(PodMatch {
-        namespace: ns.to_string(),
-        name_prefix: name.to_string(),
-    })
+    Ok(PodMatch { namespace: ns.to_string(), name_prefix: name.to_string() })
 }
 
 /// `key=value`; all given labels must be on the pod.
@@ -80,9 +75,7 @@ pub struct Filter {
 
 fn pod_matches(m: &PodMatch, e: &FlowEndpoint) -> bool {
     e.namespace.as_deref() == Some(m.namespace.as_str())
-        && e.pod
-            .as_deref()
-            .is_some_and(|p| p.starts_with(&m.name_prefix))
+        && e.pod.as_deref().is_some_and(|p| p.starts_with(&m.name_prefix))
 }
 
 fn labels_match(want: &[(String, String)], have: &BTreeMap<String, String>) -> bool {
@@ -98,14 +91,8 @@ impl Filter {
         self.verdict.is_none_or(|v| r.verdict == v)
             && (self.kinds.is_empty() || self.kinds.contains(&r.kind))
             && self.protocol.is_none_or(|p| r.protocol == Some(p))
-            && self
-                .from_pod
-                .as_ref()
-                .is_none_or(|m| pod_matches(m, &r.source))
-            && self
-                .to_pod
-                .as_ref()
-                .is_none_or(|m| pod_matches(m, &r.destination))
+            && self.from_pod.as_ref().is_none_or(|m| pod_matches(m, &r.source))
+            && self.to_pod.as_ref().is_none_or(|m| pod_matches(m, &r.destination))
             && labels_match(&self.from_labels, &r.source.labels)
             && labels_match(&self.to_labels, &r.destination.labels)
             && self.port.is_none_or(|p| {
@@ -127,10 +114,7 @@ mod tests {
             port,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             identity: None,
         }
     }
@@ -173,12 +157,7 @@ mod tests {
             f(|x| x.from_pod = pod("shop/client")),
             f(|x| x.to_pod = pod("shop/web")),
             f(|x| x.to_pod = pod("shop/web-7d9f-abcde")),
-            f(|x| {
-                x.from_labels = vec![
-                    parse_label("app=client").unwrap(),
-                    parse_label("tier=fe").unwrap(),
-                ]
-            }),
+            f(|x| x.from_labels = vec![parse_label("app=client").unwrap(), parse_label("tier=fe").unwrap()]),
             f(|x| x.to_labels = lab("app=web")),
             f(|x| x.port = Some(8080)),
             f(|x| x.port = Some(80)),
@@ -195,12 +174,7 @@ mod tests {
             f(|x| x.from_pod = pod("other/client")),
             f(|x| x.from_pod = pod("client")),
             f(|x| x.to_pod = pod("shop/client")),
-            f(|x| {
-                x.from_labels = vec![
-                    parse_label("app=client").unwrap(),
-                    parse_label("tier=be").unwrap(),
-                ]
-            }),
+            f(|x| x.from_labels = vec![parse_label("app=client").unwrap(), parse_label("tier=be").unwrap()]),
             f(|x| x.to_labels = lab("app=client")),
             f(|x| x.port = Some(443)),
             f(|x| x.protocol = Some(FlowProtocol::Udp)),
@@ -224,25 +198,14 @@ mod tests {
 
     #[test]
     fn flag_values() {
-        assert_eq!(
-            parse_pod("web").unwrap(),
-            PodMatch {
-                namespace: "default".into(),
-                name_prefix: "web".into()
-            }
-        );
+        assert_eq!(parse_pod("web").unwrap(), PodMatch { namespace: "default".into(), name_prefix: "web".into() });
         for bad in ["shop/", "/web", "a/b/c", ""] {
-            assert!(
-                parse_pod(bad).unwrap_err().contains("NAMESPACE/POD"),
-                "{bad}"
-            );
+            assert!(parse_pod(bad).unwrap_err().contains("NAMESPACE/POD"), "{bad}");
         }
         assert_eq!(parse_label("k=").unwrap(), ("k".into(), "".into()));
         assert!(parse_label("k").is_err() && parse_label("=v").is_err());
         assert_eq!(parse_verdict("dropped").unwrap(), FlowVerdict::Dropped);
-        assert!(parse_verdict("DENIED")
-            .unwrap_err()
-            .contains("FORWARDED or DROPPED"));
+        assert!(parse_verdict("DENIED").unwrap_err().contains("FORWARDED or DROPPED"));
         assert_eq!(parse_protocol("UDP").unwrap(), FlowProtocol::Udp);
         assert!(parse_protocol("sctp").is_err());
         assert!(Filter::default().is_empty() && !f(|x| x.port = Some(1)).is_empty());

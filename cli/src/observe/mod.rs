@@ -75,11 +75,7 @@ impl ObserveArgs {
 /// Sort key across agents: records carry RFC 3339 times, which sort as instants only
 /// once parsed (precision varies).
 fn instant(f: &Flow) -> i128 {
-    f.record
-        .time
-        .parse::<k8s_openapi::jiff::Timestamp>()
-        .map(|t| t.as_nanosecond())
-        .unwrap_or(0)
+    f.record.time.parse::<k8s_openapi::jiff::Timestamp>().map(|t| t.as_nanosecond()).unwrap_or(0)
 }
 
 /// The newest `n` matching flows of all `servers`, oldest first.
@@ -119,10 +115,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
     for s in &args.servers {
         streams.push(client::follow(s).await?);
     }
-    eprintln!(
-        "observe: following {} (Ctrl-C to stop)",
-        args.servers.join(", ")
-    );
+    eprintln!("observe: following {} (Ctrl-C to stop)", args.servers.join(", "));
     let mut shown: HashSet<String> = HashSet::new();
     if let Some(n) = args.last {
         for f in newest(&args.servers, &filter, n).await? {
@@ -137,9 +130,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
             loop {
                 let item = match body.next().await {
                     Ok(Some(f)) => Ok(f),
-                    Ok(None) => Err(anyhow::anyhow!(
-                        "agent at {server}: the flow stream ended (agent stopped?)"
-                    )),
+                    Ok(None) => Err(anyhow::anyhow!("agent at {server}: the flow stream ended (agent stopped?)")),
                     Err(e) => Err(e),
                 };
                 let end = item.is_err();

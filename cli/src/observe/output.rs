@@ -38,18 +38,10 @@ pub fn compact(r: &FlowRecord) -> String {
         FlowKind::Nodeport => "nodeport",
         FlowKind::Unknown => "?",
     };
-    let mut s = format!(
-        "{} [{} {kind}] {} -> {}",
-        time(&r.time),
-        r.node,
-        endpoint(&r.source),
-        endpoint(&r.destination)
-    );
+    let mut s =
+        format!("{} [{} {kind}] {} -> {}", time(&r.time), r.node, endpoint(&r.source), endpoint(&r.destination));
     if let Some(svc) = &r.service {
-        s.push_str(&format!(
-            " service {}/{} ({}:{})",
-            svc.namespace, svc.name, svc.ip, svc.port
-        ));
+        s.push_str(&format!(" service {}/{} ({}:{})", svc.namespace, svc.name, svc.ip, svc.port));
     }
     if let Some(p) = r.protocol {
         s.push(' ');
@@ -94,10 +86,7 @@ mod tests {
                 "source":{},"destination":{"ip":"10.96.3.3","port":80}}"#,
         )
         .unwrap();
-        assert_eq!(
-            compact(&drop),
-            "bad [node-1 sock-lb] ? -> 10.96.3.3:80 DROPPED (no-endpoints)"
-        );
+        assert_eq!(compact(&drop), "bad [node-1 sock-lb] ? -> 10.96.3.3:80 DROPPED (no-endpoints)");
         assert_eq!(line(Format::Json, &drop, "{raw}"), "{raw}");
     }
 }

@@ -134,7 +134,8 @@ pub fn pod_netns(lab: &str, pod: &Pod) -> String {
 pub fn http_get_from(netns: &str, addr: SocketAddr, path: &str) -> Result<String> {
     let path = path.to_string();
     kubeshift_lab::sys::in_netns(netns, move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connect {addr}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
         let mut buf = String::new();
@@ -241,7 +242,13 @@ pub fn agent_get(addr: &str, path: &str) -> anyhow::Result<String> {
 }
 
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(&format!("{name}{{")))?.rsplit(' ').next()?.parse().ok()
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(&format!("{name}{{")))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A migration step on one node: kube-proxy leaves it (the DaemonSet excludes the
@@ -262,12 +269,17 @@ pub async fn take_kube_proxy_off(lab: &Lab, client: &Client, node: &str) {
         .await
         .expect("patching the kube-proxy DaemonSet");
     eventually(&format!("kube-proxy to leave {node}"), Duration::from_secs(90), || async {
-        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system").list(&ListParams::default().labels("k8s-app=kube-proxy")).await?;
+        let pods = Api::<Pod>::namespaced(client.clone(), "kube-system")
+            .list(&ListParams::default().labels("k8s-app=kube-proxy"))
+            .await?;
         Ok(pods.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node)).then_some(()))
     })
     .await;
     for table in ["nat", "filter"] {
-        let out = Command::new("ip").args(["netns", "exec", &lab.node_netns(node), "iptables", "-t", table, "-F", "KUBE-SERVICES"]).output().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.node_netns(node), "iptables", "-t", table, "-F", "KUBE-SERVICES"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "flush {table}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -343,14 +355,7 @@ pub enum Reply {
 pub fn from_pod(pod_cgroup: &Path, pod_netns: &str, argv: &[&str]) -> Reply {
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..]);
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
+    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
         cmd.env_remove(v);
     }
     kubeshift_lab::sys::confine(&mut cmd, Some(pod_netns), Some(pod_cgroup)).expect("confine");
@@ -368,30 +373,17 @@ pub fn from_pod(pod_cgroup: &Path, pod_netns: &str, argv: &[&str]) -> Reply {
 
 pub fn http(pod_cgroup: &Path, pod_netns: &str, vip: std::net::Ipv4Addr, port: u16) -> Reply {
     let url = format!("http://{vip}:{port}/hostname");
-    from_pod(
-        pod_cgroup,
-        pod_netns,
-        &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url],
-    )
+    from_pod(pod_cgroup, pod_netns, &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &url])
 }
 
 /// A bare TCP connect: bash reports the errno's text ("Connection refused"), curl does not.
-pub fn tcp_connect(
-    pod_cgroup: &Path,
-    pod_netns: &str,
-    vip: std::net::Ipv4Addr,
-    port: u16,
-) -> Reply {
+pub fn tcp_connect(pod_cgroup: &Path, pod_netns: &str, vip: std::net::Ipv4Addr, port: u16) -> Reply {
     let script = format!("exec 3<>/dev/tcp/{vip}/{port} && echo connected");
     from_pod(pod_cgroup, pod_netns, &["bash", "-c", &script])
 }
 
 /// Polls the client until `want` holds for its reply.
-pub async fn await_reply(
-    what: &str,
-    f: impl Fn() -> Reply,
-    want: impl Fn(&Reply) -> bool,
-) -> Reply {
+pub async fn await_reply(what: &str, f: impl Fn() -> Reply, want: impl Fn(&Reply) -> bool) -> Reply {
     let f = &f;
     let want = &want;
     eventually(what, Duration::from_secs(60), || async move {

@@ -159,7 +159,8 @@ mod tests {
             ports: vec![port("", 80, Protocol::Tcp)],
             affinity: Affinity::ClientIp { timeout: Duration::from_secs(30) },
         };
-        let not_ready = EndpointSet { ports: vec![port("", 8080, Protocol::Tcp)], addresses: vec![addr("10.244.1.9", false)] };
+        let not_ready =
+            EndpointSet { ports: vec![port("", 8080, Protocol::Tcp)], addresses: vec![addr("10.244.1.9", false)] };
         for sets in [vec![], vec![&not_ready]] {
             let w = desired_for_service(&svc, &sets);
             assert_eq!(w.len(), 1);

@@ -145,10 +145,7 @@ pub fn wall_clock_ns(event_mono_ns: u64, mono_now_ns: u64, real_now_ns: u64) -> 
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is a valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -156,10 +153,7 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// Both clocks, read back to back.
 pub fn clocks_now() -> (u64, u64) {
-    (
-        clock_ns(libc::CLOCK_MONOTONIC),
-        clock_ns(libc::CLOCK_REALTIME),
-    )
+    (clock_ns(libc::CLOCK_MONOTONIC), clock_ns(libc::CLOCK_REALTIME))
 }
 
 pub fn rfc3339(unix_ns: u64) -> String {
@@ -197,12 +191,8 @@ pub fn sock_lb_record(ev: &FlowEvent, service: Option<&ObjKey>, cx: &Context) ->
         Verdict::RefusedNoBackends => (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string())),
         Verdict::Unknown(v) => (FlowVerdict::Unknown, Some(format!("verdict-{v}"))),
     };
-    let mut source = cx
-        .cookies
-        .get(&ev.netns_cookie)
-        .and_then(|uid| cx.pods.by_uid(uid))
-        .map(endpoint_of)
-        .unwrap_or_default();
+    let mut source =
+        cx.cookies.get(&ev.netns_cookie).and_then(|uid| cx.pods.by_uid(uid)).map(endpoint_of).unwrap_or_default();
     // Bound sockets (sendmsg on a bound UDP socket) know their source; connect() does not.
     if !ev.source.ip().is_unspecified() {
         source.ip = Some(IpAddr::V4(*ev.source.ip()));
@@ -219,18 +209,12 @@ pub fn sock_lb_record(ev: &FlowEvent, service: Option<&ObjKey>, cx: &Context) ->
             d
         }
         // Nothing was picked: the client's destination is the service address itself.
-        None => FlowEndpoint {
-            ip: Some(IpAddr::V4(*ev.service.ip())),
-            port: Some(ev.service.port()),
-            ..Default::default()
-        },
+        None => {
+            FlowEndpoint { ip: Some(IpAddr::V4(*ev.service.ip())), port: Some(ev.service.port()), ..Default::default() }
+        }
     };
     FlowRecord {
-        time: rfc3339(wall_clock_ns(
-            ev.timestamp_ns,
-            cx.mono_now_ns,
-            cx.real_now_ns,
-        )),
+        time: rfc3339(wall_clock_ns(ev.timestamp_ns, cx.mono_now_ns, cx.real_now_ns)),
         node: cx.node.to_string(),
         kind: FlowKind::SockLb,
         verdict,
@@ -302,7 +286,8 @@ pub fn policy_record(ev: &PolicyFlowEvent, cx: &Context) -> FlowRecord {
 /// One NodePort event as a record: the client as it arrived, the backend it was sent
 /// to (found by IP among the pods), the frontend it asked for as the observation point.
 pub fn nodeport_record(ev: &NpFlowEvent, cx: &Context) -> FlowRecord {
-    let source = FlowEndpoint { ip: Some(IpAddr::V4(*ev.client.ip())), port: Some(ev.client.port()), ..Default::default() };
+    let source =
+        FlowEndpoint { ip: Some(IpAddr::V4(*ev.client.ip())), port: Some(ev.client.port()), ..Default::default() };
     let destination = match ev.backend {
         Some(b) => {
             let ip = IpAddr::V4(*b.ip());
@@ -311,15 +296,25 @@ pub fn nodeport_record(ev: &NpFlowEvent, cx: &Context) -> FlowRecord {
             d.port = Some(b.port());
             d
         }
-        None => FlowEndpoint { ip: Some(IpAddr::V4(*ev.frontend.ip())), port: Some(ev.frontend.port()), ..Default::default() },
+        None => FlowEndpoint {
+            ip: Some(IpAddr::V4(*ev.frontend.ip())),
+            port: Some(ev.frontend.port()),
+            ..Default::default()
+        },
     };
     let (verdict, reason) = match (ev.verdict, ev.reason) {
         (NpVerdict::Forwarded, _) => (FlowVerdict::Forwarded, None),
         // Refused with ICMP port unreachable, as kube-proxy's REJECT does.
-        (NpVerdict::Rejected, _) | (NpVerdict::Dropped, NpReason::NoBackends) => (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string())),
-        (NpVerdict::Dropped, NpReason::NoLocalBackends) => (FlowVerdict::Dropped, Some("no-local-endpoints".to_string())),
+        (NpVerdict::Rejected, _) | (NpVerdict::Dropped, NpReason::NoBackends) => {
+            (FlowVerdict::Dropped, Some(REASON_NO_ENDPOINTS.to_string()))
+        }
+        (NpVerdict::Dropped, NpReason::NoLocalBackends) => {
+            (FlowVerdict::Dropped, Some("no-local-endpoints".to_string()))
+        }
         (NpVerdict::Dropped, NpReason::NoRoute) => (FlowVerdict::Dropped, Some("no-route".to_string())),
-        (NpVerdict::Dropped, NpReason::SnatPortsExhausted) => (FlowVerdict::Dropped, Some("snat-ports-exhausted".to_string())),
+        (NpVerdict::Dropped, NpReason::SnatPortsExhausted) => {
+            (FlowVerdict::Dropped, Some("snat-ports-exhausted".to_string()))
+        }
         (NpVerdict::Dropped, NpReason::TtlExceeded) => (FlowVerdict::Dropped, Some("ttl-exceeded".to_string())),
         (NpVerdict::Dropped, r) => (FlowVerdict::Dropped, Some(format!("{r:?}"))),
         (NpVerdict::Unknown(v), _) => (FlowVerdict::Unknown, Some(format!("verdict-{v}"))),
@@ -429,25 +424,14 @@ impl FlowStore {
     /// The newest `n` records, oldest first.
     pub fn last(&self, n: usize) -> Vec<Arc<str>> {
         let g = self.inner.lock().unwrap();
-        g.ring
-            .iter()
-            .skip(g.ring.len().saturating_sub(n))
-            .cloned()
-            .collect()
+        g.ring.iter().skip(g.ring.len().saturating_sub(n)).cloned().collect()
     }
 
     /// [`FlowStore::last`], and every record pushed after it.
     pub fn last_and_follow(&self, n: usize) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
         let g = self.inner.lock().unwrap();
         let rx = self.tx.subscribe();
-        (
-            g.ring
-                .iter()
-                .skip(g.ring.len().saturating_sub(n))
-                .cloned()
-                .collect(),
-            rx,
-        )
+        (g.ring.iter().skip(g.ring.len().saturating_sub(n)).cloned().collect(), rx)
     }
 
     pub fn missed(&self, n: u64) {
@@ -517,24 +501,13 @@ pub(super) async fn run(
                 }
             }
             FlowMsg::SockLb(events) => {
-                let unknown = events
-                    .iter()
-                    .any(|(e, _)| !cookies.contains_key(&e.netns_cookie));
-                if unknown
-                    && pods.listed
-                    && last_scan.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
-                {
+                let unknown = events.iter().any(|(e, _)| !cookies.contains_key(&e.netns_cookie));
+                if unknown && pods.listed && last_scan.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL) {
                     cookies = scan(&node, &cgroup, &pods, cookies).await;
                     last_scan = Some(Instant::now());
                 }
                 let (mono_now_ns, real_now_ns) = clocks_now();
-                let cx = Context {
-                    node: &node,
-                    pods: &pods,
-                    cookies: &cookies,
-                    mono_now_ns,
-                    real_now_ns,
-                };
+                let cx = Context { node: &node, pods: &pods, cookies: &cookies, mono_now_ns, real_now_ns };
                 for (e, svc) in &events {
                     store.push(&sock_lb_record(e, svc.as_ref(), &cx));
                 }
@@ -568,9 +541,7 @@ async fn scan(
 ) -> HashMap<u64, String> {
     let uids: Vec<String> = pods.local(node).map(|p| p.uid.clone()).collect();
     let root = cgroup.to_path_buf();
-    let mut found = tokio::task::spawn_blocking(move || resolve_cookies(root, uids))
-        .await
-        .unwrap_or_default();
+    let mut found = tokio::task::spawn_blocking(move || resolve_cookies(root, uids)).await.unwrap_or_default();
     for (c, uid) in old {
         if pods.by_uid(&uid).is_some() {
             found.entry(c).or_insert(uid);
@@ -589,19 +560,11 @@ pub struct FlowQuery {
 }
 
 pub fn parse_query(q: &str) -> Result<FlowQuery, String> {
-    let mut out = FlowQuery {
-        last: None,
-        follow: false,
-    };
+    let mut out = FlowQuery { last: None, follow: false };
     for kv in q.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "last" => {
-                out.last = Some(
-                    v.parse()
-                        .map_err(|_| format!("query parameter last={v:?}: not a number"))?,
-                )
-            }
+            "last" => out.last = Some(v.parse().map_err(|_| format!("query parameter last={v:?}: not a number"))?),
             "follow" => {
                 out.follow = match v {
                     "" | "true" | "1" => true,
@@ -609,11 +572,7 @@ pub fn parse_query(q: &str) -> Result<FlowQuery, String> {
                     _ => return Err(format!("query parameter follow={v:?}: want true or false")),
                 }
             }
-            _ => {
-                return Err(format!(
-                    "unknown query parameter {k:?} (known: last, follow)"
-                ))
-            }
+            _ => return Err(format!("unknown query parameter {k:?} (known: last, follow)")),
         }
     }
     Ok(out)
@@ -662,16 +621,10 @@ mod tests {
     #[test]
     fn monotonic_to_wall_clock() {
         // An event 2 s old on the monotonic clock happened 2 s before "now" on the wall clock.
-        assert_eq!(
-            wall_clock_ns(8_000_000_000, 10_000_000_000, 1_700_000_000_000_000_000),
-            1_699_999_998_000_000_000
-        );
+        assert_eq!(wall_clock_ns(8_000_000_000, 10_000_000_000, 1_700_000_000_000_000_000), 1_699_999_998_000_000_000);
         // A timestamp from the future (clock read after the event) does not underflow.
         assert_eq!(wall_clock_ns(11, 10, 100), 100);
-        assert_eq!(
-            rfc3339(1_700_000_000_123_000_000),
-            "2023-11-14T22:13:20.123Z"
-        );
+        assert_eq!(rfc3339(1_700_000_000_123_000_000), "2023-11-14T22:13:20.123Z");
     }
 
     #[test]
@@ -686,11 +639,7 @@ mod tests {
             real_now_ns: 1_700_000_001_000_000_000,
         };
         let svc = ObjKey::new("shop", "web");
-        let r = sock_lb_record(
-            &ev(Verdict::Forwarded, Some("10.244.2.7:8080"), 42),
-            Some(&svc),
-            &cx,
-        );
+        let r = sock_lb_record(&ev(Verdict::Forwarded, Some("10.244.2.7:8080"), 42), Some(&svc), &cx);
         assert_eq!(r.verdict, FlowVerdict::Forwarded);
         assert_eq!(r.time, "2023-11-14T22:13:20Z");
         assert_eq!(r.source.pod.as_deref(), Some("client"));
@@ -715,18 +664,8 @@ mod tests {
     fn no_endpoints_is_dropped_and_unknown_cookie_leaves_source_empty() {
         let pods = pods();
         let cookies = HashMap::new();
-        let cx = Context {
-            node: "n1",
-            pods: &pods,
-            cookies: &cookies,
-            mono_now_ns: 5_000_000_000,
-            real_now_ns: 1_000,
-        };
-        let r = sock_lb_record(
-            &ev(Verdict::RefusedNoBackends, None, 42),
-            Some(&ObjKey::new("shop", "empty")),
-            &cx,
-        );
+        let cx = Context { node: "n1", pods: &pods, cookies: &cookies, mono_now_ns: 5_000_000_000, real_now_ns: 1_000 };
+        let r = sock_lb_record(&ev(Verdict::RefusedNoBackends, None, 42), Some(&ObjKey::new("shop", "empty")), &cx);
         assert_eq!(r.verdict, FlowVerdict::Dropped);
         assert_eq!(r.drop_reason.as_deref(), Some(REASON_NO_ENDPOINTS));
         assert_eq!(r.source, FlowEndpoint::default());
@@ -754,11 +693,7 @@ mod tests {
             time: rfc3339(i),
             node: "n".into(),
             kind: FlowKind::SockLb,
-            verdict: if i.is_multiple_of(2) {
-                FlowVerdict::Forwarded
-            } else {
-                FlowVerdict::Dropped
-            },
+            verdict: if i.is_multiple_of(2) { FlowVerdict::Forwarded } else { FlowVerdict::Dropped },
             drop_reason: None,
             protocol: None,
             source: FlowEndpoint::default(),
@@ -771,14 +706,7 @@ mod tests {
             store.push(&rec(i));
         }
         let cookies = |v: &[Arc<str>]| {
-            v.iter()
-                .map(|l| {
-                    serde_json::from_str::<FlowRecord>(l)
-                        .unwrap()
-                        .socket_cookie
-                        .unwrap()
-                })
-                .collect::<Vec<_>>()
+            v.iter().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().socket_cookie.unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(cookies(&store.last(10)), vec![2, 3, 4]);
         assert_eq!(cookies(&store.last(1)), vec![4]);
@@ -793,31 +721,11 @@ mod tests {
 
     #[test]
     fn query() {
-        assert_eq!(
-            parse_query("").unwrap(),
-            FlowQuery {
-                last: None,
-                follow: false
-            }
-        );
-        assert_eq!(
-            parse_query("last=50").unwrap(),
-            FlowQuery {
-                last: Some(50),
-                follow: false
-            }
-        );
-        assert_eq!(
-            parse_query("follow=true&last=0").unwrap(),
-            FlowQuery {
-                last: Some(0),
-                follow: true
-            }
-        );
+        assert_eq!(parse_query("").unwrap(), FlowQuery { last: None, follow: false });
+        assert_eq!(parse_query("last=50").unwrap(), FlowQuery { last: Some(50), follow: false });
+        assert_eq!(parse_query("follow=true&last=0").unwrap(), FlowQuery { last: Some(0), follow: true });
         assert!(parse_query("last=x").unwrap_err().contains("last=\"x\""));
         assert!(parse_query("follow=maybe").unwrap_err().contains("follow"));
-        assert!(parse_query("verdict=DROPPED")
-            .unwrap_err()
-            .contains("verdict"));
+        assert!(parse_query("verdict=DROPPED").unwrap_err().contains("verdict"));
     }
 }

@@ -11,7 +11,9 @@
 //! nothing changed and removes frontends deleted meanwhile.
 
 use super::flows::FlowMsg;
-use super::nodeport::{desired_all, diff_frontends, node_info, np_endpoints, np_service, NpEndpointSet, NpServiceSpec, NpWanted};
+use super::nodeport::{
+    desired_all, diff_frontends, node_info, np_endpoints, np_service, NpEndpointSet, NpServiceSpec, NpWanted,
+};
 use super::{desired::ObjKey, pump, Change, EndpointsApi, Metrics};
 use crate::nodeport::NodePortDatapath;
 use anyhow::{Context, Result};
@@ -90,14 +92,22 @@ impl State {
     }
 }
 
-pub(super) async fn run(client: Client, cfg: NodePortConfig, ep_api: EndpointsApi, metrics: Arc<Metrics>, flow_tx: mpsc::UnboundedSender<FlowMsg>) -> Result<()> {
-    let node_obj = Api::<Node>::all(client.clone()).get(&cfg.node).await.with_context(|| format!("reading Node {}", cfg.node))?;
+pub(super) async fn run(
+    client: Client,
+    cfg: NodePortConfig,
+    ep_api: EndpointsApi,
+    metrics: Arc<Metrics>,
+    flow_tx: mpsc::UnboundedSender<FlowMsg>,
+) -> Result<()> {
+    let node_obj =
+        Api::<Node>::all(client.clone()).get(&cfg.node).await.with_context(|| format!("reading Node {}", cfg.node))?;
     let node = node_info(&node_obj).map_err(anyhow::Error::msg)?;
     let device = match &cfg.device {
         Some(d) => d.clone(),
         None => super::podnet::interface_with_address(cfg.netns.as_deref(), node.ip)?,
     };
-    let mut dp = NodePortDatapath::load(&cfg.pin_dir).with_context(|| format!("loading the NodePort datapath (pins {})", cfg.pin_dir.display()))?;
+    let mut dp = NodePortDatapath::load(&cfg.pin_dir)
+        .with_context(|| format!("loading the NodePort datapath (pins {})", cfg.pin_dir.display()))?;
     match &cfg.netns {
         Some(ns) => dp.attach_in_netns(ns, &device, node.ip),
         None => dp.attach(&device, node.ip),
@@ -114,14 +124,31 @@ pub(super) async fn run(client: Client, cfg: NodePortConfig, ep_api: EndpointsAp
     tasks.spawn(pump(Api::<Service>::all(client.clone()), service, NpMsg::Service, tx.clone(), metrics.clone()));
     match ep_api {
         EndpointsApi::SliceV1 => {
-            tasks.spawn(pump(Api::<EndpointSlice>::all(client.clone()), slice, NpMsg::Slice, tx.clone(), metrics.clone()));
+            tasks.spawn(pump(
+                Api::<EndpointSlice>::all(client.clone()),
+                slice,
+                NpMsg::Slice,
+                tx.clone(),
+                metrics.clone(),
+            ));
         }
         EndpointsApi::SliceV1beta1 => {
-            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+                "endpointslices",
+            );
             let convert = |o: &DynamicObject| super::source::v1beta1_as_v1(o).as_ref().and_then(slice);
-            tasks.spawn(pump(Api::<DynamicObject>::all_with(client.clone(), &ar), convert, NpMsg::Slice, tx.clone(), metrics.clone()));
+            tasks.spawn(pump(
+                Api::<DynamicObject>::all_with(client.clone(), &ar),
+                convert,
+                NpMsg::Slice,
+                tx.clone(),
+                metrics.clone(),
+            ));
         }
-        EndpointsApi::CoreEndpoints => anyhow::bail!("NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none"),
+        EndpointsApi::CoreEndpoints => anyhow::bail!(
+            "NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none"
+        ),
     }
     drop(tx);
 

@@ -57,7 +57,9 @@ impl Metrics {
         }
         if self.policy_enabled.load(Relaxed) {
             if self.policy_synced.load(Relaxed) != 1 {
-                why.push("policy: maps not yet written from a full list of Pods, Namespaces and NetworkPolicies".to_string());
+                why.push(
+                    "policy: maps not yet written from a full list of Pods, Namespaces and NetworkPolicies".to_string(),
+                );
             }
             let (attached, local) = (self.policy_interfaces.load(Relaxed), self.policy_local_pods.load(Relaxed));
             if attached < local {
@@ -76,9 +78,7 @@ impl Metrics {
         let l = format!("node=\"{node}\"");
         let mut s = String::new();
         let mut m = |name: &str, kind: &str, help: &str, labels: &str, v: String| {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"
-            ));
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"));
         };
         m(
             "kubeshift_agent_info",
@@ -150,13 +150,49 @@ impl Metrics {
             &l,
             format!("{:.6}", self.last_sync_ns.load(Relaxed) as f64 / 1e9),
         );
-        m("kubeshift_agent_policy_synced", "gauge", "1 once the policy maps were written from a full list of Pods, Namespaces and NetworkPolicies.", &l, self.policy_synced.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_identities", "gauge", "Identities in the last compile.", &l, self.policy_identities.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_entries", "gauge", "Policy map allow entries for this node's identities.", &l, self.policy_entries.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_policy_synced",
+            "gauge",
+            "1 once the policy maps were written from a full list of Pods, Namespaces and NetworkPolicies.",
+            &l,
+            self.policy_synced.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_policy_identities",
+            "gauge",
+            "Identities in the last compile.",
+            &l,
+            self.policy_identities.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_policy_entries",
+            "gauge",
+            "Policy map allow entries for this node's identities.",
+            &l,
+            self.policy_entries.load(Relaxed).to_string(),
+        );
         m("kubeshift_agent_policy_rejected", "gauge", "NetworkPolicies that could not be read (see the log): enforced as deny-all for their pods, or left out if their pod selector is unreadable.", &l, self.policy_rejected.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_local_pods", "gauge", "This node's pods with their own network interface (each needs the policy programs).", &l, self.policy_local_pods.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_interfaces", "gauge", "Pod interfaces with the policy programs attached.", &l, self.policy_interfaces.load(Relaxed).to_string());
-        m("kubeshift_agent_policy_attach_errors_total", "counter", "Attach attempts that failed (retried every second; a pod's interface may not exist yet).", &l, self.policy_attach_errors.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_policy_local_pods",
+            "gauge",
+            "This node's pods with their own network interface (each needs the policy programs).",
+            &l,
+            self.policy_local_pods.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_policy_interfaces",
+            "gauge",
+            "Pod interfaces with the policy programs attached.",
+            &l,
+            self.policy_interfaces.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_policy_attach_errors_total",
+            "counter",
+            "Attach attempts that failed (retried every second; a pod's interface may not exist yet).",
+            &l,
+            self.policy_attach_errors.load(Relaxed).to_string(),
+        );
         m(
             "kubeshift_agent_policy_last_sync_seconds",
             "gauge",
@@ -164,8 +200,20 @@ impl Metrics {
             &l,
             format!("{:.6}", self.policy_last_sync_ns.load(Relaxed) as f64 / 1e9),
         );
-        m("kubeshift_agent_nodeport_synced", "gauge", "1 once the NodePort frontends were written from a full list of Services and EndpointSlices.", &l, self.nodeport_synced.load(Relaxed).to_string());
-        m("kubeshift_agent_nodeport_frontends", "gauge", "NodePort, externalIP and load-balancer IP frontends in the maps.", &l, self.nodeport_frontends.load(Relaxed).to_string());
+        m(
+            "kubeshift_agent_nodeport_synced",
+            "gauge",
+            "1 once the NodePort frontends were written from a full list of Services and EndpointSlices.",
+            &l,
+            self.nodeport_synced.load(Relaxed).to_string(),
+        );
+        m(
+            "kubeshift_agent_nodeport_frontends",
+            "gauge",
+            "NodePort, externalIP and load-balancer IP frontends in the maps.",
+            &l,
+            self.nodeport_frontends.load(Relaxed).to_string(),
+        );
         self.flows.with_counts(|c, kept| {
             s.push_str("# HELP kubeshift_agent_flows_total Flow records made from datapath events, by verdict.\n# TYPE kubeshift_agent_flows_total counter\n");
             for (v, n) in [("FORWARDED", c.forwarded), ("DROPPED", c.dropped), ("UNKNOWN", c.other)] {
@@ -233,15 +281,7 @@ async fn handle(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
             why => respond(&mut sock, "503 Service Unavailable", TEXT, &(why.join("\n") + "\n")).await,
         },
         "/flows" => match parse_query(query) {
-            Err(e) => {
-                respond(
-                    &mut sock,
-                    "400 Bad Request",
-                    "text/plain",
-                    &format!("{e}\n"),
-                )
-                .await
-            }
+            Err(e) => respond(&mut sock, "400 Bad Request", "text/plain", &format!("{e}\n")).await,
             Ok(q) if !q.follow => {
                 let lines = metrics.flows.last(q.last.unwrap_or(usize::MAX));
                 let mut body = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
@@ -266,7 +306,8 @@ async fn follow(mut sock: tokio::net::TcpStream, store: &FlowStore, last: usize)
     // record made after that.
     let (snapshot, mut rx) = store.last_and_follow(last);
     let (mut rd, mut wr) = sock.split();
-    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n");
+    let head =
+        format!("HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n");
     let mut out = head.into_bytes();
     for l in snapshot {
         out.extend_from_slice(l.as_bytes());
@@ -320,9 +361,7 @@ mod tests {
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> BufReader<tokio::net::TcpStream> {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
         BufReader::new(s)
     }
 
@@ -366,7 +405,10 @@ mod tests {
         }
         let (status, lines) = body_lines(&mut BufReader::new(s)).await;
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-        assert!(lines.iter().any(|l| l.starts_with("kubeshift_agent_synced{") && l.trim_end().ends_with(" 1")), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("kubeshift_agent_synced{") && l.trim_end().ends_with(" 1")),
+            "{lines:?}"
+        );
     }
 
     #[tokio::test]
@@ -404,34 +446,17 @@ mod tests {
     async fn flows_endpoint_serves_last_n_follow_and_counts() {
         let (addr, metrics) = serving().await;
         for i in 0..3 {
-            metrics.flows.push(&rec(
-                i,
-                if i == 2 {
-                    FlowVerdict::Dropped
-                } else {
-                    FlowVerdict::Forwarded
-                },
-            ));
+            metrics.flows.push(&rec(i, if i == 2 { FlowVerdict::Dropped } else { FlowVerdict::Forwarded }));
         }
 
         let (status, lines) = body_lines(&mut get(addr, "/flows?last=2").await).await;
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-        let cookies: Vec<_> = lines
-            .iter()
-            .map(|l| {
-                serde_json::from_str::<FlowRecord>(l)
-                    .unwrap()
-                    .socket_cookie
-                    .unwrap()
-            })
-            .collect();
+        let cookies: Vec<_> =
+            lines.iter().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().socket_cookie.unwrap()).collect();
         assert_eq!(cookies, vec![1, 2]);
 
         let (status, lines) = body_lines(&mut get(addr, "/flows?last=many").await).await;
-        assert!(
-            status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""),
-            "{status} {lines:?}"
-        );
+        assert!(status.starts_with("HTTP/1.1 400") && lines.concat().contains("last=\"many\""), "{status} {lines:?}");
 
         // A follower gets the one it asked for from history, then what comes after, and
         // nothing from before its header.
@@ -445,26 +470,12 @@ mod tests {
         for want in [2, 7] {
             l.clear();
             f.read_line(&mut l).await.unwrap();
-            assert_eq!(
-                serde_json::from_str::<FlowRecord>(&l)
-                    .unwrap()
-                    .socket_cookie,
-                Some(want)
-            );
+            assert_eq!(serde_json::from_str::<FlowRecord>(&l).unwrap().socket_cookie, Some(want));
         }
 
         let m = metrics.render();
-        assert!(
-            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"),
-            "{m}"
-        );
-        assert!(
-            m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"),
-            "{m}"
-        );
-        assert!(
-            m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"),
-            "{m}"
-        );
+        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"FORWARDED\"} 3\n"), "{m}");
+        assert!(m.contains("kubeshift_agent_flows_total{node=\"\",verdict=\"DROPPED\"} 1\n"), "{m}");
+        assert!(m.contains("kubeshift_agent_flows_kept{node=\"\"} 4\n"), "{m}");
     }
 }

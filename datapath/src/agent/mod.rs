@@ -74,10 +74,7 @@ pub struct AgentConfig {
 
 /// The newest endpoints API the apiserver serves.
 pub async fn discover_endpoints_api(client: &Client) -> Result<EndpointsApi> {
-    let groups = client
-        .list_api_groups()
-        .await
-        .context("listing API groups")?;
+    let groups = client.list_api_groups().await.context("listing API groups")?;
     let served: Vec<String> = groups
         .groups
         .iter()
@@ -107,10 +104,7 @@ enum Msg {
 
 fn obj_key<K: Resource>(o: &K) -> ObjKey {
     let m = o.meta();
-    ObjKey::new(
-        m.namespace.as_deref().unwrap_or(""),
-        m.name.as_deref().unwrap_or(""),
-    )
+    ObjKey::new(m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
 }
 
 /// Runs one watch forever, converting each object to plain data. Watch errors are
@@ -127,9 +121,7 @@ async fn pump<K, T, M>(
     M: Send + 'static,
 {
     use kube::runtime::WatchStreamExt;
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     let mut buffer: HashMap<ObjKey, T> = HashMap::new();
     while let Some(ev) = stream.next().await {
         let msg = match ev {
@@ -145,9 +137,7 @@ async fn pump<K, T, M>(
             }
             Ok(watcher::Event::InitDone) => Change::Relist(std::mem::take(&mut buffer)),
             Err(e) => {
-                metrics
-                    .watch_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics.watch_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!("watch: {e}");
                 continue;
             }
@@ -174,11 +164,7 @@ struct State {
 
 fn service_keys(spec: &ServiceSpec) -> impl Iterator<Item = ServiceKey> + '_ {
     spec.cluster_ips.iter().flat_map(move |vip| {
-        spec.ports.iter().map(move |p| ServiceKey {
-            vip: *vip,
-            port: p.port,
-            protocol: p.protocol,
-        })
+        spec.ports.iter().map(move |p| ServiceKey { vip: *vip, port: p.port, protocol: p.protocol })
     })
 }
 
@@ -235,10 +221,7 @@ impl State {
             dirty.insert(o.service);
         }
         if let Some(n) = v {
-            self.endpoints_of
-                .entry(n.service.clone())
-                .or_default()
-                .insert(k);
+            self.endpoints_of.entry(n.service.clone()).or_default().insert(k);
             dirty.insert(n.service);
         }
     }
@@ -248,12 +231,7 @@ impl State {
             Msg::Service(Change::Apply(k, v)) => self.set_service(k, v, dirty),
             Msg::Service(Change::Delete(k)) => self.set_service(k, None, dirty),
             Msg::Service(Change::Relist(all)) => {
-                let gone: Vec<ObjKey> = self
-                    .services
-                    .keys()
-                    .filter(|k| !all.contains_key(*k))
-                    .cloned()
-                    .collect();
+                let gone: Vec<ObjKey> = self.services.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
                 for k in gone {
                     self.set_service(k, None, dirty);
                 }
@@ -265,12 +243,7 @@ impl State {
             Msg::Endpoints(Change::Apply(k, v)) => self.set_endpoints(k, v, dirty),
             Msg::Endpoints(Change::Delete(k)) => self.set_endpoints(k, None, dirty),
             Msg::Endpoints(Change::Relist(all)) => {
-                let gone: Vec<ObjKey> = self
-                    .endpoints
-                    .keys()
-                    .filter(|k| !all.contains_key(*k))
-                    .cloned()
-                    .collect();
+                let gone: Vec<ObjKey> = self.endpoints.keys().filter(|k| !all.contains_key(*k)).cloned().collect();
                 for k in gone {
                     self.set_endpoints(k, None, dirty);
                 }
@@ -299,18 +272,14 @@ fn execute(dp: &mut Datapath, plan: &Plan, metrics: &Metrics) -> usize {
             failed += 1;
         }
     }
-    metrics.map_writes.fetch_add(
-        (plan.removes.len() + plan.upserts.len()) as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    metrics
+        .map_writes
+        .fetch_add((plan.removes.len() + plan.upserts.len()) as u64, std::sync::atomic::Ordering::Relaxed);
     failed
 }
 
 fn programmed_now(dp: &Datapath) -> Wanted {
-    dp.services()
-        .into_iter()
-        .map(|(k, b, a)| (k, (b, a)))
-        .collect()
+    dp.services().into_iter().map(|(k, b, a)| (k, (b, a))).collect()
 }
 
 /// A duplicate of a ring buffer's fd, registered with the runtime's epoll: it turns
@@ -327,7 +296,12 @@ fn register_ring(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Option<AsyncFd<
 
 /// After a ring's fd turned readable: its events, read with `read`; None (logged) when
 /// waiting failed and the caller should stop watching that ring.
-fn drain_ring<E>(ready: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>>, read: impl FnOnce() -> Vec<E>, metrics: &Metrics, what: &str) -> Option<Vec<E>> {
+fn drain_ring<E>(
+    ready: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>>,
+    read: impl FnOnce() -> Vec<E>,
+    metrics: &Metrics,
+    what: &str,
+) -> Option<Vec<E>> {
     match ready {
         Ok(mut ready) => {
             let events = read();
@@ -379,9 +353,7 @@ fn update_gauges(dp: &Datapath, metrics: &Metrics) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = dp.services();
     metrics.service_ports.store(s.len() as u64, Relaxed);
-    metrics
-        .backends
-        .store(s.iter().map(|(_, b, _)| b.len() as u64).sum(), Relaxed);
+    metrics.backends.store(s.iter().map(|(_, b, _)| b.len() as u64).sum(), Relaxed);
 }
 
 /// Runs until SIGINT/SIGTERM. The datapath stays attached and pinned when it returns.
@@ -416,9 +388,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     update_gauges(&dp, &metrics);
 
     if let Some(addr) = cfg.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics address {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
@@ -448,7 +418,13 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
             }
         });
     }
-    tasks.spawn(pump(Api::<Service>::all(client.clone()), |s: &Service| source::service(s), Msg::Service, tx.clone(), metrics.clone()));
+    tasks.spawn(pump(
+        Api::<Service>::all(client.clone()),
+        |s: &Service| source::service(s),
+        Msg::Service,
+        tx.clone(),
+        metrics.clone(),
+    ));
     match ep_api {
         EndpointsApi::SliceV1 => {
             tasks.spawn(pump(
@@ -465,13 +441,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
                 "endpointslices",
             );
             let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-            tasks.spawn(pump(
-                api,
-                source::slice_v1beta1,
-                Msg::Endpoints,
-                tx.clone(),
-                metrics.clone(),
-            ));
+            tasks.spawn(pump(api, source::slice_v1beta1, Msg::Endpoints, tx.clone(), metrics.clone()));
         }
         EndpointsApi::CoreEndpoints => {
             #[allow(deprecated)]
@@ -574,8 +544,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
                     // from the datapath's own mirror.
                     let now = programmed_now(&dp);
                     let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
-                    let actual: Wanted =
-                        now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
+                    let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
                     state.programmed.insert(svc, actual);
                 } else if !wanted.is_empty() {
                     state.programmed.insert(svc, wanted);
@@ -586,9 +555,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
             metrics.sync_errors.fetch_add(failed as u64, Relaxed);
         }
         metrics.syncs.fetch_add(1, Relaxed);
-        metrics
-            .last_sync_ns
-            .store(started.elapsed().as_nanos() as u64, Relaxed);
+        metrics.last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
         update_gauges(&dp, &metrics);
     }
     tracing::info!("stopping; the datapath stays attached and pinned");
@@ -605,11 +572,7 @@ mod tests {
     fn svc(vip: &str) -> ServiceSpec {
         ServiceSpec {
             cluster_ips: vec![vip.parse().unwrap()],
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port: 80,
-                protocol: Protocol::Tcp,
-            }],
+            ports: vec![PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp }],
             affinity: Affinity::None,
         }
     }
@@ -617,15 +580,8 @@ mod tests {
         EndpointsOf {
             service: ObjKey::new("ns", svc),
             sets: vec![EndpointSet {
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 8080,
-                    protocol: Protocol::Tcp,
-                }],
-                addresses: vec![EndpointAddr {
-                    ip: ip.parse().unwrap(),
-                    ready: true,
-                }],
+                ports: vec![PortSpec { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
+                addresses: vec![EndpointAddr { ip: ip.parse().unwrap(), ready: true }],
             }],
         }
     }
@@ -634,22 +590,11 @@ mod tests {
     fn an_endpoint_change_dirties_only_its_service() {
         let mut st = State::default();
         let mut dirty = BTreeSet::new();
-        let all: HashMap<_, _> = (0..100)
-            .map(|i| {
-                (
-                    ObjKey::new("ns", &format!("s{i}")),
-                    Some(svc(&format!("10.96.0.{i}"))),
-                )
-            })
-            .collect();
+        let all: HashMap<_, _> =
+            (0..100).map(|i| (ObjKey::new("ns", &format!("s{i}")), Some(svc(&format!("10.96.0.{i}"))))).collect();
         st.apply(Msg::Service(Change::Relist(all)), &mut dirty);
         let slices: HashMap<_, _> = (0..100)
-            .map(|i| {
-                (
-                    ObjKey::new("ns", &format!("s{i}-x")),
-                    Some(eps(&format!("s{i}"), "10.244.0.1")),
-                )
-            })
+            .map(|i| (ObjKey::new("ns", &format!("s{i}-x")), Some(eps(&format!("s{i}"), "10.244.0.1"))))
             .collect();
         st.apply(Msg::Endpoints(Change::Relist(slices.clone())), &mut dirty);
         assert!(st.services_listed && st.endpoints_listed);
@@ -664,13 +609,7 @@ mod tests {
         assert!(dirty.is_empty());
 
         let s7 = ObjKey::new("ns", "s7");
-        st.apply(
-            Msg::Endpoints(Change::Apply(
-                ObjKey::new("ns", "s7-x"),
-                Some(eps("s7", "10.244.0.2")),
-            )),
-            &mut dirty,
-        );
+        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s7", "10.244.0.2")))), &mut dirty);
         assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![&s7]);
         let plan = diff(&st.programmed[&s7], &st.wanted(&s7));
         assert_eq!(plan.upserts.len(), 1);
@@ -678,13 +617,7 @@ mod tests {
 
         // A slice moving to another service dirties both; a deleted service wants nothing.
         dirty.clear();
-        st.apply(
-            Msg::Endpoints(Change::Apply(
-                ObjKey::new("ns", "s7-x"),
-                Some(eps("s8", "10.244.0.2")),
-            )),
-            &mut dirty,
-        );
+        st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s8", "10.244.0.2")))), &mut dirty);
         assert_eq!(dirty.len(), 2);
         st.apply(Msg::Service(Change::Delete(s7.clone())), &mut dirty);
         assert!(st.wanted(&s7).is_empty());

@@ -84,11 +84,7 @@ fn port16(p: Option<i32>) -> Option<u16> {
 
 /// The node's InternalIP (the first IPv4 one), where kube-proxy serves NodePorts.
 pub fn node_info(node: &Node) -> Result<NodeInfo, String> {
-    let name = node
-        .metadata
-        .name
-        .clone()
-        .ok_or_else(|| "Node without metadata.name".to_string())?;
+    let name = node.metadata.name.clone().ok_or_else(|| "Node without metadata.name".to_string())?;
     let ip = node
         .status
         .as_ref()
@@ -124,22 +120,13 @@ pub fn np_service(svc: &Service) -> (Option<NpServiceSpec>, Vec<String>) {
                 Ok(ip) => out.push(ip),
                 // IPv6 addresses are legal but not served yet; anything else is garbage.
                 Err(_) if v.parse::<std::net::Ipv6Addr>().is_ok() => {}
-                Err(_) => warnings.push(format!(
-                    "Service {service}: {field}[{i}] {v:?} is not an IP address, skipped"
-                )),
+                Err(_) => warnings.push(format!("Service {service}: {field}[{i}] {v:?} is not an IP address, skipped")),
             }
         }
         out
     };
-    let external_ips = ipv4_list(
-        "spec.externalIPs",
-        &mut spec
-            .external_ips
-            .iter()
-            .flatten()
-            .map(String::as_str)
-            .enumerate(),
-    );
+    let external_ips =
+        ipv4_list("spec.externalIPs", &mut spec.external_ips.iter().flatten().map(String::as_str).enumerate());
     let lb_ips = if kind == "LoadBalancer" {
         let ingress: Vec<_> = svc
             .status
@@ -166,11 +153,7 @@ pub fn np_service(svc: &Service) -> (Option<NpServiceSpec>, Vec<String>) {
                 name: p.name.clone().unwrap_or_default(),
                 protocol: protocol(p.protocol.as_deref())?,
                 port: port16(Some(p.port))?,
-                node_port: if node_ports {
-                    port16(p.node_port)
-                } else {
-                    None
-                },
+                node_port: if node_ports { port16(p.node_port) } else { None },
             })
         })
         .collect();
@@ -178,23 +161,11 @@ pub fn np_service(svc: &Service) -> (Option<NpServiceSpec>, Vec<String>) {
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     };
-    let has_frontends = !external_ips.is_empty()
-        || !lb_ips.is_empty()
-        || ports.iter().any(|p| p.node_port.is_some());
+    let has_frontends = !external_ips.is_empty() || !lb_ips.is_empty() || ports.iter().any(|p| p.node_port.is_some());
     if !has_frontends {
         return (None, warnings);
     }
-    (
-        Some(NpServiceSpec {
-            service,
-            ports,
-            node_ports,
-            external_ips,
-            lb_ips,
-            policy,
-        }),
-        warnings,
-    )
+    (Some(NpServiceSpec { service, ports, node_ports, external_ips, lb_ips, policy }), warnings)
 }
 
 /// Reads a discovery.k8s.io/v1 EndpointSlice (the v1beta1 shape converts to it, see
@@ -207,13 +178,7 @@ pub fn np_endpoints(s: &EndpointSlice) -> Option<NpEndpointSet> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some((
-                p.name.clone().unwrap_or_default(),
-                protocol(p.protocol.as_deref())?,
-                port16(p.port)?,
-            ))
-        })
+        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), protocol(p.protocol.as_deref())?, port16(p.port)?)))
         .collect();
     let endpoints = s
         .endpoints
@@ -226,13 +191,7 @@ pub fn np_endpoints(s: &EndpointSlice) -> Option<NpEndpointSet> {
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             // kube-proxy uses the first address only.
             e.addresses.first().and_then(|a| {
-                Some(NpEndpoint {
-                    ip: a.parse().ok()?,
-                    node: e.node_name.clone(),
-                    ready,
-                    serving,
-                    terminating,
-                })
+                Some(NpEndpoint { ip: a.parse().ok()?, node: e.node_name.clone(), ready, serving, terminating })
             })
         })
         .collect();
@@ -240,29 +199,17 @@ pub fn np_endpoints(s: &EndpointSlice) -> Option<NpEndpointSet> {
 }
 
 /// The frontends of one Service on `node`.
-pub fn desired_frontends(
-    node: &NodeInfo,
-    svc: &NpServiceSpec,
-    sets: &[&NpEndpointSet],
-) -> NpWanted {
+pub fn desired_frontends(node: &NodeInfo, svc: &NpServiceSpec, sets: &[&NpEndpointSet]) -> NpWanted {
     let mut out = NpWanted::new();
     for sp in &svc.ports {
         let mut ready = BTreeSet::new();
         let mut serving_local = BTreeSet::new();
         for set in sets {
-            let Some((_, _, target)) = set
-                .ports
-                .iter()
-                .find(|(n, p, _)| *n == sp.name && *p == sp.protocol)
-            else {
+            let Some((_, _, target)) = set.ports.iter().find(|(n, p, _)| *n == sp.name && *p == sp.protocol) else {
                 continue;
             };
             for e in &set.endpoints {
-                let b = NpBackend {
-                    ip: e.ip,
-                    port: *target,
-                    local: e.node.as_deref() == Some(node.name.as_str()),
-                };
+                let b = NpBackend { ip: e.ip, port: *target, local: e.node.as_deref() == Some(node.name.as_str()) };
                 if e.ready {
                     ready.insert(b);
                 } else if b.local && e.serving && e.terminating {
@@ -275,14 +222,7 @@ pub fn desired_frontends(
             backends.extend(serving_local);
         }
         let mut add = |ip: Ipv4Addr, port: u16| {
-            out.insert(
-                Frontend {
-                    ip,
-                    port,
-                    protocol: sp.protocol,
-                },
-                (backends.clone(), svc.policy),
-            );
+            out.insert(Frontend { ip, port, protocol: sp.protocol }, (backends.clone(), svc.policy));
         };
         if let Some(np) = sp.node_port {
             add(node.ip, np);
@@ -297,10 +237,7 @@ pub fn desired_frontends(
 /// All Services' frontends. Two Services claiming one frontend (e.g. the same external
 /// IP and port) cannot both be served: the first by `namespace/name` wins and the
 /// other is reported.
-pub fn desired_all(
-    node: &NodeInfo,
-    services: &[(NpServiceSpec, Vec<&NpEndpointSet>)],
-) -> (NpWanted, Vec<String>) {
+pub fn desired_all(node: &NodeInfo, services: &[(NpServiceSpec, Vec<&NpEndpointSet>)]) -> (NpWanted, Vec<String>) {
     let mut order: Vec<_> = services.iter().collect();
     order.sort_by(|a, b| a.0.service.cmp(&b.0.service));
     let mut owner: BTreeMap<Frontend, &str> = BTreeMap::new();
@@ -333,18 +270,12 @@ pub fn diff_frontends(current: &NpWanted, wanted: &NpWanted) -> NpPlan {
     let set = |v: &[NpBackend]| v.iter().copied().collect::<BTreeSet<_>>();
     let mut plan = NpPlan::default();
     for (fe, (b, p)) in wanted {
-        let same = current
-            .get(fe)
-            .is_some_and(|(cb, cp)| cp == p && cb.len() == b.len() && set(cb) == set(b));
+        let same = current.get(fe).is_some_and(|(cb, cp)| cp == p && cb.len() == b.len() && set(cb) == set(b));
         if !same {
             plan.upserts.push((*fe, b.clone(), *p));
         }
     }
-    plan.removes = current
-        .keys()
-        .filter(|k| !wanted.contains_key(k))
-        .copied()
-        .collect();
+    plan.removes = current.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
     plan
 }
 
@@ -358,10 +289,7 @@ mod tests {
     }
 
     fn node() -> NodeInfo {
-        NodeInfo {
-            name: "n1".into(),
-            ip: ip("192.168.77.1"),
-        }
+        NodeInfo { name: "n1".into(), ip: ip("192.168.77.1") }
     }
 
     fn svc(v: serde_json::Value) -> Service {
@@ -390,19 +318,11 @@ mod tests {
     }
 
     fn fe(i: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend {
-            ip: ip(i),
-            port,
-            protocol,
-        }
+        Frontend { ip: ip(i), port, protocol }
     }
 
     fn be(i: &str, port: u16, local: bool) -> NpBackend {
-        NpBackend {
-            ip: ip(i),
-            port,
-            local,
-        }
+        NpBackend { ip: ip(i), port, local }
     }
 
     #[test]
@@ -422,10 +342,7 @@ mod tests {
         let spec = spec.unwrap();
         assert_eq!(
             warnings,
-            vec![
-                "Service shop/web: spec.externalIPs[2] \"bogus\" is not an IP address, skipped"
-                    .to_string()
-            ]
+            vec!["Service shop/web: spec.externalIPs[2] \"bogus\" is not an IP address, skipped".to_string()]
         );
         assert_eq!(spec.policy, TrafficPolicy::Cluster);
         let eps = two_endpoints();
@@ -444,13 +361,7 @@ mod tests {
         );
         let (b, p) = &w[&fe("192.168.77.1", 30080, Protocol::Tcp)];
         assert_eq!(p, &TrafficPolicy::Cluster);
-        assert_eq!(
-            b,
-            &vec![
-                be("10.244.1.10", 8080, true),
-                be("10.244.2.10", 8080, false)
-            ]
-        );
+        assert_eq!(b, &vec![be("10.244.1.10", 8080, true), be("10.244.2.10", 8080, false)]);
         assert_eq!(w[&fe("203.0.113.10", 53, Protocol::Udp)].0[0].port, 5353);
     }
 
@@ -458,27 +369,16 @@ mod tests {
     fn cluster_ip_services_only_get_external_ips_and_plain_ones_nothing() {
         let plain = svc(json!({"metadata": {"name": "a"},
             "spec": {"type": "ClusterIP", "ports": [{"port": 80, "nodePort": 30000}]}}));
-        assert_eq!(
-            np_service(&plain).0,
-            None,
-            "a nodePort on a ClusterIP service is ignored"
-        );
+        assert_eq!(np_service(&plain).0, None, "a nodePort on a ClusterIP service is ignored");
         let ext = svc(json!({"metadata": {"name": "b", "namespace": "x"},
             "spec": {"externalIPs": ["203.0.113.1"], "ports": [{"name": "http", "port": 80}]}}));
         let spec = np_service(&ext).0.unwrap();
         let w = desired_frontends(&node(), &spec, &[&two_endpoints()]);
-        assert_eq!(
-            w.keys().copied().collect::<Vec<_>>(),
-            vec![fe("203.0.113.1", 80, Protocol::Tcp)]
-        );
+        assert_eq!(w.keys().copied().collect::<Vec<_>>(), vec![fe("203.0.113.1", 80, Protocol::Tcp)]);
         let lb_pending = svc(json!({"metadata": {"name": "c"},
             "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
                      "ports": [{"port": 80}]}}));
-        assert_eq!(
-            np_service(&lb_pending).0,
-            None,
-            "no nodePort, no ingress IP yet"
-        );
+        assert_eq!(np_service(&lb_pending).0, None, "no nodePort, no ingress IP yet");
         let external_name = svc(json!({"metadata": {"name": "d"},
             "spec": {"type": "ExternalName", "externalName": "x.example", "externalIPs": ["1.2.3.4"]}}));
         assert_eq!(np_service(&external_name).0, None);
@@ -494,11 +394,7 @@ mod tests {
         let w = desired_frontends(&node(), &spec, &[&two_endpoints()]);
         let (b, p) = &w[&fe("192.168.77.1", 30080, Protocol::Tcp)];
         assert_eq!(*p, TrafficPolicy::Local);
-        assert_eq!(
-            b.len(),
-            2,
-            "all endpoints go to the map; the loader uses only local ones"
-        );
+        assert_eq!(b.len(), 2, "all endpoints go to the map; the loader uses only local ones");
 
         // The only local pod is terminating but still serving: used rather than dropping.
         let eps = slice(json!([
@@ -511,21 +407,12 @@ mod tests {
         let w = desired_frontends(&node(), &spec, &[&eps]);
         assert_eq!(
             w[&fe("192.168.77.1", 30080, Protocol::Tcp)].0,
-            vec![
-                be("10.244.2.10", 8080, false),
-                be("10.244.1.10", 8080, true)
-            ]
+            vec![be("10.244.2.10", 8080, false), be("10.244.1.10", 8080, true)]
         );
         // Under Cluster the terminating one is not used: a ready endpoint exists.
-        let cluster = NpServiceSpec {
-            policy: TrafficPolicy::Cluster,
-            ..spec
-        };
+        let cluster = NpServiceSpec { policy: TrafficPolicy::Cluster, ..spec };
         let w = desired_frontends(&node(), &cluster, &[&eps]);
-        assert_eq!(
-            w[&fe("192.168.77.1", 30080, Protocol::Tcp)].0,
-            vec![be("10.244.2.10", 8080, false)]
-        );
+        assert_eq!(w[&fe("192.168.77.1", 30080, Protocol::Tcp)].0, vec![be("10.244.2.10", 8080, false)]);
     }
 
     #[test]
@@ -547,10 +434,7 @@ mod tests {
         let eps = two_endpoints();
         let (w, conflicts) = desired_all(&node(), &[(mk("b"), vec![&eps]), (mk("a"), vec![])]);
         assert_eq!(w.len(), 1);
-        assert!(
-            w.values().next().unwrap().0.is_empty(),
-            "x/a wins (name order)"
-        );
+        assert!(w.values().next().unwrap().0.is_empty(), "x/a wins (name order)");
         assert_eq!(conflicts.len(), 1);
         assert!(conflicts[0].contains("Service x/b") && conflicts[0].contains("x/a"));
 

@@ -87,7 +87,9 @@ pub fn interface_with_address(node_netns: Option<&Path>, ip: Ipv4Addr) -> Result
         .into_iter()
         .flatten()
         .find(|l| {
-            l.get("addr_info").and_then(|a| a.as_array()).is_some_and(|a| a.iter().any(|a| a.get("local").and_then(|v| v.as_str()) == Some(ip.to_string().as_str())))
+            l.get("addr_info").and_then(|a| a.as_array()).is_some_and(|a| {
+                a.iter().any(|a| a.get("local").and_then(|v| v.as_str()) == Some(ip.to_string().as_str()))
+            })
         })
         .and_then(|l| l.get("ifname").and_then(|v| v.as_str()).map(str::to_string))
         .with_context(|| format!("no interface carries the node IP {ip}; pass --device"))

@@ -35,17 +35,9 @@ pub fn pod_info(p: &Pod) -> Option<PodInfo> {
         namespace: m.namespace.clone().unwrap_or_default(),
         name: m.name.clone().unwrap_or_default(),
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ip: p
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|s| s.parse().ok()),
+        ip: p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok()),
         labels: m.labels.clone().unwrap_or_default(),
-        host_network: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false),
+        host_network: p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
     })
 }
 
@@ -74,9 +66,7 @@ impl PodIndex {
 
     /// Pods of `node` that have a netns of their own.
     pub fn local<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a PodInfo> + 'a {
-        self.by_key
-            .values()
-            .filter(move |p| !p.host_network && p.node.as_deref() == Some(node))
+        self.by_key.values().filter(move |p| !p.host_network && p.node.as_deref() == Some(node))
     }
 
     /// Returns the old value.
@@ -126,18 +116,10 @@ pub fn pids_by_pod(root: &Path, uids: &[String]) -> HashMap<String, Vec<u32>> {
 }
 
 fn uid_in(name: &str, uids: &[String]) -> Option<String> {
-    uids.iter()
-        .find(|u| name.contains(u.as_str()) || name.contains(&u.replace('-', "_")))
-        .cloned()
+    uids.iter().find(|u| name.contains(u.as_str()) || name.contains(&u.replace('-', "_"))).cloned()
 }
 
-fn walk(
-    dir: &Path,
-    uids: &[String],
-    inherited: Option<String>,
-    depth: u32,
-    out: &mut HashMap<String, Vec<u32>>,
-) {
+fn walk(dir: &Path, uids: &[String], inherited: Option<String>, depth: u32, out: &mut HashMap<String, Vec<u32>>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -150,9 +132,7 @@ fn walk(
         let owner = inherited.clone().or_else(|| uid_in(&name, uids));
         if let Some(uid) = &owner {
             if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
-                out.entry(uid.clone())
-                    .or_default()
-                    .extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+                out.entry(uid.clone()).or_default().extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
             }
         }
         if depth > 0 {
@@ -184,15 +164,7 @@ pub fn netns_cookie_of_socket(fd: i32) -> std::io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: v and len outlive the call and len is v's size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -253,10 +225,7 @@ mod tests {
         }))
         .unwrap();
         let i = pod_info(&p).unwrap();
-        assert_eq!(
-            (i.namespace.as_str(), i.name.as_str(), i.uid.as_str()),
-            ("shop", "web-1", "1234-ab")
-        );
+        assert_eq!((i.namespace.as_str(), i.name.as_str(), i.uid.as_str()), ("shop", "web-1", "1234-ab"));
         assert_eq!(i.ip, Some("10.244.1.7".parse().unwrap()));
         assert_eq!(i.labels["app"], "web");
         assert!(!i.host_network);
@@ -273,10 +242,7 @@ mod tests {
         idx.set("ns", "b", Some(pod("b", "10.0.0.1", "n2", false)));
         idx.set("ns", "a", None);
         assert_eq!(idx.by_ip("10.0.0.1".parse().unwrap()).unwrap().name, "b");
-        assert_eq!(
-            idx.local("n1").map(|p| p.name.clone()).collect::<Vec<_>>(),
-            Vec::<String>::new()
-        );
+        assert_eq!(idx.local("n1").map(|p| p.name.clone()).collect::<Vec<_>>(), Vec::<String>::new());
         assert_eq!(idx.by_uid("uid-b").unwrap().name, "b");
     }
 
@@ -284,14 +250,9 @@ mod tests {
     fn cgroup_dirs_found_by_uid_in_both_driver_spellings() {
         let dir = std::env::temp_dir().join(format!("ks-pods-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let systemd = dir
-            .join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12ab_34cd.slice");
+        let systemd = dir.join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12ab_34cd.slice");
         std::fs::create_dir_all(systemd.join("cri-containerd-aaa.scope")).unwrap();
-        std::fs::write(
-            systemd.join("cri-containerd-aaa.scope/cgroup.procs"),
-            "101\n102\n",
-        )
-        .unwrap();
+        std::fs::write(systemd.join("cri-containerd-aaa.scope/cgroup.procs"), "101\n102\n").unwrap();
         std::fs::write(systemd.join("cgroup.procs"), "").unwrap();
         let cgroupfs = dir.join("pod-56ef-78ab");
         std::fs::create_dir_all(&cgroupfs).unwrap();
@@ -313,19 +274,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ks-cookie-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("pod-u1")).unwrap();
-        std::fs::write(
-            dir.join("pod-u1/cgroup.procs"),
-            format!("{}\n", std::process::id()),
-        )
-        .unwrap();
+        std::fs::write(dir.join("pod-u1/cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
         let found = resolve_cookies(dir.clone(), vec!["u1".into()]);
         std::fs::remove_dir_all(&dir).unwrap();
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mine = netns_cookie_of_socket(sock.as_raw_fd()).unwrap();
-        assert_eq!(
-            found.get(&mine).map(String::as_str),
-            Some("u1"),
-            "{found:?}"
-        );
+        assert_eq!(found.get(&mine).map(String::as_str), Some("u1"), "{found:?}");
     }
 }

@@ -14,6 +14,7 @@
 //! is retried. Until its programs are attached, a new pod's traffic is not policed;
 //! attaching from the CNI plugin at interface creation would close that window.
 
+use super::desired::ObjKey;
 use super::flows::FlowMsg;
 use super::{podnet, pump, Change, Metrics};
 use crate::policy::compile::Compiler;
@@ -21,7 +22,6 @@ use crate::policy::loader::PolicyDatapath;
 use crate::policy::model::{NamespaceInfo, NetworkPolicy, PodInfo, PolicyInput};
 use crate::policy::source;
 use anyhow::{Context, Result};
-use super::desired::ObjKey;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1 as net;
 use kube::api::Api;
@@ -116,7 +116,11 @@ impl State {
 
     /// uid → pod key of the pods on `node` that have an address.
     fn local_pods(&self, node: &str) -> BTreeMap<String, ObjKey> {
-        self.pods.iter().filter(|(_, p)| p.node == node && p.info.is_some() && !p.uid.is_empty()).map(|(k, p)| (p.uid.clone(), k.clone())).collect()
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.node == node && p.info.is_some() && !p.uid.is_empty())
+            .map(|(k, p)| (p.uid.clone(), k.clone()))
+            .collect()
     }
 }
 
@@ -127,7 +131,13 @@ struct Attachments {
 }
 
 impl Attachments {
-    fn reconcile(&mut self, dp: &mut PolicyDatapath, cfg: &PolicyConfig, local: &BTreeMap<String, ObjKey>, metrics: &Metrics) {
+    fn reconcile(
+        &mut self,
+        dp: &mut PolicyDatapath,
+        cfg: &PolicyConfig,
+        local: &BTreeMap<String, ObjKey>,
+        metrics: &Metrics,
+    ) {
         let gone: Vec<String> = self.by_uid.keys().filter(|u| !local.contains_key(*u)).cloned().collect();
         for uid in gone {
             let ifname = self.by_uid.remove(&uid).unwrap_or_default();
@@ -159,7 +169,10 @@ impl Attachments {
 
 fn attach_pod(dp: &mut PolicyDatapath, cfg: &PolicyConfig, uid: &str) -> Result<String> {
     let pids = super::pods::pids_by_pod(&cfg.cgroup, &[uid.to_string()]);
-    let pid = pids.get(uid).and_then(|p| p.first().copied()).with_context(|| format!("no process of pod {uid} under {}", cfg.cgroup.display()))?;
+    let pid = pids
+        .get(uid)
+        .and_then(|p| p.first().copied())
+        .with_context(|| format!("no process of pod {uid} under {}", cfg.cgroup.display()))?;
     let ifname = podnet::host_interface(cfg.netns.as_deref(), pid)?;
     match &cfg.netns {
         Some(ns) => dp.attach_in_netns(ns, &ifname),
@@ -170,8 +183,14 @@ fn attach_pod(dp: &mut PolicyDatapath, cfg: &PolicyConfig, uid: &str) -> Result<
 }
 
 /// Starts the three watches and runs the policy loop until the agent stops.
-pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>, flow_tx: mpsc::UnboundedSender<FlowMsg>) -> Result<()> {
-    let mut dp = PolicyDatapath::load(&cfg.pin_dir).with_context(|| format!("loading the policy datapath (pins {})", cfg.pin_dir.display()))?;
+pub(super) async fn run(
+    client: Client,
+    cfg: PolicyConfig,
+    metrics: Arc<Metrics>,
+    flow_tx: mpsc::UnboundedSender<FlowMsg>,
+) -> Result<()> {
+    let mut dp = PolicyDatapath::load(&cfg.pin_dir)
+        .with_context(|| format!("loading the policy datapath (pins {})", cfg.pin_dir.display()))?;
     // Numbers the kernel still holds must not be handed to other identities before the
     // first apply replaces them.
     let highest = dp.programmed().identities.keys().max().copied().unwrap_or(0);
@@ -185,7 +204,13 @@ pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(pump(Api::<Pod>::all(client.clone()), pod_rec, PolicyMsg::Pod, tx.clone(), metrics.clone()));
-    tasks.spawn(pump(Api::<Namespace>::all(client.clone()), source::namespace, PolicyMsg::Namespace, tx.clone(), metrics.clone()));
+    tasks.spawn(pump(
+        Api::<Namespace>::all(client.clone()),
+        source::namespace,
+        PolicyMsg::Namespace,
+        tx.clone(),
+        metrics.clone(),
+    ));
     tasks.spawn(pump(
         Api::<net::NetworkPolicy>::all(client.clone()),
         policy_read,
@@ -240,10 +265,20 @@ pub(super) async fn run(client: Client, cfg: PolicyConfig, metrics: Arc<Metrics>
     }
 }
 
-fn sync(dp: &mut PolicyDatapath, compiler: &mut Compiler, state: &State, cfg: &PolicyConfig, metrics: &Metrics) -> Result<()> {
+fn sync(
+    dp: &mut PolicyDatapath,
+    compiler: &mut Compiler,
+    state: &State,
+    cfg: &PolicyConfig,
+    metrics: &Metrics,
+) -> Result<()> {
     for (k, p) in &state.policies {
         if let Some(e) = &p.error {
-            let what = if p.enforced.is_some() { "enforced as deny-all for its pods" } else { "left out (its pod selector is unreadable)" };
+            let what = if p.enforced.is_some() {
+                "enforced as deny-all for its pods"
+            } else {
+                "left out (its pod selector is unreadable)"
+            };
             tracing::warn!(policy = %format!("{}/{}", k.namespace, k.name), "{what}: {e}");
         }
     }

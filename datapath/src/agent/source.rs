@@ -84,7 +84,10 @@ fn ready(r: Option<bool>) -> bool {
     r.unwrap_or(true)
 }
 
-fn service_of(namespace: Option<&String>, labels: Option<&std::collections::BTreeMap<String, String>>) -> Option<ObjKey> {
+fn service_of(
+    namespace: Option<&String>,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<ObjKey> {
     let name = labels?.get(SERVICE_NAME_LABEL)?;
     Some(ObjKey::new(namespace.map(String::as_str).unwrap_or("default"), name))
 }
@@ -95,7 +98,8 @@ pub fn slice_v1(s: &EndpointSlice) -> Option<EndpointsOf> {
         return None;
     }
     let service = service_of(s.metadata.namespace.as_ref(), s.metadata.labels.as_ref())?;
-    let ports = s.ports.iter().flatten().filter_map(|p| port_spec(p.name.as_ref(), p.port, p.protocol.as_ref())).collect();
+    let ports =
+        s.ports.iter().flatten().filter_map(|p| port_spec(p.name.as_ref(), p.port, p.protocol.as_ref())).collect();
     let addresses = s
         .endpoints
         .iter()
@@ -141,7 +145,12 @@ pub fn endpoints(e: &k8s_openapi::api::core::v1::Endpoints) -> Option<EndpointsO
         .iter()
         .flatten()
         .map(|sub| {
-            let ports = sub.ports.iter().flatten().filter_map(|p| port_spec(p.name.as_ref(), Some(p.port), p.protocol.as_ref())).collect();
+            let ports = sub
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| port_spec(p.name.as_ref(), Some(p.port), p.protocol.as_ref()))
+                .collect();
             let ready_addrs = sub.addresses.iter().flatten().map(|a| (a, true));
             let not_ready = sub.not_ready_addresses.iter().flatten().map(|a| (a, false));
             let addresses = ready_addrs
@@ -201,7 +210,10 @@ mod tests {
         let w = desired_for_service(&spec, &eps.sets.iter().collect::<Vec<_>>());
         let key = ServiceKey { vip: "10.96.5.5".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(w[&key].0, vec![Backend { ip: ip("10.244.1.7"), port: 8080 }, Backend { ip: ip("10.244.3.7"), port: 8080 }]);
+        assert_eq!(
+            w[&key].0,
+            vec![Backend { ip: ip("10.244.1.7"), port: 8080 }, Backend { ip: ip("10.244.3.7"), port: 8080 }]
+        );
 
         let v6: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": "web-v6", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
@@ -221,9 +233,10 @@ mod tests {
             assert!(service(&svc(json!({"metadata": {"name": "x"}, "spec": spec}))).is_none());
         }
         // NodePort and LoadBalancer services have a cluster IP, which is served.
-        let np = service(&svc(json!({"metadata": {"name": "x"}, "spec": {"type": "NodePort", "clusterIP": "10.96.0.9",
+        let np =
+            service(&svc(json!({"metadata": {"name": "x"}, "spec": {"type": "NodePort", "clusterIP": "10.96.0.9",
             "ports": [{"port": 53, "protocol": "UDP", "nodePort": 30053}], "sessionAffinity": "ClientIP"}})))
-        .unwrap();
+            .unwrap();
         assert_eq!(np.ports[0].protocol, Protocol::Udp);
         assert_eq!(np.affinity, Affinity::ClientIp { timeout: DEFAULT_AFFINITY_TIMEOUT });
     }

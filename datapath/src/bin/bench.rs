@@ -40,13 +40,7 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args {
-        sizes: vec![10, 1000, 10_000],
-        count: 2000,
-        repeats: 3,
-        wide: 10_000,
-        flow_events: true,
-    };
+    let mut a = Args { sizes: vec![10, 1000, 10_000], count: 2000, repeats: 3, wide: 10_000, flow_events: true };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -75,11 +69,7 @@ fn vip(i: usize) -> Ipv4Addr {
 }
 
 fn svc(i: usize) -> ServiceKey {
-    ServiceKey {
-        vip: vip(i),
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
+    ServiceKey { vip: vip(i), port: 80, protocol: Protocol::Tcp }
 }
 
 struct Stats {
@@ -90,27 +80,13 @@ struct Stats {
 fn stats(mut ns: Vec<u64>) -> Stats {
     ns.sort_unstable();
     let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1000.0;
-    Stats {
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    }
+    Stats { p50_us: pct(0.50), p99_us: pct(0.99) }
 }
 
 /// One repeat: returns stats for [last, first, direct, floor].
-fn measure_mix(
-    lab: &Lab,
-    floor_cg: &Path,
-    probe: &Path,
-    targets: [String; 3],
-    count: usize,
-) -> Vec<Stats> {
+fn measure_mix(lab: &Lab, floor_cg: &Path, probe: &Path, targets: [String; 3], count: usize) -> Vec<Stats> {
     let list = targets.join(",");
-    let floor_env = format!(
-        "{}|{}|{}",
-        floor_cg.display(),
-        lab.cgroup.path.display(),
-        targets[2]
-    );
+    let floor_env = format!("{}|{}|{}", floor_cg.display(), lab.cgroup.path.display(), targets[2]);
     let lines = lab
         .probe_in(
             &lab.cgroup.path,
@@ -171,13 +147,9 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
     let mut lab = Lab::new(&[B1, B2]).expect("lab");
     // 2,000 x variants x repeats connections per size: widen the client's ephemeral
     // range and allow TIME_WAIT reuse so port exhaustion does not become the benchmark.
-    lab.client
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
-        .unwrap();
+    lab.client.sysctl("net.ipv4.ip_local_port_range", "1024 65535").unwrap();
     lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1").unwrap();
-    let b1_addrs: Vec<SocketAddrV4> = (0..backends_per_svc as u16)
-        .map(|p| SocketAddrV4::new(B1, PORT + p))
-        .collect();
+    let b1_addrs: Vec<SocketAddrV4> = (0..backends_per_svc as u16).map(|p| SocketAddrV4::new(B1, PORT + p)).collect();
     lab.tcp_server_multi(&b1_addrs, "b1").unwrap();
     lab.tcp_server(SocketAddrV4::new(B2, PORT), "b2").unwrap();
     let direct = SocketAddrV4::new(B1, PORT);
@@ -188,36 +160,19 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
 
     let pin_dir = Path::new(DEFAULT_BPFFS_ROOT).join(format!("bench-{}", lab.tag));
     let _guard = PinGuard(pin_dir.clone());
-    let mut dp = Datapath::load(DatapathConfig {
-        pin_dir,
-        cgroup: lab.cgroup.path.clone(),
-    })
-    .expect("load");
+    let mut dp = Datapath::load(DatapathConfig { pin_dir, cgroup: lab.cgroup.path.clone() }).expect("load");
     dp.set_flow_events(a.flow_events).expect("set_flow_events");
-    let backends: Vec<Backend> = (0..backends_per_svc as u16)
-        .map(|p| Backend {
-            ip: B1,
-            port: PORT + p,
-        })
-        .collect();
+    let backends: Vec<Backend> = (0..backends_per_svc as u16).map(|p| Backend { ip: B1, port: PORT + p }).collect();
     let t = Instant::now();
     for i in 0..n {
-        dp.upsert_service(svc(i), backends.clone(), Affinity::None)
-            .expect("upsert");
+        dp.upsert_service(svc(i), backends.clone(), Affinity::None).expect("upsert");
     }
-    eprintln!(
-        "{n} services x {backends_per_svc}: programmed in {:.1} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    );
+    eprintln!("{n} services x {backends_per_svc}: programmed in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
 
     let last = SocketAddrV4::new(vip(n - 1), 80);
     let first = SocketAddrV4::new(vip(0), 80);
     let mut row = Row {
-        label: if backends_per_svc == 1 {
-            format!("{n}")
-        } else {
-            format!("{n} × {backends_per_svc} endpoints")
-        },
+        label: if backends_per_svc == 1 { format!("{n}") } else { format!("{n} × {backends_per_svc} endpoints") },
         last: vec![],
         first: vec![],
         direct: vec![],
@@ -228,11 +183,7 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
     };
     // The pod-IP variants rotate through the same endpoints the service picks from, so
     // a 4-endpoint service is compared with connects spread over the same 4 sockets.
-    let pods = b1_addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join("+");
+    let pods = b1_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join("+");
     let targets = [last.to_string(), first.to_string(), pods];
     for r in 0..a.repeats {
         let mut m = measure_mix(&lab, &floor_cg.path, probe, targets.clone(), a.count).into_iter();
@@ -248,23 +199,14 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
         let mut changed = backends.clone();
         changed[0] = Backend { ip: B2, port: PORT };
         // Alternate between the changed and the original set, one change per round.
-        let to = if r.is_multiple_of(2) {
-            changed
-        } else {
-            backends.clone()
-        };
+        let to = if r.is_multiple_of(2) { changed } else { backends.clone() };
         let t = Instant::now();
         dp.set_backends(target, to.clone()).expect("set_backends");
         row.change_us.push(t.elapsed().as_secs_f64() * 1e6);
         // The change must be live on the very next connect.
         if to.len() == 1 {
             let want = if to[0].ip == B2 { "b2" } else { "b1" };
-            let got = lab
-                .probe(
-                    probe,
-                    &["tcp", &SocketAddrV4::new(vip(n / 2), 80).to_string(), "1"],
-                )
-                .unwrap();
+            let got = lab.probe(probe, &["tcp", &SocketAddrV4::new(vip(n / 2), 80).to_string(), "1"]).unwrap();
             assert!(got[0].contains(&format!("id={want}")), "{got:?}");
         }
     }
@@ -283,11 +225,9 @@ fn run_size(probe: &Path, n: usize, backends_per_svc: usize, a: &Args) -> Row {
     };
     let n_str = a.count.to_string();
     let s0 = connect4(&dp);
-    lab.probe(probe, &["connect-bench", &last.to_string(), &n_str])
-        .expect("probe");
+    lab.probe(probe, &["connect-bench", &last.to_string(), &n_str]).expect("probe");
     let s1 = connect4(&dp);
-    lab.probe(probe, &["connect-bench", &direct.to_string(), &n_str])
-        .expect("probe");
+    lab.probe(probe, &["connect-bench", &direct.to_string(), &n_str]).expect("probe");
     let s2 = connect4(&dp);
     row.prog_hit_ns = per_run(s0, s1);
     row.prog_miss_ns = per_run(s1, s2);
@@ -317,21 +257,10 @@ fn main() {
         let cell = |s: &[Stats]| {
             let p50: Vec<f64> = s.iter().map(|x| x.p50_us).collect();
             let p99: Vec<f64> = s.iter().map(|x| x.p99_us).collect();
-            format!(
-                "{:.0} [{}] / {:.0} [{}]",
-                median(&p50),
-                range(&p50),
-                median(&p99),
-                range(&p99)
-            )
+            format!("{:.0} [{}] / {:.0} [{}]", median(&p50), range(&p50), median(&p99), range(&p99))
         };
         let ratio = |base: &[Stats]| {
-            let v: Vec<f64> = r
-                .last
-                .iter()
-                .zip(base)
-                .map(|(l, f)| l.p50_us / f.p50_us)
-                .collect();
+            let v: Vec<f64> = r.last.iter().zip(base).map(|(l, f)| l.p50_us / f.p50_us).collect();
             let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
             let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             format!("{:.2} [{lo:.2}–{hi:.2}]", median(&v))

@@ -20,10 +20,7 @@ fn tcp(addr: SocketAddr) -> String {
         Ok(s) => s,
         Err(e) => return errno(&e),
     };
-    let peer = s
-        .peer_addr()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|e| errno(&e));
+    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_else(|e| errno(&e));
     let _ = s.set_read_timeout(Some(TIMEOUT));
     let mut id = String::new();
     if let Err(e) = s.read_to_string(&mut id) {
@@ -33,11 +30,7 @@ fn tcp(addr: SocketAddr) -> String {
 }
 
 fn udp(addr: SocketAddr, connected: bool) -> String {
-    let any = if addr.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    };
+    let any = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let s = match UdpSocket::bind(any) {
         Ok(s) => s,
         Err(e) => return errno(&e),
@@ -61,13 +54,8 @@ fn udp(addr: SocketAddr, connected: bool) -> String {
     };
     let reply = String::from_utf8_lossy(&buf[..n]);
     let id = reply.split_whitespace().next().unwrap_or("");
-    let peer = if connected {
-        s.peer_addr()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|e| errno(&e))
-    } else {
-        "-".to_string()
-    };
+    let peer =
+        if connected { s.peer_addr().map(|p| p.to_string()).unwrap_or_else(|e| errno(&e)) } else { "-".to_string() };
     format!("OK id={id} peer={peer} from={from}")
 }
 
@@ -94,11 +82,8 @@ fn connect_mix(list: &str, count: usize) {
     const BLOCK: usize = 50;
     // A variant may name several addresses joined by '+': it then rotates through them,
     // e.g. the pod IPs behind a 4-endpoint service, to compare like with like.
-    let parse = |v: &str| -> Vec<SocketAddr> {
-        v.split('+')
-            .map(|a| SocketAddr::V4(a.parse().expect("ADDR:PORT")))
-            .collect()
-    };
+    let parse =
+        |v: &str| -> Vec<SocketAddr> { v.split('+').map(|a| SocketAddr::V4(a.parse().expect("ADDR:PORT"))).collect() };
     let variants: Vec<Vec<SocketAddr>> = list.split(',').map(parse).collect();
     let floor = std::env::var("KS_PROBE_FLOOR").ok().map(|v| {
         let p: Vec<String> = v.split('|').map(str::to_string).collect();
@@ -132,10 +117,7 @@ fn connect_mix(list: &str, count: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {
-        eprintln!(
-            "usage: {} tcp|udp|udp-conn|tcp6|udp6|udp6-conn|connect-bench ADDR:PORT COUNT",
-            args[0]
-        );
+        eprintln!("usage: {} tcp|udp|udp-conn|tcp6|udp6|udp6-conn|connect-bench ADDR:PORT COUNT", args[0]);
         std::process::exit(2);
     }
     if args[1] == "connect-mix" {
@@ -145,12 +127,7 @@ fn main() {
     let addr4: SocketAddrV4 = args[2].parse().expect("ADDR:PORT");
     // The *6 ops reach the same IPv4 address from an IPv6 socket (::ffff:a.b.c.d).
     let addr = SocketAddr::V4(addr4);
-    let mapped = SocketAddr::V6(SocketAddrV6::new(
-        addr4.ip().to_ipv6_mapped(),
-        addr4.port(),
-        0,
-        0,
-    ));
+    let mapped = SocketAddr::V6(SocketAddrV6::new(addr4.ip().to_ipv6_mapped(), addr4.port(), 0, 0));
     let count: usize = args[3].parse().expect("COUNT");
     let mut out = String::new();
     for _ in 0..count {

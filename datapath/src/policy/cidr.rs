@@ -18,10 +18,7 @@ impl Cidr {
     /// 32 is taken as 32.
     pub fn new(addr: Ipv4Addr, prefix: u8) -> Self {
         let prefix = prefix.min(32);
-        Cidr {
-            addr: Ipv4Addr::from(u32::from(addr) & mask(prefix)),
-            prefix,
-        }
+        Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask(prefix)), prefix }
     }
 
     pub fn host(addr: Ipv4Addr) -> Self {
@@ -96,25 +93,11 @@ mod tests {
 
     #[test]
     fn parse_masks_host_bits_and_rejects_garbage() {
-        assert_eq!(
-            c("10.1.2.3/8"),
-            Cidr {
-                addr: ip("10.0.0.0"),
-                prefix: 8
-            }
-        );
+        assert_eq!(c("10.1.2.3/8"), Cidr { addr: ip("10.0.0.0"), prefix: 8 });
         assert_eq!(c("0.0.0.0/0").to_string(), "0.0.0.0/0");
         assert_eq!(c("1.2.3.4/32").to_string(), "1.2.3.4/32");
         assert_eq!("fd00::/8".parse::<Cidr>(), Err(CidrError::Ipv6));
-        for bad in [
-            "10.0.0.0",
-            "10.0.0.0/33",
-            "10.0.0/8",
-            "10.0.0.0/+8",
-            "10.0.0.0/",
-            "x/8",
-            "10.0.0.0/008",
-        ] {
+        for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0/8", "10.0.0.0/+8", "10.0.0.0/", "x/8", "10.0.0.0/008"] {
             assert_eq!(bad.parse::<Cidr>(), Err(CidrError::Invalid), "{bad}");
         }
     }
@@ -132,10 +115,7 @@ mod tests {
 
     #[test]
     fn ip_block_with_except() {
-        let b = IpBlock {
-            cidr: c("10.0.0.0/8"),
-            except: vec![c("10.1.0.0/16"), c("10.2.3.0/24")],
-        };
+        let b = IpBlock { cidr: c("10.0.0.0/8"), except: vec![c("10.1.0.0/16"), c("10.2.3.0/24")] };
         assert!(b.contains_ip(ip("10.0.0.1")));
         assert!(!b.contains_ip(ip("10.1.200.1")));
         assert!(!b.contains_ip(ip("10.2.3.4")));

@@ -59,8 +59,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use super::model::{
-    Cidr, Compiled, Direction, Identity, IdentityInfo, IdentityKind, IpBlock, NamedPort, Peer,
-    PolicyEntry, PolicyInput, PortRef, PortRule, ANY_PEER,
+    Cidr, Compiled, Direction, Identity, IdentityInfo, IdentityKind, IpBlock, NamedPort, Peer, PolicyEntry,
+    PolicyInput, PortRef, PortRule, ANY_PEER,
 };
 use crate::Protocol;
 
@@ -107,10 +107,7 @@ impl Compiler {
     /// highest identity found in the pinned maps), so numbers the kernel still holds
     /// are not given to other keys.
     pub fn starting_at(next: Identity) -> Self {
-        Compiler {
-            ids: HashMap::new(),
-            next: next.max(1),
-        }
+        Compiler { ids: HashMap::new(), next: next.max(1) }
     }
 
     fn allocate(&mut self, in_use: &HashSet<Identity>) -> Identity {
@@ -165,8 +162,7 @@ impl Compiler {
                 .pods_in(&policy.namespace)
                 .filter(|i| {
                     let v = &views.list[*i];
-                    local_node.is_none_or(|n| v.nodes.contains(n))
-                        && policy.pod_selector.matches(v.labels())
+                    local_node.is_none_or(|n| v.nodes.contains(n)) && policy.pod_selector.matches(v.labels())
                 })
                 .collect();
             if selected.is_empty() {
@@ -235,13 +231,8 @@ impl Compiler {
         }
 
         // The node may always reach its pods (kubelet probes).
-        let from_node: Vec<Identity> = views
-            .list
-            .iter()
-            .zip(&ids)
-            .filter(|(v, _)| v.is_host())
-            .map(|(_, id)| *id)
-            .collect();
+        let from_node: Vec<Identity> =
+            views.list.iter().zip(&ids).filter(|(v, _)| v.is_host()).map(|(_, id)| *id).collect();
         let all = Coverage::all();
         for (local, iso) in &out.isolation {
             if iso.ingress {
@@ -276,11 +267,7 @@ fn collect_blocks(input: &PolicyInput) -> Vec<BlockKey> {
 }
 
 fn block_key(b: &IpBlock) -> BlockKey {
-    let mut except: Vec<Cidr> = b
-        .except
-        .iter()
-        .map(|e| Cidr::new(e.addr, e.prefix))
-        .collect();
+    let mut except: Vec<Cidr> = b.except.iter().map(|e| Cidr::new(e.addr, e.prefix)).collect();
     except.sort();
     except.dedup();
     (Cidr::new(b.cidr.addr, b.cidr.prefix), except)
@@ -308,10 +295,7 @@ struct View {
 
 impl View {
     fn is_host(&self) -> bool {
-        matches!(
-            self.key,
-            IdentityKey::Host { .. } | IdentityKey::Pod { host: true, .. }
-        )
+        matches!(self.key, IdentityKey::Host { .. } | IdentityKey::Pod { host: true, .. })
     }
 
     fn labels(&self) -> &BTreeMap<String, String> {
@@ -331,19 +315,13 @@ impl View {
 
     fn info(&self) -> IdentityInfo {
         match &self.key {
-            IdentityKey::Pod {
-                namespace, labels, ..
-            } => IdentityInfo {
-                kind: IdentityKind::Pod {
-                    namespace: namespace.clone(),
-                    labels: labels.clone(),
-                },
+            IdentityKey::Pod { namespace, labels, .. } => IdentityInfo {
+                kind: IdentityKind::Pod { namespace: namespace.clone(), labels: labels.clone() },
                 members: self.members.iter().cloned().collect(),
             },
-            IdentityKey::Host { .. } => IdentityInfo {
-                kind: IdentityKind::Host,
-                members: self.members.iter().cloned().collect(),
-            },
+            IdentityKey::Host { .. } => {
+                IdentityInfo { kind: IdentityKind::Host, members: self.members.iter().cloned().collect() }
+            }
             // One identity may cover several prefixes: `cidr` is the widest (first in
             // order), `members` lists them all.
             IdentityKey::World { .. } => IdentityInfo {
@@ -407,10 +385,7 @@ fn build_views(input: &PolicyInput, blocks: &[BlockKey]) -> Views {
             named_ports.dedup();
             let key = IdentityKey::Pod {
                 namespace: pod.namespace.clone(),
-                namespace_labels: (*namespace_labels
-                    .get(pod.namespace.as_str())
-                    .unwrap_or(&&no_labels))
-                .clone(),
+                namespace_labels: (*namespace_labels.get(pod.namespace.as_str()).unwrap_or(&&no_labels)).clone(),
                 labels: pod.labels.clone(),
                 named_ports,
                 blocks: block_keys(&idx),
@@ -426,9 +401,7 @@ fn build_views(input: &PolicyInput, blocks: &[BlockKey]) -> Views {
             continue;
         }
         let idx = membership(&prefix, blocks);
-        let key = IdentityKey::Host {
-            blocks: block_keys(&idx),
-        };
+        let key = IdentityKey::Host { blocks: block_keys(&idx) };
         views.add(key, idx, prefix, ip.to_string(), None);
     }
     let mut world: BTreeSet<Cidr> = BTreeSet::new();
@@ -442,9 +415,7 @@ fn build_views(input: &PolicyInput, blocks: &[BlockKey]) -> Views {
             continue;
         }
         let idx = membership(&prefix, blocks);
-        let key = IdentityKey::World {
-            blocks: block_keys(&idx),
-        };
+        let key = IdentityKey::World { blocks: block_keys(&idx) };
         views.add(key, idx, prefix, prefix.to_string(), None);
     }
 
@@ -452,35 +423,16 @@ fn build_views(input: &PolicyInput, blocks: &[BlockKey]) -> Views {
         for b in &v.blocks {
             views.in_block[*b].push(i);
         }
-        if let IdentityKey::Pod {
-            namespace,
-            namespace_labels,
-            ..
-        } = &v.key
-        {
-            views
-                .by_namespace
-                .entry(namespace.clone())
-                .or_default()
-                .push(i);
-            views
-                .namespace_labels
-                .entry(namespace.clone())
-                .or_insert_with(|| namespace_labels.clone());
+        if let IdentityKey::Pod { namespace, namespace_labels, .. } = &v.key {
+            views.by_namespace.entry(namespace.clone()).or_default().push(i);
+            views.namespace_labels.entry(namespace.clone()).or_insert_with(|| namespace_labels.clone());
         }
     }
     views
 }
 
 impl Views {
-    fn add(
-        &mut self,
-        key: IdentityKey,
-        blocks: Vec<usize>,
-        prefix: Cidr,
-        member: String,
-        node: Option<&str>,
-    ) {
+    fn add(&mut self, key: IdentityKey, blocks: Vec<usize>, prefix: Cidr, member: String, node: Option<&str>) {
         let i = match self.by_key.get(&key) {
             Some(i) => *i,
             None => {
@@ -503,21 +455,11 @@ impl Views {
     }
 
     fn pods_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = usize> + 'a {
-        self.by_namespace
-            .get(namespace)
-            .into_iter()
-            .flatten()
-            .copied()
+        self.by_namespace.get(namespace).into_iter().flatten().copied()
     }
 
     /// Adds to `out` the views `peer` (of a policy in `namespace`) matches.
-    fn matching(
-        &self,
-        peer: &Peer,
-        namespace: &str,
-        blocks: &[BlockKey],
-        out: &mut BTreeSet<usize>,
-    ) {
+    fn matching(&self, peer: &Peer, namespace: &str, blocks: &[BlockKey], out: &mut BTreeSet<usize>) {
         match peer {
             Peer::IpBlock(b) => {
                 let key = block_key(b);
@@ -525,10 +467,7 @@ impl Views {
                     out.extend(self.in_block[i].iter().copied());
                 }
             }
-            Peer::Pods {
-                pod_selector,
-                namespace_selector,
-            } => {
+            Peer::Pods { pod_selector, namespace_selector } => {
                 let namespaces: Vec<&str> = match namespace_selector {
                     None => vec![namespace],
                     Some(sel) => self
@@ -540,10 +479,7 @@ impl Views {
                 };
                 for ns in namespaces {
                     for i in self.pods_in(ns) {
-                        if pod_selector
-                            .as_ref()
-                            .is_none_or(|s| s.matches(self.list[i].labels()))
-                        {
+                        if pod_selector.as_ref().is_none_or(|s| s.matches(self.list[i].labels())) {
                             out.insert(i);
                         }
                     }
@@ -622,10 +558,7 @@ struct Coverage {
 
 impl Coverage {
     fn all() -> Self {
-        Coverage {
-            all: true,
-            ..Default::default()
-        }
+        Coverage { all: true, ..Default::default() }
     }
 
     fn add(&mut self, proto: Protocol, lo: u16, hi: u16) {
@@ -701,13 +634,7 @@ impl Coverage {
         }
     }
 
-    fn entries(
-        &self,
-        local: Identity,
-        peer: Identity,
-        direction: Direction,
-        out: &mut Vec<PolicyEntry>,
-    ) {
+    fn entries(&self, local: Identity, peer: Identity, direction: Direction, out: &mut Vec<PolicyEntry>) {
         let entry = |protocol, port, port_wildcard_bits| PolicyEntry {
             local,
             peer,
@@ -735,11 +662,7 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     let mut out = Vec::new();
     while lo <= hi {
-        let mut k = if lo == 0 {
-            16
-        } else {
-            lo.trailing_zeros().min(16)
-        };
+        let mut k = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
         while lo + (1 << k) - 1 > hi {
             k -= 1;
         }

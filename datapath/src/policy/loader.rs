@@ -33,15 +33,8 @@ use super::model::{Cidr, Compiled, Direction, Identity, Isolation, PolicyEntry};
 use crate::loader_util::{ignore_not_found, in_netns, load_pinned, open_pinned, swap_if_different};
 use crate::{sys, Error, Protocol};
 
-const MAPS: [&str; 7] = [
-    "ks_ipcache",
-    "ks_isolation",
-    "ks_policy",
-    "ks_pol_ct",
-    "ks_pol_frags",
-    "ks_pol_config",
-    "ks_pol_flows",
-];
+const MAPS: [&str; 7] =
+    ["ks_ipcache", "ks_isolation", "ks_policy", "ks_pol_ct", "ks_pol_frags", "ks_pol_config", "ks_pol_flows"];
 
 /// The two programs and where each goes on the host-side interface.
 const HOOKS: [Hook; 2] = [
@@ -280,8 +273,6 @@ impl PolicyFlowEvent {
     }
 }
 
-
-
 fn dir_number(d: Direction) -> u8 {
     match d {
         Direction::Ingress => DIR_INGRESS,
@@ -296,22 +287,15 @@ fn ip_be(ip: Ipv4Addr) -> u32 {
 /// The `ks_policy` key of one entry, normalised so that equal meaning gives equal keys
 /// (what the mirror compares).
 fn policy_key(e: &PolicyEntry) -> Result<(u32, PolicyKeyData), Error> {
-    let mut data = PolicyKeyData {
-        local_id: e.local,
-        peer_id: e.peer,
-        direction: dir_number(e.direction),
-        proto: 0,
-        port: 0,
-    };
+    let mut data =
+        PolicyKeyData { local_id: e.local, peer_id: e.peer, direction: dir_number(e.direction), proto: 0, port: 0 };
     let prefix = match e.protocol {
         None => 72,
         Some(p) => {
             data.proto = p.number();
             let bits = u32::from(e.port_wildcard_bits);
             if bits > 16 {
-                return Err(Error::Invalid(format!(
-                    "policy entry {e:?}: port_wildcard_bits {bits} > 16"
-                )));
+                return Err(Error::Invalid(format!("policy entry {e:?}: port_wildcard_bits {bits} > 16")));
             }
             let mask = if bits == 16 { 0 } else { u16::MAX << bits };
             if e.port & !mask != 0 {
@@ -326,8 +310,6 @@ fn policy_key(e: &PolicyEntry) -> Result<(u32, PolicyKeyData), Error> {
     };
     Ok((prefix, data))
 }
-
-
 
 /// NetworkPolicy tc programs and their maps for one node.
 ///
@@ -389,19 +371,14 @@ impl PolicyDatapath {
         for h in &HOOKS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(h.program)
-                .ok_or_else(|| {
-                    Error::Invalid(format!("program {} missing from object", h.program))
-                })?
+                .ok_or_else(|| Error::Invalid(format!("program {} missing from object", h.program)))?
                 .try_into()?;
             prog.load()?;
         }
 
         let mut upgraded = 0;
         for (_, hook, pin) in &link_pins {
-            let prog: &SchedClassifier = ebpf
-                .program(HOOKS[*hook].program)
-                .expect("loaded above")
-                .try_into()?;
+            let prog: &SchedClassifier = ebpf.program(HOOKS[*hook].program).expect("loaded above").try_into()?;
             if swap_if_different(prog, pin, !all_maps)? {
                 upgraded += 1;
             }
@@ -411,24 +388,12 @@ impl PolicyDatapath {
         for item in ipcache.iter() {
             let (k, v) = item?;
             let addr = Ipv4Addr::from(k.data().to_ne_bytes());
-            m_ipcache.insert(
-                Cidr {
-                    addr,
-                    prefix: k.prefix_len() as u8,
-                },
-                v.identity,
-            );
+            m_ipcache.insert(Cidr { addr, prefix: k.prefix_len() as u8 }, v.identity);
         }
         let mut m_isolation = BTreeMap::new();
         for item in isolation.iter() {
             let (k, v) = item?;
-            m_isolation.insert(
-                k,
-                Isolation {
-                    ingress: v.ingress != 0,
-                    egress: v.egress != 0,
-                },
-            );
+            m_isolation.insert(k, Isolation { ingress: v.ingress != 0, egress: v.egress != 0 });
         }
         let mut m_policy = BTreeSet::new();
         for item in policy.iter() {
@@ -491,10 +456,7 @@ impl PolicyDatapath {
 
     /// Interfaces with at least one pinned link, sorted.
     pub fn interfaces(&self) -> Result<Vec<String>, Error> {
-        let mut v: Vec<String> = Self::link_pins(&self.root.join("links"))?
-            .into_iter()
-            .map(|(i, _, _)| i)
-            .collect();
+        let mut v: Vec<String> = Self::link_pins(&self.root.join("links"))?.into_iter().map(|(i, _, _)| i).collect();
         v.dedup();
         Ok(v)
     }
@@ -505,14 +467,9 @@ impl PolicyDatapath {
             || ifname.contains(['/', ':', '\0'])
             || ifname.contains(char::is_whitespace)
         {
-            return Err(Error::Invalid(format!(
-                "interface name {ifname:?} is not valid"
-            )));
+            return Err(Error::Invalid(format!("interface name {ifname:?} is not valid")));
         }
-        Ok(self
-            .root
-            .join("links")
-            .join(format!("{}:{}", hook.pin_prefix, encode_ifname(ifname))))
+        Ok(self.root.join("links").join(format!("{}:{}", hook.pin_prefix, encode_ifname(ifname))))
     }
 
     /// Attaches both programs to `ifname` (tcx ingress: the pod's egress policy; tcx
@@ -521,8 +478,7 @@ impl PolicyDatapath {
     /// to this interface (a link pinned for an interface that has since gone or been
     /// recreated is replaced).
     pub fn attach(&mut self, ifname: &str) -> Result<usize, Error> {
-        let ifindex =
-            ifindex_of(ifname).map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
+        let ifindex = ifindex_of(ifname).map_err(|e| Error::Invalid(format!("interface {ifname}: {e}")))?;
         let mut created = 0;
         for hook in &HOOKS {
             let pin = self.link_pin(ifname, hook)?;
@@ -534,18 +490,11 @@ impl PolicyDatapath {
                 }
                 fs::remove_file(&pin)?;
             }
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(hook.program)
-                .expect("loaded in load()")
-                .try_into()?;
+            let prog: &mut SchedClassifier =
+                self.ebpf.program_mut(hook.program).expect("loaded in load()").try_into()?;
             // Last in the tcx chain, and the programs return TCX_NEXT for what they
             // allow, so whatever else is attached (a CNI's programs) still runs.
-            let id = prog.attach_with_options(
-                ifname,
-                hook.attach,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )?;
+            let id = prog.attach_with_options(ifname, hook.attach, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
             let link: FdLink = prog
                 .take_link(id)?
                 .try_into()
@@ -597,10 +546,7 @@ impl PolicyDatapath {
                     cidr.addr, cidr.prefix
                 )));
             }
-            let cidr = &Cidr {
-                addr: mask(cidr),
-                prefix: cidr.prefix,
-            };
+            let cidr = &Cidr { addr: mask(cidr), prefix: cidr.prefix };
             if let Some(prev) = want_ipcache.insert(*cidr, *id) {
                 if prev != *id {
                     return Err(Error::Invalid(format!(
@@ -611,18 +557,8 @@ impl PolicyDatapath {
             }
         }
 
-        for k in want_policy
-            .difference(&self.m_policy)
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            self.policy.insert(
-                &Key::new(k.0, k.1),
-                PolicyVal {
-                    flags: POLICY_F_ALLOW,
-                },
-                0,
-            )?;
+        for k in want_policy.difference(&self.m_policy).copied().collect::<Vec<_>>() {
+            self.policy.insert(&Key::new(k.0, k.1), PolicyVal { flags: POLICY_F_ALLOW }, 0)?;
             self.m_policy.insert(k);
             st.policy_written += 1;
         }
@@ -631,14 +567,7 @@ impl PolicyDatapath {
                 continue;
             }
             let key = Key::new(u32::from(cidr.prefix), ip_be(mask(cidr)));
-            self.ipcache.insert(
-                &key,
-                IpcacheVal {
-                    identity: *id,
-                    flags: 0,
-                },
-                0,
-            )?;
+            self.ipcache.insert(&key, IpcacheVal { identity: *id, flags: 0 }, 0)?;
             self.m_ipcache.insert(*cidr, *id);
             st.ipcache_written += 1;
         }
@@ -648,22 +577,14 @@ impl PolicyDatapath {
             }
             self.isolation.insert(
                 id,
-                IsolationVal {
-                    ingress: iso.ingress.into(),
-                    egress: iso.egress.into(),
-                    pad: 0,
-                },
+                IsolationVal { ingress: iso.ingress.into(), egress: iso.egress.into(), pad: 0 },
                 0,
             )?;
             self.m_isolation.insert(*id, *iso);
             st.isolation_written += 1;
         }
-        let stale_iso: Vec<Identity> = self
-            .m_isolation
-            .keys()
-            .filter(|id| !c.isolation.contains_key(id))
-            .copied()
-            .collect();
+        let stale_iso: Vec<Identity> =
+            self.m_isolation.keys().filter(|id| !c.isolation.contains_key(id)).copied().collect();
         for id in stale_iso {
             ignore_not_found(self.isolation.remove(&id))?;
             self.m_isolation.remove(&id);
@@ -675,12 +596,7 @@ impl PolicyDatapath {
             self.m_policy.remove(&k);
             st.policy_removed += 1;
         }
-        let stale_ip: Vec<Cidr> = self
-            .m_ipcache
-            .keys()
-            .filter(|c| !want_ipcache.contains_key(c))
-            .copied()
-            .collect();
+        let stale_ip: Vec<Cidr> = self.m_ipcache.keys().filter(|c| !want_ipcache.contains_key(c)).copied().collect();
         for cidr in stale_ip {
             let key = Key::new(u32::from(cidr.prefix), ip_be(mask(&cidr)));
             ignore_not_found(self.ipcache.remove(&key))?;
@@ -702,27 +618,15 @@ impl PolicyDatapath {
             .m_policy
             .iter()
             .map(|(prefix, d)| {
-                let direction = if d.direction == DIR_INGRESS {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                };
-                let protocol = if *prefix == 72 {
-                    None
-                } else {
-                    Protocol::from_number(d.proto)
-                };
+                let direction = if d.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress };
+                let protocol = if *prefix == 72 { None } else { Protocol::from_number(d.proto) };
                 PolicyEntry {
                     local: d.local_id,
                     peer: d.peer_id,
                     direction,
                     protocol,
                     port: u16::from_be(d.port),
-                    port_wildcard_bits: if protocol.is_none() {
-                        16
-                    } else {
-                        (96 - *prefix) as u8
-                    },
+                    port_wildcard_bits: if protocol.is_none() { 16 } else { (96 - *prefix) as u8 },
                 }
             })
             .collect();
@@ -764,8 +668,7 @@ impl PolicyDatapath {
                 continue;
             }
             // SAFETY: length checked; read unaligned since the ring only aligns to 8.
-            let r: PolFlowRaw =
-                unsafe { std::ptr::read_unaligned(item.as_ptr() as *const PolFlowRaw) };
+            let r: PolFlowRaw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const PolFlowRaw) };
             out.push(PolicyFlowEvent {
                 timestamp_ns: r.ts_ns,
                 src: Ipv4Addr::from(r.saddr.to_ne_bytes()),
@@ -890,17 +793,12 @@ fn decode_ifname(encoded: &str) -> String {
 
 fn mask(c: &Cidr) -> Ipv4Addr {
     let bits = u32::from(c.addr);
-    let m = if c.prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(c.prefix.min(32)))
-    };
+    let m = if c.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(c.prefix.min(32))) };
     Ipv4Addr::from(bits & m)
 }
 
 fn ifindex_of(ifname: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(ifname)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = std::ffi::CString::new(ifname).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: plain libc call on a valid C string; uses the calling thread's netns.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if i == 0 {
@@ -944,20 +842,12 @@ fn tcx_link_target(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((ifindex, attach_type))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn entry(protocol: Option<Protocol>, port: u16, bits: u8) -> PolicyEntry {
-        PolicyEntry {
-            local: 5,
-            peer: 7,
-            direction: Direction::Ingress,
-            protocol,
-            port,
-            port_wildcard_bits: bits,
-        }
+        PolicyEntry { local: 5, peer: 7, direction: Direction::Ingress, protocol, port, port_wildcard_bits: bits }
     }
 
     #[test]
@@ -984,15 +874,9 @@ mod tests {
 
     #[test]
     fn ipcache_keys_are_masked() {
-        let c = Cidr {
-            addr: Ipv4Addr::new(10, 1, 2, 3),
-            prefix: 16,
-        };
+        let c = Cidr { addr: Ipv4Addr::new(10, 1, 2, 3), prefix: 16 };
         assert_eq!(mask(&c), Ipv4Addr::new(10, 1, 0, 0));
-        let c = Cidr {
-            addr: Ipv4Addr::new(10, 1, 2, 3),
-            prefix: 0,
-        };
+        let c = Cidr { addr: Ipv4Addr::new(10, 1, 2, 3), prefix: 0 };
         assert_eq!(mask(&c), Ipv4Addr::UNSPECIFIED);
     }
 }

@@ -183,10 +183,7 @@ pub struct IdentityInfo {
 pub enum IdentityKind {
     /// Pods with these labels in this namespace (plus whatever else makes policies
     /// treat them differently, e.g. which ipBlocks their IPs fall in).
-    Pod {
-        namespace: String,
-        labels: BTreeMap<String, String>,
-    },
+    Pod { namespace: String, labels: BTreeMap<String, String> },
     /// One of this node's addresses.
     Host,
     /// Addresses outside the cluster's pods, per distinct set of ipBlocks they fall in.

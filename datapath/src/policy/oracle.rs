@@ -25,13 +25,7 @@ use std::net::Ipv4Addr;
 use super::model::{Direction, NetworkPolicy, Peer, PodInfo, PolicyInput, PortRef, Rule};
 use crate::Protocol;
 
-pub fn allowed(
-    input: &PolicyInput,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: Protocol,
-    port: u16,
-) -> bool {
+pub fn allowed(input: &PolicyInput, src: Ipv4Addr, dst: Ipv4Addr, protocol: Protocol, port: u16) -> bool {
     let src_pod = pod_by_ip(input, src);
     let dst_pod = pod_by_ip(input, dst);
     if let (Some(a), Some(b)) = (src_pod, dst_pod) {
@@ -45,11 +39,9 @@ pub fn allowed(
         Some(me) => {
             let policies = selecting(input, me, Direction::Egress);
             policies.is_empty()
-                || policies.iter().any(|p| {
-                    p.egress
-                        .iter()
-                        .any(|r| rule_allows(input, p, r, dst, dst_pod, dst_pod, protocol, port))
-                })
+                || policies
+                    .iter()
+                    .any(|p| p.egress.iter().any(|r| rule_allows(input, p, r, dst, dst_pod, dst_pod, protocol, port)))
         }
     };
     let ingress_ok = match dst_pod {
@@ -58,11 +50,9 @@ pub fn allowed(
             let policies = selecting(input, me, Direction::Ingress);
             policies.is_empty()
                 || input.host_ips.contains(&src)
-                || policies.iter().any(|p| {
-                    p.ingress
-                        .iter()
-                        .any(|r| rule_allows(input, p, r, src, src_pod, Some(me), protocol, port))
-                })
+                || policies
+                    .iter()
+                    .any(|p| p.ingress.iter().any(|r| rule_allows(input, p, r, src, src_pod, Some(me), protocol, port)))
         }
     };
     egress_ok && ingress_ok
@@ -77,9 +67,7 @@ fn selecting<'a>(input: &'a PolicyInput, pod: &PodInfo, dir: Direction) -> Vec<&
         .policies
         .iter()
         .filter(|p| {
-            p.policy_types.contains(&dir)
-                && p.namespace == pod.namespace
-                && p.pod_selector.matches(&pod.labels)
+            p.policy_types.contains(&dir) && p.namespace == pod.namespace && p.pod_selector.matches(&pod.labels)
         })
         .collect()
 }
@@ -97,11 +85,8 @@ fn rule_allows(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    let peer_ok = rule.peers.is_empty()
-        || rule
-            .peers
-            .iter()
-            .any(|peer| peer_matches(input, policy, peer, peer_ip, peer_pod));
+    let peer_ok =
+        rule.peers.is_empty() || rule.peers.iter().any(|peer| peer_matches(input, policy, peer, peer_ip, peer_pod));
     let port_ok = rule.ports.is_empty()
         || rule.ports.iter().any(|pr| {
             pr.protocol == protocol
@@ -112,41 +97,26 @@ fn rule_allows(
                         Some(end) => *n <= port && port <= end,
                     },
                     Some(PortRef::Name(name)) => dst_pod.is_some_and(|d| {
-                        d.named_ports.iter().any(|np| {
-                            &np.name == name && np.protocol == protocol && np.port == port
-                        })
+                        d.named_ports.iter().any(|np| &np.name == name && np.protocol == protocol && np.port == port)
                     }),
                 }
         });
     peer_ok && port_ok
 }
 
-fn peer_matches(
-    input: &PolicyInput,
-    policy: &NetworkPolicy,
-    peer: &Peer,
-    ip: Ipv4Addr,
-    pod: Option<&PodInfo>,
-) -> bool {
+fn peer_matches(input: &PolicyInput, policy: &NetworkPolicy, peer: &Peer, ip: Ipv4Addr, pod: Option<&PodInfo>) -> bool {
     match peer {
         Peer::IpBlock(block) => {
             in_cidr(ip, block.cidr.addr, block.cidr.prefix)
                 && !block.except.iter().any(|e| in_cidr(ip, e.addr, e.prefix))
         }
-        Peer::Pods {
-            pod_selector,
-            namespace_selector,
-        } => {
+        Peer::Pods { pod_selector, namespace_selector } => {
             let Some(pod) = pod else { return false };
             let namespace_ok = match namespace_selector {
                 None => pod.namespace == policy.namespace,
                 Some(sel) => {
                     let none = BTreeMap::new();
-                    let labels = input
-                        .namespaces
-                        .iter()
-                        .find(|n| n.name == pod.namespace)
-                        .map_or(&none, |n| &n.labels);
+                    let labels = input.namespaces.iter().find(|n| n.name == pod.namespace).map_or(&none, |n| &n.labels);
                     sel.matches(labels)
                 }
             };

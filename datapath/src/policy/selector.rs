@@ -7,9 +7,7 @@ use super::model::{LabelSelector, SelectorOp, SelectorRequirement};
 
 impl LabelSelector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(labels))
     }
 }
@@ -32,18 +30,11 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn req(key: &str, operator: SelectorOp, values: &[&str]) -> SelectorRequirement {
-        SelectorRequirement {
-            key: key.into(),
-            operator,
-            values: values.iter().map(|v| v.to_string()).collect(),
-        }
+        SelectorRequirement { key: key.into(), operator, values: values.iter().map(|v| v.to_string()).collect() }
     }
 
     #[test]
@@ -55,10 +46,7 @@ mod tests {
 
     #[test]
     fn match_labels_needs_every_pair() {
-        let s = LabelSelector {
-            match_labels: labels(&[("app", "web"), ("tier", "front")]),
-            ..Default::default()
-        };
+        let s = LabelSelector { match_labels: labels(&[("app", "web"), ("tier", "front")]), ..Default::default() };
         assert!(s.matches(&labels(&[("app", "web"), ("tier", "front"), ("x", "y")])));
         assert!(!s.matches(&labels(&[("app", "web")])));
         assert!(!s.matches(&labels(&[("app", "web"), ("tier", "back")])));

@@ -22,8 +22,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::cidr::CidrError;
 use super::model::{
-    Cidr, Direction, IpBlock, LabelSelector, NamedPort, NamespaceInfo, NetworkPolicy, Peer,
-    PodInfo, PortRef, PortRule, Rule, SelectorOp, SelectorRequirement,
+    Cidr, Direction, IpBlock, LabelSelector, NamedPort, NamespaceInfo, NetworkPolicy, Peer, PodInfo, PortRef, PortRule,
+    Rule, SelectorOp, SelectorRequirement,
 };
 use crate::Protocol;
 
@@ -55,36 +55,22 @@ pub fn pod(pod: &Pod) -> Option<PodInfo> {
         return None;
     }
     let status = pod.status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let mut ips: Vec<Ipv4Addr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
+    let mut ips: Vec<Ipv4Addr> =
+        status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
     if ips.is_empty() {
-        ips.extend(
-            status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
-        );
+        ips.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<Ipv4Addr>().ok()));
     }
     if ips.is_empty() {
         return None;
     }
     // Sidecars (init containers that keep running) serve their ports like containers.
     let containers = spec.into_iter().flat_map(|s| {
-        s.containers.iter().chain(
-            s.init_containers
-                .iter()
-                .flatten()
-                .filter(|c| c.restart_policy.as_deref() == Some("Always")),
-        )
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten().filter(|c| c.restart_policy.as_deref() == Some("Always")))
     });
     Some(PodInfo {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
@@ -164,15 +150,9 @@ pub fn deny_all_fallback(np: &api::NetworkPolicy) -> Option<NetworkPolicy> {
 pub fn network_policy(np: &api::NetworkPolicy) -> Result<NetworkPolicy, SourceError> {
     let namespace = np.metadata.namespace.clone().unwrap_or_default();
     let name = np.metadata.name.clone().unwrap_or_default();
-    let cx = Ctx {
-        object: format!("{namespace}/{name}"),
-    };
+    let cx = Ctx { object: format!("{namespace}/{name}") };
     if namespace.is_empty() {
-        return Err(cx.err(
-            "metadata.namespace",
-            "",
-            "a NetworkPolicy must have a namespace",
-        ));
+        return Err(cx.err("metadata.namespace", "", "a NetworkPolicy must have a namespace"));
     }
     let default_spec = api::NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
@@ -185,13 +165,7 @@ pub fn network_policy(np: &api::NetworkPolicy) -> Result<NetworkPolicy, SourceEr
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         let path = format!("spec.ingress[{i}]");
-        ingress.extend(rule(
-            &cx,
-            &path,
-            "from",
-            r.from.as_deref(),
-            r.ports.as_deref(),
-        )?);
+        ingress.extend(rule(&cx, &path, "from", r.from.as_deref(), r.ports.as_deref())?);
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
@@ -208,13 +182,7 @@ pub fn network_policy(np: &api::NetworkPolicy) -> Result<NetworkPolicy, SourceEr
                 out.push(match t.as_str() {
                     "Ingress" => Direction::Ingress,
                     "Egress" => Direction::Egress,
-                    _ => {
-                        return Err(cx.err(
-                            &format!("spec.policyTypes[{i}]"),
-                            t,
-                            "must be Ingress or Egress",
-                        ))
-                    }
+                    _ => return Err(cx.err(&format!("spec.policyTypes[{i}]"), t, "must be Ingress or Egress")),
                 });
             }
             out.sort();
@@ -230,14 +198,7 @@ pub fn network_policy(np: &api::NetworkPolicy) -> Result<NetworkPolicy, SourceEr
         }
     };
 
-    Ok(NetworkPolicy {
-        namespace,
-        name,
-        pod_selector,
-        policy_types,
-        ingress,
-        egress,
-    })
+    Ok(NetworkPolicy { namespace, name, pod_selector, policy_types, ingress, egress })
 }
 
 /// None when nothing of the rule is left to enforce (see the module docs).
@@ -266,24 +227,13 @@ fn rule(
         tracing::debug!(policy = %cx.object, rule = path, "rule dropped: all its peers are IPv6 blocks");
         return Ok(None);
     }
-    Ok(Some(Rule {
-        ports: ports_out,
-        peers: peers_out,
-    }))
+    Ok(Some(Rule { ports: ports_out, peers: peers_out }))
 }
 
-fn port_rule(
-    cx: &Ctx,
-    path: &str,
-    p: &api::NetworkPolicyPort,
-) -> Result<Option<PortRule>, SourceError> {
+fn port_rule(cx: &Ctx, path: &str, p: &api::NetworkPolicyPort) -> Result<Option<PortRule>, SourceError> {
     let port = match &p.port {
         None => None,
-        Some(IntOrString::Int(n)) => Some(PortRef::Number(port_number(
-            cx,
-            &format!("{path}.port"),
-            *n,
-        )?)),
+        Some(IntOrString::Int(n)) => Some(PortRef::Number(port_number(cx, &format!("{path}.port"), *n)?)),
         Some(IntOrString::String(s)) if s.is_empty() => {
             return Err(cx.err(&format!("{path}.port"), s, "empty port name"))
         }
@@ -309,26 +259,13 @@ fn port_rule(
             tracing::warn!(policy = %cx.object, field = path, "SCTP port skipped: the datapath does not carry SCTP");
             return Ok(None);
         }
-        other => {
-            return Err(cx.err(
-                &format!("{path}.protocol"),
-                other,
-                "must be TCP, UDP or SCTP",
-            ))
-        }
+        other => return Err(cx.err(&format!("{path}.protocol"), other, "must be TCP, UDP or SCTP")),
     };
-    Ok(Some(PortRule {
-        protocol,
-        port,
-        end_port,
-    }))
+    Ok(Some(PortRule { protocol, port, end_port }))
 }
 
 fn port_number(cx: &Ctx, path: &str, n: i32) -> Result<u16, SourceError> {
-    u16::try_from(n)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| cx.err(path, n, "must be between 1 and 65535"))
+    u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| cx.err(path, n, "must be between 1 and 65535"))
 }
 
 /// None for an IPv6 ipBlock.
@@ -353,33 +290,17 @@ fn peer(cx: &Ctx, path: &str, p: &api::NetworkPolicyPeer) -> Result<Option<Peer>
             match (e.parse::<Cidr>(), cidr) {
                 (Ok(ec), Some(c)) if c.covers(&ec) && ec.prefix > c.prefix => except.push(ec),
                 (Err(CidrError::Ipv6), None) => {}
-                (Err(CidrError::Invalid), _) => {
-                    return Err(cx.err(&e_path, e, &CidrError::Invalid.to_string()))
-                }
-                _ => {
-                    return Err(cx.err(
-                        &e_path,
-                        e,
-                        &format!("must be a strict subset of cidr {}", b.cidr),
-                    ))
-                }
+                (Err(CidrError::Invalid), _) => return Err(cx.err(&e_path, e, &CidrError::Invalid.to_string())),
+                _ => return Err(cx.err(&e_path, e, &format!("must be a strict subset of cidr {}", b.cidr))),
             }
         }
         return Ok(cidr.map(|cidr| Peer::IpBlock(IpBlock { cidr, except })));
     }
     if p.pod_selector.is_none() && p.namespace_selector.is_none() {
-        return Err(cx.err(
-            path,
-            "{}",
-            "a peer needs podSelector, namespaceSelector or ipBlock",
-        ));
+        return Err(cx.err(path, "{}", "a peer needs podSelector, namespaceSelector or ipBlock"));
     }
     Ok(Some(Peer::Pods {
-        pod_selector: p
-            .pod_selector
-            .as_ref()
-            .map(|s| selector(cx, &format!("{path}.podSelector"), s))
-            .transpose()?,
+        pod_selector: p.pod_selector.as_ref().map(|s| selector(cx, &format!("{path}.podSelector"), s)).transpose()?,
         namespace_selector: p
             .namespace_selector
             .as_ref()
@@ -410,10 +331,7 @@ fn selector(cx: &Ctx, path: &str, s: &ApiSelector) -> Result<LabelSelector, Sour
             values: r.values.clone().unwrap_or_default(),
         });
     }
-    Ok(LabelSelector {
-        match_labels: s.match_labels.clone().unwrap_or_default(),
-        match_expressions,
-    })
+    Ok(LabelSelector { match_labels: s.match_labels.clone().unwrap_or_default(), match_expressions })
 }
 
 #[cfg(test)]
@@ -451,11 +369,7 @@ mod tests {
 
         let p = convert(json!({"podSelector": {}, "egress": [{}]}));
         assert_eq!(p.policy_types, vec![Direction::Ingress, Direction::Egress]);
-        assert_eq!(
-            p.egress,
-            vec![Rule::default()],
-            "an empty rule allows everything"
-        );
+        assert_eq!(p.egress, vec![Rule::default()], "an empty rule allows everything");
 
         let p = convert(json!({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [{}]}));
         assert_eq!(p.policy_types, vec![Direction::Egress]);
@@ -477,33 +391,14 @@ mod tests {
                 {"port": 32000, "endPort": 32768, "protocol": "UDP"},
             ]}],
         }));
-        assert_eq!(
-            p.pod_selector.match_labels.get("app").map(String::as_str),
-            Some("web")
-        );
+        assert_eq!(p.pod_selector.match_labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(
             p.ingress[0].ports,
             vec![
-                PortRule {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Number(80)),
-                    end_port: None
-                },
-                PortRule {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Name("http".into())),
-                    end_port: None
-                },
-                PortRule {
-                    protocol: Protocol::Udp,
-                    port: None,
-                    end_port: None
-                },
-                PortRule {
-                    protocol: Protocol::Udp,
-                    port: Some(PortRef::Number(32000)),
-                    end_port: Some(32768)
-                },
+                PortRule { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None },
+                PortRule { protocol: Protocol::Tcp, port: Some(PortRef::Name("http".into())), end_port: None },
+                PortRule { protocol: Protocol::Udp, port: None, end_port: None },
+                PortRule { protocol: Protocol::Udp, port: Some(PortRef::Number(32000)), end_port: Some(32768) },
             ]
         );
         assert!(p.ingress[0].peers.is_empty());
@@ -519,18 +414,10 @@ mod tests {
             ],
             "egress": [{"ports": [{"protocol": "SCTP"}]}],
         }));
-        assert_eq!(
-            p.ingress.len(),
-            1,
-            "the all-SCTP rule is gone, not turned into 'all ports'"
-        );
+        assert_eq!(p.ingress.len(), 1, "the all-SCTP rule is gone, not turned into 'all ports'");
         assert_eq!(
             p.ingress[0].ports,
-            vec![PortRule {
-                protocol: Protocol::Tcp,
-                port: Some(PortRef::Number(80)),
-                end_port: None
-            }]
+            vec![PortRule { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }]
         );
         assert!(p.egress.is_empty());
         // Still an egress policy: its pods stay egress-isolated.
@@ -555,10 +442,7 @@ mod tests {
             matches!(&peers[0], Peer::Pods { pod_selector: Some(s), namespace_selector: None } if s.match_labels["role"] == "client")
         );
         match &peers[1] {
-            Peer::Pods {
-                pod_selector: None,
-                namespace_selector: Some(s),
-            } => {
+            Peer::Pods { pod_selector: None, namespace_selector: Some(s) } => {
                 assert_eq!(
                     s.match_expressions,
                     vec![SelectorRequirement {
@@ -575,16 +459,11 @@ mod tests {
         );
         assert_eq!(
             peers[3],
-            Peer::IpBlock(IpBlock {
-                cidr: c("10.0.0.0/8"),
-                except: vec![c("10.1.0.0/16"), c("10.2.3.4/32")]
-            })
+            Peer::IpBlock(IpBlock { cidr: c("10.0.0.0/8"), except: vec![c("10.1.0.0/16"), c("10.2.3.4/32")] })
         );
 
         // Only IPv6 peers: the rule must not become "from anywhere".
-        let p = convert(
-            json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00::/8"}}]}]}),
-        );
+        let p = convert(json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00::/8"}}]}]}));
         assert!(p.ingress.is_empty());
     }
 
@@ -631,16 +510,8 @@ mod tests {
                 "spec.ingress[0].from[0].ipBlock.except[0]",
                 "fd00::/8",
             ),
-            (
-                json!({"ingress": [{}, {"ports": [{"port": 70000}]}]}),
-                "spec.ingress[1].ports[0].port",
-                "70000",
-            ),
-            (
-                json!({"ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
-                "spec.ingress[0].ports[0].endPort",
-                "80",
-            ),
+            (json!({"ingress": [{}, {"ports": [{"port": 70000}]}]}), "spec.ingress[1].ports[0].port", "70000"),
+            (json!({"ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort", "80"),
             (
                 json!({"ingress": [{"ports": [{"port": "http", "endPort": 80}]}]}),
                 "spec.ingress[0].ports[0].endPort",
@@ -651,21 +522,13 @@ mod tests {
                 "spec.ingress[0].ports[0].protocol",
                 "ICMP",
             ),
-            (
-                json!({"policyTypes": ["Ingress", "Sideways"]}),
-                "spec.policyTypes[1]",
-                "Sideways",
-            ),
+            (json!({"policyTypes": ["Ingress", "Sideways"]}), "spec.policyTypes[1]", "Sideways"),
             (
                 json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Maybe"}]}}),
                 "spec.podSelector.matchExpressions[0].operator",
                 "Maybe",
             ),
-            (
-                json!({"ingress": [{"from": [{}]}]}),
-                "spec.ingress[0].from[0]",
-                "{}",
-            ),
+            (json!({"ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0]", "{}"),
             (
                 json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
                 "spec.ingress[0].from[0].ipBlock",
@@ -674,11 +537,7 @@ mod tests {
         ];
         for (spec, field, value) in cases {
             let e = error(spec.clone());
-            assert_eq!(
-                (e.field.as_str(), e.value.as_str()),
-                (field, value),
-                "{spec}"
-            );
+            assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{spec}");
             assert_eq!(e.object, "shop/web");
         }
     }
@@ -703,13 +562,7 @@ mod tests {
     #[test]
     fn host_bits_of_a_cidr_are_cleared() {
         let p = convert(json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.9.8.7/8"}}]}]}));
-        assert_eq!(
-            p.ingress[0].peers,
-            vec![Peer::IpBlock(IpBlock {
-                cidr: c("10.0.0.0/8"),
-                except: vec![]
-            })]
-        );
+        assert_eq!(p.ingress[0].peers, vec![Peer::IpBlock(IpBlock { cidr: c("10.0.0.0/8"), except: vec![] })]);
     }
 
     fn pod_json(extra_spec: serde_json::Value, status: serde_json::Value) -> Pod {
@@ -722,9 +575,7 @@ mod tests {
                 {"name": "assoc", "containerPort": 7777, "protocol": "SCTP"},
             ]}],
         });
-        spec.as_object_mut()
-            .unwrap()
-            .extend(extra_spec.as_object().unwrap().clone());
+        spec.as_object_mut().unwrap().extend(extra_spec.as_object().unwrap().clone());
         serde_json::from_value(json!({
             "metadata": {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}},
             "spec": spec,
@@ -748,26 +599,15 @@ mod tests {
         assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(p.ips, vec!["10.0.0.5".parse::<Ipv4Addr>().unwrap()]);
         assert_eq!(p.node, "node-1");
-        let ports: Vec<(&str, Protocol, u16)> = p
-            .named_ports
-            .iter()
-            .map(|n| (n.name.as_str(), n.protocol, n.port))
-            .collect();
+        let ports: Vec<(&str, Protocol, u16)> =
+            p.named_ports.iter().map(|n| (n.name.as_str(), n.protocol, n.port)).collect();
         assert_eq!(
             ports,
-            vec![
-                ("http", Protocol::Tcp, 8080),
-                ("dns", Protocol::Udp, 53),
-                ("metrics", Protocol::Tcp, 9090)
-            ]
+            vec![("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 53), ("metrics", Protocol::Tcp, 9090)]
         );
 
         // Only podIP set (older clusters).
-        let p = pod(&pod_json(
-            json!({}),
-            json!({"phase": "Running", "podIP": "10.0.0.6"}),
-        ))
-        .unwrap();
+        let p = pod(&pod_json(json!({}), json!({"phase": "Running", "podIP": "10.0.0.6"}))).unwrap();
         assert_eq!(p.ips, vec!["10.0.0.6".parse::<Ipv4Addr>().unwrap()]);
     }
 
@@ -775,30 +615,17 @@ mod tests {
     fn pods_without_an_address_of_their_own_are_left_out() {
         let running = json!({"phase": "Running", "podIP": "10.0.0.5"});
         assert!(pod(&pod_json(json!({"hostNetwork": true}), running.clone())).is_none());
-        assert!(pod(&pod_json(
-            json!({}),
-            json!({"phase": "Succeeded", "podIP": "10.0.0.5"})
-        ))
-        .is_none());
-        assert!(pod(&pod_json(
-            json!({}),
-            json!({"phase": "Failed", "podIP": "10.0.0.5"})
-        ))
-        .is_none());
+        assert!(pod(&pod_json(json!({}), json!({"phase": "Succeeded", "podIP": "10.0.0.5"}))).is_none());
+        assert!(pod(&pod_json(json!({}), json!({"phase": "Failed", "podIP": "10.0.0.5"}))).is_none());
         assert!(pod(&pod_json(json!({}), json!({"phase": "Pending"}))).is_none());
-        assert!(pod(&pod_json(
-            json!({}),
-            json!({"phase": "Running", "podIPs": [{"ip": "fd00::5"}]})
-        ))
-        .is_none());
+        assert!(pod(&pod_json(json!({}), json!({"phase": "Running", "podIPs": [{"ip": "fd00::5"}]}))).is_none());
         assert!(pod(&pod_json(json!({}), running)).is_some());
     }
 
     #[test]
     fn namespaces_keep_their_labels() {
         let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}))
-                .unwrap();
+            serde_json::from_value(json!({"metadata": {"name": "shop", "labels": {"team": "a"}}})).unwrap();
         let n = namespace(&ns);
         assert_eq!(n.name, "shop");
         assert_eq!(n.labels.get("team").map(String::as_str), Some("a"));

@@ -66,11 +66,7 @@ impl<'a> Kernel<'a> {
             assert!(e.port_wildcard_bits <= 16, "{e:?}");
             if e.protocol.is_some() {
                 // A block that is not aligned would cover other ports than it claims.
-                assert_eq!(
-                    u32::from(e.port) % (1 << e.port_wildcard_bits),
-                    0,
-                    "unaligned {e:?}"
-                );
+                assert_eq!(u32::from(e.port) % (1 << e.port_wildcard_bits), 0, "unaligned {e:?}");
             }
             let key = policy_key(
                 e.local,
@@ -79,16 +75,9 @@ impl<'a> Kernel<'a> {
                 proto,
                 if e.protocol.is_some() { e.port } else { 0 },
             );
-            policy
-                .entry((e.local, dir_byte(e.direction)))
-                .or_default()
-                .push((key, prefixlen));
+            policy.entry((e.local, dir_byte(e.direction))).or_default().push((key, prefixlen));
         }
-        Kernel {
-            c,
-            policy,
-            known: HashMap::new(),
-        }
+        Kernel { c, policy, known: HashMap::new() }
     }
 
     /// Remembers the identities of `addrs`.
@@ -117,14 +106,7 @@ impl<'a> Kernel<'a> {
         })
     }
 
-    fn lookup(
-        &self,
-        local: Identity,
-        peer: Identity,
-        dir: Direction,
-        proto: Protocol,
-        port: u16,
-    ) -> bool {
+    fn lookup(&self, local: Identity, peer: Identity, dir: Direction, proto: Protocol, port: u16) -> bool {
         let Some(list) = self.policy.get(&(local, dir_byte(dir))) else {
             return false;
         };
@@ -158,31 +140,16 @@ fn within_one_pod(input: &PolicyInput, a: Ipv4Addr, b: Ipv4Addr) -> bool {
 
 /// The output invariants model.rs promises.
 fn check_shape(c: &Compiled) {
-    assert!(
-        c.ipcache.windows(2).all(|w| w[0].0 < w[1].0),
-        "ipcache sorted, one entry per prefix"
-    );
-    assert!(
-        c.ipcache.iter().any(|(p, _)| p.prefix == 0),
-        "0.0.0.0/0 present"
-    );
-    assert!(
-        c.entries.windows(2).all(|w| w[0] < w[1]),
-        "entries sorted and deduplicated"
-    );
+    assert!(c.ipcache.windows(2).all(|w| w[0].0 < w[1].0), "ipcache sorted, one entry per prefix");
+    assert!(c.ipcache.iter().any(|(p, _)| p.prefix == 0), "0.0.0.0/0 present");
+    assert!(c.entries.windows(2).all(|w| w[0] < w[1]), "entries sorted and deduplicated");
     assert!(!c.identities.contains_key(&ANY_PEER));
     for (_, id) in &c.ipcache {
         assert!(c.identities.contains_key(id));
     }
     for e in &c.entries {
-        assert!(
-            c.identities.contains_key(&e.local)
-                && (e.peer == ANY_PEER || c.identities.contains_key(&e.peer))
-        );
-        assert!(matches!(
-            c.identities[&e.local].kind,
-            IdentityKind::Pod { .. }
-        ));
+        assert!(c.identities.contains_key(&e.local) && (e.peer == ANY_PEER || c.identities.contains_key(&e.peer)));
+        assert!(matches!(c.identities[&e.local].kind, IdentityKind::Pod { .. }));
     }
     for id in c.isolation.keys() {
         assert!(matches!(c.identities[id].kind, IdentityKind::Pod { .. }));
@@ -200,17 +167,11 @@ fn cidr(s: &str) -> Cidr {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector {
-        match_labels: labels(pairs),
-        match_expressions: vec![],
-    }
+    LabelSelector { match_labels: labels(pairs), match_expressions: vec![] }
 }
 
 fn pod(ns: &str, name: &str, l: &[(&str, &str)], addr: &str, node: &str) -> PodInfo {
@@ -225,27 +186,15 @@ fn pod(ns: &str, name: &str, l: &[(&str, &str)], addr: &str, node: &str) -> PodI
 }
 
 fn tcp(port: u16) -> PortRule {
-    PortRule {
-        protocol: Protocol::Tcp,
-        port: Some(PortRef::Number(port)),
-        end_port: None,
-    }
+    PortRule { protocol: Protocol::Tcp, port: Some(PortRef::Number(port)), end_port: None }
 }
 
 fn named(proto: Protocol, name: &str) -> PortRule {
-    PortRule {
-        protocol: proto,
-        port: Some(PortRef::Name(name.into())),
-        end_port: None,
-    }
+    PortRule { protocol: proto, port: Some(PortRef::Name(name.into())), end_port: None }
 }
 
 fn np(name: &str, proto: Protocol, port: u16) -> NamedPort {
-    NamedPort {
-        name: name.into(),
-        protocol: proto,
-        port,
-    }
+    NamedPort { name: name.into(), protocol: proto, port }
 }
 
 fn policy(ns: &str, name: &str, selector: LabelSelector, types: &[Direction]) -> NetworkPolicy {
@@ -259,21 +208,12 @@ fn policy(ns: &str, name: &str, selector: LabelSelector, types: &[Direction]) ->
     }
 }
 
-fn pods_peer(
-    pod_selector: Option<LabelSelector>,
-    namespace_selector: Option<LabelSelector>,
-) -> Peer {
-    Peer::Pods {
-        pod_selector,
-        namespace_selector,
-    }
+fn pods_peer(pod_selector: Option<LabelSelector>, namespace_selector: Option<LabelSelector>) -> Peer {
+    Peer::Pods { pod_selector, namespace_selector }
 }
 
 fn block(c: &str, except: &[&str]) -> Peer {
-    Peer::IpBlock(IpBlock {
-        cidr: cidr(c),
-        except: except.iter().map(|e| cidr(e)).collect(),
-    })
+    Peer::IpBlock(IpBlock { cidr: cidr(c), except: except.iter().map(|e| cidr(e)).collect() })
 }
 
 fn compile(input: &PolicyInput) -> Compiled {
@@ -287,11 +227,7 @@ fn expect(input: &PolicyInput, c: &Compiled, cases: &[(&str, &str, Protocol, u16
     let k = Kernel::new(c);
     for &(src, dst, proto, port, want) in cases {
         let (s, d) = (ip(src), ip(dst));
-        assert_eq!(
-            oracle::allowed(input, s, d, proto, port),
-            want,
-            "oracle {src} → {dst} {proto:?}/{port}"
-        );
+        assert_eq!(oracle::allowed(input, s, d, proto, port), want, "oracle {src} → {dst} {proto:?}/{port}");
         assert_eq!(
             within_one_pod(input, s, d) || k.allowed(s, d, proto, port),
             want,
@@ -312,20 +248,10 @@ fn port_blocks_cover_exactly() {
     assert_eq!(port_blocks(32768, 65535), vec![(32768, 15)]);
     let one_up = port_blocks(1, 65535);
     assert_eq!(one_up.len(), 16, "{one_up:?}");
-    assert_eq!(
-        port_blocks(32000, 32768),
-        vec![(32000, 8), (32256, 9), (32768, 0)]
-    );
-    for (lo, hi) in [
-        (1u16, 65535u16),
-        (32000, 32768),
-        (80, 81),
-        (81, 1000),
-        (0, 0),
-        (65535, 65535),
-        (1023, 1025),
-        (30000, 32767),
-    ] {
+    assert_eq!(port_blocks(32000, 32768), vec![(32000, 8), (32256, 9), (32768, 0)]);
+    for (lo, hi) in
+        [(1u16, 65535u16), (32000, 32768), (80, 81), (81, 1000), (0, 0), (65535, 65535), (1023, 1025), (30000, 32767)]
+    {
         let mut covered = Vec::new();
         for (start, k) in port_blocks(lo, hi) {
             assert_eq!(u32::from(start) % (1 << k), 0, "aligned");
@@ -341,44 +267,21 @@ fn end_port_ranges_reach_the_map() {
     let mut p = policy("a", "range", sel(&[]), &[Direction::Ingress]);
     p.ingress.push(Rule {
         ports: vec![
-            PortRule {
-                protocol: Tcp,
-                port: Some(PortRef::Number(32000)),
-                end_port: Some(32768),
-            },
-            PortRule {
-                protocol: Udp,
-                port: Some(PortRef::Number(80)),
-                end_port: Some(81),
-            },
+            PortRule { protocol: Tcp, port: Some(PortRef::Number(32000)), end_port: Some(32768) },
+            PortRule { protocol: Udp, port: Some(PortRef::Number(80)), end_port: Some(81) },
         ],
         peers: vec![],
     });
     let input = PolicyInput {
-        pods: vec![
-            pod("a", "p", &[], "10.0.0.1", "n1"),
-            pod("a", "q", &[("x", "y")], "10.0.0.2", "n1"),
-        ],
+        pods: vec![pod("a", "p", &[], "10.0.0.1", "n1"), pod("a", "q", &[("x", "y")], "10.0.0.2", "n1")],
         policies: vec![p],
         ..Default::default()
     };
     let c = compile(&input);
     let local = Kernel::new(&c).identity(ip("10.0.0.1"));
-    let mine: Vec<_> = c
-        .entries
-        .iter()
-        .filter(|e| e.local == local)
-        .map(|e| (e.protocol, e.port, e.port_wildcard_bits))
-        .collect();
-    assert_eq!(
-        mine,
-        vec![
-            (Some(Tcp), 32000, 8),
-            (Some(Tcp), 32256, 9),
-            (Some(Tcp), 32768, 0),
-            (Some(Udp), 80, 1)
-        ]
-    );
+    let mine: Vec<_> =
+        c.entries.iter().filter(|e| e.local == local).map(|e| (e.protocol, e.port, e.port_wildcard_bits)).collect();
+    assert_eq!(mine, vec![(Some(Tcp), 32000, 8), (Some(Tcp), 32256, 9), (Some(Tcp), 32768, 0), (Some(Udp), 80, 1)]);
     expect(
         &input,
         &c,
@@ -400,18 +303,9 @@ fn ip_blocks_with_nested_excepts() {
     // 10/8 minus 10.1/16, while another block allows 10.1.2/24 inside that except, and
     // a third allows the world minus 10/8.
     let mut p = policy("a", "blocks", sel(&[("app", "web")]), &[Direction::Ingress]);
-    p.ingress.push(Rule {
-        ports: vec![tcp(80)],
-        peers: vec![block("10.0.0.0/8", &["10.1.0.0/16"])],
-    });
-    p.ingress.push(Rule {
-        ports: vec![tcp(81)],
-        peers: vec![block("10.1.2.0/24", &[])],
-    });
-    p.ingress.push(Rule {
-        ports: vec![tcp(82)],
-        peers: vec![block("0.0.0.0/0", &["10.0.0.0/8"])],
-    });
+    p.ingress.push(Rule { ports: vec![tcp(80)], peers: vec![block("10.0.0.0/8", &["10.1.0.0/16"])] });
+    p.ingress.push(Rule { ports: vec![tcp(81)], peers: vec![block("10.1.2.0/24", &[])] });
+    p.ingress.push(Rule { ports: vec![tcp(82)], peers: vec![block("0.0.0.0/0", &["10.0.0.0/8"])] });
     let input = PolicyInput {
         pods: vec![
             pod("a", "web", &[("app", "web")], "10.9.0.1", "n1"),
@@ -424,19 +318,8 @@ fn ip_blocks_with_nested_excepts() {
     };
     let c = compile(&input);
     let prefixes: Vec<String> = c.ipcache.iter().map(|(p, _)| p.to_string()).collect();
-    for want in [
-        "0.0.0.0/0",
-        "10.0.0.0/8",
-        "10.1.0.0/16",
-        "10.1.2.0/24",
-        "10.9.0.1/32",
-        "10.1.5.5/32",
-        "10.1.2.7/32",
-    ] {
-        assert!(
-            prefixes.contains(&want.to_string()),
-            "{want} in {prefixes:?}"
-        );
+    for want in ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.9.0.1/32", "10.1.5.5/32", "10.1.2.7/32"] {
+        assert!(prefixes.contains(&want.to_string()), "{want} in {prefixes:?}");
     }
     assert_eq!(prefixes.len(), 7);
     let k = Kernel::new(&c);
@@ -482,33 +365,16 @@ fn selectors_namespaces_and_both_together() {
             pods_peer(Some(sel(&[("role", "admin")])), Some(sel(&[("team", "x")]))),
         ],
     });
-    let mut q = policy(
-        "a",
-        "all-of-ns-c",
-        sel(&[("app", "db")]),
-        &[Direction::Ingress],
-    );
+    let mut q = policy("a", "all-of-ns-c", sel(&[("app", "db")]), &[Direction::Ingress]);
     q.ingress.push(Rule {
         ports: vec![tcp(5432)],
-        peers: vec![pods_peer(
-            None,
-            Some(sel(&[("kubernetes.io/metadata.name", "c")])),
-        )],
+        peers: vec![pods_peer(None, Some(sel(&[("kubernetes.io/metadata.name", "c")])))],
     });
     let input = PolicyInput {
         namespaces: vec![
-            NamespaceInfo {
-                name: "a".into(),
-                labels: labels(&[("kubernetes.io/metadata.name", "a")]),
-            },
-            NamespaceInfo {
-                name: "b".into(),
-                labels: labels(&[("team", "x"), ("kubernetes.io/metadata.name", "b")]),
-            },
-            NamespaceInfo {
-                name: "c".into(),
-                labels: labels(&[("kubernetes.io/metadata.name", "c")]),
-            },
+            NamespaceInfo { name: "a".into(), labels: labels(&[("kubernetes.io/metadata.name", "a")]) },
+            NamespaceInfo { name: "b".into(), labels: labels(&[("team", "x"), ("kubernetes.io/metadata.name", "b")]) },
+            NamespaceInfo { name: "c".into(), labels: labels(&[("kubernetes.io/metadata.name", "c")]) },
         ],
         pods: vec![
             pod("a", "db", &[("app", "db")], "10.0.0.1", "n1"),
@@ -548,25 +414,16 @@ fn named_ports_resolve_against_the_destination() {
     web2.named_ports = vec![np("http", Tcp, 9000)];
     let client = pod("a", "client", &[("app", "client")], "10.0.0.3", "n1");
     let mut ingress = policy("a", "in", sel(&[("app", "web")]), &[Direction::Ingress]);
-    ingress.ingress.push(Rule {
-        ports: vec![named(Tcp, "http"), named(Tcp, "dns"), named(Tcp, "nope")],
-        peers: vec![],
-    });
+    ingress
+        .ingress
+        .push(Rule { ports: vec![named(Tcp, "http"), named(Tcp, "dns"), named(Tcp, "nope")], peers: vec![] });
     let mut egress = policy("a", "out", sel(&[("app", "client")]), &[Direction::Egress]);
     // No peers: the name resolves on every pod that has it.
-    egress.egress.push(Rule {
-        ports: vec![named(Tcp, "http")],
-        peers: vec![],
-    });
-    egress.egress.push(Rule {
-        ports: vec![named(Udp, "dns")],
-        peers: vec![pods_peer(Some(sel(&[("app", "web")])), None)],
-    });
-    let input = PolicyInput {
-        pods: vec![web, web2, client],
-        policies: vec![ingress, egress],
-        ..Default::default()
-    };
+    egress.egress.push(Rule { ports: vec![named(Tcp, "http")], peers: vec![] });
+    egress
+        .egress
+        .push(Rule { ports: vec![named(Udp, "dns")], peers: vec![pods_peer(Some(sel(&[("app", "web")])), None)] });
+    let input = PolicyInput { pods: vec![web, web2, client], policies: vec![ingress, egress], ..Default::default() };
     let c = compile(&input);
     assert_ne!(
         Kernel::new(&c).identity(ip("10.0.0.1")),
@@ -595,32 +452,13 @@ fn named_ports_resolve_against_the_destination() {
 
 #[test]
 fn default_deny_host_traffic_and_or_of_policies() {
-    let deny = policy(
-        "a",
-        "deny",
-        sel(&[]),
-        &[Direction::Ingress, Direction::Egress],
-    );
-    let mut allow = policy(
-        "a",
-        "allow-web",
-        sel(&[("app", "web")]),
-        &[Direction::Ingress],
-    );
-    allow.ingress.push(Rule {
-        ports: vec![tcp(80)],
-        peers: vec![],
-    });
+    let deny = policy("a", "deny", sel(&[]), &[Direction::Ingress, Direction::Egress]);
+    let mut allow = policy("a", "allow-web", sel(&[("app", "web")]), &[Direction::Ingress]);
+    allow.ingress.push(Rule { ports: vec![tcp(80)], peers: vec![] });
     // Egress rules in a policy whose types say Ingress only are ignored.
-    allow.egress.push(Rule {
-        ports: vec![],
-        peers: vec![],
-    });
+    allow.egress.push(Rule { ports: vec![], peers: vec![] });
     let input = PolicyInput {
-        pods: vec![
-            pod("a", "web", &[("app", "web")], "10.0.0.1", "n1"),
-            pod("b", "other", &[], "10.0.0.2", "n1"),
-        ],
+        pods: vec![pod("a", "web", &[("app", "web")], "10.0.0.1", "n1"), pod("b", "other", &[], "10.0.0.2", "n1")],
         policies: vec![deny, allow],
         host_ips: vec![ip("192.168.1.10")],
         ..Default::default()
@@ -652,37 +490,22 @@ fn identities_stay_stable_across_compiles() {
             pod("a", "web-2", &[("app", "web")], "10.0.0.2", "n2"),
             pod("a", "db", &[("app", "db")], "10.0.0.3", "n1"),
         ],
-        policies: vec![policy(
-            "a",
-            "deny",
-            sel(&[("app", "db")]),
-            &[Direction::Ingress],
-        )],
+        policies: vec![policy("a", "deny", sel(&[("app", "db")]), &[Direction::Ingress])],
         host_ips: vec![ip("192.168.1.10")],
         ..Default::default()
     };
     let mut compiler = Compiler::new();
     let first = compiler.compile(&input, None);
-    assert_eq!(
-        compiler.compile(&input, None),
-        first,
-        "same input, same output"
-    );
+    assert_eq!(compiler.compile(&input, None), first, "same input, same output");
     let id_of = |c: &Compiled, a: &str| Kernel::new(c).identity(ip(a));
-    let (web, db, host) = (
-        id_of(&first, "10.0.0.1"),
-        id_of(&first, "10.0.0.3"),
-        id_of(&first, "192.168.1.10"),
-    );
+    let (web, db, host) = (id_of(&first, "10.0.0.1"), id_of(&first, "10.0.0.3"), id_of(&first, "192.168.1.10"));
     assert_eq!(web, id_of(&first, "10.0.0.2"), "same labels, same identity");
     assert_eq!(first.identities[&web].members, vec!["a/web-1", "a/web-2"]);
     let max_first = *first.identities.keys().max().unwrap();
 
     // db goes away, a pod with new labels arrives, web-2 moves.
     input.pods.retain(|p| p.name != "db");
-    input
-        .pods
-        .push(pod("a", "cache", &[("app", "cache")], "10.0.0.4", "n1"));
+    input.pods.push(pod("a", "cache", &[("app", "cache")], "10.0.0.4", "n1"));
     input.pods[1].ips = vec![ip("10.0.0.9")];
     let second = compiler.compile(&input, None);
     assert_eq!(id_of(&second, "10.0.0.1"), web);
@@ -690,16 +513,11 @@ fn identities_stay_stable_across_compiles() {
     assert_eq!(id_of(&second, "192.168.1.10"), host);
     assert!(!second.identities.contains_key(&db));
     let cache = id_of(&second, "10.0.0.4");
-    assert!(
-        cache > max_first,
-        "a new key gets a number never handed out before ({cache} vs {max_first})"
-    );
+    assert!(cache > max_first, "a new key gets a number never handed out before ({cache} vs {max_first})");
 
     // db comes back: a new number, not its old one (the kernel may still hold stale
     // entries under the old one on other nodes).
-    input
-        .pods
-        .push(pod("a", "db", &[("app", "db")], "10.0.0.3", "n1"));
+    input.pods.push(pod("a", "db", &[("app", "db")], "10.0.0.3", "n1"));
     let third = compiler.compile(&input, None);
     assert!(id_of(&third, "10.0.0.3") > cache);
 
@@ -713,15 +531,9 @@ fn identities_stay_stable_across_compiles() {
 #[test]
 fn local_node_limits_isolation_and_entries() {
     let mut p = policy("a", "p", sel(&[]), &[Direction::Ingress]);
-    p.ingress.push(Rule {
-        ports: vec![tcp(80)],
-        peers: vec![pods_peer(None, None)],
-    });
+    p.ingress.push(Rule { ports: vec![tcp(80)], peers: vec![pods_peer(None, None)] });
     let input = PolicyInput {
-        pods: vec![
-            pod("a", "x", &[("app", "x")], "10.0.0.1", "n1"),
-            pod("a", "y", &[("app", "y")], "10.0.0.2", "n2"),
-        ],
+        pods: vec![pod("a", "x", &[("app", "x")], "10.0.0.1", "n1"), pod("a", "y", &[("app", "y")], "10.0.0.2", "n2")],
         policies: vec![p],
         ..Default::default()
     };
@@ -750,50 +562,24 @@ fn redundant_entries_are_folded() {
     // that already covers part of it.
     let mut p = policy("a", "p", sel(&[("app", "x")]), &[Direction::Ingress]);
     let peer = vec![pods_peer(Some(sel(&[("app", "y")])), None)];
+    p.ingress.push(Rule { ports: vec![tcp(80), tcp(81)], peers: peer.clone() });
     p.ingress.push(Rule {
-        ports: vec![tcp(80), tcp(81)],
-        peers: peer.clone(),
-    });
-    p.ingress.push(Rule {
-        ports: vec![PortRule {
-            protocol: Tcp,
-            port: Some(PortRef::Number(82)),
-            end_port: Some(83),
-        }],
+        ports: vec![PortRule { protocol: Tcp, port: Some(PortRef::Number(82)), end_port: Some(83) }],
         peers: peer.clone(),
     });
     let mut q = policy("a", "q", sel(&[("app", "x")]), &[Direction::Ingress]);
-    q.ingress.push(Rule {
-        ports: vec![tcp(80), tcp(81)],
-        peers: peer,
-    });
-    q.ingress.push(Rule {
-        ports: vec![tcp(82)],
-        peers: vec![],
-    });
+    q.ingress.push(Rule { ports: vec![tcp(80), tcp(81)], peers: peer });
+    q.ingress.push(Rule { ports: vec![tcp(82)], peers: vec![] });
     let input = PolicyInput {
-        pods: vec![
-            pod("a", "x", &[("app", "x")], "10.0.0.1", "n1"),
-            pod("a", "y", &[("app", "y")], "10.0.0.2", "n1"),
-        ],
+        pods: vec![pod("a", "x", &[("app", "x")], "10.0.0.1", "n1"), pod("a", "y", &[("app", "y")], "10.0.0.2", "n1")],
         policies: vec![p, q],
         ..Default::default()
     };
     let c = compile(&input);
-    let (x, y) = (
-        Kernel::new(&c).identity(ip("10.0.0.1")),
-        Kernel::new(&c).identity(ip("10.0.0.2")),
-    );
-    let got: Vec<_> = c
-        .entries
-        .iter()
-        .map(|e| (e.local, e.peer, e.port, e.port_wildcard_bits))
-        .collect();
+    let (x, y) = (Kernel::new(&c).identity(ip("10.0.0.1")), Kernel::new(&c).identity(ip("10.0.0.2")));
+    let got: Vec<_> = c.entries.iter().map(|e| (e.local, e.peer, e.port, e.port_wildcard_bits)).collect();
     // 80..=83 to y minus 82 (any peer) = 80..=81 and 83.
-    assert_eq!(
-        got,
-        vec![(x, ANY_PEER, 82, 0), (x, y, 80, 1), (x, y, 83, 0)]
-    );
+    assert_eq!(got, vec![(x, ANY_PEER, 82, 0), (x, y, 80, 1), (x, y, 83, 0)]);
 }
 
 // ---------- randomised equivalence with the oracle ----------
@@ -844,11 +630,7 @@ fn random_labels(rng: &mut StdRng) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for k in LABEL_KEYS {
         if rng.gen_bool(0.6) {
-            let v = if rng.gen_bool(0.8) {
-                &LABEL_VALUES[..2]
-            } else {
-                &LABEL_VALUES[2..]
-            };
+            let v = if rng.gen_bool(0.8) { &LABEL_VALUES[..2] } else { &LABEL_VALUES[2..] };
             out.insert(k.to_string(), v.choose(rng).unwrap().to_string());
         }
     }
@@ -863,35 +645,21 @@ fn random_selector(rng: &mut StdRng) -> LabelSelector {
         0..=2 => {}
         3..=5 => {
             let k = LABEL_KEYS.choose(rng).unwrap();
-            s.match_labels.insert(
-                k.to_string(),
-                LABEL_VALUES[..2].choose(rng).unwrap().to_string(),
-            );
+            s.match_labels.insert(k.to_string(), LABEL_VALUES[..2].choose(rng).unwrap().to_string());
         }
         _ => {
             for _ in 0..rng.gen_range(1..=2) {
-                let operator = *[
-                    SelectorOp::In,
-                    SelectorOp::NotIn,
-                    SelectorOp::Exists,
-                    SelectorOp::DoesNotExist,
-                ]
-                .choose(rng)
-                .unwrap();
+                let operator = *[SelectorOp::In, SelectorOp::NotIn, SelectorOp::Exists, SelectorOp::DoesNotExist]
+                    .choose(rng)
+                    .unwrap();
                 let values = match operator {
-                    SelectorOp::In | SelectorOp::NotIn => LABEL_VALUES
-                        .iter()
-                        .filter(|_| rng.gen_bool(0.5))
-                        .map(|v| v.to_string())
-                        .collect(),
+                    SelectorOp::In | SelectorOp::NotIn => {
+                        LABEL_VALUES.iter().filter(|_| rng.gen_bool(0.5)).map(|v| v.to_string()).collect()
+                    }
                     _ => vec![],
                 };
                 let key = LABEL_KEYS.choose(rng).unwrap().to_string();
-                s.match_expressions.push(SelectorRequirement {
-                    key,
-                    operator,
-                    values,
-                });
+                s.match_expressions.push(SelectorRequirement { key, operator, values });
             }
         }
     }
@@ -902,36 +670,23 @@ fn random_port_rule(rng: &mut StdRng) -> PortRule {
     let protocol = if rng.gen_bool(0.7) { Tcp } else { Udp };
     let (port, end_port) = match rng.gen_range(0..10) {
         0 => (None, None),
-        1..=2 => (
-            Some(PortRef::Name(PORT_NAMES.choose(rng).unwrap().to_string())),
-            None,
-        ),
+        1..=2 => (Some(PortRef::Name(PORT_NAMES.choose(rng).unwrap().to_string())), None),
         3..=4 => {
             let start = *PROBE_PORTS.choose(rng).unwrap();
             let end = start.saturating_add(*[0u16, 1, 2, 500, 40000].choose(rng).unwrap());
             (Some(PortRef::Number(start)), Some(end))
         }
-        _ => (
-            Some(PortRef::Number(*PROBE_PORTS.choose(rng).unwrap())),
-            None,
-        ),
+        _ => (Some(PortRef::Number(*PROBE_PORTS.choose(rng).unwrap())), None),
     };
-    PortRule {
-        protocol,
-        port,
-        end_port,
-    }
+    PortRule { protocol, port, end_port }
 }
 
 fn random_peer(rng: &mut StdRng) -> Peer {
     if rng.gen_bool(0.4) {
         let c: Cidr = CIDRS.choose(rng).unwrap().parse().unwrap();
         // Excepts: strictly inside the cidr, possibly nested in each other.
-        let inside: Vec<Cidr> = CIDRS
-            .iter()
-            .map(|s| s.parse::<Cidr>().unwrap())
-            .filter(|e| c.covers(e) && e.prefix > c.prefix)
-            .collect();
+        let inside: Vec<Cidr> =
+            CIDRS.iter().map(|s| s.parse::<Cidr>().unwrap()).filter(|e| c.covers(e) && e.prefix > c.prefix).collect();
         let except = inside.into_iter().filter(|_| rng.gen_bool(0.4)).collect();
         Peer::IpBlock(IpBlock { cidr: c, except })
     } else {
@@ -940,18 +695,13 @@ fn random_peer(rng: &mut StdRng) -> Peer {
             1 => (None, Some(random_selector(rng))),
             _ => (Some(random_selector(rng)), Some(random_selector(rng))),
         };
-        Peer::Pods {
-            pod_selector: ps,
-            namespace_selector: ns,
-        }
+        Peer::Pods { pod_selector: ps, namespace_selector: ns }
     }
 }
 
 fn random_rule(rng: &mut StdRng) -> Rule {
     Rule {
-        ports: (0..rng.gen_range(0..3))
-            .map(|_| random_port_rule(rng))
-            .collect(),
+        ports: (0..rng.gen_range(0..3)).map(|_| random_port_rule(rng)).collect(),
         peers: (0..rng.gen_range(0..3)).map(|_| random_peer(rng)).collect(),
     }
 }
@@ -970,12 +720,8 @@ fn random_input(rng: &mut StdRng) -> (PolicyInput, Vec<Ipv4Addr>) {
     addrs.shuffle(rng);
     let mut next_addr = addrs.into_iter();
     let ns_count = rng.gen_range(3..=4);
-    let namespaces: Vec<NamespaceInfo> = (0..ns_count)
-        .map(|i| NamespaceInfo {
-            name: format!("ns{i}"),
-            labels: random_labels(rng),
-        })
-        .collect();
+    let namespaces: Vec<NamespaceInfo> =
+        (0..ns_count).map(|i| NamespaceInfo { name: format!("ns{i}"), labels: random_labels(rng) }).collect();
     let mut pods = Vec::new();
     for i in 0..rng.gen_range(6..=11) {
         let mut ips: Vec<Ipv4Addr> = next_addr.by_ref().take(1).collect();
@@ -1039,15 +785,7 @@ fn random_input(rng: &mut StdRng) -> (PolicyInput, Vec<Ipv4Addr>) {
     probe.extend(next_addr.take(5));
     probe.sort();
     probe.dedup();
-    (
-        PolicyInput {
-            namespaces,
-            pods,
-            policies,
-            host_ips,
-        },
-        probe,
-    )
+    (PolicyInput { namespaces, pods, policies, host_ips }, probe)
 }
 
 #[test]
@@ -1061,20 +799,13 @@ fn compiled_maps_agree_with_the_oracle_on_random_inputs() {
         let mut compiler = Compiler::new();
         let all = compiler.compile(&input, None);
         check_shape(&all);
-        assert_eq!(
-            compiler.compile(&input, None),
-            all,
-            "recompiling the same input changes nothing"
-        );
+        assert_eq!(compiler.compile(&input, None), all, "recompiling the same input changes nothing");
         let n1 = compiler.compile(&input, Some("n1"));
         let n2 = compiler.compile(&input, Some("n2"));
         ids += all.identities.len();
         entries += all.entries.len();
-        let (k_all, k1, k2) = (
-            Kernel::new(&all).knowing(&addrs),
-            Kernel::new(&n1).knowing(&addrs),
-            Kernel::new(&n2).knowing(&addrs),
-        );
+        let (k_all, k1, k2) =
+            (Kernel::new(&all).knowing(&addrs), Kernel::new(&n1).knowing(&addrs), Kernel::new(&n2).knowing(&addrs));
         let node_of: HashMap<Ipv4Addr, &str> = {
             let mut m = HashMap::new();
             for p in &input.pods {
@@ -1128,10 +859,7 @@ fn compiled_maps_agree_with_the_oracle_on_random_inputs() {
     // Both verdicts must be well represented where policies apply, or the comparison
     // proves little.
     assert!(policed > checks / 4, "{policed} of {checks}");
-    assert!(
-        allowed > policed / 5 && allowed < policed * 4 / 5,
-        "{allowed} of {policed}"
-    );
+    assert!(allowed > policed / 5 && allowed < policed * 4 / 5, "{allowed} of {policed}");
 }
 
 // ---------- size and speed ----------
@@ -1150,10 +878,7 @@ fn compile_time_at_scale() {
 /// share one "internet but not the cluster" block and every 10th namespace adds a /24.
 fn scale_input(distinct_excepts: bool) -> PolicyInput {
     let mut rng = StdRng::seed_from_u64(7);
-    let mut input = PolicyInput {
-        host_ips: vec![ip("192.168.0.1"), ip("192.168.0.2")],
-        ..Default::default()
-    };
+    let mut input = PolicyInput { host_ips: vec![ip("192.168.0.1"), ip("192.168.0.2")], ..Default::default() };
     for n in 0..500u32 {
         let ns = format!("ns{n}");
         input.namespaces.push(NamespaceInfo {
@@ -1170,10 +895,7 @@ fn scale_input(distinct_excepts: bool) -> PolicyInput {
             let mut pod = pod(
                 &ns,
                 &format!("{app}-{p}"),
-                &[
-                    ("app", &app),
-                    ("tier", if p % 5 == 0 { "front" } else { "back" }),
-                ],
+                &[("app", &app), ("tier", if p % 5 == 0 { "front" } else { "back" })],
                 "0.0.0.0",
                 &format!("node{}", i % 100),
             );
@@ -1182,12 +904,7 @@ fn scale_input(distinct_excepts: bool) -> PolicyInput {
             input.pods.push(pod);
         }
         // Per namespace: default deny both ways, and one allow policy of a random shape.
-        input.policies.push(policy(
-            &ns,
-            "default-deny",
-            sel(&[]),
-            &[Direction::Ingress, Direction::Egress],
-        ));
+        input.policies.push(policy(&ns, "default-deny", sel(&[]), &[Direction::Ingress, Direction::Egress]));
         let mut allow = policy(
             &ns,
             "allow",
@@ -1200,42 +917,24 @@ fn scale_input(distinct_excepts: bool) -> PolicyInput {
         });
         allow.ingress.push(Rule {
             ports: vec![tcp(9090)],
-            peers: vec![pods_peer(
-                Some(sel(&[("app", "app0")])),
-                Some(sel(&[("team", "a")])),
-            )],
+            peers: vec![pods_peer(Some(sel(&[("app", "app0")])), Some(sel(&[("team", "a")])))],
         });
         allow.egress.push(Rule {
-            ports: vec![PortRule {
-                protocol: Udp,
-                port: Some(PortRef::Number(53)),
-                end_port: None,
-            }],
-            peers: vec![pods_peer(
-                None,
-                Some(sel(&[("kubernetes.io/metadata.name", "ns0")])),
-            )],
+            ports: vec![PortRule { protocol: Udp, port: Some(PortRef::Number(53)), end_port: None }],
+            peers: vec![pods_peer(None, Some(sel(&[("kubernetes.io/metadata.name", "ns0")])))],
         });
         allow.egress.push(Rule {
-            ports: vec![PortRule {
-                protocol: Tcp,
-                port: Some(PortRef::Number(443)),
-                end_port: Some(8443),
-            }],
+            ports: vec![PortRule { protocol: Tcp, port: Some(PortRef::Number(443)), end_port: Some(8443) }],
             peers: vec![if distinct_excepts {
-                block(
-                    "0.0.0.0/0",
-                    &["10.0.0.0/8", &format!("172.16.{}.0/24", n % 256)],
-                )
+                block("0.0.0.0/0", &["10.0.0.0/8", &format!("172.16.{}.0/24", n % 256)])
             } else {
                 block("0.0.0.0/0", &["10.0.0.0/8"])
             }],
         });
         if !distinct_excepts && n % 10 == 0 {
-            allow.egress.push(Rule {
-                ports: vec![tcp(5432)],
-                peers: vec![block(&format!("172.16.{}.0/24", n / 10), &[])],
-            });
+            allow
+                .egress
+                .push(Rule { ports: vec![tcp(5432)], peers: vec![block(&format!("172.16.{}.0/24", n / 10), &[])] });
         }
         input.policies.push(allow);
     }

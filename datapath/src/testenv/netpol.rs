@@ -93,20 +93,11 @@ pub struct Cell {
 impl NetpolLab {
     pub fn new() -> io::Result<Self> {
         let tag = unique_tag();
-        let mut lab = Self {
-            tag: tag.clone(),
-            servers: Vec::new(),
-            pods: Vec::new(),
-            nodes: Vec::new(),
-        };
+        let mut lab = Self { tag: tag.clone(), servers: Vec::new(), pods: Vec::new(), nodes: Vec::new() };
         for (i, name) in NODES.iter().enumerate() {
             let netns = Netns::create(&format!("kspd-{tag}-n{}", i + 1))?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
-            lab.nodes.push(LabNode {
-                name: name.to_string(),
-                ip: Ipv4Addr::new(10, 250, 0, i as u8 + 1),
-                netns,
-            });
+            lab.nodes.push(LabNode { name: name.to_string(), ip: Ipv4Addr::new(10, 250, 0, i as u8 + 1), netns });
         }
         run(
             "ip",
@@ -126,17 +117,10 @@ impl NetpolLab {
             ],
         )?;
         for (i, n) in lab.nodes.iter().enumerate() {
-            n.netns
-                .ip(&["addr", "add", &format!("{}/24", n.ip), "dev", "ksn0"])?;
+            n.netns.ip(&["addr", "add", &format!("{}/24", n.ip), "dev", "ksn0"])?;
             n.netns.ip(&["link", "set", "ksn0", "up"])?;
             let other = &lab.nodes[1 - i];
-            n.netns.ip(&[
-                "route",
-                "add",
-                &format!("10.244.{}.0/24", 2 - i),
-                "via",
-                &other.ip.to_string(),
-            ])?;
+            n.netns.ip(&["route", "add", &format!("10.244.{}.0/24", 2 - i), "via", &other.ip.to_string()])?;
         }
         let mut k = 0u8;
         for ns in NAMESPACES {
@@ -167,53 +151,12 @@ impl NetpolLab {
                 )?;
                 netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
                 netns.ip(&["link", "set", "eth0", "up"])?;
-                netns.ip(&[
-                    "route",
-                    "add",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ])?;
-                netns.ip(&[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ])?;
-                netns.ip(&[
-                    "neigh",
-                    "add",
-                    "169.254.1.1",
-                    "lladdr",
-                    GATEWAY_MAC,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ])?;
+                netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+                netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+                netns.ip(&["neigh", "add", "169.254.1.1", "lladdr", GATEWAY_MAC, "dev", "eth0", "nud", "permanent"])?;
                 node_ns.ip(&["link", "set", &host_if, "up"])?;
-                node_ns.ip(&[
-                    "route",
-                    "add",
-                    &format!("{ip}/32"),
-                    "dev",
-                    &host_if,
-                    "scope",
-                    "link",
-                ])?;
-                lab.pods.push(LabPod {
-                    namespace: ns.to_string(),
-                    name: pod.to_string(),
-                    ip,
-                    node,
-                    host_if,
-                    netns,
-                });
+                node_ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if, "scope", "link"])?;
+                lab.pods.push(LabPod { namespace: ns.to_string(), name: pod.to_string(), ip, node, host_if, netns });
                 k += 1;
             }
         }
@@ -225,10 +168,7 @@ impl NetpolLab {
     }
 
     pub fn pod_index(&self, id: &str) -> usize {
-        self.pods
-            .iter()
-            .position(|p| p.id() == id)
-            .unwrap_or_else(|| panic!("no pod {id} in the lab"))
+        self.pods.iter().position(|p| p.id() == id).unwrap_or_else(|| panic!("no pod {id} in the lab"))
     }
 
     /// Every probe of the model: 9 × 9 × 2 protocols × 2 ports = 324.
@@ -238,12 +178,7 @@ impl NetpolLab {
             for to in 0..self.pods.len() {
                 for protocol in PROTOCOLS {
                     for port in PORTS {
-                        v.push(Cell {
-                            from,
-                            to,
-                            protocol,
-                            port,
-                        });
+                        v.push(Cell { from, to, protocol, port });
                     }
                 }
             }
@@ -260,12 +195,8 @@ impl NetpolLab {
         std::thread::scope(|s| -> io::Result<()> {
             let mut handles = Vec::new();
             for (from, pod) in self.pods.iter().enumerate() {
-                let mine: Vec<(usize, Cell)> = cells
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .filter(|(_, c)| c.from == from)
-                    .collect();
+                let mine: Vec<(usize, Cell)> =
+                    cells.iter().copied().enumerate().filter(|(_, c)| c.from == from).collect();
                 if mine.is_empty() {
                     continue;
                 }
@@ -278,15 +209,10 @@ impl NetpolLab {
                     .collect();
                 let protos: Vec<Protocol> = mine.iter().map(|(_, c)| c.protocol).collect();
                 let ns = pod.netns.path();
-                handles.push((
-                    mine,
-                    s.spawn(move || probe_from(ns, &targets, &protos, timeout)),
-                ));
+                handles.push((mine, s.spawn(move || probe_from(ns, &targets, &protos, timeout))));
             }
             for (mine, h) in handles {
-                let r = h
-                    .join()
-                    .map_err(|_| io::Error::other("probe thread panicked"))??;
+                let r = h.join().map_err(|_| io::Error::other("probe thread panicked"))??;
                 for ((i, _), ok) in mine.iter().zip(r) {
                     results[*i] = ok;
                 }
@@ -343,10 +269,7 @@ fn serve(pod: &LabPod) -> io::Result<PodServer> {
         let (tcp, udp) = match bound {
             Ok(b) => {
                 let fds: Vec<i32> =
-                    b.0.iter()
-                        .map(|l| l.as_raw_fd())
-                        .chain(b.1.iter().map(|u| u.as_raw_fd()))
-                        .collect();
+                    b.0.iter().map(|l| l.as_raw_fd()).chain(b.1.iter().map(|u| u.as_raw_fd())).collect();
                 let _ = tx.send(Ok(fds));
                 b
             }
@@ -362,11 +285,7 @@ fn serve(pod: &LabPod) -> io::Result<PodServer> {
                 .iter()
                 .map(|l| l.as_raw_fd())
                 .chain(udp.iter().map(|u| u.as_raw_fd()))
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             // The timeout is only a safety net; shutdown() wakes poll for stop.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
@@ -388,14 +307,8 @@ fn serve(pod: &LabPod) -> io::Result<PodServer> {
             }
         }
     });
-    let fds = rx
-        .recv()
-        .map_err(|_| io::Error::other("server thread died"))??;
-    Ok(PodServer {
-        stop,
-        fds,
-        thread: Some(thread),
-    })
+    let fds = rx.recv().map_err(|_| io::Error::other("server thread died"))??;
+    Ok(PodServer { stop, fds, thread: Some(thread) })
 }
 
 enum ProbeState {
@@ -420,13 +333,7 @@ fn probe_from(
             Protocol::Udp => (libc::SOCK_DGRAM, ProbeState::Reading(Vec::new())),
         };
         // SAFETY: plain socket syscall; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -434,9 +341,7 @@ fn probe_from(
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: addr.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(addr.ip().octets()),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.ip().octets()) },
             sin_zero: [0; 8],
         };
         // SAFETY: sa is a valid sockaddr_in for the call's duration.
@@ -447,8 +352,7 @@ fn probe_from(
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };
-        let state = if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS)
-        {
+        let state = if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
             ProbeState::Done(false)
         } else if matches!(proto, Protocol::Udp) {
             // SAFETY: writing a constant buffer to our own socket.
@@ -466,9 +370,7 @@ fn probe_from(
     }
     let deadline = Instant::now() + timeout;
     loop {
-        let pending: Vec<usize> = (0..states.len())
-            .filter(|i| !matches!(states[*i], ProbeState::Done(_)))
-            .collect();
+        let pending: Vec<usize> = (0..states.len()).filter(|i| !matches!(states[*i], ProbeState::Done(_))).collect();
         let now = Instant::now();
         if pending.is_empty() || now >= deadline {
             break;
@@ -529,9 +431,7 @@ fn probe_from(
                     }
                     let text = String::from_utf8_lossy(&got);
                     let line = text.trim_end_matches('\n');
-                    if line.as_bytes() == expected
-                        && (protos[i] == Protocol::Udp || text.ends_with('\n'))
-                    {
+                    if line.as_bytes() == expected && (protos[i] == Protocol::Udp || text.ends_with('\n')) {
                         ProbeState::Done(true)
                     } else if n == 0 || (n < 0 && !blocked) || got.len() > 200 {
                         ProbeState::Done(false)
@@ -543,10 +443,7 @@ fn probe_from(
             };
         }
     }
-    Ok(states
-        .into_iter()
-        .map(|s| matches!(s, ProbeState::Done(true)))
-        .collect())
+    Ok(states.into_iter().map(|s| matches!(s, ProbeState::Done(true))).collect())
 }
 
 fn would_block() -> bool {

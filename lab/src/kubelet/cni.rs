@@ -64,7 +64,10 @@ impl CniRuntime {
     }
 
     fn invoke(&self, command: &str, conf: &Value, a: &Attachment, plugin_conf: &Value) -> Result<Value> {
-        let ty = plugin_conf.get("type").and_then(|t| t.as_str()).ok_or_else(|| anyhow!("CNI plugin config without \"type\""))?;
+        let ty = plugin_conf
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| anyhow!("CNI plugin config without \"type\""))?;
         let mut input = plugin_conf.clone();
         input["name"] = conf.get("name").cloned().unwrap_or(json!("lab"));
         input["cniVersion"] = conf.get("cniVersion").cloned().unwrap_or(json!("0.3.1"));
@@ -93,12 +96,18 @@ impl CniRuntime {
         let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("CNI {command} with plugin {ty} failed ({}): {} {}", out.status, stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "CNI {command} with plugin {ty} failed ({}): {} {}",
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         if stdout.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&stdout).with_context(|| format!("CNI plugin {ty} printed a result that is not JSON: {stdout}"))
+        serde_json::from_str(&stdout)
+            .with_context(|| format!("CNI plugin {ty} printed a result that is not JSON: {stdout}"))
     }
 
     pub fn add(&self, conf: &Value, a: &Attachment) -> Result<Value> {

@@ -75,7 +75,19 @@ pub fn resolve(ctx: &NodeCtx, r: &ResolveInput) -> Result<Program> {
         let template = r.pod_dir.join("cni-network-config.json");
         std::fs::write(&template, env(r, "CNI_NETWORK_CONFIG").unwrap_or_default())?;
         let t = template.display().to_string();
-        lab(&["install-cni", "--root", &root, "--plugin", "calico", "--conf-name", &conf_name, "--conf-template", &t, "--node", &ctx.node])
+        lab(&[
+            "install-cni",
+            "--root",
+            &root,
+            "--plugin",
+            "calico",
+            "--conf-name",
+            &conf_name,
+            "--conf-template",
+            &t,
+            "--node",
+            &ctx.node,
+        ])
     } else if image.contains("calico/cni") {
         vec!["true".into()]
     } else if image.contains("calico/node") {
@@ -120,7 +132,8 @@ fn kube_proxy(ctx: &NodeCtx, r: &ResolveInput) -> Result<Vec<String>> {
         .map(|p| PathBuf::from(r.paths.translate(p)))
         .context("kube-proxy container has no --config= argument")?;
     let text = std::fs::read_to_string(&config).with_context(|| format!("kube-proxy config {}", config.display()))?;
-    let mut cfg: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("{}: not YAML", config.display()))?;
+    let mut cfg: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}: not YAML", config.display()))?;
     cfg["hostnameOverride"] = ctx.node.clone().into();
     let mut conntrack = serde_yaml::Mapping::new();
     conntrack.insert("maxPerCore".into(), 0.into());
@@ -130,7 +143,8 @@ fn kube_proxy(ctx: &NodeCtx, r: &ResolveInput) -> Result<Vec<String>> {
     cfg["conntrack"] = serde_yaml::Value::Mapping(conntrack);
     if let Some(kc) = cfg["clientConnection"]["kubeconfig"].as_str().map(str::to_string) {
         let kc_path = PathBuf::from(r.paths.translate(&kc));
-        let kc_text = std::fs::read_to_string(&kc_path).with_context(|| format!("kube-proxy kubeconfig {}", kc_path.display()))?;
+        let kc_text = std::fs::read_to_string(&kc_path)
+            .with_context(|| format!("kube-proxy kubeconfig {}", kc_path.display()))?;
         let local = r.pod_dir.join("kube-proxy.kubeconfig");
         std::fs::write(&local, r.paths.translate_text(&kc_text))?;
         cfg["clientConnection"]["kubeconfig"] = local.display().to_string().into();

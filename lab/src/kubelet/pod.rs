@@ -73,11 +73,8 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
         let pod = if gone { None } else { rx.borrow().clone() };
         let deleting = pod.as_ref().map(|p| p.metadata.deletion_timestamp.is_some()).unwrap_or(true);
         if deleting {
-            let grace = pod
-                .as_ref()
-                .and_then(|p| p.metadata.deletion_grace_period_seconds)
-                .unwrap_or(30)
-                .clamp(0, 10) as u64;
+            let grace =
+                pod.as_ref().and_then(|p| p.metadata.deletion_grace_period_seconds).unwrap_or(30).clamp(0, 10) as u64;
             stop_all(&mut containers, Duration::from_secs(grace)).await;
             if let Some(sb) = sandbox.take() {
                 teardown_sandbox(&ctx, &first, sb);
@@ -86,7 +83,8 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(p) = pod {
                 // The kubelet makes the final delete once everything is gone.
-                let api: Api<Pod> = Api::namespaced(ctx.client.clone(), p.metadata.namespace.as_deref().unwrap_or("default"));
+                let api: Api<Pod> =
+                    Api::namespaced(ctx.client.clone(), p.metadata.namespace.as_deref().unwrap_or("default"));
                 let dp = DeleteParams {
                     grace_period_seconds: Some(0),
                     preconditions: Some(Preconditions { uid: p.metadata.uid.clone(), resource_version: None }),
@@ -123,8 +121,16 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
             }
         };
         if status != last_status {
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
-            match api.patch_status(pod.metadata.name.as_deref().unwrap_or(""), &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await {
+            let api: Api<Pod> =
+                Api::namespaced(ctx.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+            match api
+                .patch_status(
+                    pod.metadata.name.as_deref().unwrap_or(""),
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"status": status})),
+                )
+                .await
+            {
                 Ok(_) => last_status = status,
                 Err(e) => tracing::warn!("status of {k}: {e}"),
             }
@@ -151,7 +157,8 @@ async fn setup(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &PathBuf) -> Res
         return Ok(Sandbox { netns: None, cni_conf: None, cni_result: Value::Null, ip: ctx.node_ip.to_string() });
     }
     let cni = ctx.cni();
-    let (_, conf) = cni.default_conf()?.ok_or_else(|| anyhow!("network plugin is not ready: cni config uninitialized"))?;
+    let (_, conf) =
+        cni.default_conf()?.ok_or_else(|| anyhow!("network plugin is not ready: cni config uninitialized"))?;
     let netns = crate::spec::pod_netns(&ctx.lab.name, &uid(pod));
     if sys::netns_exists(&netns) {
         // Left by an earlier kubelet run: start from a clean sandbox.
@@ -198,7 +205,13 @@ fn teardown_sandbox(ctx: &NodeCtx, pod: &Pod, sb: Sandbox) {
     }
 }
 
-async fn prepare(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, c: &Container, sb: &Sandbox) -> Result<(Vec<String>, Vec<(String, String)>)> {
+async fn prepare(
+    ctx: &NodeCtx,
+    pod: &Pod,
+    dir: &PathBuf,
+    c: &Container,
+    sb: &Sandbox,
+) -> Result<(Vec<String>, Vec<(String, String)>)> {
     let files: PodFiles = volumes::materialise(ctx, pod, dir).await?;
     let env = volumes::environment(ctx, pod, c, &sb.ip).await?;
     let paths = volumes::path_map(&files, c);
@@ -207,15 +220,34 @@ async fn prepare(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, c: &Container, sb: &Sa
     let pod_kubeconfig = dir.join("pod.kubeconfig");
     let token_file = files.service_account.as_ref().map(|s| s.join("token"));
     let token = token_file.and_then(|t| std::fs::read_to_string(t).ok()).unwrap_or_default();
-    std::fs::write(&pod_kubeconfig, crate::pki::kubeconfig(&ctx.lab.apiserver_url(), &ctx.ca_pem, "pod", &token, "lab"))?;
+    std::fs::write(
+        &pod_kubeconfig,
+        crate::pki::kubeconfig(&ctx.lab.apiserver_url(), &ctx.ca_pem, "pod", &token, "lab"),
+    )?;
     let program = images::resolve(
         ctx,
-        &ResolveInput { container: c, command, args, env: &env, paths: &paths, pod_dir: dir, pod_kubeconfig: &pod_kubeconfig },
+        &ResolveInput {
+            container: c,
+            command,
+            args,
+            env: &env,
+            paths: &paths,
+            pod_dir: dir,
+            pod_kubeconfig: &pod_kubeconfig,
+        },
     )?;
     Ok((program.argv, env))
 }
 
-fn spawn(ctx: &NodeCtx, dir: &PathBuf, cgroup: &PathBuf, sb: &Sandbox, name: &str, argv: &[String], env: &[(String, String)]) -> Result<Child> {
+fn spawn(
+    ctx: &NodeCtx,
+    dir: &PathBuf,
+    cgroup: &PathBuf,
+    sb: &Sandbox,
+    name: &str,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
     let mut std_cmd = std::process::Command::new(&argv[0]);
     std_cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(dir);
@@ -233,7 +265,11 @@ async fn run_init_containers(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &P
         let mut child = spawn(ctx, dir, cgroup, sb, &c.name, &argv, &env)?;
         let st = child.wait().await?;
         if !st.success() {
-            return Err(anyhow!("init container {} exited with {st}; see {}", c.name, dir.join(format!("{}.log", c.name)).display()));
+            return Err(anyhow!(
+                "init container {} exited with {st}; see {}",
+                c.name,
+                dir.join(format!("{}.log", c.name)).display()
+            ));
         }
     }
     Ok(())
@@ -262,7 +298,13 @@ fn probe_of(c: &Container) -> (Option<Probe>, Duration) {
     (probe, Duration::from_secs(p.initial_delay_seconds.unwrap_or(0) as u64))
 }
 
-async fn start_containers(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &PathBuf, sb: &Sandbox) -> Result<Vec<Running>> {
+async fn start_containers(
+    ctx: &NodeCtx,
+    pod: &Pod,
+    dir: &PathBuf,
+    cgroup: &PathBuf,
+    sb: &Sandbox,
+) -> Result<Vec<Running>> {
     let mut out = vec![];
     for c in pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default() {
         let (argv, env) = prepare(ctx, pod, dir, &c, sb).await?;
@@ -287,7 +329,14 @@ async fn start_containers(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &Path
 
 /// Reaps exited containers (restarting them per restartPolicy) and runs readiness
 /// probes from the node's netns, as the kubelet does.
-async fn supervise(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &PathBuf, sb: &Sandbox, cs: &mut [Running]) -> Result<()> {
+async fn supervise(
+    ctx: &NodeCtx,
+    pod: &Pod,
+    dir: &PathBuf,
+    cgroup: &PathBuf,
+    sb: &Sandbox,
+    cs: &mut [Running],
+) -> Result<()> {
     let policy = pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into());
     for r in cs.iter_mut() {
         if let Some(child) = r.child.as_mut() {
@@ -352,9 +401,17 @@ async fn probe(ip: &str, p: Probe) -> bool {
                 return false;
             }
             let mut buf = vec![0u8; 64];
-            let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await.ok().and_then(|r| r.ok()).unwrap_or(0);
+            let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(0);
             let head = String::from_utf8_lossy(&buf[..n]);
-            head.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).map(|c| (200..400).contains(&c)).unwrap_or(false)
+            head.split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .map(|c| (200..400).contains(&c))
+                .unwrap_or(false)
         }
     }
 }
@@ -392,7 +449,11 @@ fn running_status(ctx: &NodeCtx, pod: &Pod, sb: Option<&Sandbox>, cs: &[Running]
     let all_ready = !cs.is_empty() && cs.iter().all(|r| r.ready);
     let all_exited = !cs.is_empty() && cs.iter().all(|r| r.child.is_none() && r.last_exit.is_some());
     let phase = if all_exited && policy != "Always" {
-        if cs.iter().all(|r| r.last_exit == Some(0)) { "Succeeded" } else { "Failed" }
+        if cs.iter().all(|r| r.last_exit == Some(0)) {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
     } else {
         "Running"
     };
@@ -401,7 +462,9 @@ fn running_status(ctx: &NodeCtx, pod: &Pod, sb: Option<&Sandbox>, cs: &[Running]
         .map(|r| {
             let state = match (&r.child, r.last_exit) {
                 (Some(_), _) => json!({"running": {"startedAt": r.started_at}}),
-                (None, Some(code)) => json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}}),
+                (None, Some(code)) => {
+                    json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}})
+                }
                 (None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
             };
             json!({
@@ -432,8 +495,10 @@ fn waiting_status(ctx: &NodeCtx, pod: &Pod, message: &str) -> Value {
         .map(|s| s.containers.clone())
         .unwrap_or_default()
         .iter()
-        .map(|c| json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
-                        "state": {"waiting": {"reason": "ContainerCreating", "message": message}}}))
+        .map(|c| {
+            json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"waiting": {"reason": "ContainerCreating", "message": message}}})
+        })
         .collect();
     let mut conds = conditions(false, false);
     strip_times(&mut conds);

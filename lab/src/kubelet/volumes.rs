@@ -63,17 +63,19 @@ fn write_keys(dir: &Path, data: &BTreeMap<String, String>) -> Result<()> {
 }
 
 async fn configmap_data(ctx: &NodeCtx, ns: &str, name: &str) -> Result<BTreeMap<String, String>> {
-    let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns).get(name).await.with_context(|| format!("ConfigMap {ns}/{name}"))?;
+    let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+        .get(name)
+        .await
+        .with_context(|| format!("ConfigMap {ns}/{name}"))?;
     Ok(cm.data.unwrap_or_default())
 }
 
 async fn secret_data(ctx: &NodeCtx, ns: &str, name: &str) -> Result<BTreeMap<String, String>> {
-    let s = Api::<Secret>::namespaced(ctx.client.clone(), ns).get(name).await.with_context(|| format!("Secret {ns}/{name}"))?;
-    Ok(s.data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-        .collect())
+    let s = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get(name)
+        .await
+        .with_context(|| format!("Secret {ns}/{name}"))?;
+    Ok(s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect())
 }
 
 /// A bound service-account token from the TokenRequest API, as the kubelet projects.
@@ -121,11 +123,23 @@ pub async fn materialise(ctx: &NodeCtx, pod: &Pod, dir: &Path) -> Result<PodFile
             std::fs::create_dir_all(&p)?;
             if let Some(cm) = &v.config_map {
                 let data = configmap_data(ctx, ns, &cm.name).await?;
-                write_keys(&p, &select_items(data, cm.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone()))))?;
+                write_keys(
+                    &p,
+                    &select_items(
+                        data,
+                        cm.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone())),
+                    ),
+                )?;
             } else if let Some(s) = &v.secret {
                 let name = s.secret_name.clone().unwrap_or_default();
                 let data = secret_data(ctx, ns, &name).await?;
-                write_keys(&p, &select_items(data, s.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone()))))?;
+                write_keys(
+                    &p,
+                    &select_items(
+                        data,
+                        s.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone())),
+                    ),
+                )?;
             } else if let Some(pr) = &v.projected {
                 for src in pr.sources.iter().flatten() {
                     if let Some(t) = &src.service_account_token {
@@ -136,7 +150,13 @@ pub async fn materialise(ctx: &NodeCtx, pod: &Pod, dir: &Path) -> Result<PodFile
                             std::fs::write(p.join("ca.crt"), &ctx.ca_pem)?;
                         } else {
                             let data = configmap_data(ctx, ns, &cm.name).await?;
-                            write_keys(&p, &select_items(data, cm.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone()))))?;
+                            write_keys(
+                                &p,
+                                &select_items(
+                                    data,
+                                    cm.items.as_deref().unwrap_or(&[]).iter().map(|i| (i.key.clone(), i.path.clone())),
+                                ),
+                            )?;
                         }
                     }
                     if src.downward_api.is_some() {
@@ -155,14 +175,20 @@ pub async fn materialise(ctx: &NodeCtx, pod: &Pod, dir: &Path) -> Result<PodFile
         std::fs::write(sa.join("namespace"), ns)?;
         match sa_token(ctx, pod).await {
             Ok(t) => std::fs::write(sa.join("token"), t)?,
-            Err(e) => tracing::warn!("no service-account token for {ns}/{}: {e:#}", pod.metadata.name.as_deref().unwrap_or("")),
+            Err(e) => tracing::warn!(
+                "no service-account token for {ns}/{}: {e:#}",
+                pod.metadata.name.as_deref().unwrap_or("")
+            ),
         }
         files.service_account = Some(sa);
     }
     Ok(files)
 }
 
-fn select_items(data: BTreeMap<String, String>, items: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
+fn select_items(
+    data: BTreeMap<String, String>,
+    items: impl Iterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
     let items: Vec<(String, String)> = items.collect();
     if items.is_empty() {
         return data;
@@ -219,7 +245,9 @@ pub async fn environment(ctx: &NodeCtx, pod: &Pod, c: &Container, pod_ip: &str) 
                     "metadata.namespace" => ns.to_string(),
                     "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
                     "spec.nodeName" => ctx.node.clone(),
-                    "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+                    "spec.serviceAccountName" => {
+                        pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default()
+                    }
                     "status.podIP" => pod_ip.to_string(),
                     "status.hostIP" => ctx.node_ip.to_string(),
                     other => {
@@ -286,10 +314,16 @@ mod tests {
         let mut m = PathMap::default();
         m.add("/var/lib/kube-proxy", PathBuf::from("/lab/p/volumes/kube-proxy"));
         m.add("/var/lib", PathBuf::from("/lab/p/varlib"));
-        assert_eq!(m.translate("--config=/var/lib/kube-proxy/config.conf"), "--config=/lab/p/volumes/kube-proxy/config.conf");
+        assert_eq!(
+            m.translate("--config=/var/lib/kube-proxy/config.conf"),
+            "--config=/lab/p/volumes/kube-proxy/config.conf"
+        );
         assert_eq!(m.translate("/var/lib/x"), "/lab/p/varlib/x");
         assert_eq!(m.translate("/etc/other"), "/etc/other");
         assert_eq!(m.translate("--v=2"), "--v=2");
-        assert_eq!(m.translate_text("kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\n"), "kubeconfig: /lab/p/volumes/kube-proxy/kubeconfig.conf\n");
+        assert_eq!(
+            m.translate_text("kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\n"),
+            "kubeconfig: /lab/p/volumes/kube-proxy/kubeconfig.conf\n"
+        );
     }
 }

@@ -5,13 +5,7 @@ use super::lexer::{host_ip, split_host_port, Rule};
 use super::{ChainCount, ChainLayout, EndpointRule, RuleModel, ServiceRules, TableSummary};
 use std::collections::BTreeMap;
 
-const PER_SERVICE_PREFIXES: &[&str] = &[
-    "KUBE-SVC-",
-    "KUBE-SVL-",
-    "KUBE-EXT-",
-    "KUBE-FW-",
-    "KUBE-XLB-",
-];
+const PER_SERVICE_PREFIXES: &[&str] = &["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-XLB-"];
 const IPVS_CHAINS: &[&str] = &[
     "KUBE-NODE-PORT",
     "KUBE-LOAD-BALANCER",
@@ -22,18 +16,14 @@ const IPVS_CHAINS: &[&str] = &[
 
 /// Splits a per-service chain name into (prefix, hash).
 fn per_service(chain: &str) -> Option<(&'static str, &str)> {
-    PER_SERVICE_PREFIXES
-        .iter()
-        .find_map(|p| chain.strip_prefix(p).map(|h| (*p, h)))
+    PER_SERVICE_PREFIXES.iter().find_map(|p| chain.strip_prefix(p).map(|h| (*p, h)))
 }
 
 /// The `ns/name:port` of a comment: the first word that contains a `/`.
 /// Covers "ns/svc:p cluster IP", "ns/svc:p -> 10.0.0.1:80", "Balancing rule 0
 /// for ns/svc:p" and "masquerade LOCAL traffic for ns/svc:p LB IP".
 fn comment_service(comment: &str) -> Option<(&str, &str, &str)> {
-    let word = comment
-        .split(' ')
-        .find(|w| w.contains('/') && !w.starts_with('/'))?;
+    let word = comment.split(' ').find(|w| w.contains('/') && !w.starts_with('/'))?;
     let (ns, rest) = word.split_once('/')?;
     let (name, port) = match rest.split_once(':') {
         Some((n, p)) => (n, p),
@@ -47,10 +37,7 @@ fn comment_service(comment: &str) -> Option<(&str, &str, &str)> {
 
 /// Key used to join rules, API objects and diffs: `ns/name:port/proto`.
 pub fn service_port_key(namespace: &str, name: &str, port_name: &str, protocol: &str) -> String {
-    format!(
-        "{namespace}/{name}:{port_name}/{}",
-        protocol.to_ascii_lowercase()
-    )
+    format!("{namespace}/{name}:{port_name}/{}", protocol.to_ascii_lowercase())
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, x: T) {
@@ -66,12 +53,7 @@ struct Builder<'d> {
 }
 
 impl<'d> Builder<'d> {
-    fn get(
-        &mut self,
-        hash: Option<&'d str>,
-        name: Option<(&str, &str, &str)>,
-        proto: Option<&str>,
-    ) -> Option<usize> {
+    fn get(&mut self, hash: Option<&'d str>, name: Option<(&str, &str, &str)>, proto: Option<&str>) -> Option<usize> {
         if let Some(h) = hash {
             if let Some(&i) = self.by_hash.get(h) {
                 let s = &mut self.services[i];
@@ -101,9 +83,7 @@ impl<'d> Builder<'d> {
         if let (Some((ns, n, p)), Some(pr)) = (name, proto) {
             if let Some(&i) = self.by_key.get(&service_port_key(ns, n, p, pr)) {
                 if let Some(h) = hash {
-                    self.services[i]
-                        .chain_hash
-                        .get_or_insert_with(|| h.to_string());
+                    self.services[i].chain_hash.get_or_insert_with(|| h.to_string());
                     self.by_hash.insert(h, i);
                 }
                 return Some(i);
@@ -174,9 +154,7 @@ fn read_endpoints<'d>(
                 continue;
             }
         }
-        let dnat = nat
-            .chain(target)
-            .and_then(|sep| sep.rules.iter().find(|sr| sr.to_destination.is_some()));
+        let dnat = nat.chain(target).and_then(|sep| sep.rules.iter().find(|sr| sr.to_destination.is_some()));
         if proto.is_none() {
             *proto = dnat.and_then(|d| d.proto);
         }
@@ -187,13 +165,7 @@ fn read_endpoints<'d>(
         let p = r.probability.unwrap_or(1.0);
         let share = remaining * p;
         remaining -= share;
-        eps.push(EndpointRule {
-            ip,
-            port,
-            probability: p,
-            share,
-            chain: target.to_string(),
-        });
+        eps.push(EndpointRule { ip, port, probability: p, share, chain: target.to_string() });
     }
     (eps, affinity)
 }
@@ -228,11 +200,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     let mut saw_legacy = false;
     let mut saw_current = false;
     for t in &dump.tables {
-        let mut ts = TableSummary {
-            name: t.name.to_string(),
-            chains: t.chains.len(),
-            rules: 0,
-        };
+        let mut ts = TableSummary { name: t.name.to_string(), chains: t.chains.len(), rules: 0 };
         for c in &t.chains {
             ts.rules += c.rule_count;
             if is_kube_chain(c.name) && !c.builtin {
@@ -244,15 +212,11 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                     "KUBE-PROXY-FIREWALL" => saw_current = true,
                     n if IPVS_CHAINS.contains(&n) => push_unique(&mut m.ipvs_chains, n.to_string()),
                     n if n.starts_with("KUBE-XLB-") => saw_legacy = true,
-                    n if n.starts_with("KUBE-SVL-") || n.starts_with("KUBE-EXT-") => {
-                        saw_current = true
-                    }
+                    n if n.starts_with("KUBE-SVL-") || n.starts_with("KUBE-EXT-") => saw_current = true,
                     _ => {}
                 }
             } else {
-                let f = foreign
-                    .entry(foreign_family(c.name, c.builtin).to_string())
-                    .or_default();
+                let f = foreign.entry(foreign_family(c.name, c.builtin).to_string()).or_default();
                 f.chains += 1;
                 f.rules += c.rule_count;
             }
@@ -270,11 +234,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         }
     };
 
-    let per_service_chains = nat
-        .chains
-        .iter()
-        .filter(|c| c.name.starts_with("KUBE-SVC-"))
-        .count();
+    let per_service_chains = nat.chains.iter().filter(|c| c.name.starts_with("KUBE-SVC-")).count();
     let mut b = Builder {
         services: Vec::with_capacity(per_service_chains),
         by_hash: FastMap::with_capacity_and_hasher(per_service_chains, Default::default()),
@@ -301,19 +261,10 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     // it, so that stale chains still show up with their names.
     for c in nat.chain_refs() {
         if let Some((_, hash)) = per_service(c.name) {
-            let name = c
-                .rules
-                .iter()
-                .find_map(|r| r.comment.as_deref().and_then(comment_service));
+            let name = c.rules.iter().find_map(|r| r.comment.as_deref().and_then(comment_service));
             let owned = name.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
             let proto = c.rules.iter().find_map(|r| r.proto);
-            b.get(
-                Some(hash),
-                owned
-                    .as_ref()
-                    .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
-                proto,
-            );
+            b.get(Some(hash), owned.as_ref().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())), proto);
         }
     }
 
@@ -443,9 +394,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
             for r in c.rules {
                 if let Some(t) = r.target {
                     if t == "KUBE-MARK-DROP"
-                        && r.comment
-                            .as_deref()
-                            .is_some_and(|c| c.ends_with("has no local endpoints"))
+                        && r.comment.as_deref().is_some_and(|c| c.ends_with("has no local endpoints"))
                     {
                         s.drop_no_local_endpoints = true;
                     }
@@ -458,9 +407,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                 // Local policy shows as a jump to SVL, or, when this node has
                 // no local endpoint and the SVL jump is left out, as the
                 // src-type LOCAL special cases that only Local policy writes.
-                if r.src_type()
-                    .is_some_and(|t| !t.negated && t.value == "LOCAL")
-                {
+                if r.src_type().is_some_and(|t| !t.negated && t.value == "LOCAL") {
                     s.local_only = true;
                 }
                 if r.target.is_some_and(|t| t.starts_with("KUBE-SVL-")) {
@@ -484,13 +431,9 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
 
     // filter table: no-endpoint REJECTs, Local-policy DROPs, firewall, health checks.
     if let Some(filter) = dump.table("filter") {
-        for chain in [
-            "KUBE-SERVICES",
-            "KUBE-EXTERNAL-SERVICES",
-            "KUBE-PROXY-FIREWALL",
-            "KUBE-NODEPORTS",
-            "KUBE-NODE-PORT",
-        ] {
+        for chain in
+            ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-PROXY-FIREWALL", "KUBE-NODEPORTS", "KUBE-NODE-PORT"]
+        {
             let Some(c) = filter.chain(chain) else {
                 continue;
             };
@@ -498,18 +441,11 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                 let comment = r.comment.as_deref().unwrap_or("");
                 let Some(i) = b.by_comment(r) else { continue };
                 let s = &mut b.services[i];
-                let dst = r
-                    .dst
-                    .filter(|d| !d.negated)
-                    .map(|d| host_ip(d.value).to_string());
+                let dst = r.dst.filter(|d| !d.negated).map(|d| host_ip(d.value).to_string());
                 let port: Option<u16> = r.dport.and_then(|p| p.parse().ok());
-                let to_local = r
-                    .dst_type()
-                    .is_some_and(|d| !d.negated && d.value == "LOCAL");
+                let to_local = r.dst_type().is_some_and(|d| !d.negated && d.value == "LOCAL");
                 match (chain, r.target) {
-                    ("KUBE-NODEPORTS", Some("ACCEPT"))
-                        if comment.ends_with("health check node port") =>
-                    {
+                    ("KUBE-NODEPORTS", Some("ACCEPT")) if comment.ends_with("health check node port") => {
                         s.health_check_node_port = port;
                     }
                     ("KUBE-PROXY-FIREWALL", Some("DROP")) => {
@@ -518,8 +454,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                         }
                     }
                     (_, Some("REJECT")) | (_, Some("DROP"))
-                        if comment.ends_with("has no endpoints")
-                            || comment.ends_with("has no local endpoints") =>
+                        if comment.ends_with("has no endpoints") || comment.ends_with("has no local endpoints") =>
                     {
                         if comment.ends_with("has no local endpoints") {
                             s.drop_no_local_endpoints = true;
@@ -558,12 +493,8 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     // rather than "has a referrer" so that a stale SVC chain does not keep its
     // stale SEP chains looking alive.
     let is_service_chain = |n: &str| per_service(n).is_some() || n.starts_with("KUBE-SEP-");
-    let mut reached: FastSet<&str> =
-        FastSet::with_capacity_and_hasher(nat.chains.len(), Default::default());
-    let mut stack: Vec<ChainRef<'_, 'd>> = nat
-        .chain_refs()
-        .filter(|c| !is_service_chain(c.name))
-        .collect();
+    let mut reached: FastSet<&str> = FastSet::with_capacity_and_hasher(nat.chains.len(), Default::default());
+    let mut stack: Vec<ChainRef<'_, 'd>> = nat.chain_refs().filter(|c| !is_service_chain(c.name)).collect();
     while let Some(c) = stack.pop() {
         for r in c.rules {
             if let Some(t) = r.target {
@@ -600,12 +531,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
         s.node_ports.sort_unstable();
     }
     b.services.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(
-            &b.namespace,
-            &b.name,
-            &b.port_name,
-            &b.protocol,
-        ))
+        (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(&b.namespace, &b.name, &b.port_name, &b.protocol))
     });
     m.services = b.services;
     m
@@ -625,26 +551,12 @@ mod tests {
 
     #[test]
     fn comment_names() {
+        assert_eq!(comment_service("ns/svc:p80 cluster IP"), Some(("ns", "svc", "p80")));
+        assert_eq!(comment_service("ns/svc:p80 -> 10.0.0.1:80"), Some(("ns", "svc", "p80")));
+        assert_eq!(comment_service("Balancing rule 0 for default/web:http"), Some(("default", "web", "http")));
+        assert_eq!(comment_service("default/noname"), Some(("default", "noname", "")));
         assert_eq!(
-            comment_service("ns/svc:p80 cluster IP"),
-            Some(("ns", "svc", "p80"))
-        );
-        assert_eq!(
-            comment_service("ns/svc:p80 -> 10.0.0.1:80"),
-            Some(("ns", "svc", "p80"))
-        );
-        assert_eq!(
-            comment_service("Balancing rule 0 for default/web:http"),
-            Some(("default", "web", "http"))
-        );
-        assert_eq!(
-            comment_service("default/noname"),
-            Some(("default", "noname", ""))
-        );
-        assert_eq!(
-            comment_service(
-                "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
-            ),
+            comment_service("kubernetes service nodeports; NOTE: this must be the last rule in this chain"),
             None
         );
     }

@@ -67,20 +67,11 @@ pub(crate) struct Table<'a> {
 
 impl<'a> Table<'a> {
     pub fn empty(name: &'a str) -> Self {
-        Table {
-            name,
-            chains: Vec::new(),
-            index: FastMap::default(),
-            rules: Vec::new(),
-            rule_chain: Vec::new(),
-        }
+        Table { name, chains: Vec::new(), index: FastMap::default(), rules: Vec::new(), rule_chain: Vec::new() }
     }
 
     fn view(&self, c: &Chain<'a>) -> ChainRef<'_, 'a> {
-        ChainRef {
-            name: c.name,
-            rules: &self.rules[c.start as usize..(c.start + c.len) as usize],
-        }
+        ChainRef { name: c.name, rules: &self.rules[c.start as usize..(c.start + c.len) as usize] }
     }
 
     pub fn chain(&self, name: &str) -> Option<ChainRef<'_, 'a>> {
@@ -151,16 +142,8 @@ impl<'a> Dump<'a> {
 const STANDARD_TARGETS: &[&str] = &["ACCEPT", "DROP", "RETURN", "QUEUE"];
 
 pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>, ParseError> {
-    let err = |line: usize, kind: ParseErrorKind| ParseError {
-        input: input_name.to_string(),
-        line,
-        kind,
-    };
-    let mut dump = Dump {
-        tables: Vec::new(),
-        warnings: Vec::new(),
-        generated_by: None,
-    };
+    let err = |line: usize, kind: ParseErrorKind| ParseError { input: input_name.to_string(), line, kind };
+    let mut dump = Dump { tables: Vec::new(), warnings: Vec::new(), generated_by: None };
     // (table, line where it was opened)
     let mut open: Option<(Table<'a>, usize)> = None;
     let mut seen_tables: Vec<(&'a str, usize)> = Vec::new();
@@ -196,10 +179,7 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 }
                 let name = trimmed[1..].trim();
                 if name.is_empty() || name.contains(char::is_whitespace) {
-                    return Err(err(
-                        lineno,
-                        ParseErrorKind::Structure(format!("malformed table line `{trimmed}`")),
-                    ));
+                    return Err(err(lineno, ParseErrorKind::Structure(format!("malformed table line `{trimmed}`"))));
                 }
                 if let Some((_, prev)) = seen_tables.iter().find(|(n, _)| *n == name) {
                     return Err(err(
@@ -216,8 +196,7 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 // rule count) instead of doubling a ~100 MB vector several times.
                 let offset = raw.as_ptr() as usize - text.as_ptr() as usize;
                 let rest = &text[offset..];
-                let span = memchr::memmem::find(rest.as_bytes(), b"\nCOMMIT")
-                    .map_or(rest, |end| &rest[..end]);
+                let span = memchr::memmem::find(rest.as_bytes(), b"\nCOMMIT").map_or(rest, |end| &rest[..end]);
                 let lines = memchr::memchr_iter(b'\n', span.as_bytes()).count();
                 table.rules.reserve(lines);
                 table.rule_chain.reserve(lines);
@@ -230,9 +209,7 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 let Some((t, _)) = open.as_mut() else {
                     return Err(err(
                         lineno,
-                        ParseErrorKind::Structure(
-                            "chain declaration before any `*table` line".into(),
-                        ),
+                        ParseErrorKind::Structure("chain declaration before any `*table` line".into()),
                     ));
                 };
                 let mut parts = trimmed[1..].split_ascii_whitespace();
@@ -241,36 +218,22 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 if name.is_empty() || policy.is_none() {
                     return Err(err(
                         lineno,
-                        ParseErrorKind::Structure(format!(
-                            "malformed chain declaration `{trimmed}`"
-                        )),
+                        ParseErrorKind::Structure(format!("malformed chain declaration `{trimmed}`")),
                     ));
                 }
                 let builtin = policy != Some("-");
                 if t.index.contains_key(name) {
                     return Err(err(
                         lineno,
-                        ParseErrorKind::Structure(format!(
-                            "chain {name} declared twice in table {}",
-                            t.name
-                        )),
+                        ParseErrorKind::Structure(format!("chain {name} declared twice in table {}", t.name)),
                     ));
                 }
                 t.index.insert(name, t.chains.len());
-                t.chains.push(Chain {
-                    name,
-                    builtin,
-                    rule_count: 0,
-                    start: 0,
-                    len: 0,
-                });
+                t.chains.push(Chain { name, builtin, rule_count: 0, start: 0, len: 0 });
             }
             b'-' => {
                 let Some((t, _)) = open.as_mut() else {
-                    return Err(err(
-                        lineno,
-                        ParseErrorKind::Structure("rule before any `*table` line".into()),
-                    ));
+                    return Err(err(lineno, ParseErrorKind::Structure("rule before any `*table` line".into())));
                 };
                 let rest = trimmed
                     .strip_prefix("-A ")
@@ -290,10 +253,7 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                     None => (rest, ""),
                 };
                 if chain_name.is_empty() {
-                    return Err(err(
-                        lineno,
-                        ParseErrorKind::Structure("-A without a chain name".into()),
-                    ));
+                    return Err(err(lineno, ParseErrorKind::Structure("-A without a chain name".into())));
                 }
                 // iptables-save groups rules by chain, so the previous line's
                 // chain is almost always this one: skip the hash lookup then.
@@ -304,19 +264,18 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
                 let Some(ci) = cached else {
                     return Err(err(
                         lineno,
-                        ParseErrorKind::Structure(format!("rule appended to chain {chain_name}, which is not declared in table {}", t.name)),
+                        ParseErrorKind::Structure(format!(
+                            "rule appended to chain {chain_name}, which is not declared in table {}",
+                            t.name
+                        )),
                     ));
                 };
                 tokenize(opts, &mut toks).map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
-                let rule = parse_rule(&toks, lineno as u32)
-                    .map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
+                let rule = parse_rule(&toks, lineno as u32).map_err(|m| err(lineno, ParseErrorKind::Rule(m)))?;
                 // A jump to a KUBE chain that does not exist cannot come from a
                 // real kernel dump: it means the dump was edited or mangled.
                 if let Some(target) = rule.target {
-                    if is_kube_chain(target)
-                        && !t.index.contains_key(target)
-                        && !STANDARD_TARGETS.contains(&target)
-                    {
+                    if is_kube_chain(target) && !t.index.contains_key(target) && !STANDARD_TARGETS.contains(&target) {
                         return Err(err(
                             lineno,
                             ParseErrorKind::Structure(format!(
@@ -336,20 +295,14 @@ pub(crate) fn parse_dump<'a>(input_name: &str, text: &'a str) -> Result<Dump<'a>
             }
             _ if trimmed == "COMMIT" || trimmed.starts_with("COMMIT ") => {
                 let Some((mut t, _)) = open.take() else {
-                    return Err(err(
-                        lineno,
-                        ParseErrorKind::Structure("COMMIT without an open table".into()),
-                    ));
+                    return Err(err(lineno, ParseErrorKind::Structure("COMMIT without an open table".into())));
                 };
                 t.finish();
                 dump.tables.push(t);
             }
             _ => {
                 let shown: String = trimmed.chars().take(60).collect();
-                return Err(err(
-                    lineno,
-                    ParseErrorKind::Structure(format!("unrecognised line `{shown}`")),
-                ));
+                return Err(err(lineno, ParseErrorKind::Structure(format!("unrecognised line `{shown}`"))));
             }
         }
     }

@@ -128,14 +128,8 @@ pub(crate) struct Extra<'a> {
     pub random_fully: bool,
 }
 
-static NO_EXTRA: Extra<'static> = Extra {
-    recent: None,
-    src_type: None,
-    dst_type: None,
-    mark_match: None,
-    set_mark: None,
-    random_fully: false,
-};
+static NO_EXTRA: Extra<'static> =
+    Extra { recent: None, src_type: None, dst_type: None, mark_match: None, set_mark: None, random_fully: false };
 
 impl<'a> Rule<'a> {
     pub fn extra(&self) -> &Extra<'a> {
@@ -237,9 +231,7 @@ fn classify(opt: &str) -> Opt {
         "--seconds" => Opt::Value(V::Seconds),
         "--set" => Opt::Flag(F::Set),
         "--mask" => Opt::Value(V::Ignored),
-        "--reap" | "--rsource" | "--rdest" | "--rttl" | "--update" | "--remove" => {
-            Opt::Flag(F::Other)
-        }
+        "--reap" | "--rsource" | "--rdest" | "--rttl" | "--update" | "--remove" => Opt::Flag(F::Other),
         "--src-type" => Opt::Value(V::SrcType),
         "--dst-type" => Opt::Value(V::DstType),
         "--mark" => Opt::Value(V::Mark),
@@ -249,9 +241,10 @@ fn classify(opt: &str) -> Opt {
         "--destination" => Opt::Value(V::Dst),
         "--protocol" => Opt::Value(V::Proto),
         "--jump" | "--goto" => Opt::Value(V::Jump),
-        "--match" | "--in-interface" | "--out-interface" | "--sport" | "--source-port"
-        | "--every" | "--packet" | "--hitcount" | "--and-mark" | "--to-source" | "--to-ports"
-        | "--reject-with" | "--ctstate" | "--state" => Opt::Value(V::Ignored),
+        "--match" | "--in-interface" | "--out-interface" | "--sport" | "--source-port" | "--every" | "--packet"
+        | "--hitcount" | "--and-mark" | "--to-source" | "--to-ports" | "--reject-with" | "--ctstate" | "--state" => {
+            Opt::Value(V::Ignored)
+        }
         "--random"
         | "--persistent"
         | "--physdev-is-in"
@@ -275,10 +268,7 @@ fn classify(opt: &str) -> Opt {
 /// Returns a human-readable error for a malformed option; the caller adds the
 /// input name and the line number.
 pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, String> {
-    let mut r = Rule {
-        line,
-        ..Default::default()
-    };
+    let mut r = Rule { line, ..Default::default() };
     let mut i = 0;
     let mut negate = false;
     while i < toks.len() {
@@ -293,11 +283,7 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             }
             Tok::Word(w) if w.starts_with('-') && w.len() > 1 => *w,
             Tok::Word(w) => return Err(format!("unexpected token `{w}` (expected an option)")),
-            Tok::Quoted(q) => {
-                return Err(format!(
-                    "unexpected quoted value \"{q}\" (expected an option)"
-                ))
-            }
+            Tok::Quoted(q) => return Err(format!("unexpected quoted value \"{q}\" (expected an option)")),
         };
         i += 1;
         let neg = negate;
@@ -332,26 +318,14 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             match v {
                 Tok::Word(w) => Ok(*w),
                 Tok::Quoted(Cow::Borrowed(s)) => Ok(*s),
-                Tok::Quoted(Cow::Owned(s)) => {
-                    Err(format!("option {opt}: unexpected escaped value \"{s}\""))
-                }
+                Tok::Quoted(Cow::Owned(s)) => Err(format!("option {opt}: unexpected escaped value \"{s}\"")),
             }
         };
         use ValueKind as V;
         match kind {
             V::Ignored => {}
-            V::Src => {
-                r.src = Some(Neg {
-                    negated: neg,
-                    value: word(val)?,
-                })
-            }
-            V::Dst => {
-                r.dst = Some(Neg {
-                    negated: neg,
-                    value: word(val)?,
-                })
-            }
+            V::Src => r.src = Some(Neg { negated: neg, value: word(val)? }),
+            V::Dst => r.dst = Some(Neg { negated: neg, value: word(val)? }),
             V::Proto => r.proto = Some(word(val)?),
             V::Jump => r.target = Some(word(val)?),
             V::Comment => {
@@ -369,9 +343,7 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             }
             V::Probability => {
                 let v = word(val)?;
-                let p: f64 = v
-                    .parse()
-                    .map_err(|_| format!("malformed --probability value `{v}`"))?;
+                let p: f64 = v.parse().map_err(|_| format!("malformed --probability value `{v}`"))?;
                 if !(0.0..=1.0).contains(&p) {
                     return Err(format!("--probability {v} is outside 0..1"));
                 }
@@ -380,36 +352,17 @@ pub(crate) fn parse_rule<'a>(toks: &[Tok<'a>], line: u32) -> Result<Rule<'a>, St
             V::Name => recent(&mut r).name = Some(word(val)?),
             V::Seconds => {
                 let v = word(val)?;
-                let s: u32 = v
-                    .parse()
-                    .map_err(|_| format!("malformed --seconds value `{v}`"))?;
+                let s: u32 = v.parse().map_err(|_| format!("malformed --seconds value `{v}`"))?;
                 recent(&mut r).seconds = Some(s);
             }
-            V::SrcType => {
-                r.extra_mut().src_type = Some(Neg {
-                    negated: neg,
-                    value: word(val)?,
-                })
-            }
-            V::DstType => {
-                r.extra_mut().dst_type = Some(Neg {
-                    negated: neg,
-                    value: word(val)?,
-                })
-            }
-            V::Mark => {
-                r.extra_mut().mark_match = Some(Neg {
-                    negated: neg,
-                    value: word(val)?,
-                })
-            }
+            V::SrcType => r.extra_mut().src_type = Some(Neg { negated: neg, value: word(val)? }),
+            V::DstType => r.extra_mut().dst_type = Some(Neg { negated: neg, value: word(val)? }),
+            V::Mark => r.extra_mut().mark_match = Some(Neg { negated: neg, value: word(val)? }),
             V::SetMark => r.extra_mut().set_mark = Some((opt, word(val)?)),
             V::ToDestination => {
                 let v = word(val)?;
                 if split_host_port(v).is_none() {
-                    return Err(format!(
-                        "malformed --to-destination value `{v}` (expected IP:port)"
-                    ));
+                    return Err(format!("malformed --to-destination value `{v}` (expected IP:port)"));
                 }
                 r.to_destination = Some(v);
             }
@@ -484,27 +437,16 @@ mod tests {
             r#"! -s 10.244.0.0/16 -d 10.96.0.10/32 -p udp -m comment --comment "kube-system/kube-dns:dns cluster IP" -m udp --dport 53 -j KUBE-MARK-MASQ"#,
         );
         let r = parse_rule(&t, 7).unwrap();
-        assert_eq!(
-            r.src,
-            Some(Neg {
-                negated: true,
-                value: "10.244.0.0/16"
-            })
-        );
+        assert_eq!(r.src, Some(Neg { negated: true, value: "10.244.0.0/16" }));
         assert_eq!(r.dst.unwrap().value, "10.96.0.10/32");
         assert_eq!(r.dport, Some("53"));
         assert_eq!(r.target, Some("KUBE-MARK-MASQ"));
-        assert_eq!(
-            r.comment.as_deref(),
-            Some("kube-system/kube-dns:dns cluster IP")
-        );
+        assert_eq!(r.comment.as_deref(), Some("kube-system/kube-dns:dns cluster IP"));
     }
 
     #[test]
     fn unknown_options_are_skipped_with_their_values() {
-        let t = toks(
-            "-m set --match-set cali40all-hosts-net dst,src -m physdev --physdev-is-in -j ACCEPT",
-        );
+        let t = toks("-m set --match-set cali40all-hosts-net dst,src -m physdev --physdev-is-in -j ACCEPT");
         let r = parse_rule(&t, 1).unwrap();
         assert_eq!(r.target, Some("ACCEPT"));
     }

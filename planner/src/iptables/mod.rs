@@ -180,19 +180,10 @@ pub struct RuleModel {
 }
 
 impl RuleModel {
-    pub fn service(
-        &self,
-        ns: &str,
-        name: &str,
-        port_name: &str,
-        protocol: &str,
-    ) -> Option<&ServiceRules> {
-        self.services.iter().find(|s| {
-            s.namespace == ns
-                && s.name == name
-                && s.port_name == port_name
-                && s.protocol == protocol
-        })
+    pub fn service(&self, ns: &str, name: &str, port_name: &str, protocol: &str) -> Option<&ServiceRules> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name && s.port_name == port_name && s.protocol == protocol)
     }
 
     /// A short summary for reports (counts only).
@@ -202,11 +193,7 @@ impl RuleModel {
             services: self.services.len(),
             endpoints: self.services.iter().map(|s| s.endpoints.len()).sum(),
             node_ports: self.services.iter().map(|s| s.node_ports.len()).sum(),
-            services_without_endpoints: self
-                .services
-                .iter()
-                .filter(|s| s.reject_no_endpoints)
-                .count(),
+            services_without_endpoints: self.services.iter().filter(|s| s.reject_no_endpoints).count(),
             local_only_services: self.services.iter().filter(|s| s.local_only).count(),
             unreferenced_chains: self.unreferenced_chains.len(),
             kube: self.kube.clone(),
