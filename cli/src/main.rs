@@ -4,6 +4,7 @@ mod agent_cmd;
 mod connectivity_cmd;
 mod kubeconfig;
 mod lab_cmd;
+mod migrate_apply;
 mod migrate_cmd;
 mod node_cmd;
 mod observe;

@@ -73,11 +73,90 @@ pub enum MigrateCommand {
         #[arg(long)]
         plan: PathBuf,
     },
+    /// Run the plan: prepare, the nodes wave by wave with a gate after each, finish. Resumable.
+    Apply(ApplyArgs),
+    /// Undo migrated nodes (the recorded inverses, in reverse order), or all of them.
+    Rollback(RollbackArgs),
+    /// Where the migration stands: per node phase, timings, last gate, what blocks it.
+    Status(StatusArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnGateFailure {
+    /// Roll the node back, then stop.
+    Rollback,
+    /// Stop and leave the node as it is, for a human to look at.
+    Stop,
+}
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The plan file written by `migrate plan`.
+    #[arg(short = 'f', long = "filename")]
+    pub plan: PathBuf,
+    /// Do not ask for confirmation (for CI).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print every API change and node change it would make, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only these nodes (comma separated), in plan order.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Only this wave.
+    #[arg(long)]
+    pub wave: Option<String>,
+    /// Stop after this wave (`--until-wave canary` is the canary-only run).
+    #[arg(long)]
+    pub until_wave: Option<String>,
+    /// How long one node's drain may take (e.g. 300s, 5m).
+    #[arg(long, default_value = "300s")]
+    pub drain_timeout: String,
+    /// What a failed gate does to the node it judged. Either way apply stops there.
+    #[arg(long, value_enum, default_value = "rollback")]
+    pub on_gate_failure: OnGateFailure,
+    /// Evict pods that no controller will recreate (they are lost).
+    #[arg(long)]
+    pub force: bool,
+    /// Write every gate's result as JUnit XML here.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Nodes to roll back (repeatable).
+    #[arg(long = "node")]
+    pub nodes: Vec<String>,
+    /// Every node, and the cluster's prepare/finish phases.
+    #[arg(long, conflicts_with = "nodes")]
+    pub all: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print what it would undo, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 pub async fn run(args: MigrateArgs) -> Result<()> {
     match args.command {
         MigrateCommand::Plan(a) => plan(a).await,
+        MigrateCommand::Apply(a) => crate::migrate_apply::apply(a).await,
+        MigrateCommand::Rollback(a) => crate::migrate_apply::rollback(a).await,
+        MigrateCommand::Status(a) => crate::migrate_apply::status(a).await,
         MigrateCommand::Check { cluster, plan } => {
             // Read the file before touching the cluster so a bad file fails fast.
             kubeshift_planner::plan::load_plan(&plan, None).map_err(|e| anyhow!("{e}"))?;
