@@ -291,7 +291,7 @@ async fn wait_daemonsets(client: &Client, spec: &LabSpec) -> Result<()> {
             })
             .await;
         if let Err(e) = r {
-            return Err(e.context(pod_states(client, ns, selector).await));
+            return Err(e.context(pod_states(client, ns, name, selector).await));
         }
     }
     Ok(())
@@ -314,41 +314,80 @@ fn pod_is_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
     conds.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// One line per pod: where it runs and why it is not ready, for timeout messages.
-async fn pod_states(client: &Client, ns: &str, selector: &str) -> String {
+/// What the DaemonSet wait looked at, for its timeout message: the DaemonSet's status
+/// numbers and, per pod, its node, owner, Ready condition and containers, so a failed
+/// wait says why it did not count a pod.
+async fn pod_states(client: &Client, ns: &str, name: &str, selector: &str) -> String {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let sets: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+    let ds = match sets.get(name).await {
+        Ok(ds) => ds,
+        Err(e) => return format!("DaemonSet {ns}/{name} could not be read: {e}"),
+    };
+    let st = ds.status.clone().unwrap_or_default();
+    let mut out = vec![format!(
+        "DaemonSet {ns}/{name} uid {}: generation {} observed {}, desired {} scheduled {} ready {} available {} updated {}",
+        ds.metadata.uid.as_deref().unwrap_or("?"),
+        ds.metadata.generation.unwrap_or(0),
+        st.observed_generation.unwrap_or(0),
+        st.desired_number_scheduled,
+        st.current_number_scheduled,
+        st.number_ready,
+        st.number_available.unwrap_or(0),
+        st.updated_number_scheduled.unwrap_or(0),
+    )];
     match pods.list(&ListParams::default().labels(selector)).await {
-        Ok(l) => l
-            .items
-            .iter()
-            .map(|p| {
-                let st = p.status.clone().unwrap_or_default();
-                let why: Vec<String> = st
-                    .container_statuses
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{} ready={} restarts={} {:?}",
-                            c.name,
-                            c.ready,
-                            c.restart_count,
-                            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone())
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{} on {}: {} {}",
-                    p.metadata.name.as_deref().unwrap_or(""),
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("(unscheduled)"),
-                    st.phase.unwrap_or_default(),
-                    why.join("; ")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Err(e) => format!("pods of {selector} could not be listed: {e}"),
+        Ok(l) => out.extend(l.items.iter().map(|p| pod_line(p, &ds))),
+        Err(e) => out.push(format!("pods of {selector} could not be listed: {e}")),
     }
+    out.join("\n")
+}
+
+fn pod_line(p: &k8s_openapi::api::core::v1::Pod, ds: &DaemonSet) -> String {
+    let st = p.status.clone().unwrap_or_default();
+    let ready = st.conditions.iter().flatten().find(|c| c.type_ == "Ready").map(|c| {
+        format!(
+            "Ready={} ({}{}since {})",
+            c.status,
+            c.reason.as_deref().map(|r| format!("{r}, ")).unwrap_or_default(),
+            c.message.as_deref().map(|m| format!("{m}, ")).unwrap_or_default(),
+            c.last_transition_time.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "?".into())
+        )
+    });
+    let owner = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| {
+            let ours = if Some(&o.uid) == ds.metadata.uid.as_ref() { "this DaemonSet" } else { "another owner" };
+            format!("{}/{} ({ours})", o.kind, o.name)
+        })
+        .collect::<Vec<_>>();
+    let containers: Vec<String> = st
+        .container_statuses
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone());
+            format!(
+                "{} ready={} restarts={}{}",
+                c.name,
+                c.ready,
+                c.restart_count,
+                waiting.map(|w| format!(" {w}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "{} on {}: {} {}, owner {}, containers: {}",
+        p.metadata.name.as_deref().unwrap_or(""),
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("(unscheduled)"),
+        st.phase.unwrap_or_default(),
+        ready.unwrap_or_else(|| "no Ready condition".into()),
+        if owner.is_empty() { "none".to_string() } else { owner.join(", ") },
+        containers.join("; ")
+    )
 }
 
 pub async fn wait_deployments(client: &Client, namespaces: &[&str], timeout: Duration) -> Result<()> {

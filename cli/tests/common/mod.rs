@@ -47,10 +47,15 @@ impl Lab {
     }
 
     pub fn up(name: &str, args: &[&str]) -> Lab {
+        Self::up_with_env(name, args, &[])
+    }
+
+    /// `up`, with environment variables for the lab's processes (they inherit them).
+    pub fn up_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Lab {
         let turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let lab = Lab { name: name.to_string(), _turn: Some(turn) };
         let mut c = kubeshift();
-        c.args(["lab", "up", "--name", name]).args(args);
+        c.args(["lab", "up", "--name", name]).args(args).envs(env.iter().copied());
         run_ok(&mut c);
         lab
     }

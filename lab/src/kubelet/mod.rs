@@ -29,6 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Seconds after which the apiserver ends the kubelet's pod watch (default 50).
+pub const POD_WATCH_TIMEOUT_ENV: &str = "KUBESHIFT_LAB_POD_WATCH_TIMEOUT";
+
 pub struct NodeCtx {
     pub lab: LabSpec,
     pub node: String,
@@ -118,7 +121,12 @@ pub async fn run(lab: &str, node: &str) -> Result<()> {
 
 async fn watch_pods(ctx: Arc<NodeCtx>) -> Result<()> {
     let api: Api<Pod> = Api::all(ctx.client.clone());
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node));
+    // The apiserver ends every watch after its timeout and the watcher resumes from the
+    // last resourceVersion it saw (a relist on 410 Gone), so no pod event is lost. The
+    // timeout stays below the lab clients' 60 s read timeout so a quiet watch ends
+    // cleanly instead of as a read error; tests shorten it to make watches end often.
+    let timeout = std::env::var(POD_WATCH_TIMEOUT_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node)).timeout(timeout);
     let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
     let mut seen_in_init: Vec<String> = vec![];
     let mut stream = watcher(api, cfg).boxed();

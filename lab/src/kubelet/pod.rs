@@ -65,6 +65,9 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
     let mut sandbox: Option<Sandbox> = None;
     let mut containers: Vec<Running> = vec![];
     let mut last_status = Value::Null;
+    // resourceVersion of our last status write, to tell "the watch has not shown our write
+    // yet" from "someone changed the status after it".
+    let mut written_rv: Option<String> = None;
     let mut init_done = false;
     // The node loop dropped this pod's sender: the pod is gone from the API.
     let mut gone = false;
@@ -120,7 +123,21 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
                 waiting_status(&ctx, &pod, &format!("{e:#}"))
             }
         };
-        if status != last_status {
+        // Ours is not the only hand on a pod's status: kube-controller-manager's node
+        // lifecycle controller sets Ready=False on every pod updated while its node is not
+        // Ready (1.20 `processPod` -> `MarkPodsNotReady`). A hostNetwork pod (kube-proxy,
+        // flanneld) starts before its node has a CNI config, so on a loaded machine its
+        // Ready=True can land while the node is still NotReady and be overwritten at once;
+        // comparing only with what we last wrote left it NotReady for good (the lab's
+        // DaemonSet wait then timed out with every container ready). Like the real kubelet's
+        // status manager, compare with what the API holds once it has shown our write.
+        let drifted = written_rv.as_deref().is_some_and(|rv| shows_write(&pod, rv)) && !api_agrees(&status, &pod);
+        if drifted {
+            tracing::info!(
+                "pod {k}: status in the API differs from the node's (changed by another writer); writing it again"
+            );
+        }
+        if status != last_status || drifted {
             let api: Api<Pod> =
                 Api::namespaced(ctx.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
             match api
@@ -131,7 +148,10 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
                 )
                 .await
             {
-                Ok(_) => last_status = status,
+                Ok(written) => {
+                    last_status = status;
+                    written_rv = written.metadata.resource_version;
+                }
                 Err(e) => tracing::warn!("status of {k}: {e}"),
             }
         }
@@ -505,6 +525,39 @@ fn waiting_status(ctx: &NodeCtx, pod: &Pod, message: &str) -> Value {
     json!({"phase": "Pending", "hostIP": ctx.node_ip.to_string(), "conditions": conds, "containerStatuses": statuses, "message": message})
 }
 
+/// Whether `pod` (from the watch) is our write of `rv` or newer. The lab's apiserver is
+/// backed by etcd, whose resourceVersions are its revisions: integers that only grow. The
+/// API asks clients not to compare them; a kubelet stand-in of one known apiserver may.
+fn shows_write(pod: &Pod, rv: &str) -> bool {
+    match (pod.metadata.resource_version.as_deref().map(str::parse::<u64>), rv.parse::<u64>()) {
+        (Some(Ok(seen)), Ok(ours)) => seen >= ours,
+        _ => true,
+    }
+}
+
+/// Whether the API's status says what the node says on the points others can change:
+/// phase, each condition's status and each container's readiness.
+fn api_agrees(wanted: &Value, pod: &Pod) -> bool {
+    let have = pod.status.as_ref().map(|s| serde_json::to_value(s).unwrap_or_default()).unwrap_or_default();
+    let conditions = |v: &Value| -> std::collections::BTreeMap<String, String> {
+        v["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c["type"].as_str().unwrap_or("").to_string(), c["status"].as_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    let ready = |v: &Value| -> std::collections::BTreeMap<String, bool> {
+        v["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c["name"].as_str().unwrap_or("").to_string(), c["ready"].as_bool().unwrap_or(false)))
+            .collect()
+    };
+    wanted["phase"] == have["phase"] && conditions(wanted) == conditions(&have) && ready(wanted) == ready(&have)
+}
+
 fn strip_times(v: &mut Value) {
     // Transition times would make every status differ from the last; the apiserver
     // keeps the times it has when we omit them.
@@ -514,5 +567,44 @@ fn strip_times(v: &mut Value) {
                 o.remove("lastTransitionTime");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_with(status: Value, rv: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p", "resourceVersion": rv}, "status": status})).unwrap()
+    }
+
+    fn wanted() -> Value {
+        let mut conds = conditions(true, true);
+        strip_times(&mut conds);
+        json!({"phase": "Running", "conditions": conds, "containerStatuses": [{"name": "c", "ready": true}]})
+    }
+
+    #[test]
+    fn a_ready_condition_set_false_by_another_writer_is_a_drift() {
+        let ours = pod_with(wanted(), "10");
+        assert!(api_agrees(&wanted(), &ours));
+        // What the node lifecycle controller's MarkPodsNotReady leaves: containers ready,
+        // the Ready condition False.
+        let mut marked = wanted();
+        marked["conditions"][1]["status"] = json!("False");
+        marked["conditions"][1]["lastTransitionTime"] = json!("2026-12-02T05:13:10Z");
+        assert!(!api_agrees(&wanted(), &pod_with(marked, "11")));
+        let mut container = wanted();
+        container["containerStatuses"][0]["ready"] = json!(false);
+        assert!(!api_agrees(&wanted(), &pod_with(container, "11")));
+    }
+
+    #[test]
+    fn only_a_pod_at_or_after_our_write_counts() {
+        assert!(!shows_write(&pod_with(wanted(), "9"), "10"));
+        assert!(shows_write(&pod_with(wanted(), "10"), "10"));
+        assert!(shows_write(&pod_with(wanted(), "12"), "10"));
+        // Not an integer: no order to rely on, so the comparison is made.
+        assert!(shows_write(&pod_with(wanted(), "x"), "10"));
     }
 }
