@@ -195,31 +195,20 @@ fn verify(ns: &Ns, plan: &IptablesPlan, before: &SavedRuleset, after: &SavedRule
         let jumps = left.tables.iter().map(|t| t.jumps_removed.len()).sum::<usize>();
         return Err(fail(format!("kube-proxy chains still present: {chains:?}; jumps to them: {jumps}")));
     }
-    for table in &before.tables {
-        let report = plan.tables.iter().find(|t| t.table == table.name);
+    let expected = plan.apply_to(before);
+    for table in &expected.tables {
         for chain in &table.chains {
-            if report.is_some_and(|r| r.chains_removed.contains(&chain.name)) {
-                continue;
-            }
-            let expected: Vec<&str> = chain
-                .rules
-                .iter()
-                .map(|r| r.spec.as_str())
-                .filter(|spec| {
-                    !report.is_some_and(|r| r.jumps_removed.iter().any(|j| j.chain == chain.name && j.spec == *spec))
-                })
-                .collect();
-            let now = after.table(&table.name).and_then(|t| t.chain(&chain.name));
-            let Some(now) = now else {
+            let Some(now) = after.table(&table.name).and_then(|t| t.chain(&chain.name)) else {
                 return Err(fail(format!(
                     "chain {} of table {} is gone but was not kube-proxy's",
                     chain.name, table.name
                 )));
             };
+            let want: Vec<&str> = chain.rules.iter().map(|r| r.spec.as_str()).collect();
             let got: Vec<&str> = now.rules.iter().map(|r| r.spec.as_str()).collect();
-            if got != expected {
+            if got != want {
                 return Err(fail(format!(
-                    "chain {} of table {} changed: expected {expected:?}, found {got:?}",
+                    "chain {} of table {} changed: expected {want:?}, found {got:?}",
                     chain.name, table.name
                 )));
             }

@@ -7,6 +7,7 @@
 //! references, and rewrites every other owner's rules (MIGRATION-FACTS §4
 //! rows 6–8).
 
+use super::ipvs::is_kube_proxy_set;
 use super::ownership::{owner, KubeletChains, Owner};
 use super::{Backend, Family, PlanError};
 use kubeshift_planner::iptables::save_rules::{parse_saved_rules, SavedRuleset, SavedTable};
@@ -53,7 +54,8 @@ pub struct TableReport {
     pub chains_removed: Vec<String>,
     /// Rules that went: those inside the removed chains plus the jumps.
     pub rules_removed: usize,
-    /// Rules in chains that stay which jumped to a removed chain.
+    /// Rules in chains that stay which jumped to a removed chain or matched
+    /// one of kube-proxy's IPVS ipsets.
     pub jumps_removed: Vec<RemovedRule>,
     /// KUBE-* chains that stay (kubelet's, or unknown owners'). Non-KUBE
     /// chains are not listed: they are never candidates.
@@ -102,6 +104,31 @@ impl IptablesPlan {
                 out.push_str(&format!("-X {c}\n"));
             }
             out.push_str("COMMIT\n");
+        }
+        out
+    }
+
+    /// The ruleset as it will be after the plan ran: removed chains gone,
+    /// removed rules taken out of the chains that stay. For dry runs, for
+    /// planning what depends on the iptables cleanup (IPVS ipsets), and for
+    /// the executor's postcondition.
+    pub fn apply_to(&self, rules: &SavedRuleset) -> SavedRuleset {
+        let mut out = rules.clone();
+        for table in &mut out.tables {
+            let Some(report) = self.tables.iter().find(|t| t.table == table.name) else { continue };
+            table.chains.retain(|c| !report.chains_removed.contains(&c.name));
+            for chain in &mut table.chains {
+                let mut doomed: Vec<&str> =
+                    report.jumps_removed.iter().filter(|j| j.chain == chain.name).map(|j| j.spec.as_str()).collect();
+                // One removal per listed rule: identical rules are listed once each.
+                chain.rules.retain(|r| match doomed.iter().position(|d| *d == r.spec) {
+                    Some(i) => {
+                        doomed.swap_remove(i);
+                        false
+                    }
+                    None => true,
+                });
+            }
         }
         out
     }
@@ -163,17 +190,39 @@ fn plan_table(table: &SavedTable, kubelet_marks: bool) -> TableReport {
             _ => RuleSource::Foreign,
         };
         for rule in &chain.rules {
-            let Some(target) = rule.target.as_deref().filter(|t| owned.contains(t)) else { continue };
+            let jump = rule.target.as_deref().filter(|t| owned.contains(t));
+            // IPVS-mode kube-proxy also appends rules to chains it does not
+            // own (KUBE-LOOP-BACK masquerade in kubelet's KUBE-POSTROUTING);
+            // left behind, they keep its ipsets from being destroyed
+            // (kubernetes#109286).
+            let set = matched_kube_proxy_set(&rule.spec);
+            if jump.is_none() && set.is_none() {
+                continue;
+            }
             report.jumps_removed.push(RemovedRule {
                 chain: chain.name.clone(),
                 spec: rule.spec.clone(),
-                target: target.to_string(),
+                target: rule.target.clone().unwrap_or_default(),
                 source,
             });
         }
     }
     report.rules_removed += report.jumps_removed.len();
     report
+}
+
+/// The kube-proxy ipset a rule matches on (`-m set --match-set NAME dst`).
+fn matched_kube_proxy_set(spec: &str) -> Option<&str> {
+    let mut words = spec.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "--match-set" {
+            let name = words.next()?;
+            if is_kube_proxy_set(name) {
+                return Some(name);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ const KUBE_PROXY_SETS: &[&str] = &[
     "IPVS-IPS",
 ];
 
-fn is_kube_proxy_set(name: &str) -> bool {
+pub(crate) fn is_kube_proxy_set(name: &str) -> bool {
     let suffix = name.strip_prefix("KUBE-6-").or_else(|| name.strip_prefix("KUBE-"));
     suffix.is_some_and(|s| KUBE_PROXY_SETS.contains(&s))
 }
