@@ -215,6 +215,10 @@ fn nftables_mode_tables_go_others_stay() {
     ns.exec(
         &["nft", "-f", "-"],
         "table ip kube-proxy {
+  set cluster-ips {
+    type ipv4_addr
+    elements = { 10.96.0.1, 10.96.0.10 }
+  }
   chain services {
     ip daddr 10.96.0.10 udp dport 53 counter
   }
@@ -236,8 +240,10 @@ table inet keep-me {
 ",
     );
     let keep_before = ns.exec(&["nft", "list", "table", "inet", "keep-me"], "");
-    let opts = CleanupOptions { conntrack: ConntrackSource::Skip, ..Default::default() };
+    let opts = CleanupOptions::default();
     let r = run_cleanup(&ns.netns(), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let flushed: Vec<String> = r.conntrack.iter().map(|c| c.address.to_string()).collect();
+    assert_eq!(flushed, ["10.96.0.1", "10.96.0.10"], "the cluster-ips set is read before the table goes");
     let removed: Vec<String> = r.nftables_removed.iter().map(|t| format!("{} {}", t.family, t.name)).collect();
     assert_eq!(removed, ["ip kube-proxy", "ip6 kube-proxy"]);
     let tables = ns.exec(&["nft", "list", "tables"], "");

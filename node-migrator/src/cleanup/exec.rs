@@ -7,7 +7,7 @@
 
 use super::conntrack::deleted_count;
 use super::iptables::plan_ruleset;
-use super::nftables::plan_nftables;
+use super::nftables::{plan_nftables, set_addresses};
 use super::{
     iptables_binary, plan_conntrack, Backend, CleanupError, ConntrackFlush, ConntrackPlan, ConntrackScope, Family,
     IptablesPlan, KubeletChains, NftTable, PlanError, Report,
@@ -50,8 +50,9 @@ impl Netns {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConntrackSource {
     Skip,
-    /// ClusterIPs in kube-proxy's rules as read before the cleanup, plus
-    /// these (e.g. from the Service list, for nftables or IPVS mode).
+    /// ClusterIPs in kube-proxy's rules as read before the cleanup
+    /// (iptables KUBE-SERVICES, the nftables `cluster-ips` set), plus these
+    /// (e.g. from the Service list, for IPVS mode).
     FromRules {
         extra: Vec<IpAddr>,
     },
@@ -101,7 +102,9 @@ pub fn run_cleanup(netns: &Netns, opts: &CleanupOptions) -> Result<Report, Clean
         }
     }
     if opts.nftables {
-        report.nftables_removed = clean_nftables(&ns, &mut report.warnings)?;
+        let from_rules = matches!(opts.conntrack, ConntrackSource::FromRules { .. });
+        let found = if from_rules { Some(&mut conntrack) } else { None };
+        report.nftables_removed = clean_nftables(&ns, found, &mut report.warnings)?;
     }
     match &opts.conntrack {
         ConntrackSource::Skip => conntrack.addresses.clear(),
@@ -217,9 +220,16 @@ fn verify(ns: &Ns, plan: &IptablesPlan, before: &SavedRuleset, after: &SavedRule
     Ok(())
 }
 
-fn clean_nftables(ns: &Ns, warnings: &mut Vec<String>) -> Result<Vec<NftTable>, CleanupError> {
+fn clean_nftables(
+    ns: &Ns,
+    mut conntrack: Option<&mut ConntrackPlan>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<NftTable>, CleanupError> {
     let plan = plan_nftables(&list_nft_tables(ns, warnings)?);
     for table in &plan.remove {
+        if let Some(c) = conntrack.as_deref_mut() {
+            c.extend(cluster_ips(ns, table, warnings)?);
+        }
         let args: Vec<String> = table.delete_args().iter().map(|s| s.to_string()).collect();
         let ran = ns.run("nft", &args, None)?;
         if !ran.status.success() {
@@ -242,6 +252,26 @@ fn clean_nftables(ns: &Ns, warnings: &mut Vec<String>) -> Result<Vec<NftTable>, 
         });
     }
     Ok(plan.remove)
+}
+
+/// The table's ClusterIPs; none when the set does not exist (a kube-proxy
+/// release that named it otherwise).
+fn cluster_ips(ns: &Ns, table: &NftTable, warnings: &mut Vec<String>) -> Result<Vec<IpAddr>, CleanupError> {
+    let args: Vec<String> = table.list_cluster_ips_args().iter().map(|s| s.to_string()).collect();
+    let ran = ns.run("nft", &args, None)?;
+    if ran.status.success() {
+        ran.warn_into(warnings);
+        return Ok(set_addresses(&ran.stdout));
+    }
+    if ran.stderr.contains("No such file or directory") {
+        return Ok(Vec::new());
+    }
+    Err(CleanupError::Read {
+        command: ran.command,
+        netns: ns.label.clone(),
+        status: ran.status.to_string(),
+        stderr: ran.stderr,
+    })
 }
 
 fn list_nft_tables(ns: &Ns, warnings: &mut Vec<String>) -> Result<String, CleanupError> {

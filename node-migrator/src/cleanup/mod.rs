@@ -18,7 +18,7 @@ pub use conntrack::{plan_conntrack, ConntrackFlush, ConntrackPlan, ConntrackScop
 pub use exec::{run_cleanup, CleanupOptions, ConntrackSource, Netns};
 pub use iptables::{plan_iptables, plan_ruleset, IptablesPlan, KeptChain, RemovedRule, RuleSource, TableReport};
 pub use ipvs::{plan_ipvs, IpvsInputs, IpvsPlan, IpvsStep, KeptVirtualServer};
-pub use nftables::{plan_nftables, NftPlan, NftTable};
+pub use nftables::{plan_nftables, set_addresses, NftPlan, NftTable, CLUSTER_IPS_SET};
 pub use ownership::{KubeletChains, Owner};
 
 use kubeshift_planner::iptables::ParseError;

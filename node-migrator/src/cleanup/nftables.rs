@@ -4,9 +4,15 @@
 //! filter` …) and everyone else's are not touched here.
 
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 
 /// kube-proxy's nftables table name in both families.
 const TABLE: &str = "kube-proxy";
+
+/// The set of active ClusterIPs in that table (`clusterIPsSet` in
+/// `pkg/proxy/nftables/proxier.go`): the conntrack flush's addresses in
+/// nftables mode, where there is no KUBE-SERVICES to read them from.
+pub const CLUSTER_IPS_SET: &str = "cluster-ips";
 
 /// One nftables table (`family name`, as `nft list tables` prints it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +25,11 @@ impl NftTable {
     /// Arguments to `nft` that delete it.
     pub fn delete_args(&self) -> [&str; 4] {
         ["delete", "table", &self.family, &self.name]
+    }
+
+    /// Arguments to `nft` that print its ClusterIP set.
+    pub fn list_cluster_ips_args(&self) -> [&str; 5] {
+        ["list", "set", &self.family, &self.name, CLUSTER_IPS_SET]
     }
 }
 
@@ -45,9 +56,25 @@ pub fn plan_nftables(list_tables: &str) -> NftPlan {
     NftPlan { remove }
 }
 
+/// The elements of a set as `nft list set` prints them (`elements = { a,
+/// b }`, wrapped over lines); what is not an address is skipped.
+pub fn set_addresses(list_set: &str) -> Vec<IpAddr> {
+    let Some((_, rest)) = list_set.split_once("elements = {") else { return Vec::new() };
+    let body = rest.split('}').next().unwrap_or_default();
+    body.split([',', ' ', '\t', '\n']).filter_map(|w| w.trim().parse().ok()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_of_a_wrapped_set() {
+        let out = "table ip6 kube-proxy {\n\tset cluster-ips {\n\t\ttype ipv6_addr\n\t\tcomment \"Active ClusterIPs\"\n\t\telements = { fd00::1,\n\t\t\t     fd00::a }\n\t}\n}\n";
+        let ips: Vec<String> = set_addresses(out).iter().map(|a| a.to_string()).collect();
+        assert_eq!(ips, ["fd00::1", "fd00::a"]);
+        assert!(set_addresses("table ip kube-proxy {\n\tset cluster-ips {\n\t\ttype ipv4_addr\n\t}\n}\n").is_empty());
+    }
 
     #[test]
     fn only_kube_proxys_tables() {
