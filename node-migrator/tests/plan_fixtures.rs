@@ -260,6 +260,11 @@ fn report_serialises_for_the_status() {
     let back: Report = serde_json::from_value(json).unwrap();
     assert_eq!(back, report);
     assert!(!report.removed_nothing());
+
+    let summary = report.summary();
+    let nat = summary.iptables.iter().find(|t| t.table == "nat").unwrap();
+    assert_eq!((nat.chains_removed, nat.jumps_removed.len(), nat.kept.len()), (25, 2, 4));
+    assert_eq!(summary.iptables.iter().map(|t| t.chains_removed).sum::<usize>(), report.chains_removed());
 }
 
 /// iptables-save text of a parsed ruleset, to feed a plan back to the planner.

@@ -6,6 +6,16 @@
 //! Planning is pure and works on saved command output ([`plan_iptables`],
 //! [`plan_nftables`], [`plan_ipvs`], [`plan_conntrack`]); [`run_cleanup`]
 //! reads, applies and verifies inside a network namespace.
+//!
+//! Order, and why: iptables first (every backend and family), because
+//! kube-proxy's rules are what reference its ipsets and keep DNATing new
+//! flows; then nftables tables; then conntrack, so no rule re-creates a
+//! flushed entry's DNAT. IPVS (planned only: [`plan_ipvs`] with the rules
+//! [`IptablesPlan::apply_to`] leaves) deletes virtual servers and
+//! `kube-ipvs0`, then its ipsets last (kubernetes#109286).
+//!
+//! [`Report`] (or the smaller [`Report::summary`]) serialises to JSON for
+//! the NodeMigration status.
 
 mod conntrack;
 mod exec;
@@ -143,4 +153,54 @@ impl Report {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("report is plain data")
     }
+
+    /// Counts per table instead of chain names: a node of a large cluster
+    /// has tens of thousands of KUBE-SEP chains, too many names for a
+    /// NodeMigration status (etcd objects stop at about 1.5 MB). Jumps and
+    /// kept chains are few and stay listed.
+    pub fn summary(&self) -> ReportSummary {
+        let iptables = self
+            .iptables
+            .iter()
+            .flat_map(|p| {
+                p.tables.iter().map(move |t| TableSummary {
+                    backend: p.backend,
+                    family: p.family,
+                    table: t.table.clone(),
+                    chains_removed: t.chains_removed.len(),
+                    rules_removed: t.rules_removed,
+                    jumps_removed: t.jumps_removed.clone(),
+                    kept: t.kept.clone(),
+                })
+            })
+            .collect();
+        ReportSummary {
+            iptables,
+            nftables_removed: self.nftables_removed.clone(),
+            conntrack_addresses: self.conntrack.len(),
+            conntrack_entries_deleted: self.conntrack.iter().map(|c| c.deleted).sum(),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+/// [`Report::summary`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReportSummary {
+    pub iptables: Vec<TableSummary>,
+    pub nftables_removed: Vec<NftTable>,
+    pub conntrack_addresses: usize,
+    pub conntrack_entries_deleted: u64,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSummary {
+    pub backend: Backend,
+    pub family: Family,
+    pub table: String,
+    pub chains_removed: usize,
+    pub rules_removed: usize,
+    pub jumps_removed: Vec<RemovedRule>,
+    pub kept: Vec<KeptChain>,
 }

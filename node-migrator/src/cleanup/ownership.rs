@@ -80,7 +80,8 @@ fn has_kubelet_drop_mark_rule(rules: &SavedRuleset) -> bool {
     chain.rules.iter().any(|r| r.target.as_deref() == Some("DROP") && r.spec.contains("-m mark --mark"))
 }
 
-/// kube-proxy's per-service chain prefixes (iptables mode, all releases).
+/// kube-proxy's per-service chain prefixes (iptables mode, all releases);
+/// they only ever live in the nat table.
 const SERVICE_PREFIXES: &[&str] = &["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-", "KUBE-XLB-"];
 
 /// Fixed-name kube-proxy chains per table: iptables mode
@@ -128,7 +129,8 @@ pub(crate) fn owner(table: &str, chain: &str, kubelet_marks: bool) -> (Owner, &'
             (Owner::KubeProxy, "")
         };
     }
-    if fixed_kube_proxy_chain(table, chain) || SERVICE_PREFIXES.iter().any(|p| chain.starts_with(p)) {
+    let service_chain = table == "nat" && SERVICE_PREFIXES.iter().any(|p| chain.starts_with(p));
+    if fixed_kube_proxy_chain(table, chain) || service_chain {
         return (Owner::KubeProxy, "");
     }
     match (table, chain) {
@@ -160,6 +162,7 @@ mod tests {
         assert_eq!(owner("nat", "KUBE-MARK-DROP", true).0, Owner::Kubelet);
         assert_eq!(owner("nat", "KUBE-MARK-DROP", false).0, Owner::KubeProxy);
         assert_eq!(owner("nat", "KUBE-SVL-ABC", true).0, Owner::KubeProxy);
+        assert_eq!(owner("raw", "KUBE-SVC-ABC", true).0, Owner::Other);
         assert_eq!(owner("filter", "KUBE-ROUTER-INPUT", false).0, Owner::Other);
         assert_eq!(owner("filter", "KUBE-POD-FW-X", false).0, Owner::Other);
         assert_eq!(owner("mangle", "KUBE-IPTABLES-HINT", false).0, Owner::Kubelet);
