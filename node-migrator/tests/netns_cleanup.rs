@@ -269,3 +269,71 @@ fn a_missing_namespace_is_a_typed_error() {
     let err = run_cleanup(&Netns::named("ks-clean-does-not-exist"), &CleanupOptions::default()).unwrap_err();
     assert!(matches!(err, CleanupError::OpenNetns { .. }), "{err}");
 }
+
+/// A namespace file of another kind: setns(CLONE_NEWNET) refuses it, so the
+/// command never runs at all, let alone in this process's own namespace.
+#[test]
+fn a_file_that_is_no_network_namespace_runs_nothing() {
+    let err = run_cleanup(&Netns::at("/proc/self/ns/uts"), &CleanupOptions::default()).unwrap_err();
+    assert!(matches!(err, CleanupError::Spawn { .. }), "{err}");
+    assert!(err.to_string().contains("iptables-legacy-save"), "{err}");
+}
+
+/// ip6tables: hand-written in kube-proxy's current IPv6 rule shapes (no v6
+/// capture exists in the project); exercises the ip6tables binaries and the
+/// `-f ipv6` conntrack flush.
+const V6: &str = "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-V6DNS0AAAAAAAAAA - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-V6DNSHASHAAAAAAA - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE
+-A KUBE-SEP-V6DNS0AAAAAAAAAA -s fd00:10:244:1::2/128 -m comment --comment \"kube-system/kube-dns:dns\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-V6DNS0AAAAAAAAAA -p udp -m comment --comment \"kube-system/kube-dns:dns\" -m udp -j DNAT --to-destination [fd00:10:244:1::2]:53
+-A KUBE-SERVICES -d fd00:10:96::a/128 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\" -m udp --dport 53 -j KUBE-SVC-V6DNSHASHAAAAAAA
+-A KUBE-SVC-V6DNSHASHAAAAAAA ! -s fd00:10:244::/56 -d fd00:10:96::a/128 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
+-A KUBE-SVC-V6DNSHASHAAAAAAA -m comment --comment \"kube-system/kube-dns:dns -> [fd00:10:244:1::2]:53\" -j KUBE-SEP-V6DNS0AAAAAAAAAA
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL
+-A INPUT -j KUBE-FIREWALL
+-A KUBE-FIREWALL -m comment --comment \"kubelet placeholder\" -j RETURN
+COMMIT
+";
+
+#[test]
+fn ipv6_rules_through_both_backends() {
+    for backend in Backend::ALL {
+        let ns = TestNetns::new();
+        let restore = format!("ip6tables-{backend}-restore");
+        ns.exec(&[&restore, "--noflush"], V6);
+        let opts = CleanupOptions { backends: vec![backend], families: vec![Family::Ipv6], ..Default::default() };
+        let r = run_cleanup(&ns.netns(), &opts).unwrap_or_else(|e| panic!("{backend}: {e}"));
+        assert_eq!(r.iptables[0].family, Family::Ipv6);
+        assert_eq!(r.chains_removed(), 6, "{backend}: {:#?}", r.iptables);
+        let flushed: Vec<String> = r.conntrack.iter().map(|c| c.address.to_string()).collect();
+        assert_eq!(flushed, ["fd00:10:96::a"]);
+        let after = ns.exec(&[&format!("ip6tables-{backend}-save")], "");
+        assert!(!after.contains("KUBE-SERVICES") && !after.contains("KUBE-PROXY-FIREWALL"), "{after}");
+        assert!(after.contains("-A INPUT -j KUBE-FIREWALL") && after.contains(":KUBE-KUBELET-CANARY"), "{after}");
+        assert!(run_cleanup(&ns.netns(), &opts).unwrap().removed_nothing());
+    }
+}
