@@ -27,7 +27,7 @@ mod ownership;
 pub use conntrack::{plan_conntrack, ConntrackFlush, ConntrackPlan, ConntrackScope};
 pub use exec::{run_cleanup, CleanupOptions, ConntrackSource, Netns};
 pub use iptables::{plan_iptables, plan_ruleset, IptablesPlan, KeptChain, RemovedRule, RuleSource, TableReport};
-pub use ipvs::{plan_ipvs, IpvsInputs, IpvsPlan, IpvsStep, KeptVirtualServer};
+pub use ipvs::{plan_ipvs, IpvsInputs, IpvsPlan, IpvsStep, KeptSet, KeptVirtualServer, DUMMY_LINK};
 pub use nftables::{plan_nftables, set_addresses, NftPlan, NftTable, CLUSTER_IPS_SET};
 pub use ownership::{KubeletChains, Owner};
 
