@@ -12,6 +12,7 @@
 mod build;
 pub(crate) mod dump;
 pub(crate) mod lexer;
+pub mod save_rules;
 #[doc(hidden)]
 pub mod synth;
 

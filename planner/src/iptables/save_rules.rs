@@ -1,0 +1,154 @@
+//! Every chain and rule of an `iptables-save` dump, with each rule's text
+//! exactly as printed, for code that must write the rules back (`-D CHAIN
+//! <spec>` in `iptables-restore --noflush` input).
+//!
+//! The rule model ([`super::parse_iptables_save`]) keeps only what kube-proxy
+//! wrote and drops the text; deleting a rule needs the text of every chain,
+//! kube-proxy's or not. The dump is first checked by the same structural pass
+//! the model uses, so both accept and reject the same inputs.
+
+use super::dump::parse_dump;
+use super::lexer::{parse_rule, tokenize};
+use super::{ParseError, ParseErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// One `-A` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRule {
+    /// Everything after `-A CHAIN `, verbatim: feeding `-D CHAIN <spec>` to
+    /// iptables-restore deletes exactly this rule.
+    pub spec: String,
+    /// `-j` / `-g` target, if any.
+    pub target: Option<String>,
+    /// `-d` value as printed (`10.96.0.1/32`), with `!` if negated.
+    pub dst: Option<String>,
+    pub comment: Option<String>,
+    /// 1-based line in the dump.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedChain {
+    pub name: String,
+    /// Built-in chains carry a policy (`ACCEPT`, `DROP`); user chains print `-`.
+    pub builtin: bool,
+    pub rules: Vec<SavedRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTable {
+    pub name: String,
+    /// In declaration order.
+    pub chains: Vec<SavedChain>,
+}
+
+impl SavedTable {
+    pub fn chain(&self, name: &str) -> Option<&SavedChain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+}
+
+/// The tables of one dump, in dump order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SavedRuleset {
+    pub tables: Vec<SavedTable>,
+    /// `# Warning:` lines (the nft backend saying legacy tables exist).
+    pub warnings: Vec<String>,
+    pub generated_by: Option<String>,
+}
+
+impl SavedRuleset {
+    pub fn table(&self, name: &str) -> Option<&SavedTable> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+}
+
+/// Reads every table, chain and rule of `iptables-save` / `ip6tables-save`
+/// output (legacy or nft backend).
+pub fn parse_saved_rules(input_name: &str, text: &str) -> Result<SavedRuleset, ParseError> {
+    let dump = parse_dump(input_name, text)?;
+    let mut out = SavedRuleset {
+        tables: Vec::new(),
+        warnings: dump.warnings.clone(),
+        generated_by: dump.generated_by.map(str::to_string),
+    };
+    let mut toks = Vec::new();
+    for (idx, raw) in text.split('\n').enumerate() {
+        let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start();
+        if let Some(name) = line.strip_prefix('*') {
+            out.tables.push(SavedTable { name: name.trim().to_string(), chains: Vec::new() });
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let mut parts = decl.split_ascii_whitespace();
+            let name = parts.next().unwrap_or_default().to_string();
+            let builtin = parts.next() != Some("-");
+            current(&mut out).chains.push(SavedChain { name, builtin, rules: Vec::new() });
+        } else if line.starts_with('-') {
+            let rule_line = idx + 1;
+            let (chain, rule) = saved_rule(input_name, line, rule_line, &mut toks)?;
+            let table = current(&mut out);
+            // parse_dump has checked the chain is declared in this table.
+            if let Some(c) = table.chains.iter_mut().find(|c| c.name == chain) {
+                c.rules.push(rule);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn current(out: &mut SavedRuleset) -> &mut SavedTable {
+    // parse_dump rejects chains and rules outside a table.
+    out.tables.last_mut().expect("validated: inside a table")
+}
+
+fn saved_rule<'a>(
+    input_name: &str,
+    line: &'a str,
+    lineno: usize,
+    toks: &mut Vec<super::lexer::Tok<'a>>,
+) -> Result<(&'a str, SavedRule), ParseError> {
+    let rest = line.strip_prefix("-A ").or_else(|| line.strip_prefix("--append ")).unwrap_or(line).trim_start();
+    let (chain, spec) = match rest.find([' ', '\t']) {
+        Some(p) => (&rest[..p], rest[p + 1..].trim_end()),
+        None => (rest, ""),
+    };
+    let err = |m: String| ParseError { input: input_name.to_string(), line: lineno, kind: ParseErrorKind::Rule(m) };
+    tokenize(spec, toks).map_err(err)?;
+    let r = parse_rule(toks, lineno as u32).map_err(err)?;
+    let dst = r.dst.map(|d| if d.negated { format!("! {}", d.value) } else { d.value.to_string() });
+    let rule = SavedRule {
+        spec: spec.to_string(),
+        target: r.target.map(str::to_string),
+        dst,
+        comment: r.comment.map(|c| c.into_owned()),
+        line: lineno,
+    };
+    Ok((chain, rule))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "# Generated by iptables-save v1.8.9 on x\n*filter\n:INPUT ACCEPT [0:0]\n:FOO - [0:0]\n:KUBE-SERVICES - [0:0]\n-A INPUT -m comment --comment \"a b\" -j KUBE-SERVICES\n-A FOO -d 10.0.0.1/32 -j KUBE-SERVICES\n-A FOO -j ACCEPT\nCOMMIT\n";
+
+    #[test]
+    fn keeps_every_chain_and_the_exact_rule_text() {
+        let rs = parse_saved_rules("t", DUMP).unwrap();
+        let t = rs.table("filter").unwrap();
+        assert!(t.chain("INPUT").unwrap().builtin);
+        assert!(!t.chain("FOO").unwrap().builtin);
+        let input = &t.chain("INPUT").unwrap().rules[0];
+        assert_eq!(input.spec, "-m comment --comment \"a b\" -j KUBE-SERVICES");
+        assert_eq!(input.comment.as_deref(), Some("a b"));
+        let foo = &t.chain("FOO").unwrap().rules;
+        assert_eq!(foo.len(), 2);
+        assert_eq!(foo[0].dst.as_deref(), Some("10.0.0.1/32"));
+        assert_eq!(foo[0].target.as_deref(), Some("KUBE-SERVICES"));
+        assert_eq!(foo[0].line, 7);
+    }
+
+    #[test]
+    fn structural_errors_are_the_model_parsers() {
+        assert!(parse_saved_rules("t", "*filter\n:INPUT ACCEPT [0:0]\n").is_err());
+    }
+}
