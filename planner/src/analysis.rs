@@ -192,14 +192,19 @@ pub fn classify_policy(p: &PolicyInfo, ctx: &PolicyContext) -> PolicyVerdict {
 
 pub fn classify_calico(p: &crate::inventory::CalicoPolicyInfo) -> PolicyVerdict {
     let order = p.order.map(|o| o.to_string()).unwrap_or_else(|| "unset".into());
-    let denies: Vec<&String> = p.actions.iter().filter(|a| matches!(a.as_str(), "Deny" | "Pass" | "Log")).collect();
+    let denies: Vec<&str> = p
+        .actions
+        .iter()
+        .map(|a| a.split(' ').next().unwrap_or(""))
+        .filter(|a| matches!(*a, "Deny" | "Pass" | "Log"))
+        .collect();
     let (class, reason) = if !denies.is_empty() {
         (
             PolicyClass::Blocker,
             format!(
                 "Calico {} with {} rules at order {order}: Kubernetes NetworkPolicy, which the eBPF datapath enforces, has no deny, pass or order; rewrite it as default-deny plus allow NetworkPolicies before migrating",
                 p.kind,
-                denies.iter().map(|s| s.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join("/")
+                denies.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join("/")
             ),
         )
     } else {
@@ -213,11 +218,19 @@ pub fn classify_calico(p: &crate::inventory::CalicoPolicyInfo) -> PolicyVerdict 
         )
     };
     PolicyVerdict {
-        api: format!("crd.projectcalico.org/{}", p.kind),
+        api: format!("{}/{}", calico_group(&p.api_group), p.kind),
         namespace: p.namespace.clone(),
         name: p.name.clone(),
         class,
         reasons: vec![reason],
+    }
+}
+
+/// The group of a Calico apiVersion; policies read before the group was recorded are v1 CRDs.
+fn calico_group(api_version: &str) -> &str {
+    match api_version.split_once('/') {
+        Some((g, _)) if !g.is_empty() => g,
+        _ => "crd.projectcalico.org",
     }
 }
 
@@ -313,17 +326,12 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
                 (None, Some(c)) => c
                     .ip_pools
                     .iter()
-                    .map(|p| format!("pool {} ipip {} vxlan {}", p.cidr, p.ipip_mode.as_deref().unwrap_or("Never"), p.vxlan_mode.as_deref().unwrap_or("Never")))
+                    .map(|p| format!("pool {} ipip {} vxlan {} natOutgoing {} from {}", p.cidr, p.ipip_mode.as_deref().unwrap_or("Never"), p.vxlan_mode.as_deref().unwrap_or("Never"), p.nat_outgoing, if p.source.is_empty() { "an IPPool" } else { &p.source }))
                     .collect::<Vec<_>>()
                     .join("; "),
                 _ => String::new(),
             };
-            a.findings.push(f(Severity::Info, "cni", format!("legacy CNI {k} ({}) {detail}", inv.cni.workload.as_deref().unwrap_or("?"))));
-            if let Some(fl) = &inv.cni.flannel {
-                if fl.backend_type.as_deref() == Some("wireguard") {
-                    a.findings.push(f(Severity::Attention, "cni", "Flannel wireguard backend: pod traffic is encrypted today and will not be after the switch unless the datapath's encryption is enabled".into()));
-                }
-            }
+            a.findings.push(f(Severity::Info, "cni", format!("legacy CNI {k} ({}) {detail}", if inv.cni.daemonsets.len() > 1 { inv.cni.daemonsets.join(", ") } else { inv.cni.workload.clone().unwrap_or_else(|| "?".into()) })));
             // Plain Flannel has no policy engine: the objects exist, nothing enforces them.
             // The eBPF datapath enforces them from the moment a node moves, so traffic that
             // works today can start being dropped mid-migration. (Canal = Flannel + Calico's
@@ -349,6 +357,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             }
         }
     }
+    a.findings.extend(crate::legacy_findings::legacy_findings(inv));
     match inv.kube_proxy.mode.as_deref() {
         None => a.findings.push(f(Severity::Attention, "kube-proxy", "kube-proxy not found (no DaemonSet, no static pods): service routing today is by something else; take-over-services steps will have nothing to clean".into())),
         Some("iptables") => a.findings.push(f(Severity::Info, "kube-proxy", format!("kube-proxy {} in iptables mode, clusterCIDR {}", inv.kube_proxy.deployed_as.as_deref().unwrap_or("?"), inv.kube_proxy.cluster_cidr.as_deref().unwrap_or("unset")))),
@@ -437,7 +446,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     let host_ports: Vec<String> = inv
         .pods
         .iter()
-        .filter(|p| !p.host_ports.is_empty())
+        .filter(|p| !p.host_ports.is_empty() && !p.host_network)
         .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.host_ports.join(", ")))
         .collect();
     if !host_ports.is_empty() {
@@ -479,7 +488,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             ));
         }
     }
-    a.findings.sort_by(|x, y| x.severity.cmp(&y.severity));
+    a.findings.sort_by_key(|x| x.severity);
     a
 }
 
@@ -584,6 +593,9 @@ pub fn plan_input(inv: &Inventory, name: &str, max_unavailable: u32) -> PlanInpu
         max_unavailable: max_unavailable.max(1),
         pool_disruption_limit: pool_disruption_limits(inv),
         tunnel_port: None,
+        tunnel_vni: None,
+        legacy_tunnels: crate::cni::legacy_tunnels(&inv.cni),
+        legacy_daemon_sets: inv.cni.daemonsets.clone(),
         pod_cidr: None,
     }
 }
