@@ -68,7 +68,21 @@ pub struct ApiEndpoint {
     pub node_name: Option<String>,
     #[serde(default = "yes")]
     pub ready: bool,
+    /// `conditions.serving`; absent means the same as `ready`.
+    #[serde(default)]
+    pub serving: Option<bool>,
+    /// `conditions.terminating`: the pod is shutting down.
+    #[serde(default)]
+    pub terminating: bool,
     pub ports: Vec<ApiEndpointPort>,
+}
+
+impl ApiEndpoint {
+    /// Serving but terminating: kube-proxy sends traffic here only when no
+    /// ready endpoint is left (ProxyTerminatingEndpoints, GA in 1.28).
+    pub fn serving_terminating(&self) -> bool {
+        self.terminating && self.serving.unwrap_or(self.ready)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -113,10 +127,32 @@ impl ApiService {
 
     /// Ready `ip:port` targets of one service port, optionally only those on `node`.
     pub fn ready_targets(&self, port: &ApiServicePort, node: Option<&str>) -> Vec<String> {
+        self.targets_where(port, node, |e| e.ready)
+    }
+
+    /// The targets kube-proxy programs: the ready ones, or, when none is ready,
+    /// the serving-and-terminating ones (its fallback, for Cluster and Local
+    /// traffic alike). The flag says whether the fallback was taken.
+    pub fn proxied_targets(&self, port: &ApiServicePort, node: Option<&str>) -> (Vec<String>, bool) {
+        let ready = self.ready_targets(port, node);
+        if !ready.is_empty() {
+            return (ready, false);
+        }
+        let terminating = self.targets_where(port, node, ApiEndpoint::serving_terminating);
+        let fell_back = !terminating.is_empty();
+        (terminating, fell_back)
+    }
+
+    fn targets_where(
+        &self,
+        port: &ApiServicePort,
+        node: Option<&str>,
+        keep: impl Fn(&ApiEndpoint) -> bool,
+    ) -> Vec<String> {
         let mut v: Vec<String> = self
             .endpoints
             .iter()
-            .filter(|e| e.ready)
+            .filter(|e| keep(e))
             .filter(|e| node.is_none() || e.node_name.as_deref() == node)
             .filter_map(|e| {
                 e.ports

@@ -5,7 +5,7 @@
 //! node with a reason a human can act on.
 
 use crate::api::{ApiService, ApiServices, ServiceType, SessionAffinity, TrafficPolicy};
-use crate::iptables::{service_port_key, RuleModel, ServiceRules};
+use crate::iptables::{normalize_cidr, service_port_key, RuleModel, ServiceRules};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
@@ -136,7 +136,7 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
 }
 
 fn missing(svc: &ApiService, port: &crate::api::ApiServicePort, key: &str) -> Finding {
-    let ready = svc.ready_targets(port, None);
+    let (ready, _) = svc.proxied_targets(port, None);
     let ip = svc.cluster_ip.as_deref().unwrap_or("");
     let reason = if ready.is_empty() {
         format!(
@@ -180,18 +180,24 @@ fn compare(
         );
     }
 
-    let all_ready = svc.ready_targets(port, None);
+    // kube-proxy's targets: ready endpoints, else serving-terminating ones.
+    let (all_ready, fell_back) = svc.proxied_targets(port, None);
     // With internalTrafficPolicy Local the cluster IP only reaches this node's
     // endpoints (KUBE-SVL), and there is no cluster-wide list to compare.
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let (want, have, which) = if internal_local {
         (
-            svc.ready_targets(port, Some(node)),
+            svc.proxied_targets(port, Some(node)).0,
             targets(&s.local_endpoints),
             "local endpoints (internalTrafficPolicy Local)",
         )
     } else {
-        (all_ready.clone(), targets(&s.endpoints), "endpoints")
+        let which = if fell_back {
+            "endpoints (no ready one: kube-proxy falls back to the serving-terminating ones)"
+        } else {
+            "endpoints"
+        };
+        (all_ready.clone(), targets(&s.endpoints), which)
     };
     if all_ready.is_empty() {
         if !have.is_empty() {
@@ -228,7 +234,17 @@ fn compare(
     let external = svc.service_type == ServiceType::NodePort
         || svc.service_type == ServiceType::LoadBalancer
         || !svc.external_ips.is_empty();
-    if external && !all_ready.is_empty() {
+    if let (Some(api), Some(rules)) = (svc.health_check_node_port, s.health_check_node_port) {
+        if api != rules {
+            push(
+                FindingKind::TrafficPolicyMismatch,
+                format!("health check node port is {api} in the API, the rules accept {rules}"),
+            );
+        }
+    }
+    // Without endpoints only the health check port still shows Local; when
+    // the rules show nothing local either, there is nothing to compare.
+    if external && (!all_ready.is_empty() || s.local_only) {
         let api_local = svc.external_traffic_policy == TrafficPolicy::Local;
         if api_local != s.local_only {
             push(
@@ -239,8 +255,8 @@ fn compare(
                     if s.local_only { "Local" } else { "Cluster" }
                 ),
             );
-        } else if api_local {
-            let want_local = svc.ready_targets(port, Some(node));
+        } else if api_local && !all_ready.is_empty() {
+            let want_local = svc.proxied_targets(port, Some(node)).0;
             let (missing, extra) = set_diff(&want_local, &targets(&s.local_endpoints));
             if !missing.is_empty() || !extra.is_empty() {
                 push(
@@ -304,16 +320,8 @@ fn compare(
         return;
     }
     if !svc.lb_source_ranges.is_empty() && !svc.lb_ingress_ips.is_empty() {
-        let (m, e) = set_diff(&svc.lb_source_ranges, &s.lb_source_ranges);
-        if !m.is_empty() || !e.is_empty() {
-            push(
-                FindingKind::ExternalAddressMismatch,
-                format!(
-                    "loadBalancerSourceRanges: API has [{}], the firewall chain accepts [{}]",
-                    show(&svc.lb_source_ranges),
-                    show(&s.lb_source_ranges)
-                ),
-            );
+        if let Some(reason) = source_range_mismatch(svc, s) {
+            push(FindingKind::ExternalAddressMismatch, reason);
         }
     }
     let (miss_ext, extra_ext) = set_diff(&svc.external_ips, &s.external_ips);
@@ -330,6 +338,29 @@ fn compare(
             format!("load balancer IPs: API has [{}], rules have [{}]", show(&svc.lb_ingress_ips), show(&s.lb_ips)),
         );
     }
+}
+
+/// loadBalancerSourceRanges against KUBE-FW-*'s sources, both normalized. The
+/// LB IPs kube-proxy adds as sources (when a range holds the node) are allowed
+/// extras; a range of the spec that equals an LB IP is found among them.
+fn source_range_mismatch(svc: &ApiService, s: &ServiceRules) -> Option<String> {
+    let norm = |v: &[String]| -> Vec<String> { v.iter().map(|r| normalize_cidr(r)).collect() };
+    let want = norm(&svc.lb_source_ranges);
+    let lb_ips = norm(&svc.lb_ingress_ips);
+    let have: Vec<String> = s.lb_source_ranges.iter().chain(&s.lb_source_lb_ips).cloned().collect();
+    let (missing, extra) = set_diff(&want, &have);
+    let extra: Vec<String> = extra.into_iter().filter(|e| !lb_ips.contains(e)).collect();
+    if missing.is_empty() && extra.is_empty() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("in the API but not accepted by the firewall chain: {}", show(&missing)));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("accepted by the firewall chain but not in the API: {}", show(&extra)));
+    }
+    Some(format!("loadBalancerSourceRanges differ; {}", parts.join("; ")))
 }
 
 /// Diffs every node; `models` pairs node names with their parsed rules.

@@ -489,7 +489,14 @@ pub fn service_from_api(s: &Service) -> ApiService {
             .and_then(|lb| lb.ingress.as_ref())
             .map(|i| i.iter().filter_map(|i| i.ip.clone()).collect())
             .unwrap_or_default(),
-        lb_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+        // The API accepts " 203.0.113.0/25"; kube-proxy trims it, so must we.
+        lb_source_ranges: spec
+            .load_balancer_source_ranges
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
         external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
         internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
         session_affinity: if spec.session_affinity.as_deref() == Some("ClientIP") {
@@ -540,9 +547,18 @@ pub fn endpoints_from_slice(slice: &serde_json::Value) -> Option<(String, String
             .map(str::to_string);
         // An absent `ready` means ready (API contract for both versions).
         let ready = e.pointer("/conditions/ready").and_then(|r| r.as_bool()).unwrap_or(true);
+        let serving = e.pointer("/conditions/serving").and_then(|r| r.as_bool());
+        let terminating = e.pointer("/conditions/terminating").and_then(|r| r.as_bool()).unwrap_or(false);
         for ip in e.get("addresses").and_then(|a| a.as_array()).into_iter().flatten() {
             if let Some(ip) = ip.as_str() {
-                out.push(ApiEndpoint { ip: ip.to_string(), node_name: node.clone(), ready, ports: ports.clone() });
+                out.push(ApiEndpoint {
+                    ip: ip.to_string(),
+                    node_name: node.clone(),
+                    ready,
+                    serving,
+                    terminating,
+                    ports: ports.clone(),
+                });
             }
         }
     }
@@ -564,7 +580,13 @@ pub fn endpoints_from_core(ep: &Endpoints) -> Vec<ApiEndpoint> {
             .collect();
         for (list, ready) in [(&s.addresses, true), (&s.not_ready_addresses, false)] {
             for a in list.iter().flatten() {
-                out.push(ApiEndpoint { ip: a.ip.clone(), node_name: a.node_name.clone(), ready, ports: ports.clone() });
+                out.push(ApiEndpoint {
+                    ip: a.ip.clone(),
+                    node_name: a.node_name.clone(),
+                    ready,
+                    ports: ports.clone(),
+                    ..Default::default()
+                });
             }
         }
     }
