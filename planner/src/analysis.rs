@@ -388,28 +388,32 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
 
     for r in reports {
         let node = r.node_name.clone().unwrap_or_else(|| r.hostname.clone());
-        match r.rule_model() {
-            Some(Ok(model)) => {
-                let d = diff_node(&node, &model, &inv.services);
-                if !d.is_clean() {
-                    a.findings.push(f(
-                        Severity::Attention,
-                        &format!("node/{node}"),
-                        format!(
-                            "{} differences between kube-proxy's rules and the API (first: {})",
-                            d.findings.len(),
-                            d.findings[0].reason
-                        ),
-                    ));
+        // Each family's proxier writes its own table: IPv4 services to
+        // iptables, IPv6 ones to ip6tables.
+        for (v6, model) in [(false, r.rule_model()), (true, r.rule_model_v6())] {
+            match model {
+                Some(Ok(model)) => {
+                    let d = diff_node(&node, &model, &inv.services.of_family(v6));
+                    if !d.is_clean() {
+                        a.findings.push(f(
+                            Severity::Attention,
+                            &format!("node/{node}"),
+                            format!(
+                                "{} differences between kube-proxy's rules and the API (first: {})",
+                                d.findings.len(),
+                                d.findings[0].reason
+                            ),
+                        ));
+                    }
+                    a.rule_diffs.push(d);
                 }
-                a.rule_diffs.push(d);
+                Some(Err(e)) => a.findings.push(f(
+                    Severity::Attention,
+                    &format!("node/{node}"),
+                    format!("its {} does not parse: {e}", if v6 { "ip6tables-save" } else { "iptables-save" }),
+                )),
+                None => {}
             }
-            Some(Err(e)) => a.findings.push(f(
-                Severity::Attention,
-                &format!("node/{node}"),
-                format!("its iptables-save does not parse: {e}"),
-            )),
-            None => {}
         }
     }
 

@@ -68,7 +68,7 @@ fn rule_chains(s: &ServiceRules) -> Vec<String> {
 }
 
 fn targets(eps: &[crate::iptables::EndpointRule]) -> Vec<String> {
-    let mut v: Vec<String> = eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+    let mut v: Vec<String> = eps.iter().map(|e| crate::api::host_port(&e.ip, e.port)).collect();
     v.sort();
     v.dedup();
     v

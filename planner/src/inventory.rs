@@ -470,6 +470,7 @@ pub fn service_from_api(s: &Service) -> ApiService {
         name: s.metadata.name.clone().unwrap_or_default(),
         service_type,
         cluster_ip: spec.cluster_ip.clone(),
+        cluster_ips: spec.cluster_ips.clone().unwrap_or_default(),
         ports: spec
             .ports
             .unwrap_or_default()
