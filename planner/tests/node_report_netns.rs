@@ -200,7 +200,7 @@ COMMIT
         ..Default::default()
     };
     inv.services.services.push(web("fd00:10:244::5"));
-    let a = analyze(&inv, &[r.clone()], None);
+    let a = analyze(&inv, std::slice::from_ref(&r), None);
     assert_eq!(a.rule_diffs.len(), 2, "one diff per family");
     for d in &a.rule_diffs {
         assert!(d.is_clean(), "{}: {:?}", d.input, d.findings);
