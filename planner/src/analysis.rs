@@ -387,34 +387,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     a.readiness = readiness;
 
     for r in reports {
-        let node = r.node_name.clone().unwrap_or_else(|| r.hostname.clone());
-        // Each family's proxier writes its own table: IPv4 services to
-        // iptables, IPv6 ones to ip6tables.
-        for (v6, model) in [(false, r.rule_model()), (true, r.rule_model_v6())] {
-            match model {
-                Some(Ok(model)) => {
-                    let d = diff_node(&node, &model, &inv.services.of_family(v6));
-                    if !d.is_clean() {
-                        a.findings.push(f(
-                            Severity::Attention,
-                            &format!("node/{node}"),
-                            format!(
-                                "{} differences between kube-proxy's rules and the API (first: {})",
-                                d.findings.len(),
-                                d.findings[0].reason
-                            ),
-                        ));
-                    }
-                    a.rule_diffs.push(d);
-                }
-                Some(Err(e)) => a.findings.push(f(
-                    Severity::Attention,
-                    &format!("node/{node}"),
-                    format!("its {} does not parse: {e}", if v6 { "ip6tables-save" } else { "iptables-save" }),
-                )),
-                None => {}
-            }
-        }
+        diff_report(inv, r, &mut a);
     }
 
     let by_ns = pods_by_namespace(inv);
@@ -494,6 +467,44 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     }
     a.findings.sort_by_key(|x| x.severity);
     a
+}
+
+/// kube-proxy's rules of one node report against the API, per IP family.
+/// Each family's proxier writes its own table: IPv4 services to iptables,
+/// IPv6 ones to ip6tables; in nftables mode to `ip kube-proxy` and
+/// `ip6 kube-proxy`, which then stand in for the iptables models.
+fn diff_report(inv: &Inventory, r: &NodeReport, a: &mut Analysis) {
+    let node = r.node_name.clone().unwrap_or_else(|| r.hostname.clone());
+    let finding = |message: String| Finding { severity: Severity::Attention, subject: format!("node/{node}"), message };
+    let nft = match r.nft_models() {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            a.findings.push(finding(format!("its nft ruleset does not parse: {e}")));
+            Default::default()
+        }
+        None => Default::default(),
+    };
+    let v4 = nft.v4.map(Ok).or_else(|| r.rule_model().map(|m| m.map_err(|e| e.to_string())));
+    let v6 = nft.v6.map(Ok).or_else(|| r.rule_model_v6().map(|m| m.map_err(|e| e.to_string())));
+    for (is_v6, model) in [(false, v4), (true, v6)] {
+        match model {
+            Some(Ok(model)) => {
+                let d = diff_node(&node, &model, &inv.services.of_family(is_v6));
+                if let Some(first) = d.findings.first() {
+                    a.findings.push(finding(format!(
+                        "{} differences between kube-proxy's rules and the API (first: {})",
+                        d.findings.len(),
+                        first.reason
+                    )));
+                }
+                a.rule_diffs.push(d);
+            }
+            Some(Err(e)) => {
+                a.findings.push(finding(format!("its {} rules do not parse: {e}", if is_v6 { "IPv6" } else { "IPv4" })))
+            }
+            None => {}
+        }
+    }
 }
 
 fn pods_by_namespace(inv: &Inventory) -> BTreeMap<&str, Vec<&PodInfo>> {

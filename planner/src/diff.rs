@@ -5,7 +5,7 @@
 //! node with a reason a human can act on.
 
 use crate::api::{ApiService, ApiServices, ServiceType, SessionAffinity, TrafficPolicy};
-use crate::iptables::{normalize_cidr, service_port_key, RuleModel, ServiceRules};
+use crate::iptables::{normalize_cidr, service_port_key, ChainLayout, RuleModel, ServiceRules};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
@@ -98,7 +98,7 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             out.services_checked += 1;
             match by_key.get(&key) {
                 None => out.findings.push(missing(svc, port, &key)),
-                Some(rules) => compare(node, svc, port, &key, rules, &mut out.findings),
+                Some(rules) => compare(node, svc, port, &key, rules, model.layout, &mut out.findings),
             }
         }
     }
@@ -162,6 +162,7 @@ fn compare(
     port: &crate::api::ApiServicePort,
     key: &str,
     s: &ServiceRules,
+    layout: ChainLayout,
     f: &mut Vec<Finding>,
 ) {
     let mut push =
@@ -302,9 +303,15 @@ fn compare(
         }
     }
 
-    if all_ready.is_empty() {
-        // Without endpoints kube-proxy writes one REJECT per external address
-        // and the rule no longer says whether it is an external or an LB IP.
+    if !all_ready.is_empty() && !svc.lb_source_ranges.is_empty() && !svc.lb_ingress_ips.is_empty() {
+        if let Some(reason) = source_range_mismatch(svc, s) {
+            push(FindingKind::ExternalAddressMismatch, reason);
+        }
+    }
+    // Without endpoints kube-proxy writes one REJECT per external address and
+    // the rule no longer says whether it is an external or an LB IP; in
+    // nftables mode only LB IPs with source ranges are told apart at all.
+    if all_ready.is_empty() || layout == ChainLayout::Nftables {
         let mut want: Vec<String> = svc.external_ips.iter().chain(&svc.lb_ingress_ips).cloned().collect();
         let mut have: Vec<String> = s.external_ips.iter().chain(&s.lb_ips).cloned().collect();
         want.sort();
@@ -318,11 +325,6 @@ fn compare(
             );
         }
         return;
-    }
-    if !svc.lb_source_ranges.is_empty() && !svc.lb_ingress_ips.is_empty() {
-        if let Some(reason) = source_range_mismatch(svc, s) {
-            push(FindingKind::ExternalAddressMismatch, reason);
-        }
     }
     let (miss_ext, extra_ext) = set_diff(&svc.external_ips, &s.external_ips);
     if !miss_ext.is_empty() || !extra_ext.is_empty() {

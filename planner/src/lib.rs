@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod inventory;
 pub mod iptables;
 pub mod legacy_findings;
+pub mod nftables;
 pub mod node_report;
 pub mod plan;
 pub mod planning;

@@ -27,6 +27,11 @@ pub struct CollectOptions {
     pub iptables_save: String,
     /// `ip6tables-save`: kube-proxy writes a node's IPv6 services there.
     pub ip6tables_save: String,
+    /// `nft`, for kube-proxy's nftables mode (`nft -j list ruleset`).
+    pub nft: String,
+    /// `ipvsadm` and `ipset`, for kube-proxy's ipvs mode (`ipvsadm -Sn`, `ipset save`).
+    pub ipvsadm: String,
+    pub ipset: String,
     pub iptables: String,
     pub ip: String,
 }
@@ -38,6 +43,9 @@ impl Default for CollectOptions {
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
             iptables_save: "iptables-save".into(),
             ip6tables_save: "ip6tables-save".into(),
+            nft: "nft".into(),
+            ipvsadm: "ipvsadm".into(),
+            ipset: "ipset".into(),
             iptables: "iptables".into(),
             ip: "ip".into(),
         }
@@ -175,6 +183,15 @@ pub struct NodeReport {
     /// The same for `ip6tables-save` (absent in reports of older kubeshift).
     #[serde(default)]
     pub ip6tables: Option<IptablesInfo>,
+    /// `nft -j list ruleset` (kube-proxy's nftables mode keeps its services here).
+    #[serde(default)]
+    pub nft_ruleset: Option<String>,
+    /// `ipvsadm -Sn` (kube-proxy's ipvs mode); `None` without ipvsadm or IPVS.
+    #[serde(default)]
+    pub ipvs: Option<String>,
+    /// `ipset save` (ipvs mode's KUBE-CLUSTER-IP, KUBE-NODE-PORT-* … sets).
+    #[serde(default)]
+    pub ipset: Option<String>,
     pub cni: CniInfo,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<Route>,
@@ -205,6 +222,14 @@ impl NodeReport {
         let save = self.iptables.save.as_deref()?;
         let node = self.node_name.as_deref().unwrap_or(&self.hostname);
         Some(parse_iptables_save(&format!("{node}:iptables-save"), save))
+    }
+
+    /// kube-proxy's nftables tables, modelled per family. `None` when the
+    /// report has no ruleset.
+    pub fn nft_models(&self) -> Option<Result<crate::nftables::NftKubeProxy, String>> {
+        let text = self.nft_ruleset.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(crate::nftables::parse_nft_json(&format!("{node}:nft -j list ruleset"), text))
     }
 
     /// The rule model of the `ip6tables-save` text, like [`Self::rule_model`].
@@ -365,6 +390,28 @@ fn dump_into(binary: &str, info: &mut IptablesInfo, problems: &mut Vec<String>) 
     }
 }
 
+/// Output of a tool that only some nodes have (nft, ipvsadm, ipset): `None`
+/// without a problem when it is not installed, a problem when it fails.
+fn optional_tool(binary: &str, args: &[&str], problems: &mut Vec<String>) -> Option<String> {
+    match Command::new(binary).args(args).output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            problems.push(format!("{binary} {}: {e}", args.join(" ")));
+            None
+        }
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => {
+            problems.push(format!(
+                "{binary} {} exited with {}: {}",
+                args.join(" "),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            None
+        }
+    }
+}
+
 /// Reads the CNI conf dir the way the container runtime does: `*.conf`,
 /// `*.conflist` and `*.json`, sorted by name (the first one wins).
 pub fn read_cni_dir(dir: &Path, problems: &mut Vec<String>) -> CniInfo {
@@ -496,6 +543,10 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
     let cgroup = cgroup(&mut problems);
     let iptables = iptables(opts, &mut problems);
     let ip6tables = Some(ip6tables(opts, iptables.backend, &mut problems));
+    let nft_ruleset = optional_tool(&opts.nft, &["-j", "list", "ruleset"], &mut problems);
+    // Without the ip_vs module ipvsadm fails; that is a node without IPVS, not a problem.
+    let ipvs = optional_tool(&opts.ipvsadm, &["-Sn"], &mut Vec::new());
+    let ipset = optional_tool(&opts.ipset, &["save"], &mut problems);
     let cni = read_cni_dir(&opts.cni_conf_dir, &mut problems);
     let interfaces = match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
         Ok(v) => v,
@@ -524,6 +575,9 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
         cgroup,
         iptables,
         ip6tables,
+        nft_ruleset,
+        ipvs,
+        ipset,
         cni,
         interfaces,
         routes,

@@ -54,6 +54,8 @@ pub enum ChainLayout {
     Current,
     /// Only KUBE-SVC/SEP chains: both layouts write these identically.
     Ambiguous,
+    /// kube-proxy's nftables mode (`table ip kube-proxy`), read from `nft -j`.
+    Nftables,
 }
 
 /// One endpoint as the DNAT rules route to it.
