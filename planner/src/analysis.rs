@@ -361,7 +361,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     match inv.kube_proxy.mode.as_deref() {
         None => a.findings.push(f(Severity::Attention, "kube-proxy", "kube-proxy not found (no DaemonSet, no static pods): service routing today is by something else; take-over-services steps will have nothing to clean".into())),
         Some("iptables") => a.findings.push(f(Severity::Info, "kube-proxy", format!("kube-proxy {} in iptables mode, clusterCIDR {}", inv.kube_proxy.deployed_as.as_deref().unwrap_or("?"), inv.kube_proxy.cluster_cidr.as_deref().unwrap_or("unset")))),
-        Some(m) => a.findings.push(f(Severity::Attention, "kube-proxy", format!("kube-proxy in {m} mode: node reports show only part of its rules, so the rules-vs-API check is incomplete; cleanup removes {m} state"))),
+        Some(m) => a.findings.push(f(Severity::Attention, "kube-proxy", kube_proxy_mode_note(m))),
     }
     for p in &inv.problems {
         a.findings.push(f(Severity::Attention, "discovery", p.clone()));
@@ -469,6 +469,20 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     a
 }
 
+/// What a kube-proxy mode other than iptables means for the rules check and
+/// for cleanup on each node.
+fn kube_proxy_mode_note(mode: &str) -> String {
+    let (collected, state) = match mode {
+        "nftables" => ("`nft -j list ruleset`", "the tables `ip kube-proxy` and `ip6 kube-proxy`"),
+        "ipvs" => (
+            "`ipvsadm -Sn` and `ipset save`",
+            "its IPVS virtual servers, the kube-ipvs0 device and the KUBE-* ipsets, besides its KUBE-* iptables chains",
+        ),
+        _ => return format!("kube-proxy in {mode} mode, which kubeshift does not model: the rules-vs-API check is skipped and cleanup must be done by hand"),
+    };
+    format!("kube-proxy in {mode} mode: node reports collect {collected} and its services are diffed against the API; on each node the cleanup must remove {state}")
+}
+
 /// kube-proxy's rules of one node report against the API, per IP family.
 /// Each family's proxier writes its own table: IPv4 services to iptables,
 /// IPv6 ones to ip6tables; in nftables mode to `ip kube-proxy` and
@@ -484,8 +498,25 @@ fn diff_report(inv: &Inventory, r: &NodeReport, a: &mut Analysis) {
         }
         None => Default::default(),
     };
-    let v4 = nft.v4.map(Ok).or_else(|| r.rule_model().map(|m| m.map_err(|e| e.to_string())));
-    let v6 = nft.v6.map(Ok).or_else(|| r.rule_model_v6().map(|m| m.map_err(|e| e.to_string())));
+    let ipvs = match r.ipvs_virtual_servers() {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            a.findings.push(finding(format!("its IPVS table does not parse: {e}")));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    // In ipvs mode the services are IPVS virtual servers; the iptables rules
+    // beside them only mark and masquerade.
+    let ipvs_model = |v6: bool| {
+        let vss: Vec<_> = ipvs.iter().filter(|v| v.ip.contains(':') == v6).cloned().collect();
+        (!vss.is_empty())
+            .then(|| crate::ipvs::to_rule_model(&format!("{node}:ipvsadm -Sn"), &vss, &inv.services.of_family(v6)))
+    };
+    let v4 =
+        nft.v4.or_else(|| ipvs_model(false)).map(Ok).or_else(|| r.rule_model().map(|m| m.map_err(|e| e.to_string())));
+    let v6 =
+        nft.v6.or_else(|| ipvs_model(true)).map(Ok).or_else(|| r.rule_model_v6().map(|m| m.map_err(|e| e.to_string())));
     for (is_v6, model) in [(false, v4), (true, v6)] {
         match model {
             Some(Ok(model)) => {

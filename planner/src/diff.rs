@@ -109,7 +109,10 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             continue;
         }
         let what = if s.name.is_empty() {
-            format!("chain hash {}", s.chain_hash.as_deref().unwrap_or("?"))
+            match model.layout {
+                ChainLayout::Ipvs => format!("virtual server {}", s.chain_hash.as_deref().unwrap_or("?")),
+                _ => format!("chain hash {}", s.chain_hash.as_deref().unwrap_or("?")),
+            }
         } else {
             s.display_name()
         };
@@ -118,7 +121,12 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             service: (!s.name.is_empty()).then(|| key.clone()),
             chains: rule_chains(s),
             reason: format!(
-                "iptables still has rules for {what} ({}), which the API does not have: the service or port was deleted and kube-proxy has not synced",
+                "{} still has rules for {what} ({}), which the API does not have: the service or port was deleted and kube-proxy has not synced",
+                match model.layout {
+                    ChainLayout::Nftables => "nftables",
+                    ChainLayout::Ipvs => "IPVS",
+                    _ => "iptables",
+                },
                 s.protocol
             ),
         });

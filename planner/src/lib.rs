@@ -15,6 +15,7 @@ pub mod diff;
 pub mod discovery;
 pub mod inventory;
 pub mod iptables;
+pub mod ipvs;
 pub mod legacy_findings;
 pub mod nftables;
 pub mod node_report;

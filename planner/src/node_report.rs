@@ -232,6 +232,13 @@ impl NodeReport {
         Some(crate::nftables::parse_nft_json(&format!("{node}:nft -j list ruleset"), text))
     }
 
+    /// The IPVS virtual servers of `ipvsadm -Sn`; `None` without IPVS output.
+    pub fn ipvs_virtual_servers(&self) -> Option<Result<Vec<crate::ipvs::VirtualServer>, String>> {
+        let text = self.ipvs.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(crate::ipvs::parse_ipvsadm(&format!("{node}:ipvsadm -Sn"), text))
+    }
+
     /// The rule model of the `ip6tables-save` text, like [`Self::rule_model`].
     pub fn rule_model_v6(&self) -> Option<Result<RuleModel, ParseError>> {
         let save = self.ip6tables.as_ref()?.save.as_deref()?;

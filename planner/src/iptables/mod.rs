@@ -56,6 +56,8 @@ pub enum ChainLayout {
     Ambiguous,
     /// kube-proxy's nftables mode (`table ip kube-proxy`), read from `nft -j`.
     Nftables,
+    /// kube-proxy's ipvs mode, read from `ipvsadm -Sn` and matched to the API.
+    Ipvs,
 }
 
 /// One endpoint as the DNAT rules route to it.
