@@ -124,12 +124,17 @@ fn is_canal(ds: &Value) -> bool {
 }
 
 fn is_calico_node(ds: &Value) -> bool {
-    name(ds) == "calico-node" || label(ds, "k8s-app") == "calico-node"
+    name(ds) == "calico-node" || label(ds, "k8s-app") == "calico-node" || label(ds, "app") == "calico-node"
 }
 
 fn is_flannel(ds: &Value) -> bool {
     !is_canal(ds)
         && (name(ds).contains("flannel") || label(ds, "app") == "flannel" || label(ds, "k8s-app") == "flannel")
+}
+
+/// A DaemonSet of one of the CNIs discovery knows: only their ConfigMaps are read.
+pub fn is_cni_daemonset(ds: &Value) -> bool {
+    is_canal(ds) || is_calico_node(ds) || is_flannel(ds)
 }
 
 /// ConfigMaps a DaemonSet mounts, so a renamed kube-flannel-cfg is still found.

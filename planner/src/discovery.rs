@@ -177,11 +177,11 @@ async fn config_map(client: &Client, ns: &str, name: &str) -> Result<Option<Conf
         .with_context(|| format!("reading ConfigMap {ns}/{name}"))
 }
 
-/// ConfigMaps CNI discovery may read: the ones each DaemonSet mounts, and the
-/// names the upstream manifests use, in each DaemonSet's namespace.
+/// ConfigMaps CNI discovery may read: the ones each CNI DaemonSet mounts, and
+/// the names the upstream manifests use, in that DaemonSet's namespace.
 fn wanted_config_maps(dss: &[serde_json::Value]) -> Vec<(String, String)> {
     let mut v = Vec::new();
-    for ds in dss {
+    for ds in dss.iter().filter(|d| crate::cni::is_cni_daemonset(d)) {
         let ns = ds.pointer("/metadata/namespace").and_then(|n| n.as_str()).unwrap_or("").to_string();
         let volumes = ds.pointer("/spec/template/spec/volumes").and_then(|v| v.as_array()).cloned().unwrap_or_default();
         let mounted = volumes.iter().filter_map(|v| v.pointer("/configMap/name").and_then(|n| n.as_str()));

@@ -115,6 +115,10 @@ fn calico_dataplane(c: &CalicoConfig, inv: &Inventory) -> Vec<Finding> {
             (Some(_), Some(_)) => "kube-proxy is disabled, Calico serves the Services".to_string(),
             (Some(m), None) => format!("kube-proxy ({m} mode) still runs beside it"),
         };
+        let kp = match c.installation_network("kubeProxyManagement") {
+            Some("Enabled") => format!("{kp}; the operator manages kube-proxy (Installation spec.calicoNetwork.kubeProxyManagement Enabled) and would undo changes to it"),
+            _ => kp,
+        };
         v.push(finding(
             Severity::Blocker,
             "cni",

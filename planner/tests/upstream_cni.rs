@@ -339,6 +339,7 @@ fn calico_ebpf_from_operator_installation_is_a_blocker() {
     let b = blocker_with(&a, "eBPF dataplane");
     assert!(b.contains("Installation spec.calicoNetwork.linuxDataplane BPF"), "{b}");
     assert!(b.contains("kube-proxy is absent"), "{b}");
+    assert!(b.contains("kubeProxyManagement Enabled"), "{b}");
 }
 
 #[test]
