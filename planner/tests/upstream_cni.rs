@@ -466,3 +466,20 @@ fn host_network_ports_are_not_host_ports() {
     pod.host_network = Some(false);
     assert_eq!(kubeshift_planner::inventory::host_ports(&pod), vec!["5473/TCP->5473"]);
 }
+
+// --- Errors name the input and the place ------------------------------------
+
+#[test]
+fn bad_manifest_and_bad_net_conf_name_the_place() {
+    let mut objs = CniObjects::default();
+    let e = objs.add_manifest("broken.yaml", "kind: ConfigMap\nmetadata: {name: x\n").unwrap_err();
+    assert!(e.starts_with("broken.yaml:"), "{e}");
+
+    // The v0.28.9 ConfigMap with EnableIPv6 written as a string.
+    let text =
+        fixture("flannel-v0.28.9-kube-flannel.yml").replace("\"EnableNFTables\": false", "\"EnableIPv6\": \"yes\"");
+    let mut objs = CniObjects::default();
+    objs.add_manifest("kube-flannel.yml", &text).unwrap();
+    let e = discover_cni(&objs).unwrap_err();
+    assert_eq!(e, "ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json: EnableIPv6 must be true or false");
+}
