@@ -290,6 +290,7 @@ fn build(input: &str, table: &Table) -> RuleModel {
     let mut services: Vec<ServiceRules> = b.services.into_values().collect();
     for s in &mut services {
         s.node_ports.sort_unstable();
+        s.split_lb_self_sources();
     }
     RuleModel {
         input: input.to_string(),

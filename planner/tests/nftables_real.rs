@@ -32,6 +32,22 @@ impl Ns {
     }
 }
 
+impl Ns {
+    /// `nft -f -` with the script on stdin.
+    fn nft_stdin(&self, script: &str) {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "nft -f -: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 impl Drop for Ns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
@@ -186,5 +202,58 @@ fn node_report_collects_nft_and_analysis_uses_it() {
     let d = &a.rule_diffs[0];
     assert!(d.input.contains("nft -j list ruleset"), "{}", d.input);
     assert_eq!(d.services_checked, 6);
+    assert!(d.is_clean(), "{:#?}", d.findings);
+}
+
+/// A firewall chain with several allowed sources, the LB IPs among them, in
+/// the shape kube-proxy's nftables proxier writes for TestLoadBalancer's
+/// service (source ranges 192.168.0.0/24 and " 203.0.113.0/25", LB IPs
+/// 1.2.3.4 and 5.6.7.8, the node inside a range), through real `nft`: the
+/// anonymous set comes back as a JSON set, the LB IPs are kept apart.
+#[test]
+fn firewall_set_with_lb_ips_as_sources() {
+    let script = r#"add table ip kube-proxy
+add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }
+add map ip kube-proxy firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }
+add chain ip kube-proxy mark-for-masquerade
+add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
+add chain ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80
+add chain ip kube-proxy firewall-ULMVA6XW-ns1/svc1/tcp/p80
+add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80
+add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
+add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }
+add rule ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80 jump mark-for-masquerade
+add rule ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80 goto service-ULMVA6XW-ns1/svc1/tcp/p80
+add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80
+add rule ip kube-proxy firewall-ULMVA6XW-ns1/svc1/tcp/p80 ip saddr != { 192.168.0.0/24, 203.0.113.0/25, 1.2.3.4, 5.6.7.8 } drop
+add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }
+add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }
+add element ip kube-proxy service-ips { 5.6.7.8 . tcp . 80 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }
+add element ip kube-proxy firewall-ips { 1.2.3.4 . tcp . 80 : goto firewall-ULMVA6XW-ns1/svc1/tcp/p80 }
+add element ip kube-proxy firewall-ips { 5.6.7.8 . tcp . 80 : goto firewall-ULMVA6XW-ns1/svc1/tcp/p80 }
+"#;
+    let ns = Ns::new();
+    ns.nft_stdin(script);
+    let json = ns.nft(&["-j", "list", "ruleset"]);
+    let m = parse_nft_json("fw", &json).unwrap().v4.unwrap();
+    let s = m.service("ns1", "svc1", "p80", "tcp").unwrap();
+    assert_eq!(s.lb_source_ranges, vec!["192.168.0.0/24", "203.0.113.0/25"]);
+    assert_eq!(s.lb_source_lb_ips, vec!["1.2.3.4/32", "5.6.7.8/32"]);
+    assert_eq!(s.lb_ips, vec!["1.2.3.4", "5.6.7.8"]);
+
+    let api = ApiServices {
+        services: vec![ApiService {
+            namespace: "ns1".into(),
+            name: "svc1".into(),
+            service_type: ServiceType::LoadBalancer,
+            cluster_ip: Some("172.30.0.41".into()),
+            ports: port(None),
+            lb_ingress_ips: vec!["1.2.3.4".into(), "5.6.7.8".into()],
+            lb_source_ranges: vec!["192.168.0.0/24".into(), " 203.0.113.0/25".into()],
+            endpoints: vec![ep("10.180.0.1", None)],
+            ..Default::default()
+        }],
+    };
+    let d = diff_node("test-node", &m, &api);
     assert!(d.is_clean(), "{:#?}", d.findings);
 }

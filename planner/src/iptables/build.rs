@@ -532,21 +532,13 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     };
     for s in &mut b.services {
         s.node_ports.sort_unstable();
-        split_lb_self_sources(s);
+        s.split_lb_self_sources();
     }
     b.services.sort_by(|a, b| {
         (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(&b.namespace, &b.name, &b.port_name, &b.protocol))
     });
     m.services = b.services;
     m
-}
-
-/// Moves the LB IPs kube-proxy added as allowed sources out of the ranges.
-fn split_lb_self_sources(s: &mut ServiceRules) {
-    let lb: Vec<String> = s.lb_ips.iter().map(|ip| super::normalize_cidr(ip)).collect();
-    let (own, ranges): (Vec<String>, Vec<String>) = s.lb_source_ranges.drain(..).partition(|r| lb.contains(r));
-    s.lb_source_ranges = ranges;
-    s.lb_source_lb_ips = own;
 }
 
 fn apply_cluster_masq(s: &mut ServiceRules, r: &Rule<'_>) {

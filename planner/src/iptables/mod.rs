@@ -121,6 +121,15 @@ pub struct ServiceRules {
 }
 
 impl ServiceRules {
+    /// Moves the LB IPs kube-proxy added as allowed sources (when a source
+    /// range holds the node) out of the source ranges, into `lb_source_lb_ips`.
+    pub(crate) fn split_lb_self_sources(&mut self) {
+        let lb: Vec<String> = self.lb_ips.iter().map(|ip| normalize_cidr(ip)).collect();
+        let (own, ranges): (Vec<String>, Vec<String>) = self.lb_source_ranges.drain(..).partition(|r| lb.contains(r));
+        self.lb_source_ranges = ranges;
+        self.lb_source_lb_ips = own;
+    }
+
     /// `ns/name:port` (or `ns/name` for an unnamed port), as in the comments.
     pub fn display_name(&self) -> String {
         if self.port_name.is_empty() {
