@@ -320,6 +320,11 @@ fn canal_is_one_cni() {
     let a = analyze(&inv, &[], None);
     no_blocker_with(&a, "two CNIs");
     assert!(blockers(&a).is_empty(), "{:#?}", blockers(&a));
+    // Canal runs Flannel's VXLAN and Felix: both are avoided.
+    let tunnels = plan_input(&inv, "p", 1).legacy_tunnels;
+    let ports: Vec<(u16, Option<u32>)> = tunnels.iter().map(|t| (t.port, t.vni)).collect();
+    assert_eq!(ports, vec![(8472, Some(1)), (4789, Some(4096))]);
+    assert!(tunnels[0].what.contains("ConfigMap kube-system/canal-config key net-conf.json"), "{}", tunnels[0].what);
 }
 
 // --- Point 6: dataplanes that are not iptables ------------------------------
