@@ -233,7 +233,12 @@ pub fn discover_cni(objs: &CniObjects) -> Result<CniDiscovery, String> {
     out.cni.migration_traces = migration_traces(objs, &calico_node);
     if let Some(first) = out.cni.found.first() {
         out.cni.kind = Some(first.kind.clone());
-        out.cni.workload = first.workloads.first().cloned();
+        // Calico's workload says how it is installed (`DaemonSet ns/name` or
+        // `Installation name`): an operator-managed calico-node is not ours to edit.
+        out.cni.workload = match (first.kind.as_str(), &out.cni.calico) {
+            ("calico", Some(c)) => Some(c.installed_by.clone()),
+            _ => first.workloads.first().cloned(),
+        };
         out.cni.daemonsets = first.workloads.iter().filter(|w| !w.starts_with("Installation ")).cloned().collect();
     }
     Ok(out)

@@ -245,6 +245,8 @@ fn calico_policy_seen_in_both_groups_is_counted_once() {
 #[test]
 fn calico_manifest_without_pools_takes_them_from_calico_node_env() {
     let d = discover(&["calico-v3.32.1.yaml"]);
+    assert_eq!(d.cni.workload.as_deref(), Some("DaemonSet kube-system/calico-node"));
+    assert_eq!(d.cni.daemonsets, vec!["kube-system/calico-node"]);
     let p = &d.cni.calico.as_ref().unwrap().ip_pools;
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].cidr, "192.168.0.0/16");
@@ -284,6 +286,8 @@ fn operator_installation_pools_before_ippools_exist() {
     assert_eq!(d.cni.kind.as_deref(), Some("calico"));
     let c = d.cni.calico.as_ref().unwrap();
     assert_eq!(c.installed_by, "Installation default");
+    assert_eq!(d.cni.workload.as_deref(), Some("Installation default"));
+    assert!(d.cni.daemonsets.is_empty(), "the operator's calico-node is not a DaemonSet of the manifests");
     assert_eq!(c.ip_pools[0].name, "default-ipv4-ippool");
     assert_eq!(c.ip_pools[0].cidr, "192.168.0.0/16");
     assert_eq!(c.ip_pools[0].vxlan_mode.as_deref(), Some("CrossSubnet"));
