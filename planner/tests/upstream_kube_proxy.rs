@@ -149,3 +149,54 @@ fn slice_conditions_serving_and_terminating_are_read() {
     let (_, _, eps) = kubeshift_planner::inventory::endpoints_from_slice(&slice).unwrap();
     assert!(!eps[0].ready && eps[0].serving_terminating());
 }
+
+fn local_service() -> ApiService {
+    let mut on_node = endpoint("10.180.2.1", true, None, false);
+    on_node.node_name = Some("test-hostname".into());
+    ApiService {
+        namespace: "ns1".into(),
+        name: "svc1".into(),
+        service_type: ServiceType::LoadBalancer,
+        cluster_ip: Some("172.30.0.41".into()),
+        ports: vec![ApiServicePort { name: "p80".into(), port: 80, protocol: "TCP".into(), node_port: Some(3001) }],
+        external_ips: vec!["192.168.99.11".into()],
+        lb_ingress_ips: vec!["1.2.3.4".into()],
+        external_traffic_policy: TrafficPolicy::Local,
+        health_check_node_port: Some(30000),
+        endpoints: vec![endpoint("10.180.0.1", true, None, false), on_node],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn local_policy_with_a_local_endpoint_is_clean_and_checked() {
+    let rules = model("kube-proxy-upstream-TestExternalTrafficPolicyLocal.txt");
+    let d = diff_node("test-hostname", &rules, &ApiServices { services: vec![local_service()] });
+    assert!(d.is_clean(), "{:#?}", d.findings);
+
+    // Seen from another node the local endpoint is not local: a real difference.
+    let d = diff_node("other-node", &rules, &ApiServices { services: vec![local_service()] });
+    assert!(
+        d.findings.iter().any(|f| f.reason.contains("local endpoints on node other-node differ")),
+        "{:#?}",
+        d.findings
+    );
+}
+
+#[test]
+fn local_fallback_to_the_nodes_serving_terminating_endpoint() {
+    // The node's only endpoint is terminating but serving, the other one is
+    // ready elsewhere: cluster traffic goes to the ready one, and Local traffic
+    // on this node falls back to its serving-terminating endpoint.
+    let rules = model("kube-proxy-upstream-TestExternalTrafficPolicyLocal.txt");
+    let mut api = local_service();
+    api.endpoints[1].ready = false;
+    api.endpoints[1].serving = Some(true);
+    api.endpoints[1].terminating = true;
+    let d = diff_node("test-hostname", &rules, &ApiServices { services: vec![api] });
+    let reasons: Vec<&str> = d.findings.iter().map(|f| f.reason.as_str()).collect();
+    // KUBE-SVC still lists 10.180.2.1 (this dump was taken with both ready):
+    // that is a cluster-wide difference, the local one is not.
+    assert!(reasons.iter().any(|r| r.contains("in the rules but not ready in the API: 10.180.2.1:80")), "{reasons:#?}");
+    assert!(!reasons.iter().any(|r| r.contains("local endpoints on node")), "{reasons:#?}");
+}
