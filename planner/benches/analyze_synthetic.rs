@@ -57,6 +57,7 @@ fn synthetic(nodes: usize, pods: usize, services: usize, policies: usize) -> Inv
                     node_name: None,
                     ready: true,
                     ports: vec![ApiEndpointPort { name: "http".into(), port: 8080, protocol: "TCP".into() }],
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

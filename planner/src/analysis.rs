@@ -192,14 +192,19 @@ pub fn classify_policy(p: &PolicyInfo, ctx: &PolicyContext) -> PolicyVerdict {
 
 pub fn classify_calico(p: &crate::inventory::CalicoPolicyInfo) -> PolicyVerdict {
     let order = p.order.map(|o| o.to_string()).unwrap_or_else(|| "unset".into());
-    let denies: Vec<&String> = p.actions.iter().filter(|a| matches!(a.as_str(), "Deny" | "Pass" | "Log")).collect();
+    let denies: Vec<&str> = p
+        .actions
+        .iter()
+        .map(|a| a.split(' ').next().unwrap_or(""))
+        .filter(|a| matches!(*a, "Deny" | "Pass" | "Log"))
+        .collect();
     let (class, reason) = if !denies.is_empty() {
         (
             PolicyClass::Blocker,
             format!(
                 "Calico {} with {} rules at order {order}: Kubernetes NetworkPolicy, which the eBPF datapath enforces, has no deny, pass or order; rewrite it as default-deny plus allow NetworkPolicies before migrating",
                 p.kind,
-                denies.iter().map(|s| s.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join("/")
+                denies.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join("/")
             ),
         )
     } else {
@@ -213,11 +218,19 @@ pub fn classify_calico(p: &crate::inventory::CalicoPolicyInfo) -> PolicyVerdict 
         )
     };
     PolicyVerdict {
-        api: format!("crd.projectcalico.org/{}", p.kind),
+        api: format!("{}/{}", calico_group(&p.api_group), p.kind),
         namespace: p.namespace.clone(),
         name: p.name.clone(),
         class,
         reasons: vec![reason],
+    }
+}
+
+/// The group of a Calico apiVersion; policies read before the group was recorded are v1 CRDs.
+fn calico_group(api_version: &str) -> &str {
+    match api_version.split_once('/') {
+        Some((g, _)) if !g.is_empty() => g,
+        _ => "crd.projectcalico.org",
     }
 }
 
@@ -313,17 +326,12 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
                 (None, Some(c)) => c
                     .ip_pools
                     .iter()
-                    .map(|p| format!("pool {} ipip {} vxlan {}", p.cidr, p.ipip_mode.as_deref().unwrap_or("Never"), p.vxlan_mode.as_deref().unwrap_or("Never")))
+                    .map(|p| format!("pool {} ipip {} vxlan {} natOutgoing {} from {}", p.cidr, p.ipip_mode.as_deref().unwrap_or("Never"), p.vxlan_mode.as_deref().unwrap_or("Never"), p.nat_outgoing, if p.source.is_empty() { "an IPPool" } else { &p.source }))
                     .collect::<Vec<_>>()
                     .join("; "),
                 _ => String::new(),
             };
-            a.findings.push(f(Severity::Info, "cni", format!("legacy CNI {k} ({}) {detail}", inv.cni.workload.as_deref().unwrap_or("?"))));
-            if let Some(fl) = &inv.cni.flannel {
-                if fl.backend_type.as_deref() == Some("wireguard") {
-                    a.findings.push(f(Severity::Attention, "cni", "Flannel wireguard backend: pod traffic is encrypted today and will not be after the switch unless the datapath's encryption is enabled".into()));
-                }
-            }
+            a.findings.push(f(Severity::Info, "cni", format!("legacy CNI {k} ({}) {detail}", if inv.cni.daemonsets.len() > 1 { inv.cni.daemonsets.join(", ") } else { inv.cni.workload.clone().unwrap_or_else(|| "?".into()) })));
             // Plain Flannel has no policy engine: the objects exist, nothing enforces them.
             // The eBPF datapath enforces them from the moment a node moves, so traffic that
             // works today can start being dropped mid-migration. (Canal = Flannel + Calico's
@@ -349,10 +357,11 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             }
         }
     }
+    a.findings.extend(crate::legacy_findings::legacy_findings(inv));
     match inv.kube_proxy.mode.as_deref() {
         None => a.findings.push(f(Severity::Attention, "kube-proxy", "kube-proxy not found (no DaemonSet, no static pods): service routing today is by something else; take-over-services steps will have nothing to clean".into())),
         Some("iptables") => a.findings.push(f(Severity::Info, "kube-proxy", format!("kube-proxy {} in iptables mode, clusterCIDR {}", inv.kube_proxy.deployed_as.as_deref().unwrap_or("?"), inv.kube_proxy.cluster_cidr.as_deref().unwrap_or("unset")))),
-        Some(m) => a.findings.push(f(Severity::Attention, "kube-proxy", format!("kube-proxy in {m} mode: node reports show only part of its rules, so the rules-vs-API check is incomplete; cleanup removes {m} state"))),
+        Some(m) => a.findings.push(f(Severity::Attention, "kube-proxy", kube_proxy_mode_note(m))),
     }
     for p in &inv.problems {
         a.findings.push(f(Severity::Attention, "discovery", p.clone()));
@@ -378,30 +387,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     a.readiness = readiness;
 
     for r in reports {
-        let node = r.node_name.clone().unwrap_or_else(|| r.hostname.clone());
-        match r.rule_model() {
-            Some(Ok(model)) => {
-                let d = diff_node(&node, &model, &inv.services);
-                if !d.is_clean() {
-                    a.findings.push(f(
-                        Severity::Attention,
-                        &format!("node/{node}"),
-                        format!(
-                            "{} differences between kube-proxy's rules and the API (first: {})",
-                            d.findings.len(),
-                            d.findings[0].reason
-                        ),
-                    ));
-                }
-                a.rule_diffs.push(d);
-            }
-            Some(Err(e)) => a.findings.push(f(
-                Severity::Attention,
-                &format!("node/{node}"),
-                format!("its iptables-save does not parse: {e}"),
-            )),
-            None => {}
-        }
+        diff_report(inv, r, &mut a);
     }
 
     let by_ns = pods_by_namespace(inv);
@@ -437,7 +423,7 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
     let host_ports: Vec<String> = inv
         .pods
         .iter()
-        .filter(|p| !p.host_ports.is_empty())
+        .filter(|p| !p.host_ports.is_empty() && !p.host_network)
         .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.host_ports.join(", ")))
         .collect();
     if !host_ports.is_empty() {
@@ -479,8 +465,77 @@ pub fn analyze(inv: &Inventory, reports: &[NodeReport], new_pod_cidr: Option<&st
             ));
         }
     }
-    a.findings.sort_by(|x, y| x.severity.cmp(&y.severity));
+    a.findings.sort_by_key(|x| x.severity);
     a
+}
+
+/// What a kube-proxy mode other than iptables means for the rules check and
+/// for cleanup on each node.
+fn kube_proxy_mode_note(mode: &str) -> String {
+    let (collected, state) = match mode {
+        "nftables" => ("`nft -j list ruleset`", "the tables `ip kube-proxy` and `ip6 kube-proxy`"),
+        "ipvs" => (
+            "`ipvsadm -Sn` and `ipset save`",
+            "its IPVS virtual servers, the kube-ipvs0 device and the KUBE-* ipsets, besides its KUBE-* iptables chains",
+        ),
+        _ => return format!("kube-proxy in {mode} mode, which kubeshift does not model: the rules-vs-API check is skipped and cleanup must be done by hand"),
+    };
+    format!("kube-proxy in {mode} mode: node reports collect {collected} and its services are diffed against the API; on each node the cleanup must remove {state}")
+}
+
+/// kube-proxy's rules of one node report against the API, per IP family.
+/// Each family's proxier writes its own table: IPv4 services to iptables,
+/// IPv6 ones to ip6tables; in nftables mode to `ip kube-proxy` and
+/// `ip6 kube-proxy`, which then stand in for the iptables models.
+fn diff_report(inv: &Inventory, r: &NodeReport, a: &mut Analysis) {
+    let node = r.node_name.clone().unwrap_or_else(|| r.hostname.clone());
+    let finding = |message: String| Finding { severity: Severity::Attention, subject: format!("node/{node}"), message };
+    let nft = match r.nft_models() {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            a.findings.push(finding(format!("its nft ruleset does not parse: {e}")));
+            Default::default()
+        }
+        None => Default::default(),
+    };
+    let ipvs = match r.ipvs_virtual_servers() {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            a.findings.push(finding(format!("its IPVS table does not parse: {e}")));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    // In ipvs mode the services are IPVS virtual servers; the iptables rules
+    // beside them only mark and masquerade.
+    let ipvs_model = |v6: bool| {
+        let vss: Vec<_> = ipvs.iter().filter(|v| v.ip.contains(':') == v6).cloned().collect();
+        (!vss.is_empty())
+            .then(|| crate::ipvs::to_rule_model(&format!("{node}:ipvsadm -Sn"), &vss, &inv.services.of_family(v6)))
+    };
+    let v4 =
+        nft.v4.or_else(|| ipvs_model(false)).map(Ok).or_else(|| r.rule_model().map(|m| m.map_err(|e| e.to_string())));
+    let v6 =
+        nft.v6.or_else(|| ipvs_model(true)).map(Ok).or_else(|| r.rule_model_v6().map(|m| m.map_err(|e| e.to_string())));
+    for (is_v6, model) in [(false, v4), (true, v6)] {
+        match model {
+            Some(Ok(model)) => {
+                let d = diff_node(&node, &model, &inv.services.of_family(is_v6));
+                if let Some(first) = d.findings.first() {
+                    a.findings.push(finding(format!(
+                        "{} differences between kube-proxy's rules and the API (first: {})",
+                        d.findings.len(),
+                        first.reason
+                    )));
+                }
+                a.rule_diffs.push(d);
+            }
+            Some(Err(e)) => {
+                a.findings.push(finding(format!("its {} rules do not parse: {e}", if is_v6 { "IPv6" } else { "IPv4" })))
+            }
+            None => {}
+        }
+    }
 }
 
 fn pods_by_namespace(inv: &Inventory) -> BTreeMap<&str, Vec<&PodInfo>> {
@@ -584,6 +639,9 @@ pub fn plan_input(inv: &Inventory, name: &str, max_unavailable: u32) -> PlanInpu
         max_unavailable: max_unavailable.max(1),
         pool_disruption_limit: pool_disruption_limits(inv),
         tunnel_port: None,
+        tunnel_vni: None,
+        legacy_tunnels: crate::cni::legacy_tunnels(&inv.cni),
+        legacy_daemon_sets: inv.cni.daemonsets.clone(),
         pod_cidr: None,
     }
 }

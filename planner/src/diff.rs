@@ -5,7 +5,7 @@
 //! node with a reason a human can act on.
 
 use crate::api::{ApiService, ApiServices, ServiceType, SessionAffinity, TrafficPolicy};
-use crate::iptables::{service_port_key, RuleModel, ServiceRules};
+use crate::iptables::{normalize_cidr, service_port_key, ChainLayout, RuleModel, ServiceRules};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 
@@ -68,7 +68,7 @@ fn rule_chains(s: &ServiceRules) -> Vec<String> {
 }
 
 fn targets(eps: &[crate::iptables::EndpointRule]) -> Vec<String> {
-    let mut v: Vec<String> = eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+    let mut v: Vec<String> = eps.iter().map(|e| crate::api::host_port(&e.ip, e.port)).collect();
     v.sort();
     v.dedup();
     v
@@ -98,7 +98,7 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             out.services_checked += 1;
             match by_key.get(&key) {
                 None => out.findings.push(missing(svc, port, &key)),
-                Some(rules) => compare(node, svc, port, &key, rules, &mut out.findings),
+                Some(rules) => compare(node, svc, port, &key, rules, model.layout, &mut out.findings),
             }
         }
     }
@@ -109,7 +109,10 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             continue;
         }
         let what = if s.name.is_empty() {
-            format!("chain hash {}", s.chain_hash.as_deref().unwrap_or("?"))
+            match model.layout {
+                ChainLayout::Ipvs => format!("virtual server {}", s.chain_hash.as_deref().unwrap_or("?")),
+                _ => format!("chain hash {}", s.chain_hash.as_deref().unwrap_or("?")),
+            }
         } else {
             s.display_name()
         };
@@ -118,7 +121,12 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
             service: (!s.name.is_empty()).then(|| key.clone()),
             chains: rule_chains(s),
             reason: format!(
-                "iptables still has rules for {what} ({}), which the API does not have: the service or port was deleted and kube-proxy has not synced",
+                "{} still has rules for {what} ({}), which the API does not have: the service or port was deleted and kube-proxy has not synced",
+                match model.layout {
+                    ChainLayout::Nftables => "nftables",
+                    ChainLayout::Ipvs => "IPVS",
+                    _ => "iptables",
+                },
                 s.protocol
             ),
         });
@@ -136,7 +144,7 @@ pub fn diff_node(node: &str, model: &RuleModel, api: &ApiServices) -> NodeDiff {
 }
 
 fn missing(svc: &ApiService, port: &crate::api::ApiServicePort, key: &str) -> Finding {
-    let ready = svc.ready_targets(port, None);
+    let (ready, _) = svc.proxied_targets(port, None);
     let ip = svc.cluster_ip.as_deref().unwrap_or("");
     let reason = if ready.is_empty() {
         format!(
@@ -162,6 +170,7 @@ fn compare(
     port: &crate::api::ApiServicePort,
     key: &str,
     s: &ServiceRules,
+    layout: ChainLayout,
     f: &mut Vec<Finding>,
 ) {
     let mut push =
@@ -180,18 +189,24 @@ fn compare(
         );
     }
 
-    let all_ready = svc.ready_targets(port, None);
+    // kube-proxy's targets: ready endpoints, else serving-terminating ones.
+    let (all_ready, fell_back) = svc.proxied_targets(port, None);
     // With internalTrafficPolicy Local the cluster IP only reaches this node's
     // endpoints (KUBE-SVL), and there is no cluster-wide list to compare.
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let (want, have, which) = if internal_local {
         (
-            svc.ready_targets(port, Some(node)),
+            svc.proxied_targets(port, Some(node)).0,
             targets(&s.local_endpoints),
             "local endpoints (internalTrafficPolicy Local)",
         )
     } else {
-        (all_ready.clone(), targets(&s.endpoints), "endpoints")
+        let which = if fell_back {
+            "endpoints (no ready one: kube-proxy falls back to the serving-terminating ones)"
+        } else {
+            "endpoints"
+        };
+        (all_ready.clone(), targets(&s.endpoints), which)
     };
     if all_ready.is_empty() {
         if !have.is_empty() {
@@ -228,7 +243,17 @@ fn compare(
     let external = svc.service_type == ServiceType::NodePort
         || svc.service_type == ServiceType::LoadBalancer
         || !svc.external_ips.is_empty();
-    if external && !all_ready.is_empty() {
+    if let (Some(api), Some(rules)) = (svc.health_check_node_port, s.health_check_node_port) {
+        if api != rules {
+            push(
+                FindingKind::TrafficPolicyMismatch,
+                format!("health check node port is {api} in the API, the rules accept {rules}"),
+            );
+        }
+    }
+    // Without endpoints only the health check port still shows Local; when
+    // the rules show nothing local either, there is nothing to compare.
+    if external && (!all_ready.is_empty() || s.local_only) {
         let api_local = svc.external_traffic_policy == TrafficPolicy::Local;
         if api_local != s.local_only {
             push(
@@ -239,8 +264,8 @@ fn compare(
                     if s.local_only { "Local" } else { "Cluster" }
                 ),
             );
-        } else if api_local {
-            let want_local = svc.ready_targets(port, Some(node));
+        } else if api_local && !all_ready.is_empty() {
+            let want_local = svc.proxied_targets(port, Some(node)).0;
             let (missing, extra) = set_diff(&want_local, &targets(&s.local_endpoints));
             if !missing.is_empty() || !extra.is_empty() {
                 push(
@@ -286,9 +311,15 @@ fn compare(
         }
     }
 
-    if all_ready.is_empty() {
-        // Without endpoints kube-proxy writes one REJECT per external address
-        // and the rule no longer says whether it is an external or an LB IP.
+    if !all_ready.is_empty() && !svc.lb_source_ranges.is_empty() && !svc.lb_ingress_ips.is_empty() {
+        if let Some(reason) = source_range_mismatch(svc, s) {
+            push(FindingKind::ExternalAddressMismatch, reason);
+        }
+    }
+    // Without endpoints kube-proxy writes one REJECT per external address and
+    // the rule no longer says whether it is an external or an LB IP; in
+    // nftables mode only LB IPs with source ranges are told apart at all.
+    if all_ready.is_empty() || layout == ChainLayout::Nftables {
         let mut want: Vec<String> = svc.external_ips.iter().chain(&svc.lb_ingress_ips).cloned().collect();
         let mut have: Vec<String> = s.external_ips.iter().chain(&s.lb_ips).cloned().collect();
         want.sort();
@@ -302,19 +333,6 @@ fn compare(
             );
         }
         return;
-    }
-    if !svc.lb_source_ranges.is_empty() && !svc.lb_ingress_ips.is_empty() {
-        let (m, e) = set_diff(&svc.lb_source_ranges, &s.lb_source_ranges);
-        if !m.is_empty() || !e.is_empty() {
-            push(
-                FindingKind::ExternalAddressMismatch,
-                format!(
-                    "loadBalancerSourceRanges: API has [{}], the firewall chain accepts [{}]",
-                    show(&svc.lb_source_ranges),
-                    show(&s.lb_source_ranges)
-                ),
-            );
-        }
     }
     let (miss_ext, extra_ext) = set_diff(&svc.external_ips, &s.external_ips);
     if !miss_ext.is_empty() || !extra_ext.is_empty() {
@@ -330,6 +348,29 @@ fn compare(
             format!("load balancer IPs: API has [{}], rules have [{}]", show(&svc.lb_ingress_ips), show(&s.lb_ips)),
         );
     }
+}
+
+/// loadBalancerSourceRanges against KUBE-FW-*'s sources, both normalized. The
+/// LB IPs kube-proxy adds as sources (when a range holds the node) are allowed
+/// extras; a range of the spec that equals an LB IP is found among them.
+fn source_range_mismatch(svc: &ApiService, s: &ServiceRules) -> Option<String> {
+    let norm = |v: &[String]| -> Vec<String> { v.iter().map(|r| normalize_cidr(r)).collect() };
+    let want = norm(&svc.lb_source_ranges);
+    let lb_ips = norm(&svc.lb_ingress_ips);
+    let have: Vec<String> = s.lb_source_ranges.iter().chain(&s.lb_source_lb_ips).cloned().collect();
+    let (missing, extra) = set_diff(&want, &have);
+    let extra: Vec<String> = extra.into_iter().filter(|e| !lb_ips.contains(e)).collect();
+    if missing.is_empty() && extra.is_empty() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("in the API but not accepted by the firewall chain: {}", show(&missing)));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("accepted by the firewall chain but not in the API: {}", show(&extra)));
+    }
+    Some(format!("loadBalancerSourceRanges differ; {}", parts.join("; ")))
 }
 
 /// Diffs every node; `models` pairs node names with their parsed rules.

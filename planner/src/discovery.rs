@@ -3,9 +3,11 @@
 //! and PodDisruptionBudget only as policy/v1beta1, current ones only the v1s,
 //! so every versioned kind is resolved through discovery, never assumed.
 
+use crate::cni::{CniObjects, CALICO_GROUPS, CALICO_KINDS};
 use crate::inventory::*;
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -21,7 +23,8 @@ pub struct DiscoverOptions {
     pub pool_label: Option<String>,
 }
 
-const GROUPS: &[&str] = &["discovery.k8s.io", "policy", "crd.projectcalico.org", "operator.tigera.io"];
+const GROUPS: &[&str] =
+    &["discovery.k8s.io", "policy", "crd.projectcalico.org", "projectcalico.org", "operator.tigera.io"];
 
 struct Served {
     disc: Discovery,
@@ -103,18 +106,7 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
         let spec = p.spec.clone().unwrap_or_default();
         let owned_by_ds = p.metadata.owner_references.iter().flatten().any(|o| o.kind == "DaemonSet");
         let mirror = p.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
-        let mut host_ports = Vec::new();
-        for c in &spec.containers {
-            for port in c.ports.iter().flatten() {
-                if let Some(hp) = port.host_port.filter(|hp| *hp != 0) {
-                    host_ports.push(format!(
-                        "{}/{}->{hp}",
-                        port.container_port,
-                        port.protocol.as_deref().unwrap_or("TCP")
-                    ));
-                }
-            }
-        }
+        let host_ports = host_ports(&spec);
         inv.pods.push(PodInfo {
             namespace: p.metadata.namespace.clone().unwrap_or_default(),
             name: p.metadata.name.clone().unwrap_or_default(),
@@ -157,13 +149,6 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
             spec: np.spec.unwrap_or_default(),
         });
     }
-    for kind in ["NetworkPolicy", "GlobalNetworkPolicy"] {
-        if let Some(ar) = served.resource("crd.projectcalico.org", "v1", kind) {
-            for v in list_dynamic(client, &ar, &format!("Calico {kind}s")).await? {
-                inv.calico_policies.push(calico_policy_from_json(kind, &v));
-            }
-        }
-    }
 
     match served.first("policy", &["v1", "v1beta1"], "PodDisruptionBudget") {
         Some((ver, ar)) => {
@@ -178,25 +163,11 @@ pub async fn discover(client: &Client, opts: &DiscoverOptions) -> Result<Invento
     Ok(inv)
 }
 
-fn ds_name(ds: &DaemonSet) -> String {
-    format!("{}/{}", ds.metadata.namespace.as_deref().unwrap_or(""), ds.metadata.name.as_deref().unwrap_or(""))
-}
-
 fn ds_is(ds: &DaemonSet, name: &str) -> bool {
     ds.metadata.name.as_deref() == Some(name)
         || ds.metadata.name.as_deref().is_some_and(|n| n.starts_with(&format!("{name}-")))
         || labels(&ds.metadata).get("k8s-app").is_some_and(|v| v == name)
         || labels(&ds.metadata).get("app").is_some_and(|v| v == name)
-}
-
-/// ConfigMaps the DaemonSet mounts, so a renamed kube-flannel-cfg is still found.
-fn mounted_config_maps(ds: &DaemonSet) -> Vec<String> {
-    ds.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|s| s.volumes.as_ref())
-        .map(|v| v.iter().filter_map(|v| v.config_map.as_ref().map(|c| c.name.clone())).collect())
-        .unwrap_or_default()
 }
 
 async fn config_map(client: &Client, ns: &str, name: &str) -> Result<Option<ConfigMap>> {
@@ -206,112 +177,74 @@ async fn config_map(client: &Client, ns: &str, name: &str) -> Result<Option<Conf
         .with_context(|| format!("reading ConfigMap {ns}/{name}"))
 }
 
-async fn flannel_config(client: &Client, ns: &str, candidates: &[String]) -> Result<Option<FlannelConfig>> {
-    for name in candidates {
-        let Some(cm) = config_map(client, ns, name).await? else { continue };
-        if let Some(text) = cm.data.as_ref().and_then(|d| d.get("net-conf.json")) {
-            let input = format!("ConfigMap {ns}/{name} key net-conf.json");
-            return parse_flannel_net_conf(&input, text).map(Some).map_err(anyhow::Error::msg);
+/// ConfigMaps CNI discovery may read: the ones each CNI DaemonSet mounts, and
+/// the names the upstream manifests use, in that DaemonSet's namespace.
+fn wanted_config_maps(dss: &[serde_json::Value]) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for ds in dss.iter().filter(|d| crate::cni::is_cni_daemonset(d)) {
+        let ns = ds.pointer("/metadata/namespace").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        let volumes = ds.pointer("/spec/template/spec/volumes").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        let mounted = volumes.iter().filter_map(|v| v.pointer("/configMap/name").and_then(|n| n.as_str()));
+        let known = ["kube-flannel-cfg", "canal-config", "calico-config", "flannel-migration-config"];
+        for name in mounted.chain(known) {
+            v.push((ns.clone(), name.to_string()));
         }
     }
-    Ok(None)
+    v.sort();
+    v.dedup();
+    v
 }
 
-async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: &mut Inventory) -> Result<()> {
-    let canal = dss.iter().find(|d| ds_is(d, "canal"));
-    let flannel =
-        dss.iter().find(|d| ds_is(d, "flannel") || d.metadata.name.as_deref().is_some_and(|n| n.contains("flannel")));
-    let calico = dss.iter().find(|d| ds_is(d, "calico-node"));
-    let installation = match served.resource("operator.tigera.io", "v1", "Installation") {
-        Some(ar) => list_dynamic(client, &ar, "operator.tigera.io Installations").await?.into_iter().next(),
-        None => None,
-    };
-
-    if let Some(ds) = canal {
-        let ns = ds.metadata.namespace.clone().unwrap_or_default();
-        let mut names = mounted_config_maps(ds);
-        names.push("canal-config".into());
-        inv.cni.kind = Some("canal".into());
-        inv.cni.workload = Some(ds_name(ds));
-        inv.cni.flannel = flannel_config(client, &ns, &names).await?;
-    } else if let Some(ds) = flannel {
-        let ns = ds.metadata.namespace.clone().unwrap_or_default();
-        let mut names = mounted_config_maps(ds);
-        names.push("kube-flannel-cfg".into());
-        inv.cni.kind = Some("flannel".into());
-        inv.cni.workload = Some(ds_name(ds));
-        inv.cni.flannel = flannel_config(client, &ns, &names).await?;
-        if inv.cni.flannel.is_none() {
-            inv.problems.push(format!(
-                "Flannel DaemonSet {} found but no ConfigMap with net-conf.json ({})",
-                ds_name(ds),
-                names.join(", ")
-            ));
+async fn cni_objects(client: &Client, served: &Served, dss: &[DaemonSet]) -> Result<CniObjects> {
+    let mut objs = CniObjects::default();
+    for ds in dss {
+        let mut v = serde_json::to_value(ds).context("reading a DaemonSet")?;
+        v["apiVersion"] = "apps/v1".into();
+        v["kind"] = "DaemonSet".into();
+        objs.add(v);
+    }
+    for (ns, name) in wanted_config_maps(&objs.daemonsets) {
+        if let Some(cm) = config_map(client, &ns, &name).await? {
+            let mut v = serde_json::to_value(&cm).with_context(|| format!("reading ConfigMap {ns}/{name}"))?;
+            v["apiVersion"] = "v1".into();
+            v["kind"] = "ConfigMap".into();
+            objs.add(v);
         }
     }
-    if calico.is_some() || installation.is_some() {
-        let mut cfg = CalicoConfig::default();
-        if let Some(ds) = calico {
-            cfg.installed_by = format!("DaemonSet {}", ds_name(ds));
-            let ns = ds.metadata.namespace.clone().unwrap_or_default();
-            if let Some(cm) = config_map(client, &ns, "calico-config").await? {
-                cfg.backend = cm.data.as_ref().and_then(|d| d.get("calico_backend")).cloned();
-            }
-        } else if let Some(i) = &installation {
-            cfg.installed_by =
-                format!("Installation {}", i.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("default"));
-        }
-        if let Some(ar) = served.resource("crd.projectcalico.org", "v1", "IPPool") {
-            cfg.ip_pools =
-                list_dynamic(client, &ar, "Calico IPPools").await?.iter().map(calico_pool_from_json).collect();
-        }
-        if cfg.ip_pools.is_empty() {
-            // The operator writes its pools into the Installation before calico-node creates IPPools.
-            for p in installation.iter().flat_map(|i| {
-                i.pointer("/spec/calicoNetwork/ipPools").and_then(|p| p.as_array()).cloned().unwrap_or_default()
-            }) {
-                let enc = p.get("encapsulation").and_then(|e| e.as_str()).unwrap_or("");
-                cfg.ip_pools.push(CalicoIpPool {
-                    name: "installation".into(),
-                    cidr: p.get("cidr").and_then(|c| c.as_str()).unwrap_or("").into(),
-                    ipip_mode: enc
-                        .starts_with("IPIP")
-                        .then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
-                    vxlan_mode: enc
-                        .starts_with("VXLAN")
-                        .then(|| if enc.ends_with("CrossSubnet") { "CrossSubnet" } else { "Always" }.into()),
-                    nat_outgoing: p.get("natOutgoing").and_then(|n| n.as_str()) != Some("Disabled"),
-                    disabled: false,
-                });
-            }
-        }
-        for (kind, slot) in [("FelixConfiguration", 0), ("BGPConfiguration", 1)] {
-            if let Some(ar) = served.resource("crd.projectcalico.org", "v1", kind) {
-                let all = list_dynamic(client, &ar, &format!("Calico {kind}s")).await?;
-                let spec = all
-                    .iter()
-                    .find(|o| o.pointer("/metadata/name").and_then(|n| n.as_str()) == Some("default"))
-                    .and_then(|o| o.get("spec").cloned());
-                if slot == 0 {
-                    cfg.felix = spec
-                } else {
-                    cfg.bgp = spec
+    for (group, version) in CALICO_GROUPS {
+        for kind in CALICO_KINDS {
+            if let Some(ar) = served.resource(group, version, kind) {
+                for mut v in list_dynamic(client, &ar, &format!("Calico {kind}s ({group}/{version})")).await? {
+                    v["apiVersion"] = format!("{group}/{version}").into();
+                    v["kind"] = (*kind).into();
+                    objs.add(v);
                 }
             }
         }
-        if let Some(ar) = served.resource("crd.projectcalico.org", "v1", "BGPPeer") {
-            for p in list_dynamic(client, &ar, "Calico BGPPeers").await? {
-                let name = p.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("");
-                let ip = p.pointer("/spec/peerIP").and_then(|n| n.as_str()).unwrap_or("");
-                cfg.bgp_peers.push(format!("{name} ({ip})"));
-            }
-        }
-        if inv.cni.kind.as_deref() != Some("canal") {
-            inv.cni.kind = Some("calico".into());
-            inv.cni.workload = Some(cfg.installed_by.clone());
-        }
-        inv.cni.calico = Some(cfg);
     }
+    if let Some(ar) = served.resource("operator.tigera.io", "v1", "Installation") {
+        for mut v in list_dynamic(client, &ar, "operator.tigera.io Installations").await? {
+            v["apiVersion"] = "operator.tigera.io/v1".into();
+            v["kind"] = "Installation".into();
+            objs.add(v);
+        }
+    }
+    let jobs = Api::<Job>::namespaced(client.clone(), "kube-system");
+    if let Some(job) = jobs.get_opt("flannel-migration").await.context("reading Job kube-system/flannel-migration")? {
+        let mut v = serde_json::to_value(&job).context("reading Job kube-system/flannel-migration")?;
+        v["apiVersion"] = "batch/v1".into();
+        v["kind"] = "Job".into();
+        objs.add(v);
+    }
+    Ok(objs)
+}
+
+async fn discover_cni(client: &Client, served: &Served, dss: &[DaemonSet], inv: &mut Inventory) -> Result<()> {
+    let objs = cni_objects(client, served, dss).await?;
+    let found = crate::cni::discover_cni(&objs).map_err(anyhow::Error::msg)?;
+    inv.cni = found.cni;
+    inv.calico_policies = found.calico_policies;
+    inv.problems.extend(found.problems);
     Ok(())
 }
 
@@ -339,6 +272,7 @@ async fn discover_kube_proxy(client: &Client, dss: &[DaemonSet], pods: &[Pod], i
         .flat_map(|c| c.command.iter().flatten().chain(c.args.iter().flatten()).cloned())
         .collect();
     let (flag_mode, flag_cidr) = kube_proxy_flags(&args);
+    inv.kube_proxy.disabled_by = ds.and_then(|d| kube_proxy_disabled(d, inv.nodes.len()));
     let mut cms: Vec<String> = pod_spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
@@ -375,6 +309,7 @@ async fn discover_kube_proxy(client: &Client, dss: &[DaemonSet], pods: &[Pod], i
 async fn discover_services(client: &Client, served: &Served, inv: &mut Inventory) -> Result<()> {
     let svcs = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.context("listing Services")?;
     let mut services: Vec<_> = svcs.items.iter().map(service_from_api).collect();
+    inv.ipv6_services = svcs.items.iter().filter_map(ipv6_service).collect();
     let mut eps = Vec::new();
     if served.resource("discovery.k8s.io", "v1", "EndpointSlice").is_some() {
         inv.endpoints_source = "discovery.k8s.io/v1".into();

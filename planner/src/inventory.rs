@@ -6,7 +6,8 @@
 use crate::api::{
     ApiEndpoint, ApiEndpointPort, ApiService, ApiServicePort, ApiServices, ServiceType, SessionAffinity, TrafficPolicy,
 };
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Endpoints, PodSpec, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -44,8 +45,46 @@ pub struct FlannelConfig {
     pub network: Option<String>,
     pub backend_type: Option<String>,
     pub vni: Option<u32>,
+    /// `Port` (vxlan, udp) or `ListenPort` (wireguard).
     pub port: Option<u16>,
     pub direct_routing: Option<bool>,
+    #[serde(default)]
+    pub ipv6_network: Option<String>,
+    /// `EnableIPv6`; Flannel hands out IPv6 pod addresses only when it is true.
+    #[serde(default)]
+    pub enable_ipv6: bool,
+    /// `EnableIPv4: false`: an IPv6-only Flannel.
+    #[serde(default)]
+    pub ipv4_disabled: bool,
+    /// `EnableNFTables`: Flannel writes its masquerade and forward rules as nftables.
+    #[serde(default)]
+    pub enable_nftables: bool,
+    /// Where it was read, e.g. `ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json`.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl FlannelConfig {
+    /// Flannel's backend when net-conf.json names none is udp.
+    pub fn backend(&self) -> &str {
+        self.backend_type.as_deref().unwrap_or("udp")
+    }
+
+    /// The UDP port the backend listens on, and whether it was read or is Flannel's default.
+    pub fn effective_port(&self) -> Option<(u16, bool)> {
+        let default = match self.backend() {
+            "vxlan" => 8472,
+            "udp" => 8285,
+            "wireguard" => 51820,
+            _ => return self.port.map(|p| (p, true)),
+        };
+        Some(self.port.filter(|p| *p != 0).map(|p| (p, true)).unwrap_or((default, false)))
+    }
+
+    /// The VXLAN VNI and whether it was read (only the vxlan backend has one).
+    pub fn effective_vni(&self) -> Option<(u32, bool)> {
+        (self.backend() == "vxlan").then(|| self.vni.filter(|v| *v != 0).map(|v| (v, true)).unwrap_or((1, false)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -57,6 +96,16 @@ pub struct CalicoIpPool {
     pub vxlan_mode: Option<String>,
     pub nat_outgoing: bool,
     pub disabled: bool,
+    /// Where the pool was read: an IPPool of one API group, the operator's
+    /// Installation, or the calico-node DaemonSet's environment before the pool exists.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl CalicoIpPool {
+    pub fn is_ipv6(&self) -> bool {
+        self.cidr.contains(':')
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -72,6 +121,53 @@ pub struct CalicoConfig {
     pub bgp_peers: Vec<String>,
     /// `calico_backend` of the calico-config ConfigMap (bird / vxlan / none).
     pub backend: Option<String>,
+    /// API groups the Calico resources were read from (`crd.projectcalico.org/v1`,
+    /// `projectcalico.org/v3`): a v3-CRD install has only the second.
+    #[serde(default)]
+    pub api_groups: Vec<String>,
+    /// Which FelixConfiguration `default` was read (`FelixConfiguration default (projectcalico.org/v3)`).
+    #[serde(default)]
+    pub felix_source: Option<String>,
+    /// `FELIX_*` variables of the calico-node container: they override FelixConfiguration.
+    #[serde(default)]
+    pub felix_env: BTreeMap<String, String>,
+    /// The operator's `Installation` spec, when Calico is operator-managed.
+    #[serde(default)]
+    pub installation: Option<serde_json::Value>,
+}
+
+impl CalicoConfig {
+    /// A Felix setting as Felix resolves it: the container's environment first, then
+    /// FelixConfiguration `default`. Returns the value and where it came from.
+    pub fn felix_setting(&self, key: &str) -> Option<(String, String)> {
+        let env = format!("FELIX_{}", key.to_ascii_uppercase());
+        if let Some(v) = self.felix_env.get(&env) {
+            return Some((v.clone(), format!("{} env {env}", self.installed_by)));
+        }
+        let v = self.felix.as_ref()?.get(key)?;
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Some((text, format!("{} spec.{key}", self.felix_source.as_deref().unwrap_or("FelixConfiguration default"))))
+    }
+
+    /// `spec.calicoNetwork.<key>` of the operator's Installation.
+    pub fn installation_network(&self, key: &str) -> Option<&str> {
+        self.installation.as_ref()?.pointer(&format!("/calicoNetwork/{key}"))?.as_str()
+    }
+}
+
+/// One CNI whose objects were found. Two of them at once is a half-done migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CniFound {
+    /// `flannel`, `calico` or `canal`.
+    pub kind: String,
+    /// `namespace/name` of each of its DaemonSets (or its Installation).
+    pub workloads: Vec<String>,
+    /// The pod networks it hands out addresses from.
+    pub networks: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -81,6 +177,17 @@ pub struct CniInventory {
     pub kind: Option<String>,
     /// `namespace/name` of the DaemonSet (or the operator's Installation).
     pub workload: Option<String>,
+    /// Every DaemonSet of the legacy CNI, `namespace/name`: old Flannel manifests
+    /// run one per architecture (`kube-flannel-ds-amd64`, `-arm64`, …) and apply
+    /// must pin and remove all of them.
+    #[serde(default)]
+    pub daemonsets: Vec<String>,
+    /// Every CNI whose objects are present; more than one is a half-done migration.
+    #[serde(default)]
+    pub found: Vec<CniFound>,
+    /// Traces of Calico's flannel-migration controller (Job, ConfigMap, node selector).
+    #[serde(default)]
+    pub migration_traces: Vec<String>,
     pub flannel: Option<FlannelConfig>,
     pub calico: Option<CalicoConfig>,
 }
@@ -95,6 +202,10 @@ pub struct KubeProxyInventory {
     pub cluster_cidr: Option<String>,
     /// Where the configuration was read from (`kube-system/kube-proxy config.conf`).
     pub config_source: Option<String>,
+    /// Why the kube-proxy DaemonSet runs on no node although it exists (a node
+    /// selector no node has, as Calico's eBPF guide sets), in words.
+    #[serde(default)]
+    pub disabled_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -115,8 +226,13 @@ pub struct CalicoPolicyInfo {
     pub name: String,
     pub order: Option<f64>,
     pub selector: Option<String>,
-    /// Actions of all ingress and egress rules, in order.
+    /// Actions of all ingress and egress rules, in order. A direction listed in
+    /// `types` without rules denies everything (Calico drops at the end of the
+    /// tier), and is recorded as `Deny (no ingress rules)`.
     pub actions: Vec<String>,
+    /// `crd.projectcalico.org/v1` or `projectcalico.org/v3`.
+    #[serde(default)]
+    pub api_group: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -167,6 +283,9 @@ pub struct Inventory {
     pub apiserver_addresses: Vec<String>,
     pub network_policies: Vec<PolicyInfo>,
     pub calico_policies: Vec<CalicoPolicyInfo>,
+    /// Services with an IPv6 family (`ns/name (IPv4,IPv6)`): dual-stack or IPv6-only.
+    #[serde(default)]
+    pub ipv6_services: Vec<String>,
     pub pdbs: Vec<PdbInfo>,
     pub pods: Vec<PodInfo>,
     /// Things discovery could not read, in words (a missing CRD is not one of them).
@@ -219,18 +338,28 @@ pub fn parse_flannel_net_conf(input: &str, text: &str) -> Result<FlannelConfig, 
         }
     }
     let b = |k: &str| backend.and_then(|b| b.get(k));
-    let network = match obj.get("Network") {
-        None => None,
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(format!("{input}: Network must be a string")),
+    let string = |k: &str| match obj.get(k) {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{input}: {k} must be a string")),
+    };
+    let flag = |k: &str, default: bool| match obj.get(k) {
+        None => Ok(default),
+        Some(serde_json::Value::Bool(v)) => Ok(*v),
+        Some(_) => Err(format!("{input}: {k} must be true or false")),
     };
     Ok(FlannelConfig {
-        network,
+        network: string("Network")?,
         // Flannel's default backend when none is given is udp; vxlan is the manifest's.
         backend_type: b("Type").and_then(|t| t.as_str()).map(|s| s.to_ascii_lowercase()),
         vni: b("VNI").and_then(|t| t.as_u64()).map(|n| n as u32),
-        port: b("Port").and_then(|t| t.as_u64()).map(|n| n as u16),
+        port: b("Port").or_else(|| b("ListenPort")).and_then(|t| t.as_u64()).map(|n| n as u16),
         direct_routing: b("DirectRouting").and_then(|t| t.as_bool()),
+        ipv6_network: string("IPv6Network")?,
+        enable_ipv6: flag("EnableIPv6", false)?,
+        ipv4_disabled: !flag("EnableIPv4", true)?,
+        enable_nftables: flag("EnableNFTables", false)?,
+        source: input.to_string(),
     })
 }
 
@@ -267,6 +396,66 @@ pub fn kube_proxy_flags(args: &[String]) -> (Option<String>, Option<String>) {
     (mode, cidr)
 }
 
+/// A pod's hostPorts as `containerPort/proto->hostPort`. A hostNetwork pod's
+/// ports carry hostPort = containerPort because the apiserver fills it in:
+/// they bind on the node directly, no portmap rule is involved, and they are
+/// not hostPorts to re-wire.
+pub fn host_ports(spec: &PodSpec) -> Vec<String> {
+    if spec.host_network.unwrap_or(false) {
+        return Vec::new();
+    }
+    let mut v = Vec::new();
+    for c in &spec.containers {
+        for port in c.ports.iter().flatten() {
+            if let Some(hp) = port.host_port.filter(|hp| *hp != 0) {
+                v.push(format!("{}/{}->{hp}", port.container_port, port.protocol.as_deref().unwrap_or("TCP")));
+            }
+        }
+    }
+    v
+}
+
+/// `ns/name (families)` of a Service that has an IPv6 family or ClusterIP.
+pub fn ipv6_service(s: &Service) -> Option<String> {
+    let spec = s.spec.as_ref()?;
+    let mut families: Vec<String> = spec.ip_families.clone().unwrap_or_default();
+    for ip in spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()) {
+        let f = if ip.contains(':') {
+            "IPv6"
+        } else if ip.contains('.') {
+            "IPv4"
+        } else {
+            continue;
+        };
+        if !families.iter().any(|x| x == f) {
+            families.push(f.into());
+        }
+    }
+    families.iter().any(|f| f == "IPv6").then(|| {
+        let ns = s.metadata.namespace.as_deref().unwrap_or("");
+        let name = s.metadata.name.as_deref().unwrap_or("");
+        format!("{ns}/{name} ({})", families.join(","))
+    })
+}
+
+/// Why an existing kube-proxy DaemonSet runs nowhere: it schedules no pod
+/// although the cluster has nodes (Calico's eBPF guide sets a node selector
+/// `non-calico: "true"` that no node carries).
+pub fn kube_proxy_disabled(ds: &DaemonSet, nodes: usize) -> Option<String> {
+    let desired = ds.status.as_ref().map(|s| s.desired_number_scheduled)?;
+    if desired > 0 || nodes == 0 {
+        return None;
+    }
+    let sel = ds.spec.as_ref()?.template.spec.as_ref()?.node_selector.clone().unwrap_or_default();
+    let sel: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let ns = ds.metadata.namespace.as_deref().unwrap_or("");
+    let name = ds.metadata.name.as_deref().unwrap_or("");
+    Some(format!(
+        "DaemonSet {ns}/{name} schedules no pod on the {nodes} nodes (status.desiredNumberScheduled 0; nodeSelector {})",
+        if sel.is_empty() { "none".to_string() } else { sel.join(", ") }
+    ))
+}
+
 pub fn service_from_api(s: &Service) -> ApiService {
     let spec = s.spec.clone().unwrap_or_default();
     let service_type = match spec.type_.as_deref() {
@@ -281,6 +470,7 @@ pub fn service_from_api(s: &Service) -> ApiService {
         name: s.metadata.name.clone().unwrap_or_default(),
         service_type,
         cluster_ip: spec.cluster_ip.clone(),
+        cluster_ips: spec.cluster_ips.clone().unwrap_or_default(),
         ports: spec
             .ports
             .unwrap_or_default()
@@ -300,7 +490,14 @@ pub fn service_from_api(s: &Service) -> ApiService {
             .and_then(|lb| lb.ingress.as_ref())
             .map(|i| i.iter().filter_map(|i| i.ip.clone()).collect())
             .unwrap_or_default(),
-        lb_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+        // The API accepts " 203.0.113.0/25"; kube-proxy trims it, so must we.
+        lb_source_ranges: spec
+            .load_balancer_source_ranges
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
         external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
         internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
         session_affinity: if spec.session_affinity.as_deref() == Some("ClientIP") {
@@ -351,9 +548,18 @@ pub fn endpoints_from_slice(slice: &serde_json::Value) -> Option<(String, String
             .map(str::to_string);
         // An absent `ready` means ready (API contract for both versions).
         let ready = e.pointer("/conditions/ready").and_then(|r| r.as_bool()).unwrap_or(true);
+        let serving = e.pointer("/conditions/serving").and_then(|r| r.as_bool());
+        let terminating = e.pointer("/conditions/terminating").and_then(|r| r.as_bool()).unwrap_or(false);
         for ip in e.get("addresses").and_then(|a| a.as_array()).into_iter().flatten() {
             if let Some(ip) = ip.as_str() {
-                out.push(ApiEndpoint { ip: ip.to_string(), node_name: node.clone(), ready, ports: ports.clone() });
+                out.push(ApiEndpoint {
+                    ip: ip.to_string(),
+                    node_name: node.clone(),
+                    ready,
+                    serving,
+                    terminating,
+                    ports: ports.clone(),
+                });
             }
         }
     }
@@ -375,7 +581,13 @@ pub fn endpoints_from_core(ep: &Endpoints) -> Vec<ApiEndpoint> {
             .collect();
         for (list, ready) in [(&s.addresses, true), (&s.not_ready_addresses, false)] {
             for a in list.iter().flatten() {
-                out.push(ApiEndpoint { ip: a.ip.clone(), node_name: a.node_name.clone(), ready, ports: ports.clone() });
+                out.push(ApiEndpoint {
+                    ip: a.ip.clone(),
+                    node_name: a.node_name.clone(),
+                    ready,
+                    ports: ports.clone(),
+                    ..Default::default()
+                });
             }
         }
     }
@@ -411,12 +623,19 @@ pub fn pdb_from_json(api_version: &str, v: &serde_json::Value) -> PdbInfo {
 /// A Calico NetworkPolicy or GlobalNetworkPolicy (crd.projectcalico.org/v1) as JSON.
 pub fn calico_policy_from_json(kind: &str, v: &serde_json::Value) -> CalicoPolicyInfo {
     let mut actions = Vec::new();
-    for dir in ["ingress", "egress"] {
-        for r in v.pointer(&format!("/spec/{dir}")).and_then(|r| r.as_array()).into_iter().flatten() {
+    let types: Vec<&str> =
+        v.pointer("/spec/types").and_then(|t| t.as_array()).into_iter().flatten().filter_map(|t| t.as_str()).collect();
+    for (dir, ty) in [("ingress", "Ingress"), ("egress", "Egress")] {
+        let rules = v.pointer(&format!("/spec/{dir}")).and_then(|r| r.as_array()).cloned().unwrap_or_default();
+        for r in &rules {
             actions.push(r.get("action").and_then(|a| a.as_str()).unwrap_or("Allow").to_string());
+        }
+        if rules.is_empty() && types.contains(&ty) {
+            actions.push(format!("Deny (no {dir} rules)"));
         }
     }
     CalicoPolicyInfo {
+        api_group: v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("").to_string(),
         kind: kind.to_string(),
         namespace: v.pointer("/metadata/namespace").and_then(|x| x.as_str()).unwrap_or("").to_string(),
         name: v.pointer("/metadata/name").and_then(|x| x.as_str()).unwrap_or("").to_string(),
@@ -435,6 +654,7 @@ pub fn calico_pool_from_json(v: &serde_json::Value) -> CalicoIpPool {
         vxlan_mode: s("/spec/vxlanMode"),
         nat_outgoing: v.pointer("/spec/natOutgoing").and_then(|x| x.as_bool()).unwrap_or(false),
         disabled: v.pointer("/spec/disabled").and_then(|x| x.as_bool()).unwrap_or(false),
+        source: String::new(),
     }
 }
 

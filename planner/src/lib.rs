@@ -10,10 +10,14 @@
 
 pub mod analysis;
 pub mod api;
+pub mod cni;
 pub mod diff;
 pub mod discovery;
 pub mod inventory;
 pub mod iptables;
+pub mod ipvs;
+pub mod legacy_findings;
+pub mod nftables;
 pub mod node_report;
 pub mod plan;
 pub mod planning;

@@ -25,6 +25,13 @@ pub struct CollectOptions {
     pub cni_conf_dir: PathBuf,
     /// `iptables-save` binary (or a path to a specific backend's).
     pub iptables_save: String,
+    /// `ip6tables-save`: kube-proxy writes a node's IPv6 services there.
+    pub ip6tables_save: String,
+    /// `nft`, for kube-proxy's nftables mode (`nft -j list ruleset`).
+    pub nft: String,
+    /// `ipvsadm` and `ipset`, for kube-proxy's ipvs mode (`ipvsadm -Sn`, `ipset save`).
+    pub ipvsadm: String,
+    pub ipset: String,
     pub iptables: String,
     pub ip: String,
 }
@@ -35,6 +42,10 @@ impl Default for CollectOptions {
             node_name: None,
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
             iptables_save: "iptables-save".into(),
+            ip6tables_save: "ip6tables-save".into(),
+            nft: "nft".into(),
+            ipvsadm: "ipvsadm".into(),
+            ipset: "ipset".into(),
             iptables: "iptables".into(),
             ip: "ip".into(),
         }
@@ -169,6 +180,18 @@ pub struct NodeReport {
     pub btf: BtfInfo,
     pub cgroup: CgroupInfo,
     pub iptables: IptablesInfo,
+    /// The same for `ip6tables-save` (absent in reports of older kubeshift).
+    #[serde(default)]
+    pub ip6tables: Option<IptablesInfo>,
+    /// `nft -j list ruleset` (kube-proxy's nftables mode keeps its services here).
+    #[serde(default)]
+    pub nft_ruleset: Option<String>,
+    /// `ipvsadm -Sn` (kube-proxy's ipvs mode); `None` without ipvsadm or IPVS.
+    #[serde(default)]
+    pub ipvs: Option<String>,
+    /// `ipset save` (ipvs mode's KUBE-CLUSTER-IP, KUBE-NODE-PORT-* … sets).
+    #[serde(default)]
+    pub ipset: Option<String>,
     pub cni: CniInfo,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<Route>,
@@ -199,6 +222,28 @@ impl NodeReport {
         let save = self.iptables.save.as_deref()?;
         let node = self.node_name.as_deref().unwrap_or(&self.hostname);
         Some(parse_iptables_save(&format!("{node}:iptables-save"), save))
+    }
+
+    /// kube-proxy's nftables tables, modelled per family. `None` when the
+    /// report has no ruleset.
+    pub fn nft_models(&self) -> Option<Result<crate::nftables::NftKubeProxy, String>> {
+        let text = self.nft_ruleset.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(crate::nftables::parse_nft_json(&format!("{node}:nft -j list ruleset"), text))
+    }
+
+    /// The IPVS virtual servers of `ipvsadm -Sn`; `None` without IPVS output.
+    pub fn ipvs_virtual_servers(&self) -> Option<Result<Vec<crate::ipvs::VirtualServer>, String>> {
+        let text = self.ipvs.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(crate::ipvs::parse_ipvsadm(&format!("{node}:ipvsadm -Sn"), text))
+    }
+
+    /// The rule model of the `ip6tables-save` text, like [`Self::rule_model`].
+    pub fn rule_model_v6(&self) -> Option<Result<RuleModel, ParseError>> {
+        let save = self.ip6tables.as_ref()?.save.as_deref()?;
+        let node = self.node_name.as_deref().unwrap_or(&self.hostname);
+        Some(parse_iptables_save(&format!("{node}:ip6tables-save"), save))
     }
 
     pub fn from_json(text: &str, name: &str) -> Result<Self, String> {
@@ -319,13 +364,26 @@ fn iptables(opts: &CollectOptions, problems: &mut Vec<String>) -> IptablesInfo {
         }
         Err(e) => problems.push(e),
     }
-    match run_with_stderr(&opts.iptables_save, &[]) {
+    dump_into(&opts.iptables_save, &mut info, problems);
+    info
+}
+
+/// `ip6tables-save` with its rule summary; the backend is the one `iptables -V` named.
+fn ip6tables(opts: &CollectOptions, backend: IptablesBackend, problems: &mut Vec<String>) -> IptablesInfo {
+    let mut info = IptablesInfo { backend, ..Default::default() };
+    dump_into(&opts.ip6tables_save, &mut info, problems);
+    info
+}
+
+/// Runs one `*tables-save` and records its output, warnings and rule summary.
+fn dump_into(binary: &str, info: &mut IptablesInfo, problems: &mut Vec<String>) {
+    match run_with_stderr(binary, &[]) {
         Ok((out, err)) => {
             info.save_warnings =
                 err.lines().map(|l| l.trim_start_matches('#').trim().to_string()).filter(|l| !l.is_empty()).collect();
             let legacy = |w: &String| w.contains("iptables-legacy tables present");
             info.legacy_tables_present = info.save_warnings.iter().any(legacy);
-            match parse_iptables_save(&format!("{} output", opts.iptables_save), &out) {
+            match parse_iptables_save(&format!("{binary} output"), &out) {
                 Ok(model) => {
                     // Older iptables printed the warning into the dump itself.
                     info.legacy_tables_present |= model.warnings.iter().any(legacy);
@@ -337,7 +395,28 @@ fn iptables(opts: &CollectOptions, problems: &mut Vec<String>) -> IptablesInfo {
         }
         Err(e) => problems.push(e),
     }
-    info
+}
+
+/// Output of a tool that only some nodes have (nft, ipvsadm, ipset): `None`
+/// without a problem when it is not installed, a problem when it fails.
+fn optional_tool(binary: &str, args: &[&str], problems: &mut Vec<String>) -> Option<String> {
+    match Command::new(binary).args(args).output() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            problems.push(format!("{binary} {}: {e}", args.join(" ")));
+            None
+        }
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => {
+            problems.push(format!(
+                "{binary} {} exited with {}: {}",
+                args.join(" "),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            None
+        }
+    }
 }
 
 /// Reads the CNI conf dir the way the container runtime does: `*.conf`,
@@ -470,6 +549,11 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
     let btf = btf();
     let cgroup = cgroup(&mut problems);
     let iptables = iptables(opts, &mut problems);
+    let ip6tables = Some(ip6tables(opts, iptables.backend, &mut problems));
+    let nft_ruleset = optional_tool(&opts.nft, &["-j", "list", "ruleset"], &mut problems);
+    // Without the ip_vs module ipvsadm fails; that is a node without IPVS, not a problem.
+    let ipvs = optional_tool(&opts.ipvsadm, &["-Sn"], &mut Vec::new());
+    let ipset = optional_tool(&opts.ipset, &["save"], &mut problems);
     let cni = read_cni_dir(&opts.cni_conf_dir, &mut problems);
     let interfaces = match run(&opts.ip, &["-d", "-j", "addr", "show"]).and_then(|o| parse_ip_addr_json(&o)) {
         Ok(v) => v,
@@ -497,6 +581,10 @@ pub fn collect(opts: &CollectOptions) -> NodeReport {
         btf,
         cgroup,
         iptables,
+        ip6tables,
+        nft_ruleset,
+        ipvs,
+        ipset,
         cni,
         interfaces,
         routes,

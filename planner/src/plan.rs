@@ -73,6 +73,9 @@ pub struct ClusterInfo {
     pub legacy_cni: Option<String>,
     #[serde(default)]
     pub kube_proxy_mode: Option<String>,
+    /// Every DaemonSet of the legacy CNI (`namespace/name`): apply pins and removes each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legacy_daemon_sets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -97,8 +100,14 @@ fn one() -> u32 {
 pub struct Tunnel {
     /// `vxlan` or `geneve`.
     pub protocol: String,
-    /// Never 8472 (Flannel's VXLAN port) so both can run side by side.
+    /// Never 8472 (Flannel's VXLAN port) nor a port the legacy CNI uses, so both can run side by side.
     pub port: u16,
+    /// VXLAN network identifier, distinct from the legacy CNI's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// The legacy tunnels the port and VNI were chosen to avoid, and where each was read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoids: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

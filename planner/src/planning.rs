@@ -37,10 +37,26 @@ pub struct PlanInput {
     /// Per pool, how many nodes may drain at once without violating a PDB
     /// (computed by discovery from the PDBs of the pods on that pool).
     pub pool_disruption_limit: BTreeMap<String, u32>,
-    /// Forced tunnel port; default 8473.
+    /// Forced tunnel port; default the first of 8473, 8474, … that no legacy tunnel uses.
     pub tunnel_port: Option<u16>,
+    /// Forced VNI; default the first of 2, 3, … that no legacy tunnel uses.
+    pub tunnel_vni: Option<u32>,
+    /// UDP ports and VNIs of the legacy CNI's tunnels, as discovery read them.
+    pub legacy_tunnels: Vec<LegacyTunnel>,
+    /// Every DaemonSet of the legacy CNI, carried into the plan for apply.
+    pub legacy_daemon_sets: Vec<String>,
     /// Forced pod CIDR; default: the first free /16 of the candidates.
     pub pod_cidr: Option<String>,
+}
+
+/// A UDP tunnel the legacy CNI runs: the new overlay must use another port and VNI.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LegacyTunnel {
+    pub port: u16,
+    pub vni: Option<u32>,
+    /// What it is and where the values came from, e.g.
+    /// `Flannel vxlan port 8472 (default), VNI 1 (default), ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json`.
+    pub what: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -49,6 +65,10 @@ pub enum PlanningError {
     NoNodes,
     #[error("tunnel port 8472 is Flannel's VXLAN port; both datapaths run side by side during the migration")]
     FlannelPort,
+    #[error("tunnel port {port} is taken by the legacy CNI: {what}")]
+    PortTaken { port: u16, what: String },
+    #[error("tunnel VNI {vni} is taken by the legacy CNI: {what}")]
+    VniTaken { vni: u32, what: String },
     #[error("malformed CIDR {0:?}")]
     BadCidr(String),
     #[error("pod CIDR {wanted} overlaps {used}, which is in use")]
@@ -109,6 +129,34 @@ fn pick_pod_cidr(input: &PlanInput) -> Result<String, PlanningError> {
     Err(PlanningError::NoFreeCidr)
 }
 
+/// Default and first candidate for the tunnel port: one above Flannel's.
+pub const DEFAULT_TUNNEL_PORT: u16 = 8473;
+/// Default and first candidate for the VNI: Flannel uses 1, Calico 4096.
+pub const DEFAULT_TUNNEL_VNI: u32 = 2;
+
+/// The tunnel port and VNI: the forced ones if free, else the first free
+/// candidates. 8472 is never used: Flannel may be deployed after discovery ran.
+fn pick_tunnel(input: &PlanInput) -> Result<(u16, u32), PlanningError> {
+    let port_user = |p: u16| input.legacy_tunnels.iter().find(|t| t.port == p);
+    let vni_user = |v: u32| input.legacy_tunnels.iter().find(|t| t.vni == Some(v));
+    let port = match input.tunnel_port {
+        Some(8472) => return Err(PlanningError::FlannelPort),
+        Some(p) => match port_user(p) {
+            Some(t) => return Err(PlanningError::PortTaken { port: p, what: t.what.clone() }),
+            None => p,
+        },
+        None => (DEFAULT_TUNNEL_PORT..=u16::MAX).find(|p| port_user(*p).is_none()).unwrap_or(DEFAULT_TUNNEL_PORT),
+    };
+    let vni = match input.tunnel_vni {
+        Some(v) => match vni_user(v) {
+            Some(t) => return Err(PlanningError::VniTaken { vni: v, what: t.what.clone() }),
+            None => v,
+        },
+        None => (DEFAULT_TUNNEL_VNI..).find(|v| vni_user(*v).is_none()).unwrap_or(DEFAULT_TUNNEL_VNI),
+    };
+    Ok((port, vni))
+}
+
 fn steps_for(node: &PlanNodeInput) -> Vec<Step> {
     let n = &node.name;
     let step = |action: StepAction, secs: u32, rollback_point: bool| {
@@ -155,10 +203,7 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
     if input.nodes.is_empty() {
         return Err(PlanningError::NoNodes);
     }
-    let port = input.tunnel_port.unwrap_or(8473);
-    if port == 8472 {
-        return Err(PlanningError::FlannelPort);
-    }
+    let (port, vni) = pick_tunnel(input)?;
     let pod_cidr = pick_pod_cidr(input)?;
     let global = input.max_unavailable.max(1) as usize;
 
@@ -233,11 +278,17 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
             node_count: input.nodes.len(),
             legacy_cni: input.legacy_cni.clone(),
             kube_proxy_mode: input.kube_proxy_mode.clone(),
+            legacy_daemon_sets: input.legacy_daemon_sets.clone(),
         },
         target: TargetDatapath {
             pod_cidr,
             service_cidr: input.service_cidr.clone(),
-            tunnel: Tunnel { protocol: "vxlan".into(), port },
+            tunnel: Tunnel {
+                protocol: "vxlan".into(),
+                port,
+                vni: Some(vni),
+                avoids: input.legacy_tunnels.iter().map(|t| t.what.clone()).collect(),
+            },
             max_unavailable: global as u32,
         },
         waves,

@@ -149,7 +149,7 @@ fn np(ns: &str, name: &str, spec: serde_json::Value) -> PolicyInfo {
 
 #[test]
 fn network_policy_classes_and_reasons() {
-    let pods = vec![
+    let pods = [
         PodInfo {
             namespace: "mon".into(),
             name: "node-exporter-1".into(),
@@ -257,8 +257,10 @@ fn node(name: &str, pool: &str, kernel: &str) -> NodeInfo {
 
 #[test]
 fn unknown_cni_old_kernel_and_pdb_limits() {
-    let mut inv = Inventory::default();
-    inv.nodes = vec![node("a1", "a", "4.19.0-27-amd64"), node("a2", "a", "6.1.0"), node("b1", "b", "5.10.0")];
+    let mut inv = Inventory {
+        nodes: vec![node("a1", "a", "4.19.0-27-amd64"), node("a2", "a", "6.1.0"), node("b1", "b", "5.10.0")],
+        ..Default::default()
+    };
     inv.pods = (0..3)
         .map(|i| PodInfo {
             namespace: "data".into(),

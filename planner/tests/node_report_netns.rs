@@ -145,3 +145,75 @@ fn bad_report_json_names_the_place() {
     .unwrap_err();
     assert!(e.contains("newer"), "{e}");
 }
+
+/// kube-proxy's IPv6 proxier writes ip6tables: the report collects it, and an
+/// IPv6 service is diffed against those rules, not reported as unsynced. The
+/// rules follow the shape of kube-proxy's ClusterIP rules (as in its proxier
+/// tests' expected output) with IPv6 addresses; loaded with ip6tables-restore
+/// inside the test's namespace and read back with the real ip6tables-save.
+#[test]
+fn ip6tables_rules_are_collected_and_diffed() {
+    use kubeshift_planner::analysis::analyze;
+    use kubeshift_planner::api::{ApiEndpoint, ApiEndpointPort, ApiService, ApiServicePort};
+    use kubeshift_planner::inventory::{Inventory, NodeInfo};
+
+    let ns = Netns::new("ip6");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let rules = r#"*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-KSPLANV6AAAAAAAA - [0:0]
+:KUBE-SEP-KSPLANV6EP0AAAAA - [0:0]
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -m comment --comment "ns6/web:http cluster IP" -m tcp -p tcp -d fd00:10:96::a --dport 80 -j KUBE-SVC-KSPLANV6AAAAAAAA
+-A KUBE-SVC-KSPLANV6AAAAAAAA -m comment --comment "ns6/web:http -> [fd00:10:244::5]:8080" -j KUBE-SEP-KSPLANV6EP0AAAAA
+-A KUBE-SEP-KSPLANV6EP0AAAAA -m comment --comment ns6/web:http -s fd00:10:244::5 -j KUBE-MARK-MASQ
+-A KUBE-SEP-KSPLANV6EP0AAAAA -m comment --comment ns6/web:http -m tcp -p tcp -j DNAT --to-destination [fd00:10:244::5]:8080
+COMMIT
+"#;
+    ns.exec_stdin(&["ip6tables-restore", "--noflush"], rules);
+    let r = collect_in_netns(&ns.name, &CollectOptions { node_name: Some("node-test".into()), ..ns.opts() }).unwrap();
+    let v6 = r.ip6tables.as_ref().expect("ip6tables collected");
+    assert!(v6.save.as_deref().unwrap().contains("KUBE-SVC-KSPLANV6AAAAAAAA"), "{:?}", v6.save);
+    assert_eq!(v6.rules.as_ref().unwrap().services, 1);
+    let model = r.rule_model_v6().unwrap().unwrap();
+    let s = model.service("ns6", "web", "http", "tcp").unwrap();
+    assert_eq!(s.cluster_ip.as_deref(), Some("fd00:10:96::a"));
+    assert_eq!(s.endpoints[0].ip, "fd00:10:244::5");
+
+    let mut inv = Inventory::default();
+    inv.nodes.push(NodeInfo { name: "node-test".into(), kernel_version: "6.1.0".into(), ..Default::default() });
+    let web = |ready_ip: &str| ApiService {
+        namespace: "ns6".into(),
+        name: "web".into(),
+        cluster_ip: Some("fd00:10:96::a".into()),
+        cluster_ips: vec!["fd00:10:96::a".into()],
+        ports: vec![ApiServicePort { name: "http".into(), port: 80, protocol: "TCP".into(), node_port: None }],
+        endpoints: vec![ApiEndpoint {
+            ip: ready_ip.into(),
+            node_name: Some("node-test".into()),
+            ready: true,
+            ports: vec![ApiEndpointPort { name: "http".into(), port: 8080, protocol: "TCP".into() }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    inv.services.services.push(web("fd00:10:244::5"));
+    let a = analyze(&inv, std::slice::from_ref(&r), None);
+    assert_eq!(a.rule_diffs.len(), 2, "one diff per family");
+    for d in &a.rule_diffs {
+        assert!(d.is_clean(), "{}: {:?}", d.input, d.findings);
+    }
+    assert!(a.rule_diffs[1].input.ends_with(":ip6tables-save"));
+
+    // A real difference in the IPv6 rules is found in the IPv6 diff.
+    inv.services.services[0] = web("fd00:10:244::9");
+    let a = analyze(&inv, &[r], None);
+    assert!(a.rule_diffs[0].is_clean());
+    let f = &a.rule_diffs[1].findings;
+    assert!(
+        f.iter().any(|f| f.reason.contains("ready in the API but not in the rules: [fd00:10:244::9]:8080")),
+        "{f:?}"
+    );
+}

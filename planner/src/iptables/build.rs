@@ -421,7 +421,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                 if let Some(t) = r.target {
                     if per_service(t).is_some() {
                         if let Some(src) = r.src.filter(|s| !s.negated) {
-                            push_unique(&mut s.lb_source_ranges, src.value.to_string());
+                            push_unique(&mut s.lb_source_ranges, super::normalize_cidr(src.value));
                         }
                     }
                 }
@@ -446,7 +446,10 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
                 let to_local = r.dst_type().is_some_and(|d| !d.negated && d.value == "LOCAL");
                 match (chain, r.target) {
                     ("KUBE-NODEPORTS", Some("ACCEPT")) if comment.ends_with("health check node port") => {
+                        // Only externalTrafficPolicy Local services get a health
+                        // check port, so this shows Local even with no endpoint.
                         s.health_check_node_port = port;
+                        s.local_only = true;
                     }
                     ("KUBE-PROXY-FIREWALL", Some("DROP")) => {
                         if let Some(d) = dst {
@@ -529,6 +532,7 @@ pub(crate) fn build_model<'d>(input: &str, dump: &Dump<'d>) -> RuleModel {
     };
     for s in &mut b.services {
         s.node_ports.sort_unstable();
+        s.split_lb_self_sources();
     }
     b.services.sort_by(|a, b| {
         (&a.namespace, &a.name, &a.port_name, &a.protocol).cmp(&(&b.namespace, &b.name, &b.port_name, &b.protocol))

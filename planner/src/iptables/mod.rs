@@ -55,6 +55,10 @@ pub enum ChainLayout {
     Current,
     /// Only KUBE-SVC/SEP chains: both layouts write these identically.
     Ambiguous,
+    /// kube-proxy's nftables mode (`table ip kube-proxy`), read from `nft -j`.
+    Nftables,
+    /// kube-proxy's ipvs mode, read from `ipvsadm -Sn` and matched to the API.
+    Ipvs,
 }
 
 /// One endpoint as the DNAT rules route to it.
@@ -95,8 +99,14 @@ pub struct ServiceRules {
     pub health_check_node_port: Option<u16>,
     pub external_ips: Vec<String>,
     pub lb_ips: Vec<String>,
-    /// `loadBalancerSourceRanges` as accepted by KUBE-FW-*.
+    /// `loadBalancerSourceRanges` as accepted by KUBE-FW-*, normalized
+    /// ([`normalize_cidr`]), without the LB IPs below.
     pub lb_source_ranges: Vec<String>,
+    /// LB IPs KUBE-FW-* accepts as sources: kube-proxy adds them when a
+    /// source range contains the node, because a node's own connection to its
+    /// LB IP arrives SNATed to that IP. Not part of the spec's ranges.
+    #[serde(default)]
+    pub lb_source_lb_ips: Vec<String>,
     /// externalTrafficPolicy: Local (KUBE-XLB-*, or KUBE-EXT-* → KUBE-SVL-*).
     pub local_only: bool,
     /// internalTrafficPolicy: Local (cluster IP jumps straight to KUBE-SVL-*).
@@ -112,6 +122,15 @@ pub struct ServiceRules {
 }
 
 impl ServiceRules {
+    /// Moves the LB IPs kube-proxy added as allowed sources (when a source
+    /// range holds the node) out of the source ranges, into `lb_source_lb_ips`.
+    pub(crate) fn split_lb_self_sources(&mut self) {
+        let lb: Vec<String> = self.lb_ips.iter().map(|ip| normalize_cidr(ip)).collect();
+        let (own, ranges): (Vec<String>, Vec<String>) = self.lb_source_ranges.drain(..).partition(|r| lb.contains(r));
+        self.lb_source_ranges = ranges;
+        self.lb_source_lb_ips = own;
+    }
+
     /// `ns/name:port` (or `ns/name` for an unnamed port), as in the comments.
     pub fn display_name(&self) -> String {
         if self.port_name.is_empty() {
@@ -119,6 +138,31 @@ impl ServiceRules {
         } else {
             format!("{}/{}:{}", self.namespace, self.name, self.port_name)
         }
+    }
+}
+
+/// A source or destination as written in a rule or in the API, in one form:
+/// spaces trimmed, a bare address as a host route (`1.2.3.4` and `1.2.3.4/32`
+/// are the same match), host bits cleared (iptables prints the network).
+/// Text that is not an address is returned trimmed.
+pub fn normalize_cidr(text: &str) -> String {
+    let t = text.trim();
+    let (ip, len) = match t.split_once('/') {
+        Some((ip, len)) => (ip, len.parse::<u8>().ok()),
+        None => (t, None),
+    };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => {
+            let len = len.unwrap_or(32).min(32);
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+        }
+        Ok(std::net::IpAddr::V6(a)) => {
+            let len = len.unwrap_or(128).min(128);
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+        }
+        Err(_) => t.to_string(),
     }
 }
 
