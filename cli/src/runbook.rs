@@ -145,6 +145,9 @@ struct BatchCtx {
 struct NodeCtx {
     name: String,
     pool: Option<String>,
+    /// The other node for a gate run by hand: the next one in the plan (still on the
+    /// legacy network), or for the last node the first one; none in a one-node plan.
+    peer: Option<String>,
     seconds: u64,
     steps: Vec<StepCtx>,
 }
@@ -167,6 +170,16 @@ struct FindingCtx {
 }
 
 fn context<'a>(plan: &'a Plan, input: &RunbookInput) -> RunbookContext<'a> {
+    let order: Vec<&str> = plan.all_steps().map(|(_, n, _)| n.name.as_str()).fold(Vec::new(), |mut v, n| {
+        if v.last() != Some(&n) {
+            v.push(n);
+        }
+        v
+    });
+    let peer = |name: &str| -> Option<String> {
+        let i = order.iter().position(|n| *n == name)?;
+        order.get(i + 1).or_else(|| order.first().filter(|f| **f != name)).map(|s| s.to_string())
+    };
     let waves: Vec<WaveCtx> = plan
         .waves
         .iter()
@@ -184,6 +197,7 @@ fn context<'a>(plan: &'a Plan, input: &RunbookInput) -> RunbookContext<'a> {
                         .map(|n| NodeCtx {
                             name: n.name.clone(),
                             pool: n.pool.clone(),
+                            peer: peer(&n.name),
                             seconds: n.steps.iter().map(|s| s.estimate_seconds as u64).sum(),
                             steps: n
                                 .steps

@@ -155,6 +155,15 @@ fn every_command_in_the_runbook_is_accepted_by_kubeshifts_parser() {
             ] {
                 assert!(commands.contains(&want), "{}: no {want:?} in a code block", plan.metadata.name);
             }
+            // The hand-run gate probes the node against another one (policy scenarios
+            // need two), the next in the plan while there is one.
+            let order: Vec<&str> =
+                plan.waves.iter().flat_map(|w| &w.batches).flat_map(|b| &b.nodes).map(|n| n.name.as_str()).collect();
+            for (i, n) in order.iter().enumerate() {
+                let peer = order.get(i + 1).unwrap_or(&order[0]);
+                let want = format!("kubeshift connectivity test --node {n} --node {peer} --junit gate-{n}.xml");
+                assert!(commands.contains(&want), "no {want:?}");
+            }
             let rollback_cmds = plan
                 .all_steps()
                 .filter(|(_, _, s)| s.id.ends_with("/uncordon"))
