@@ -10,6 +10,7 @@ mod node_cmd;
 mod observe;
 mod runbook;
 mod shell_cmd;
+mod sysdump;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Completion(shell_cmd::CompletionArgs),
     /// Man pages: kubeshift(1) on stdout, or one page per command into --out DIR.
     Man(shell_cmd::ManArgs),
+    /// Everything a bug report needs, from the API server, in one .tar.gz (never Secrets).
+    Sysdump(sysdump::SysdumpArgs),
 }
 
 /// The program name kubectl looks for: `kubectl kubeshift ARGS` runs
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
             Command::Node(args) => node_cmd::run(args).await,
             Command::Migrate(args) => migrate_cmd::run(args).await,
             Command::Observe(args) => observe::run(args).await,
+            Command::Sysdump(args) => sysdump::run(args).await,
             Command::Completion(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),
         }
     });
