@@ -125,3 +125,36 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kind workflow users copy runs kubeshift commands nobody can run here (no
+    /// Docker): at least each must be one the parser accepts.
+    #[test]
+    fn every_kubeshift_command_in_the_kind_workflow_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../kind-configs/kubeshift-kind.yaml");
+        let wf: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut parsed = Vec::new();
+        for job in wf["jobs"].as_mapping().unwrap().values() {
+            for step in job["steps"].as_sequence().unwrap() {
+                for line in step["run"].as_str().unwrap_or("").lines().map(str::trim) {
+                    if line != "kubeshift" && !line.starts_with("kubeshift ") {
+                        continue;
+                    }
+                    let words = runbook::tests::shell_words(line);
+                    match Cli::try_parse_from(&words) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {}
+                        Err(e) => panic!("{path}: {line:?} does not parse:\n{e}"),
+                    }
+                    parsed.push(words[1..3.min(words.len())].join(" "));
+                }
+            }
+        }
+        for want in ["migrate plan", "connectivity test", "migrate apply", "migrate rollback", "sysdump"] {
+            assert!(parsed.iter().any(|p| p.starts_with(want)), "the workflow runs no `kubeshift {want}`: {parsed:?}");
+        }
+    }
+}

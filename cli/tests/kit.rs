@@ -462,3 +462,67 @@ fn the_binary_is_a_kubectl_plugin_under_that_name() {
     let help = String::from_utf8(kubeshift(&["--help"]).stdout).unwrap();
     assert!(help.contains("Usage: kubeshift <COMMAND>"), "{help}");
 }
+
+#[test]
+fn migrate_runbook_end_to_end() {
+    use kubeshift_planner::planning::{build_plan, PlanInput, PlanNodeInput};
+    let node = |name: &str, pool: &str| PlanNodeInput {
+        name: name.into(),
+        pool: pool.into(),
+        control_plane: pool == "control-plane",
+        evictable_pods: 3,
+    };
+    let plan = build_plan(&PlanInput {
+        name: "kind".into(),
+        fingerprint: "sha1:0123".into(),
+        legacy_cni: Some("flannel".into()),
+        nodes: vec![
+            node("kind-control-plane", "control-plane"),
+            node("kind-worker", "blue"),
+            node("kind-worker2", "green"),
+        ],
+        used_cidrs: vec!["10.244.0.0/16".into()],
+        max_unavailable: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = TempDir::new("runbook");
+    let plan_path = dir.0.join("plan.yaml");
+    std::fs::write(&plan_path, plan.to_yaml()).unwrap();
+    let html = dir.0.join("runbook.html");
+    kubeshift(&[
+        "migrate",
+        "runbook",
+        "-f",
+        plan_path.to_str().unwrap(),
+        "-o",
+        "html",
+        "--out",
+        html.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&html).unwrap();
+    for n in ["kind-control-plane", "kind-worker", "kind-worker2"] {
+        assert!(text.contains(&format!("id=\"node-{n}\"")), "no section for {n}");
+        assert!(text.contains(&format!("kubeshift migrate rollback --node {n} --yes")));
+    }
+    let md = String::from_utf8(kubeshift(&["migrate", "runbook", "-f", plan_path.to_str().unwrap()]).stdout).unwrap();
+    assert!(md.starts_with("# Migration runbook: kind\n"), "{}", &md[..80]);
+
+    // Bad input: a clear error naming the file and the place, non-zero, nothing written.
+    let bad = dir.0.join("bad.yaml");
+    std::fs::write(&bad, plan.to_yaml().replace("waves:", "wavez:")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubeshift"))
+        .args(["migrate", "runbook", "-f", bad.to_str().unwrap(), "--out", dir.0.join("no.md").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:") && err.contains("wavez"), "{err}");
+    assert!(!dir.0.join("no.md").exists());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubeshift"))
+        .args(["migrate", "runbook", "-f", plan_path.to_str().unwrap(), "--templates", "/nonexistent-kubeshift"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--templates /nonexistent-kubeshift: not a directory"));
+}

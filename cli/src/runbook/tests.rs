@@ -96,38 +96,40 @@ fn code_lines(md: &str) -> Vec<String> {
     out
 }
 
-/// Splits a command line as a POSIX shell would for the runbook's commands: words,
-/// single quotes, backslash escapes, and the command ends at a redirection or a pipe.
-fn shell_words(line: &str) -> Vec<String> {
+/// Splits a command line as a POSIX shell would for the commands kubeshift's documents
+/// show: words, single and double quotes (variables stay unexpanded), backslash escapes;
+/// the command ends at a redirection, a pipe or a list operator.
+pub(crate) fn shell_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
-    let mut quoted = false;
+    let mut quote: Option<char> = None;
     let mut has_word = false;
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' if !quoted => {
+        match (c, quote) {
+            ('\\', None) => {
                 cur.extend(chars.next());
                 has_word = true;
             }
-            '\'' => {
-                quoted = !quoted;
+            ('\'' | '"', None) => {
+                quote = Some(c);
                 has_word = true;
             }
-            c if c.is_whitespace() && !quoted => {
+            (c, Some(q)) if c == q => quote = None,
+            (c, None) if c.is_whitespace() => {
                 if has_word {
                     words.push(std::mem::take(&mut cur));
                     has_word = false;
                 }
             }
-            '>' | '|' | '&' | ';' if !quoted => break,
-            c => {
+            ('>' | '|' | '&' | ';', None) => break,
+            (c, _) => {
                 cur.push(c);
                 has_word = true;
             }
         }
     }
-    assert!(!quoted, "unbalanced quote in {line:?}");
+    assert!(quote.is_none(), "unbalanced quote in {line:?}");
     if has_word {
         words.push(cur);
     }
@@ -186,6 +188,7 @@ fn the_parser_check_is_not_vacuous() {
     }
     assert_eq!(shell_words("kubeshift migrate plan -o json > a.json"), ["kubeshift", "migrate", "plan", "-o", "json"]);
     assert_eq!(shell_words("kubeshift x -f 'my plan.yaml'"), ["kubeshift", "x", "-f", "my plan.yaml"]);
+    assert_eq!(shell_words(r#"kubeshift x --node "$node" --yes"#), ["kubeshift", "x", "--node", "$node", "--yes"]);
 }
 
 #[test]
