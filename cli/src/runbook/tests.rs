@@ -404,3 +404,14 @@ fn html_renders_the_checklist_as_checkboxes() {
     let html = render(&flannel_plan(), &input(None), Format::Html, &load_templates(None).unwrap()).unwrap();
     assert!(html.matches("type=\"checkbox\"").count() >= 6, "the communication checklist has boxes to tick");
 }
+
+#[test]
+fn nodes_that_move_together_are_said_to() {
+    // max-unavailable 2: the general pool's two remaining nodes form one batch.
+    let plan = calico_plan();
+    let wave = plan.waves.iter().find(|w| w.name == "pool-general").unwrap();
+    assert_eq!(wave.batches.len(), 1);
+    let names: Vec<&str> = wave.batches[0].nodes.iter().map(|n| n.name.as_str()).collect();
+    let md = markdown(&plan, None);
+    assert!(md.contains(&format!("Batch 1 of 1: {} (at once", names.join(", "))), "{names:?}");
+}
