@@ -15,3 +15,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "cargo is missing: kubeshift needs the machine's Rust toolchain (1.95)" >&2; exit 1; }
+bash "$(dirname "$0")/setup-linters.sh"

@@ -79,6 +79,8 @@ pub enum MigrateCommand {
     Rollback(RollbackArgs),
     /// Where the migration stands: per node phase, timings, last gate, what blocks it.
     Status(StatusArgs),
+    /// The maintenance-window runbook for a plan (Markdown or HTML), from the templates in playbooks/.
+    Runbook(crate::runbook::RunbookArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -157,6 +159,7 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
         MigrateCommand::Apply(a) => crate::migrate_apply::apply(a).await,
         MigrateCommand::Rollback(a) => crate::migrate_apply::rollback(a).await,
         MigrateCommand::Status(a) => crate::migrate_apply::status(a).await,
+        MigrateCommand::Runbook(a) => crate::runbook::run(a),
         MigrateCommand::Check { cluster, plan } => {
             // Read the file before touching the cluster so a bad file fails fast.
             kubeshift_planner::plan::load_plan(&plan, None).map_err(|e| anyhow!("{e}"))?;
