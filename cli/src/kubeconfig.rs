@@ -34,6 +34,10 @@ impl ClusterArgs {
         let url = cfg.cluster_url.clone();
         let mut cfg = cfg;
         cfg.connect_timeout = Some(std::time::Duration::from_secs(5));
+        // kube retries 429s up to 15 times with backoff of up to 1000 s by default; a 429 from
+        // the eviction API means "a PodDisruptionBudget says not now", which drain must see
+        // at once to keep its own deadline and message.
+        cfg.default_retry = false;
         let client = Client::try_from(cfg)?;
         client.apiserver_version().await.with_context(|| format!("the API server at {url} is not reachable"))?;
         Ok(client)

@@ -17,6 +17,10 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
         .await
         .with_context(|| format!("kubeconfig {}", kubeconfig.display()))?;
     cfg.connect_timeout = Some(Duration::from_secs(5));
+    // kube retries 429s up to 15 times with backoff of up to 1000 s by default; a 429 from
+    // the eviction API means "a PodDisruptionBudget says not now", which drain must see
+    // at once to keep its own deadline and message.
+    cfg.default_retry = false;
     cfg.read_timeout = Some(Duration::from_secs(60));
     Ok(Client::try_from(cfg)?)
 }

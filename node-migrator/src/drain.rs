@@ -135,7 +135,10 @@ async fn evict(client: &Client, version: &str, pod: &Pod) -> Result<Evicted, kub
 }
 
 /// Evicts every pod that must leave `node` and waits until they are gone. The node
-/// must be cordoned first, or the scheduler puts the pods straight back.
+/// must be cordoned first, or the scheduler puts the pods straight back. `client` must
+/// not retry 429s itself (`Config::default_retry = false`): the eviction API answers
+/// 429 while a PodDisruptionBudget forbids the eviction, and kube's default retry policy
+/// would sit on it for minutes past `timeout`.
 pub async fn drain(client: &Client, node: &str, timeout: Duration, force: bool) -> Result<DrainReport, DrainError> {
     let deadline = Instant::now() + timeout;
     let pods = pods_on(client, node).await?;
