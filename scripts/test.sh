@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-machine.sh
 bash scripts/build-control-plane.sh
 
+# The tree is rustfmt-clean (rustfmt.toml) and clippy-clean; both fail the run.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
 # Doc tests are left out (there are none; their empty runs would close the output).
 # Benches are built and run by hand, see BENCHMARKS.md.
 out=$(mktemp)

@@ -14,6 +14,7 @@ pub struct ConnectivityArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run; boxing would only obscure the fields
 pub enum ConnectivityCommand {
     /// Deploy probe pods, run every scenario, report, clean up.
     Test {

@@ -79,7 +79,7 @@ pub async fn status(a: StatusArgs) -> Result<()> {
 
 fn table(lines: &[NodeLine]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<16} {:<14} {:<20} {:<6} {}", "NODE", "WAVE", "PHASE", "READY", "LAST STEP / BLOCKED");
+    let _ = writeln!(s, "{:<16} {:<14} {:<20} {:<6} LAST STEP / BLOCKED", "NODE", "WAVE", "PHASE", "READY");
     for l in lines {
         let last = l.blocked.clone().map(|b| format!("BLOCKED: {b}")).or(l.last_step.clone()).unwrap_or_default();
         let _ = writeln!(s, "{:<16} {:<14} {:<20} {:<6} {last}", l.node, l.wave, l.phase, l.ready);

@@ -552,6 +552,7 @@ async fn time_endpoint_change(
 /// The three timed changes of one row (base → spare, back, → spare) and an untimed
 /// one back to `base`, so every row starts from the same slices. The closure reads
 /// the agent's own sync time after each (None for kube-proxy).
+#[allow(clippy::too_many_arguments)] // a bench step's knobs, each named at the one call site
 async fn endpoint_changes(
     client: &kube::Client,
     cg: &Path,
@@ -783,7 +784,7 @@ async fn bench_datapath_vs_kube_proxy() {
     let started = std::time::Instant::now();
     let agent = Agent::start(&lab, &node_cgroup, &pins_dir, &metrics_addr);
     let mut sizes_desc = sizes.clone();
-    sizes_desc.sort_unstable_by(|a, b| (b.n, b.eps).cmp(&(a.n, a.eps)));
+    sizes_desc.sort_unstable_by_key(|s| std::cmp::Reverse((s.n, s.eps)));
     for &s in &sizes_desc {
         let t = if s != have {
             let t = std::time::Instant::now();

@@ -313,7 +313,7 @@ impl Datapath {
     /// The maps the loader does not open typed are checked here too, so a build with a
     /// different layout is refused before it can replace a running program.
     fn check_layouts(maps_dir: &Path) -> Result<(), Error> {
-        let open = |name: &str| open_pinned(&maps_dir, name);
+        let open = |name: &str| open_pinned(maps_dir, name);
         let _: HashMap<MapData, AffinityKey, AffinityVal> = open("ks_affinity")?.try_into()?;
         let _: HashMap<MapData, RevnatKey, RevnatVal> = open("ks_revnat")?.try_into()?;
         Ok(())

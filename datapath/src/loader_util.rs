@@ -21,7 +21,7 @@ use crate::{sys, Error};
 pub(crate) fn load_pinned(obj: &[u8], maps_dir: &Path, maps: &[&str]) -> Result<aya::Ebpf, Error> {
     let mut loader = aya::EbpfLoader::new();
     for m in maps {
-        loader.map_pin_path(*m, maps_dir.join(m));
+        loader.map_pin_path(m, maps_dir.join(m));
     }
     Ok(loader.load(obj)?)
 }

@@ -25,6 +25,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
+/// One policy rule: its peers (absent: everyone) and ports.
+type Rule = (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>);
+
 const MARK: &str = "0x100000/0x100000";
 const TOP: &str = "cali-pol-FORWARD";
 
@@ -156,7 +159,7 @@ pub fn render(c: &Cluster, node: &str) -> String {
                 let ns = pol.metadata.namespace.clone().unwrap_or_default();
                 let spec = pol.spec.clone().unwrap_or_default();
                 // Each rule: (peers, ports). An absent peer list means everyone.
-                let entries: Vec<(Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)> = if ingress {
+                let entries: Vec<Rule> = if ingress {
                     spec.ingress.unwrap_or_default().into_iter().map(|r| (r.from, r.ports)).collect()
                 } else {
                     spec.egress.unwrap_or_default().into_iter().map(|r| (r.to, r.ports)).collect()

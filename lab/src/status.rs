@@ -72,7 +72,7 @@ impl std::fmt::Display for LabStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "lab {} ({}), API {}", self.name, self.cni, self.api)?;
         writeln!(f, "kubeconfig: {}", self.kubeconfig)?;
-        writeln!(f, "{:<12} {:<7} {:<8} {:<16} {}", "NODE", "READY", "POOL", "POD CIDR", "IP")?;
+        writeln!(f, "{:<12} {:<7} {:<8} {:<16} IP", "NODE", "READY", "POOL", "POD CIDR")?;
         for n in &self.nodes {
             writeln!(f, "{:<12} {:<7} {:<8} {:<16} {}", n.name, n.ready, n.pool, n.pod_cidr, n.ip)?;
         }

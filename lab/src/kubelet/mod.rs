@@ -106,7 +106,7 @@ pub async fn run(lab: &str, node: &str) -> Result<()> {
             }
             // Status every 10 s, and every 1 s until the network is ready so the
             // node turns Ready promptly once the CNI config appears.
-            if n % 10 == 0 || !node::network_ready(&hb) || n < 30 {
+            if n.is_multiple_of(10) || !node::network_ready(&hb) || n < 30 {
                 if let Err(e) = node::update_status(&hb).await {
                     tracing::warn!("node status: {e:#}");
                 }

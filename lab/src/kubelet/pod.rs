@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -228,7 +228,7 @@ fn teardown_sandbox(ctx: &NodeCtx, pod: &Pod, sb: Sandbox) {
 async fn prepare(
     ctx: &NodeCtx,
     pod: &Pod,
-    dir: &PathBuf,
+    dir: &Path,
     c: &Container,
     sb: &Sandbox,
 ) -> Result<(Vec<String>, Vec<(String, String)>)> {
@@ -261,8 +261,8 @@ async fn prepare(
 
 fn spawn(
     ctx: &NodeCtx,
-    dir: &PathBuf,
-    cgroup: &PathBuf,
+    dir: &Path,
+    cgroup: &Path,
     sb: &Sandbox,
     name: &str,
     argv: &[String],
@@ -279,7 +279,7 @@ fn spawn(
     cmd.spawn().with_context(|| format!("starting container {name}: {argv:?}"))
 }
 
-async fn run_init_containers(ctx: &NodeCtx, pod: &Pod, dir: &PathBuf, cgroup: &PathBuf, sb: &Sandbox) -> Result<()> {
+async fn run_init_containers(ctx: &NodeCtx, pod: &Pod, dir: &Path, cgroup: &Path, sb: &Sandbox) -> Result<()> {
     for c in pod.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default() {
         let (argv, env) = prepare(ctx, pod, dir, &c, sb).await?;
         let mut child = spawn(ctx, dir, cgroup, sb, &c.name, &argv, &env)?;
@@ -318,13 +318,7 @@ fn probe_of(c: &Container) -> (Option<Probe>, Duration) {
     (probe, Duration::from_secs(p.initial_delay_seconds.unwrap_or(0) as u64))
 }
 
-async fn start_containers(
-    ctx: &NodeCtx,
-    pod: &Pod,
-    dir: &PathBuf,
-    cgroup: &PathBuf,
-    sb: &Sandbox,
-) -> Result<Vec<Running>> {
+async fn start_containers(ctx: &NodeCtx, pod: &Pod, dir: &Path, cgroup: &Path, sb: &Sandbox) -> Result<Vec<Running>> {
     let mut out = vec![];
     for c in pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default() {
         let (argv, env) = prepare(ctx, pod, dir, &c, sb).await?;
@@ -352,8 +346,8 @@ async fn start_containers(
 async fn supervise(
     ctx: &NodeCtx,
     pod: &Pod,
-    dir: &PathBuf,
-    cgroup: &PathBuf,
+    dir: &Path,
+    cgroup: &Path,
     sb: &Sandbox,
     cs: &mut [Running],
 ) -> Result<()> {

@@ -20,7 +20,7 @@ pub struct PathMap(pub Vec<(String, PathBuf)>);
 impl PathMap {
     pub fn add(&mut self, mount: &str, host: PathBuf) {
         self.0.push((mount.trim_end_matches('/').to_string(), host));
-        self.0.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.0.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
     }
 
     /// Translates a container path, or any `--flag=/path` argument, to the host.
