@@ -30,10 +30,55 @@ pub enum NodeCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Remove what kube-proxy left on this node (its iptables chains and jumps on both
+    /// backends and families, its nftables tables, service conntrack entries), keeping
+    /// kubelet's and other owners' rules. Run it once kube-proxy no longer runs on the
+    /// node; safe to run again. Prints what was removed as JSON.
+    CleanupKubeProxy {
+        /// Work inside this network namespace (/run/netns/NAME) instead of the current one.
+        #[arg(long)]
+        netns: Option<String>,
+        /// The node's kubelet version (e.g. v1.20.2): before 1.27 kubelet owns
+        /// KUBE-MARK-DROP/-MASQ and KUBE-POSTROUTING, which then stay. Default: decided
+        /// from the rules themselves.
+        #[arg(long)]
+        kubelet_version: Option<String>,
+        /// Print every removed chain and rule instead of counts per table.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 pub async fn run(args: NodeArgs) -> Result<()> {
     match args.command {
+        NodeCommand::CleanupKubeProxy { netns, kubelet_version, full } => {
+            use kubeshift_node_migrator::cleanup::{run_cleanup, CleanupOptions, KubeletChains, Netns};
+            let target = match &netns {
+                Some(ns) => Netns::named(ns),
+                None => Netns::at("/proc/self/ns/net"),
+            };
+            let opts = CleanupOptions {
+                kubelet: kubelet_version
+                    .as_deref()
+                    .map(KubeletChains::from_kubelet_version)
+                    .unwrap_or(KubeletChains::Detect),
+                ..Default::default()
+            };
+            let where_ = netns.map(|n| format!("--netns {n}")).unwrap_or_else(|| "this node".into());
+            let report = tokio::task::spawn_blocking(move || run_cleanup(&target, &opts))
+                .await?
+                .with_context(|| format!("cleaning kube-proxy's rules in {where_}"))?;
+            let json = if full { report.to_json() } else { serde_json::to_value(report.summary())? };
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            eprintln!(
+                "{where_}: {} kube-proxy chains and {} rules removed, {} nftables tables, conntrack of {} service addresses flushed",
+                report.chains_removed(),
+                report.rules_removed(),
+                report.nftables_removed.len(),
+                report.conntrack.len()
+            );
+            Ok(())
+        }
         NodeCommand::Report { cni_conf_dir, netns, node_name, out } => {
             if !cni_conf_dir.is_dir() {
                 bail!("--cni-conf-dir {}: not a directory", cni_conf_dir.display());

@@ -5,10 +5,12 @@
 mod common;
 
 use common::*;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kubeshift_node_migrator::crd::{self, NodeMigration, NodeMigrationSpec, NodeMigrationStatus};
+use kubeshift_node_migrator::daemonsets::{self, NO_KUBE_PROXY};
 use kubeshift_node_migrator::drain::{self, DrainError};
 use kubeshift_node_migrator::lease::{LeaseError, Lock};
 use kubeshift_planner::plan::StepAction;
@@ -210,4 +212,99 @@ async fn migration_state_lease_cordon_and_drain_on_the_lab() {
     eprintln!("lease checked after {:?}", t0.elapsed());
     cordon_and_drain(&lab, &client).await;
     eprintln!("drain checked after {:?}", t0.elapsed());
+}
+
+/// kube-proxy's chain declarations (and only kube-proxy's: kubelet's KUBE-FIREWALL,
+/// KUBE-MARK-DROP and friends are not in this list) on both iptables backends.
+fn kube_proxy_chains(lab: &Lab, node: &str) -> Vec<String> {
+    let mut out = vec![];
+    for save in ["iptables-legacy-save", "iptables-nft-save"] {
+        let o = Command::new("ip").args(["netns", "exec", &lab.node_netns(node), save]).output().unwrap();
+        assert!(o.status.success(), "{save} in {node}");
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| {
+                    ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-NODEPORTS", "KUBE-FORWARD", "KUBE-PROXY-CANARY"]
+                        .iter()
+                        .any(|c| l.starts_with(&format!(":{c}")))
+                })
+                .map(|l| format!("{save}: {}", l.split_whitespace().next().unwrap_or("")))
+                .collect::<Vec<_>>(),
+        );
+    }
+    out
+}
+
+/// Lines of other owners' chains (Flannel's), which cleanup must leave as they are.
+fn flannel_lines(lab: &Lab, node: &str) -> Vec<String> {
+    lab.iptables_save(node)
+        .lines()
+        .filter(|l| l.contains("FLANNEL"))
+        .map(|l| l.split(" [").next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_proxy_leaves_one_node_its_rules_are_cleaned_and_it_comes_back() {
+    let lab = Lab::up("tkpx", &["--nodes", "2", "--no-demo"]);
+    let client = lab.client().await;
+    let wait = Duration::from_secs(120);
+    eventually("kube-proxy's chains on both nodes", wait, || async {
+        Ok((!kube_proxy_chains(&lab, "node-1").is_empty() && !kube_proxy_chains(&lab, "node-2").is_empty())
+            .then_some(()))
+    })
+    .await;
+    let flannel_before = flannel_lines(&lab, "node-1");
+    assert!(!flannel_before.is_empty(), "the lab's flanneld writes FLANNEL chains");
+
+    // Prepare: the exclusion, once. The template change rolls kube-proxy everywhere.
+    let before = daemonsets::exclude(&client, "kube-system", "kube-proxy", NO_KUBE_PROXY).await.unwrap();
+    let before = before.expect("the lab's kube-proxy DaemonSet has no exclusion yet");
+    assert!(daemonsets::exclude(&client, "kube-system", "kube-proxy", NO_KUBE_PROXY).await.unwrap().is_none());
+    for node in ["node-1", "node-2"] {
+        daemonsets::wait_ready_on(&client, "kube-system", "kube-proxy", node, wait).await.unwrap();
+    }
+
+    // Forward: kube-proxy leaves node-1, then its rules go.
+    assert!(daemonsets::label_node(&client, "node-1", NO_KUBE_PROXY, true).await.unwrap());
+    daemonsets::wait_gone_from(&client, "kube-system", "kube-proxy", "node-1", wait).await.unwrap();
+    assert!(!kube_proxy_chains(&lab, "node-1").is_empty(), "deleting kube-proxy leaves its rules (kubernetes#119265)");
+    let clean = |full: bool| {
+        let mut c = kubeshift();
+        c.args(["node", "cleanup-kube-proxy", "--netns", &lab.node_netns("node-1"), "--kubelet-version", "v1.20.2"]);
+        if full {
+            c.arg("--full");
+        }
+        let out = run_ok(&mut c);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let report = clean(true);
+    let removed: usize = report["iptables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["tables"].as_array().unwrap())
+        .map(|t| t["chains_removed"].as_array().map(|a| a.len()).unwrap_or(0))
+        .sum();
+    assert!(removed >= 5, "the report lists the removed chains: {report}");
+    assert_eq!(kube_proxy_chains(&lab, "node-1"), Vec::<String>::new(), "no kube-proxy chain left on node-1");
+    assert_eq!(flannel_lines(&lab, "node-1"), flannel_before, "Flannel's rules are untouched");
+    assert!(!kube_proxy_chains(&lab, "node-2").is_empty(), "node-2 keeps kube-proxy and its rules");
+    let again = clean(false);
+    let again_removed: u64 =
+        again["iptables"].as_array().unwrap().iter().map(|t| t["chains_removed"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(again_removed, 0, "a second run removes nothing: {again}");
+
+    // Inverse: the label goes, kube-proxy returns and writes its rules again; then the
+    // DaemonSet's affinity is put back exactly as it was.
+    assert!(daemonsets::label_node(&client, "node-1", NO_KUBE_PROXY, false).await.unwrap());
+    daemonsets::wait_ready_on(&client, "kube-system", "kube-proxy", "node-1", wait).await.unwrap();
+    eventually("kube-proxy's chains back on node-1", wait, || async {
+        Ok((!kube_proxy_chains(&lab, "node-1").is_empty()).then_some(()))
+    })
+    .await;
+    daemonsets::restore(&client, "kube-system", "kube-proxy", before.clone()).await.unwrap();
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), "kube-system").get("kube-proxy").await.unwrap();
+    assert_eq!(ds.spec.unwrap().template.spec.unwrap().affinity, before, "affinity restored as it was");
 }

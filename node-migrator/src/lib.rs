@@ -5,14 +5,17 @@
 //!   ClusterMigration), so a killed apply resumes from the cluster alone.
 //! - [`lease`]: the apply lock (a coordination.k8s.io Lease).
 //! - [`drain`]: cordon and drain through the eviction API, PDB-aware.
+//! - [`daemonsets`]: kube-proxy and the legacy CNI agent leave a node by a node label.
 //! - [`cleanup`]: the node-local removal of kube-proxy's rules for its mode (iptables on
 //!   both backends, nftables, IPVS planning, service conntrack), run in a node's netns.
 //!
 //! What it may touch: its own custom resources, the apply Lease, Node
-//! `spec.unschedulable`, pods it evicts, and (cleanup only, in the network namespace it
+//! `spec.unschedulable` and its own node labels, the node affinity of the kube-proxy and
+//! legacy CNI DaemonSets, pods it evicts, and (cleanup only, in the network namespace it
 //! is given) kube-proxy's own chains, rules, tables and conntrack entries.
 
 pub mod cleanup;
 pub mod crd;
+pub mod daemonsets;
 pub mod drain;
 pub mod lease;
