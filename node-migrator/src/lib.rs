@@ -4,6 +4,8 @@
 //! - [`crd`]: the migration's state in the cluster (NodeMigration per node, one
 //!   ClusterMigration), so a killed apply resumes from the cluster alone.
 //! - [`lease`]: the apply lock (a coordination.k8s.io Lease).
+//! - [`next`]: what a node's migration does next, decided purely from its NodeMigration,
+//!   and the status transitions that journal each step.
 //! - [`drain`]: cordon and drain through the eviction API, PDB-aware.
 //! - [`daemonsets`]: kube-proxy and the legacy CNI agent leave a node by a node label.
 //! - [`cleanup`]: the node-local removal of kube-proxy's rules for its mode (iptables on
@@ -19,3 +21,4 @@ pub mod crd;
 pub mod daemonsets;
 pub mod drain;
 pub mod lease;
+pub mod next;
