@@ -33,9 +33,7 @@ struct NodeLine {
 
 fn node_line(nm: &NodeMigration) -> NodeLine {
     let st = nm.status.clone().unwrap_or_default();
-    let name = |s: &kubeshift_planner::plan::StepAction| {
-        serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from))
-    };
+    let name = |s: &kubeshift_planner::plan::StepAction| Some(kubeshift_node_migrator::next::name(*s));
     NodeLine {
         node: nm.spec.node.clone(),
         wave: nm.spec.wave.clone(),
@@ -44,7 +42,7 @@ fn node_line(nm: &NodeMigration) -> NodeLine {
         reached: st.reached.as_ref().and_then(name),
         in_progress: st.in_progress.as_ref().and_then(|p| name(&p.step)),
         started: st.history.first().map(|h| h.started_at.clone()),
-        last_step: st.history.last().map(|h| format!("{} {}", name(&h.step).unwrap_or_default(), h.summary)),
+        last_step: st.history.last().map(|h| format!("{} {}", kubeshift_node_migrator::next::name(h.step), h.summary)),
         blocked: st.blocked.clone(),
     }
 }
