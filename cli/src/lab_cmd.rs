@@ -35,6 +35,9 @@ pub enum LabCommand {
         /// Skip the demo workload.
         #[arg(long)]
         no_demo: bool,
+        /// Make the first N nodes control-plane nodes (kubeadm's role labels and taint).
+        #[arg(long, default_value_t = 0)]
+        control_plane_nodes: usize,
         /// Leave a failed lab in place for debugging.
         #[arg(long)]
         keep_on_failure: bool,
@@ -111,8 +114,27 @@ pub enum LabCommand {
 
 pub async fn run(args: LabArgs) -> Result<()> {
     match args.command {
-        LabCommand::Up { name, nodes, pools, pool_label, cni, api_port, no_demo, keep_on_failure } => {
-            let spec = LabSpec { name, nodes, pools, pool_label, cni: Cni::parse(&cni)?, api_port, demo: !no_demo };
+        LabCommand::Up {
+            name,
+            nodes,
+            pools,
+            pool_label,
+            cni,
+            api_port,
+            no_demo,
+            control_plane_nodes,
+            keep_on_failure,
+        } => {
+            let spec = LabSpec {
+                name,
+                nodes,
+                pools,
+                pool_label,
+                cni: Cni::parse(&cni)?,
+                api_port,
+                demo: !no_demo,
+                control_plane_nodes,
+            };
             let st = kubeshift_lab::up::up(kubeshift_lab::up::UpOptions {
                 spec,
                 self_exe: std::env::current_exe()?,

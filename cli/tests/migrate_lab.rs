@@ -308,3 +308,26 @@ async fn kube_proxy_leaves_one_node_its_rules_are_cleaned_and_it_comes_back() {
     let ds = Api::<DaemonSet>::namespaced(client.clone(), "kube-system").get("kube-proxy").await.unwrap();
     assert_eq!(ds.spec.unwrap().template.spec.unwrap().affinity, before, "affinity restored as it was");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_node_is_migrated_last() {
+    let lab = Lab::up("tcpl", &["--nodes", "3", "--pools", "2", "--control-plane-nodes", "1", "--no-demo"]);
+    let out = run_ok(
+        kubeshift().args(["migrate", "plan", "-o", "yaml", "--allow-blockers", "--kubeconfig"]).arg(lab.kubeconfig()),
+    );
+    let plan: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let waves = plan["waves"].as_array().unwrap();
+    let nodes_of = |w: &serde_json::Value| -> Vec<String> {
+        w["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["nodes"].as_array().unwrap())
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(nodes_of(waves.last().unwrap()), ["node-1"], "the control-plane node is the last wave: {waves:?}");
+    for w in &waves[..waves.len() - 1] {
+        assert!(!nodes_of(w).contains(&"node-1".to_string()), "node-1 only in the last wave");
+    }
+}

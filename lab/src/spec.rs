@@ -45,6 +45,10 @@ pub struct LabSpec {
     pub api_port: u16,
     /// Deploy the demo workload after the cluster is up.
     pub demo: bool,
+    /// The first N nodes are control-plane nodes (kubeadm's role labels and NoSchedule
+    /// taint, no pool), so a plan's "control plane last" runs for real.
+    #[serde(default)]
+    pub control_plane_nodes: usize,
 }
 
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -69,8 +73,19 @@ impl LabSpec {
         if self.nodes == 0 || self.nodes > 50 {
             bail!("--nodes {}: the lab runs 1 to 50 nodes", self.nodes);
         }
-        if self.pools == 0 || self.pools > self.nodes {
-            bail!("--pools {}: must be between 1 and the number of nodes ({})", self.pools, self.nodes);
+        if self.control_plane_nodes >= self.nodes {
+            bail!(
+                "--control-plane-nodes {}: at least one of the {} nodes must be a worker",
+                self.control_plane_nodes,
+                self.nodes
+            );
+        }
+        if self.pools == 0 || self.pools > self.nodes - self.control_plane_nodes {
+            bail!(
+                "--pools {}: must be between 1 and the number of worker nodes ({})",
+                self.pools,
+                self.nodes - self.control_plane_nodes
+            );
         }
         Ok(())
     }
@@ -80,6 +95,10 @@ impl LabSpec {
     }
 
     /// Pools are filled round-robin so that every pool has nodes.
+    pub fn is_control_plane(&self, node_index: usize) -> bool {
+        node_index < self.control_plane_nodes
+    }
+
     pub fn pool_of(&self, node_index: usize) -> String {
         format!("pool-{}", (node_index % self.pools) + 1)
     }
@@ -147,7 +166,17 @@ mod tests {
             cni: Cni::Flannel,
             api_port: 0,
             demo: false,
+            control_plane_nodes: 0,
         }
+    }
+
+    #[test]
+    fn control_plane_nodes_come_first_and_leave_a_worker() {
+        let s = LabSpec { control_plane_nodes: 1, ..spec() };
+        assert!(s.is_control_plane(0) && !s.is_control_plane(1));
+        assert!(s.validate().is_ok());
+        let err = LabSpec { control_plane_nodes: 3, ..spec() }.validate().unwrap_err().to_string();
+        assert!(err.contains("--control-plane-nodes 3"), "{err}");
     }
 
     #[test]

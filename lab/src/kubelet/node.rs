@@ -19,7 +19,13 @@ pub fn labels(ctx: &NodeCtx) -> BTreeMap<String, String> {
     l.insert("beta.kubernetes.io/os".into(), "linux".into());
     l.insert("beta.kubernetes.io/arch".into(), "amd64".into());
     l.insert("node.kubernetes.io/instance-type".into(), "kubeshift-lab".into());
-    l.insert(ctx.lab.pool_label.clone(), ctx.lab.pool_of(ctx.index));
+    if ctx.lab.is_control_plane(ctx.index) {
+        // As kubeadm 1.20 labels its control-plane nodes (both role names).
+        l.insert("node-role.kubernetes.io/control-plane".into(), String::new());
+        l.insert("node-role.kubernetes.io/master".into(), String::new());
+    } else {
+        l.insert(ctx.lab.pool_label.clone(), ctx.lab.pool_of(ctx.index));
+    }
     l
 }
 
@@ -28,7 +34,12 @@ pub async fn register(ctx: &NodeCtx) -> Result<()> {
     if api.get_opt(&ctx.node).await?.is_none() {
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": ctx.node, "labels": labels(ctx)},
-            "spec": {},
+            // kubeadm's control-plane taint: only pods that tolerate it (DaemonSets) run there.
+            "spec": if ctx.lab.is_control_plane(ctx.index) {
+                json!({"taints": [{"key": "node-role.kubernetes.io/master", "effect": "NoSchedule"}]})
+            } else {
+                json!({})
+            },
         }))?;
         api.create(&PostParams::default(), &node).await?;
         tracing::info!("registered node {}", ctx.node);
