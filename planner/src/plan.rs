@@ -140,6 +140,9 @@ pub struct NodePlan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StepAction {
+    /// Record the node's networking as it is (iptables of both backends, nftables, IPVS,
+    /// links and routes, CNI conf files with hashes) before anything changes.
+    Snapshot,
     Cordon,
     Drain,
     InstallDatapath,

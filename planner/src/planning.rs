@@ -173,6 +173,7 @@ fn steps_for(node: &PlanNodeInput) -> Vec<Step> {
     // Drain time grows with the pods to evict; the rest is per-node work.
     let drain = 30 + 2 * node.evictable_pods.min(5_000) as u32;
     vec![
+        step(StepAction::Snapshot, 5, false),
         step(StepAction::Cordon, 2, false),
         step(StepAction::Drain, drain, false),
         step(StepAction::InstallDatapath, 60, true),

@@ -105,5 +105,5 @@ fn synthetic_large_input_plans() {
     assert_eq!(p.all_steps().map(|(_, n, _)| n.name.clone()).collect::<std::collections::BTreeSet<_>>().len(), 600);
     assert_eq!(p.waves.last().unwrap().name, "control-plane");
     let g = p.graph().unwrap();
-    assert_eq!(g.graph.node_count(), 600 * 9 + p.waves.len());
+    assert_eq!(g.graph.node_count(), 600 * 10 + p.waves.len(), "10 steps per node and one gate per wave");
 }
