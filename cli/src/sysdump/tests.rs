@@ -93,7 +93,7 @@ fn fake_client(seen: Arc<Mutex<Vec<String>>>) -> Client {
 }
 
 fn args() -> SysdumpArgs {
-    SysdumpArgs { cluster: ClusterArgs { kubeconfig: None, context: None }, out: None, log_lines: 50, agent_port: 9963 }
+    SysdumpArgs { out: None, log_lines: 50, agent_port: 9963 }
 }
 
 fn text(d: &Dump, path: &str) -> String {
@@ -167,7 +167,7 @@ fn the_archive_holds_every_file_under_one_directory_with_the_failures() {
     let out = dir.join("dump-1.tar.gz");
     let mut d = Dump::default();
     d.add("cluster/nodes.yaml", "- node-1\n");
-    d.fail("cluster/events", "forbidden");
+    d.fail("cluster/events", anyhow!("forbidden"));
     write_archive(&d, &out).unwrap();
 
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&out).unwrap()));
