@@ -395,3 +395,26 @@ async fn delete_namespace(client: &Client, ns: &str, timeout: Duration) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn ns(labels: &[(&str, &str)]) -> Namespace {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Namespace {
+            metadata: ObjectMeta { name: Some("x".into()), labels: Some(labels), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    /// The suite takes (and later deletes) only namespaces it labelled as its own.
+    #[test]
+    fn only_the_suites_own_namespace_is_taken() {
+        assert!(ensure_ours(&ns(&[("app.kubernetes.io/part-of", PART_OF)]), "ks-conn").is_ok());
+        let e = ensure_ours(&ns(&[]), "prod").unwrap_err().to_string();
+        assert!(e.starts_with("namespace prod exists and is not the connectivity test's own"), "{e}");
+        assert!(ensure_ours(&ns(&[("app.kubernetes.io/part-of", "shop")]), "shop").is_err());
+    }
+}
