@@ -20,8 +20,6 @@ pub enum EndpointsSource {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// This node's name (labels metrics and logs).
     #[arg(long)]
     pub node: String,
@@ -55,7 +53,7 @@ pub struct AgentArgs {
     pub no_nodeport: bool,
 }
 
-pub async fn run(args: AgentArgs) -> Result<()> {
+pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
     // Local flags first: a typo should fail before anything talks to the cluster.
     let mut dp = DatapathConfig::new(&args.node).context("finding the cgroup v2 mount")?;
     if let Some(c) = args.cgroup {
@@ -86,7 +84,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         netns: args.netns.clone(),
         device: args.device.clone(),
     });
-    let client = args.cluster.client().await?;
+    let client = cluster.client().await?;
     agent::run(
         client,
         AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport },

@@ -1,6 +1,7 @@
 //! `kubeshift connectivity test` and the hidden in-pod `agent`.
 
 use crate::kubeconfig::ClusterArgs;
+use crate::output_format::{narrow, OutputFormat};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kubeshift_connectivity_test::{agent, deploy::DeployConfig, report, suite};
@@ -18,9 +19,12 @@ pub struct ConnectivityArgs {
 pub enum ConnectivityCommand {
     /// Deploy probe pods, run every scenario, report, clean up.
     Test {
-        #[command(flatten)]
-        cluster: ClusterArgs,
-        #[arg(long, default_value = "kubeshift-connectivity")]
+        /// The namespace the suite creates for its pods and deletes when done (it
+        /// refuses one that exists and is not its own). Not kubectl's `-n`, the scope of
+        /// a command in a namespace that exists, so this command keeps its own option
+        /// and default; clap gives it the global option's value too, so `kubeshift -n X
+        /// connectivity test` also runs the suite in X.
+        #[arg(short = 'n', long, default_value = "kubeshift-connectivity")]
         namespace: String,
         /// Only scenarios whose name matches this regex.
         #[arg(long)]
@@ -42,7 +46,7 @@ pub enum ConnectivityCommand {
         compare: Option<PathBuf>,
         #[arg(long)]
         junit: Option<PathBuf>,
-        /// Print the report as JSON instead of text.
+        /// Print the report as JSON instead of text (the same as `-o json`).
         #[arg(long)]
         json: bool,
         /// Start long-lived connections through ClusterIPs and keep the test namespace,
@@ -89,13 +93,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-pub async fn run(args: ConnectivityArgs) -> Result<()> {
+/// What `connectivity test -o` writes (the global `-o`; `--json` is the older spelling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestOutput {
+    Text,
+    Json,
+}
+
+pub async fn run(args: ConnectivityArgs, cluster: &ClusterArgs, output: Option<OutputFormat>) -> Result<()> {
     match args.command {
         ConnectivityCommand::Agent { namespace, pod, sa_dir, server, stream_port } => {
             agent::run(agent::AgentArgs { namespace, pod, sa_dir, server, stream_port }).await
         }
         ConnectivityCommand::Test {
-            cluster,
             namespace,
             test,
             probe_timeout,
@@ -112,6 +122,7 @@ pub async fn run(args: ConnectivityArgs) -> Result<()> {
             agent_image,
             agent_command,
         } => {
+            let json = json || output.map(|o| narrow(o, "connectivity test")).transpose()? == Some(TestOutput::Json);
             let filter = test
                 .map(|t| regex::Regex::new(&t).with_context(|| format!("--test {t:?} is not a valid regex")))
                 .transpose()?;

@@ -13,6 +13,13 @@ pub struct LabArgs {
     pub command: LabCommand,
 }
 
+/// What `lab status -o` writes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum StatusOutput {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 pub enum LabCommand {
     /// Start a lab: control plane, nodes with real kube-proxy and CNI plugins, demo workload.
@@ -51,8 +58,8 @@ pub enum LabCommand {
     Status {
         #[arg(long, default_value = "lab")]
         name: String,
-        #[arg(long, short = 'o', default_value = "text")]
-        output: String,
+        #[arg(long, short = 'o', value_parser = crate::output_format::formats::<StatusOutput>(), default_value = "text")]
+        output: crate::output_format::OutputFormat,
     },
     #[command(hide = true)]
     Forward {
@@ -162,10 +169,9 @@ pub async fn run(args: LabArgs) -> Result<()> {
         }
         LabCommand::Status { name, output } => {
             let s = kubeshift_lab::status::status(&name).await?;
-            match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&s)?),
-                "text" => print!("{s}"),
-                other => anyhow::bail!("-o {other}: use text or json"),
+            match crate::output_format::narrow(output, "lab status")? {
+                StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                StatusOutput::Text => print!("{s}"),
             }
             Ok(())
         }

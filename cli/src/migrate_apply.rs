@@ -1,19 +1,21 @@
 //! `kubeshift migrate apply`, `rollback` and `status`: the cluster-facing half of the
 //! node-migrator (DESIGN.md, "Migration").
 
+use crate::kubeconfig::ClusterArgs;
 use crate::migrate_cmd::{ApplyArgs, Output, RollbackArgs, StatusArgs};
+use crate::output_format::narrow;
 use anyhow::{bail, Context, Result};
 use kube::api::{Api, ListParams};
 use kubeshift_node_migrator::crd::{ClusterMigration, NodeMigration};
 use std::fmt::Write as _;
 
-pub async fn apply(a: ApplyArgs) -> Result<()> {
-    let _ = a;
+pub async fn apply(a: ApplyArgs, cluster: &ClusterArgs) -> Result<()> {
+    let _ = (a, cluster);
     bail!("`migrate apply` is not built yet: kubeshift's own pod network (CNI plugin, overlay, agent DaemonSet) it switches nodes to does not exist yet; nothing was changed")
 }
 
-pub async fn rollback(a: RollbackArgs) -> Result<()> {
-    let _ = a;
+pub async fn rollback(a: RollbackArgs, cluster: &ClusterArgs) -> Result<()> {
+    let _ = (a, cluster);
     bail!("`migrate rollback` is not built yet (there is no `migrate apply` to undo); nothing was changed")
 }
 
@@ -47,8 +49,9 @@ fn node_line(nm: &NodeMigration) -> NodeLine {
     }
 }
 
-pub async fn status(a: StatusArgs) -> Result<()> {
-    let client = a.cluster.client().await?;
+pub async fn status(a: StatusArgs, cluster: &ClusterArgs) -> Result<()> {
+    let output: Output = narrow(a.output, "migrate status")?;
+    let client = cluster.client().await?;
     let nms: Api<NodeMigration> = Api::all(client.clone());
     let list = match nms.list(&ListParams::default()).await {
         Ok(l) => l.items,
@@ -67,7 +70,7 @@ pub async fn status(a: StatusArgs) -> Result<()> {
         })),
         "nodes": lines,
     });
-    match a.output {
+    match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(&doc)?),
         Output::Table => print!("{}", table(&lines)),

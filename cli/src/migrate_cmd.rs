@@ -2,6 +2,7 @@
 //! cluster, analyze it, and write (or verify) the plan a human signs off.
 
 use crate::kubeconfig::ClusterArgs;
+use crate::output_format::{formats, narrow, OutputFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use kubeshift_planner::analysis::{analyze, plan_input, Analysis, PolicyClass, Severity};
@@ -19,7 +20,7 @@ pub struct MigrateArgs {
     pub command: MigrateCommand,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Output {
     Table,
     Yaml,
@@ -34,11 +35,9 @@ pub enum GraphFormat {
 
 #[derive(Args)]
 pub struct PlanArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// What goes to stdout: a summary, the plan YAML, or inventory + analysis + plan as JSON.
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
+    #[arg(short = 'o', long, value_parser = formats::<Output>(), default_value = "table")]
+    pub output: OutputFormat,
     /// Write the plan YAML here (not written when there are blockers, unless --allow-blockers).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -68,8 +67,6 @@ pub enum MigrateCommand {
     Plan(PlanArgs),
     /// Check that a plan file is valid and was made for this cluster (fingerprint).
     Check {
-        #[command(flatten)]
-        cluster: ClusterArgs,
         #[arg(long)]
         plan: PathBuf,
     },
@@ -93,8 +90,6 @@ pub enum OnGateFailure {
 
 #[derive(Args)]
 pub struct ApplyArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// The plan file written by `migrate plan`.
     #[arg(short = 'f', long = "filename")]
     pub plan: PathBuf,
@@ -129,8 +124,6 @@ pub struct ApplyArgs {
 
 #[derive(Args)]
 pub struct RollbackArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// Nodes to roll back (repeatable).
     #[arg(long = "node")]
     pub nodes: Vec<String>,
@@ -147,20 +140,19 @@ pub struct RollbackArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
+    /// A table of the nodes, or the cluster and the nodes as YAML or JSON.
+    #[arg(short = 'o', long, value_parser = formats::<Output>(), default_value = "table")]
+    pub output: OutputFormat,
 }
 
-pub async fn run(args: MigrateArgs) -> Result<()> {
+pub async fn run(args: MigrateArgs, cluster: &ClusterArgs) -> Result<()> {
     match args.command {
-        MigrateCommand::Plan(a) => plan(a).await,
-        MigrateCommand::Apply(a) => crate::migrate_apply::apply(a).await,
-        MigrateCommand::Rollback(a) => crate::migrate_apply::rollback(a).await,
-        MigrateCommand::Status(a) => crate::migrate_apply::status(a).await,
+        MigrateCommand::Plan(a) => plan(a, cluster).await,
+        MigrateCommand::Apply(a) => crate::migrate_apply::apply(a, cluster).await,
+        MigrateCommand::Rollback(a) => crate::migrate_apply::rollback(a, cluster).await,
+        MigrateCommand::Status(a) => crate::migrate_apply::status(a, cluster).await,
         MigrateCommand::Runbook(a) => crate::runbook::run(a),
-        MigrateCommand::Check { cluster, plan } => {
+        MigrateCommand::Check { plan } => {
             // Read the file before touching the cluster so a bad file fails fast.
             kubeshift_planner::plan::load_plan(&plan, None).map_err(|e| anyhow!("{e}"))?;
             let client = cluster.client().await?;
@@ -183,12 +175,13 @@ fn read_reports(paths: &[PathBuf]) -> Result<Vec<NodeReport>> {
         .collect()
 }
 
-async fn plan(a: PlanArgs) -> Result<()> {
+async fn plan(a: PlanArgs, cluster: &ClusterArgs) -> Result<()> {
+    let output: Output = narrow(a.output, "migrate plan")?;
     if a.max_unavailable == 0 {
         bail!("--max-unavailable must be at least 1");
     }
     let reports = read_reports(&a.node_reports)?;
-    let client = a.cluster.client().await?;
+    let client = cluster.client().await?;
     let inv = discover(&client, &DiscoverOptions { pool_label: a.pool_label.clone() }).await?;
     for r in &reports {
         let name = r.node_name.as_deref().unwrap_or(&r.hostname);
@@ -200,7 +193,7 @@ async fn plan(a: PlanArgs) -> Result<()> {
     let analysis = analyze(&inv, &reports, Some(&plan.target.pod_cidr));
     let blockers = analysis.blockers().count();
 
-    let rendered = match a.output {
+    let rendered = match output {
         Output::Table => summary(&inv, &analysis, &plan),
         Output::Yaml => plan.to_yaml(),
         Output::Json => {

@@ -20,6 +20,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Markdown,
+    /// One self-contained page.
     Html,
 }
 
@@ -28,8 +29,9 @@ pub struct RunbookArgs {
     /// The plan file written by `migrate plan`.
     #[arg(short = 'f', long = "filename")]
     pub plan: PathBuf,
-    #[arg(short = 'o', long, value_enum, default_value = "markdown")]
-    pub output: Format,
+    /// The runbook's format.
+    #[arg(short = 'o', long, value_parser = crate::output_format::formats::<Format>(), default_value = "markdown")]
+    pub output: crate::output_format::OutputFormat,
     /// Write the runbook here instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -48,7 +50,8 @@ pub fn run(a: RunbookArgs) -> Result<()> {
     let findings = a.findings.as_deref().map(|p| read_findings(p, &plan)).transpose()?;
     let templates = load_templates(a.templates.as_deref())?;
     let input = RunbookInput { plan_file: a.plan.display().to_string(), findings, findings_file: a.findings.clone() };
-    let text = render(&plan, &input, a.output, &templates)?;
+    let format: Format = crate::output_format::narrow(a.output, "migrate runbook")?;
+    let text = render(&plan, &input, format, &templates)?;
     match &a.out {
         Some(out) => {
             std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;

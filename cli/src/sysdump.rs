@@ -22,8 +22,6 @@ pub const KUBESHIFT_GROUP: &str = "kubeshift.io";
 
 #[derive(Args)]
 pub struct SysdumpArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// The archive to write (default: kubeshift-sysdump-<UTC time>.tar.gz here).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -67,8 +65,8 @@ impl Dump {
         self.files.push((path.into(), content.into()));
     }
 
-    fn fail(&mut self, part: impl Into<String>, e: impl std::fmt::Display) {
-        self.failures.push((part.into(), format!("{e:#}")));
+    fn fail(&mut self, part: impl Into<String>, e: impl Into<anyhow::Error>) {
+        self.failures.push((part.into(), why(&e.into())));
     }
 
     fn record<T>(&mut self, part: &str, r: Result<T>) -> Option<T> {
@@ -87,6 +85,22 @@ impl Dump {
     }
 }
 
+/// Why a part failed, on one line: an API error as its code, reason and message, without
+/// the Debug dump of the Status that kube's own Display appends (a pod log the kubelet
+/// does not serve was three lines of it).
+fn why(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(kube::Error::Api(s)) = cause.downcast_ref::<kube::Error>() {
+            let reason = if s.reason.is_empty() { String::new() } else { format!(" {}", s.reason) };
+            parts.push(format!("API error {}{reason}: {}", s.code, s.message));
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
+}
+
 /// YAML of a list of objects, with Secrets removed whatever list they came in.
 fn objects_yaml<T: serde::Serialize>(items: &[T]) -> Result<String> {
     let mut values: Vec<serde_json::Value> = items.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
@@ -94,8 +108,8 @@ fn objects_yaml<T: serde::Serialize>(items: &[T]) -> Result<String> {
     Ok(serde_yaml::to_string(&values)?)
 }
 
-pub async fn run(a: SysdumpArgs) -> Result<()> {
-    let client = a.cluster.client().await?;
+pub async fn run(a: SysdumpArgs, cluster: &ClusterArgs) -> Result<()> {
+    let client = cluster.client().await?;
     let out = a.out.clone().unwrap_or_else(|| {
         let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
         PathBuf::from(format!("kubeshift-sysdump-{now}.tar.gz"))

@@ -448,7 +448,7 @@ fn the_binary_is_a_kubectl_plugin_under_that_name() {
     let help = String::from_utf8(out.stdout).unwrap();
     // kubectl runs `kubectl-kubeshift ARGS` for `kubectl kubeshift ARGS`; the usage line
     // should show what the user typed.
-    assert!(help.contains("Usage: kubectl kubeshift <COMMAND>"), "{help}");
+    assert!(help.contains("Usage: kubectl kubeshift [OPTIONS] <COMMAND>"), "{help}");
     assert!(help.contains("migrate"));
     let out = run(&["migrate", "status", "--help"]);
     assert!(out.status.success());
@@ -460,7 +460,79 @@ fn the_binary_is_a_kubectl_plugin_under_that_name() {
 
     // Under its own name, it stays `kubeshift`.
     let help = String::from_utf8(kubeshift(&["--help"]).stdout).unwrap();
-    assert!(help.contains("Usage: kubeshift <COMMAND>"), "{help}");
+    assert!(help.contains("Usage: kubeshift [OPTIONS] <COMMAND>"), "{help}");
+    // kubectl's global flags are the top level's options.
+    for flag in ["--kubeconfig <FILE>", "--context <NAME>", "-n, --namespace <NAMESPACE>", "-o, --output <FORMAT>"] {
+        assert!(help.contains(flag), "no {flag} in {help}");
+    }
+}
+
+/// A kubeconfig whose one cluster is 127.0.0.1:1, where nothing listens, with the
+/// contexts `lab` (current) and `prod`.
+fn unreachable_kubeconfig(dir: &Path) -> PathBuf {
+    let path = dir.join("unreachable.kubeconfig");
+    let yaml = "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+        clusters:\n- name: nowhere\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\n\
+        users:\n- name: u\n  user:\n    token: t\n\
+        contexts:\n- name: lab\n  context:\n    cluster: nowhere\n    user: u\n\
+        - name: prod\n  context:\n    cluster: nowhere\n    user: u\n";
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// The real binary, with no KUBECONFIG from the environment running the tests; fails
+/// and says why on stderr.
+fn kubeshift_fails(args: &[&str], env: &[(&str, &Path)]) -> String {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kubeshift"));
+    c.env_remove("KUBECONFIG").args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "kubeshift {args:?} succeeded against nothing: {stderr}");
+    stderr
+}
+
+#[test]
+fn global_cluster_flags_reach_the_command_before_or_after_it() {
+    let dir = TempDir::new("global-flags");
+    let k = unreachable_kubeconfig(&dir.0);
+    let k = k.to_str().unwrap();
+    let out = dir.0.join("dump.tar.gz");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec!["--kubeconfig", k, "migrate", "status"],
+        vec!["migrate", "status", "--kubeconfig", k, "-o", "json"],
+        vec!["--context", "prod", "migrate", "status", "-o", "json", "--kubeconfig", k],
+        vec!["-o", "json", "--kubeconfig", k, "migrate", "status"],
+        vec!["migrate", "--kubeconfig", k, "plan", "-o", "yaml"],
+        vec!["--kubeconfig", k, "sysdump", "--out", out],
+        vec!["sysdump", "--kubeconfig", k, "--out", out],
+        vec!["-n", "shop", "connectivity", "test", "--kubeconfig", k],
+    ] {
+        let err = kubeshift_fails(&args, &[]);
+        assert!(err.contains("https://127.0.0.1:1"), "{args:?}: the error names the server tried: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+    }
+    // KUBECONFIG is still read when no --kubeconfig is given.
+    let err = kubeshift_fails(&["migrate", "status"], &[("KUBECONFIG", Path::new(k))]);
+    assert!(err.contains("https://127.0.0.1:1"), "{err}");
+
+    for args in [
+        vec!["--context", "staging", "--kubeconfig", k, "migrate", "status"],
+        vec!["migrate", "status", "--kubeconfig", k, "--context", "staging"],
+    ] {
+        let err = kubeshift_fails(&args, &[]);
+        assert!(err.contains("--context staging"), "{args:?}: the error names the context: {err}");
+        assert!(err.contains("lab, prod"), "{args:?}: and the ones there are: {err}");
+    }
+
+    // -o is checked against the command's formats, wherever it was given.
+    let err = kubeshift_fails(&["-o", "compact", "--kubeconfig", k, "migrate", "status"], &[]);
+    assert!(err.contains("-o compact: `kubeshift migrate status` writes table, yaml, json"), "{err}");
+    let err = kubeshift_fails(&["-o", "json", "sysdump", "--kubeconfig", k], &[]);
+    assert!(err.contains("-o json: this command has no output formats"), "{err}");
 }
 
 #[test]

@@ -344,6 +344,31 @@ pub async fn wait_endpoints(
     }
 }
 
+/// Refuses namespaces the suite did not make: it creates its two namespaces and deletes
+/// them when done, so a name that already exists without the suite's label (`-n prod`
+/// typed out of kubectl habit) must stop the run before anything is created or deleted.
+pub async fn check_namespaces_are_ours(client: &Client, cfg: &DeployConfig) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    for ns in [cfg.namespace.clone(), peer_namespace(cfg)] {
+        let found = api.get_opt(&ns).await.with_context(|| format!("reading namespace {ns}"))?;
+        if let Some(found) = found {
+            ensure_ours(&found, &ns)?;
+        }
+    }
+    Ok(())
+}
+
+fn ensure_ours(ns: &Namespace, name: &str) -> Result<()> {
+    let part_of = ns.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/part-of"));
+    if part_of.map(String::as_str) != Some(PART_OF) {
+        bail!(
+            "namespace {name} exists and is not the connectivity test's own (no app.kubernetes.io/part-of={PART_OF} label); \
+             the test creates its namespace and deletes it afterwards: name one that does not exist"
+        );
+    }
+    Ok(())
+}
+
 /// Deletes the suite's namespaces and waits until they are gone.
 pub async fn cleanup(client: &Client, cfg: &DeployConfig, timeout: Duration) -> Result<()> {
     delete_namespace(client, &peer_namespace(cfg), timeout).await?;
@@ -352,6 +377,10 @@ pub async fn cleanup(client: &Client, cfg: &DeployConfig, timeout: Duration) -> 
 
 async fn delete_namespace(client: &Client, ns: &str, timeout: Duration) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
+    match api.get_opt(ns).await.with_context(|| format!("reading namespace {ns}"))? {
+        Some(found) => ensure_ours(&found, ns)?,
+        None => return Ok(()),
+    }
     match api.delete(ns, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
@@ -365,4 +394,27 @@ async fn delete_namespace(client: &Client, ns: &str, timeout: Duration) -> Resul
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn ns(labels: &[(&str, &str)]) -> Namespace {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Namespace {
+            metadata: ObjectMeta { name: Some("x".into()), labels: Some(labels), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    /// The suite takes (and later deletes) only namespaces it labelled as its own.
+    #[test]
+    fn only_the_suites_own_namespace_is_taken() {
+        assert!(ensure_ours(&ns(&[("app.kubernetes.io/part-of", PART_OF)]), "ks-conn").is_ok());
+        let e = ensure_ours(&ns(&[]), "prod").unwrap_err().to_string();
+        assert!(e.starts_with("namespace prod exists and is not the connectivity test's own"), "{e}");
+        assert!(ensure_ours(&ns(&[("app.kubernetes.io/part-of", "shop")]), "shop").is_err());
+    }
 }

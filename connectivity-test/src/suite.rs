@@ -74,6 +74,7 @@ pub async fn run(client: &Client, opts: &SuiteOptions) -> Result<SuiteReport> {
         Some(p) => Some(Matrix::load(p)?),
         None => None,
     };
+    deploy::check_namespaces_are_ours(client, &opts.deploy).await?;
     let nodes = deploy::pick_nodes(client, &opts.deploy.nodes).await?;
     let started = Instant::now();
     let r = run_deployed(client, opts, &nodes, before).await;

@@ -53,8 +53,8 @@ pub struct ObserveArgs {
     #[arg(long = "type", value_name = "KIND", value_parser = filter::parse_kind)]
     pub kinds: Vec<kubeshift_datapath::agent::flows::FlowKind>,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value = "compact")]
-    pub output: output::Format,
+    #[arg(short = 'o', long = "output", value_parser = crate::output_format::formats::<output::Format>(), default_value = "compact")]
+    pub output: crate::output_format::OutputFormat,
 }
 
 impl ObserveArgs {
@@ -100,11 +100,12 @@ fn print(out: &mut impl Write, format: output::Format, f: &Flow) -> Result<()> {
 }
 
 pub async fn run(args: ObserveArgs) -> Result<()> {
+    let format: output::Format = crate::output_format::narrow(args.output, "observe")?;
     let filter = args.filter();
     let mut out = std::io::stdout().lock();
     if !args.follow {
         for f in newest(&args.servers, &filter, args.last.unwrap_or(20)).await? {
-            print(&mut out, args.output, &f)?;
+            print(&mut out, format, &f)?;
         }
         return Ok(());
     }
@@ -119,7 +120,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
     let mut shown: HashSet<String> = HashSet::new();
     if let Some(n) = args.last {
         for f in newest(&args.servers, &filter, n).await? {
-            print(&mut out, args.output, &f)?;
+            print(&mut out, format, &f)?;
             shown.insert(f.raw);
         }
     }
@@ -146,7 +147,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
         if shown.remove(&f.raw) || !filter.matches(&f.record) {
             continue;
         }
-        print(&mut out, args.output, &f)?;
+        print(&mut out, format, &f)?;
     }
     Ok(())
 }

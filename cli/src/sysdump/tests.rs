@@ -93,7 +93,7 @@ fn fake_client(seen: Arc<Mutex<Vec<String>>>) -> Client {
 }
 
 fn args() -> SysdumpArgs {
-    SysdumpArgs { cluster: ClusterArgs { kubeconfig: None, context: None }, out: None, log_lines: 50, agent_port: 9963 }
+    SysdumpArgs { out: None, log_lines: 50, agent_port: 9963 }
 }
 
 fn text(d: &Dump, path: &str) -> String {
@@ -133,6 +133,7 @@ async fn a_dump_has_each_part_and_lists_what_failed() {
     assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
     assert_eq!(d.failures[0].0, "cluster/events");
     assert!(d.failures[0].1.contains("forbidden"), "{}", d.failures[0].1);
+    assert!(!d.failures[0].1.contains("Status {"), "one line, no Debug dump: {}", d.failures[0].1);
 
     let seen = seen.lock().unwrap();
     assert!(seen.iter().any(|p| p.contains("tailLines=50")), "log lines are bounded: {seen:?}");
@@ -167,7 +168,7 @@ fn the_archive_holds_every_file_under_one_directory_with_the_failures() {
     let out = dir.join("dump-1.tar.gz");
     let mut d = Dump::default();
     d.add("cluster/nodes.yaml", "- node-1\n");
-    d.fail("cluster/events", "forbidden");
+    d.fail("cluster/events", anyhow!("forbidden"));
     write_archive(&d, &out).unwrap();
 
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&out).unwrap()));
@@ -186,4 +187,27 @@ fn the_archive_holds_every_file_under_one_directory_with_the_failures() {
     assert!(files["dump-1/index.txt"].contains("cluster/nodes.yaml\t9 bytes"));
     assert!(!dir.join("dump-1.tmp").exists());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A part's failure reads as the API server's answer, and context around it is kept.
+#[test]
+fn a_failure_is_one_line_with_the_api_servers_answer() {
+    let status = kube::core::Status {
+        code: 500,
+        message: "Get \"https://node-1:10250/containerLogs/ns/p/c\": dial tcp: connect: network is unreachable".into(),
+        ..Default::default()
+    };
+    let e = anyhow::Error::from(kube::Error::Api(Box::new(status))).context("reading the log");
+    assert_eq!(
+        why(&e),
+        "reading the log: API error 500: Get \"https://node-1:10250/containerLogs/ns/p/c\": dial tcp: connect: network is unreachable"
+    );
+    let forbidden = kube::core::Status {
+        code: 403,
+        reason: "Forbidden".into(),
+        message: "events is forbidden".into(),
+        ..Default::default()
+    };
+    assert_eq!(why(&kube::Error::Api(Box::new(forbidden)).into()), "API error 403 Forbidden: events is forbidden");
+    assert_eq!(why(&anyhow!("agent did not answer")), "agent did not answer");
 }
