@@ -306,7 +306,7 @@ mod tests {
     /// Docker): at least each must be one the parser accepts.
     #[test]
     fn every_kubeshift_command_in_the_kind_workflow_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../kind-configs/kubeshift-kind.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../kind-configs/.github/workflows/kubeshift-kind.yaml");
         let wf: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let mut parsed = Vec::new();
         for job in wf["jobs"].as_mapping().unwrap().values() {

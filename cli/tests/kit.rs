@@ -175,9 +175,7 @@ fn configs() -> Vec<(String, Cluster)> {
     let mut out: Vec<(String, Cluster)> = std::fs::read_dir(kind_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "yaml") && p.file_name().is_some_and(|n| n != "kubeshift-kind.yaml")
-        })
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), parse(&p)))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -246,7 +244,7 @@ fn the_schema_rejects_what_kind_would_reject_or_ignore() {
 }
 
 fn workflow() -> PathBuf {
-    kind_dir().join("kubeshift-kind.yaml")
+    kind_dir().join(".github/workflows/kubeshift-kind.yaml")
 }
 
 #[test]
