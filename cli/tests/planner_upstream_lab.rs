@@ -33,16 +33,20 @@ fn kind(v: &Value) -> &str {
     v["kind"].as_str().unwrap_or("")
 }
 
-/// Removes the CRD schema fields a 1.20 apiserver does not know: CEL rules
-/// (`x-kubernetes-validations`, 1.25+) and `selectableFields` (1.30+). Its
-/// server-side apply refuses fields its schema does not declare. Calico's own
-/// validation of these objects is lost; the objects applied here are Calico's own
-/// examples and pass it.
+/// Removes what a 1.20 apiserver rejects in Calico 3.32's CRDs: CEL rules
+/// (`x-kubernetes-validations`, 1.25+) and `selectableFields` (1.30+), which its
+/// server-side apply refuses as undeclared fields, and the empty-string `default: ""`
+/// of a few string properties, which 1.20 reads as `null` and refuses ("must be of
+/// type string"). Calico's own validation of these objects is lost; the objects
+/// applied here are Calico's own examples and pass it.
 fn strip_for_1_20(v: &mut Value) {
     match v {
         Value::Object(m) => {
             m.remove("x-kubernetes-validations");
             m.remove("selectableFields");
+            if m.get("default") == Some(&Value::String(String::new())) {
+                m.remove("default");
+            }
             m.values_mut().for_each(strip_for_1_20);
         }
         Value::Array(a) => a.iter_mut().for_each(strip_for_1_20),
