@@ -281,17 +281,28 @@ fn calico_config(ds: Option<&Value>, installation: Option<&Value>, env_pools: bo
             cfg.ip_pools = pools_from_env(&format!("DaemonSet {}", id(d)), &env);
         }
     }
-    if let Some(fc) = objs.resources_of("FelixConfiguration").find(|o| name(o) == "default") {
+    if let Some(fc) = calico_default(objs, "FelixConfiguration", &env) {
         cfg.felix = fc.get("spec").cloned();
         cfg.felix_source = Some(format!("FelixConfiguration default ({})", api_version(fc)));
     }
-    cfg.bgp = objs.resources_of("BGPConfiguration").find(|o| name(o) == "default").and_then(|o| o.get("spec").cloned());
+    cfg.bgp = calico_default(objs, "BGPConfiguration", &env).and_then(|o| o.get("spec").cloned());
     let mut peers: Vec<String> =
         objs.resources_of("BGPPeer").map(|p| format!("{} ({})", name(p), str_at(p, "/spec/peerIP"))).collect();
     peers.sort();
     peers.dedup();
     cfg.bgp_peers = peers;
     cfg
+}
+
+/// The `default` object of a Calico config kind, from the group calico-node reads,
+/// as libcalico-go decides it (`UsingV3CRDs`): the group its `CALICO_API_GROUP`
+/// names (set by Calico's v1-to-v3 datastore migration, which leaves the v1 objects
+/// behind, stale), else crd.projectcalico.org/v1 when both groups hold one (then v3
+/// is Calico's API server over the v1 CRDs), else the one there is.
+fn calico_default<'a>(objs: &'a CniObjects, kind_: &'a str, env: &BTreeMap<String, String>) -> Option<&'a Value> {
+    let defaults: Vec<&Value> = objs.resources_of(kind_).filter(|o| name(o) == "default").collect();
+    let group = env.get("CALICO_API_GROUP").map(|g| g.trim()).unwrap_or("crd.projectcalico.org/v1");
+    defaults.iter().find(|o| api_version(o).eq_ignore_ascii_case(group)).or(defaults.first()).copied()
 }
 
 fn calico_groups_seen(objs: &CniObjects) -> Vec<String> {
