@@ -8,7 +8,8 @@
 mod common;
 
 use common::{eventually, kubeshift, Lab};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use kubeshift_planner::planning::{cidrs_overlap, parse_cidr};
 use serde_json::Value;
@@ -169,10 +170,26 @@ async fn calico_daemonset_env_pool_then_native_v3_crds() {
     assert!(!overlaps(v["plan"]["target"]["podCidr"].as_str().unwrap(), &lab_cidr));
 
     // --- Calico's native projectcalico.org/v3 CRDs (no crd.projectcalico.org objects). ---
-    // A v3-CRD install keeps its config only in v3: the lab's v1 FelixConfiguration and
-    // BGPConfiguration go too (the v1 CRDs stay, empty of them).
-    delete_all(&lab, "crd.projectcalico.org", "v1", "FelixConfiguration", "felixconfigurations").await;
-    delete_all(&lab, "crd.projectcalico.org", "v1", "BGPConfiguration", "bgpconfigurations").await;
+    // As Calico's v1-to-v3 datastore migration leaves a cluster: the v1 CRDs and the
+    // lab's v1 FelixConfiguration/BGPConfiguration stay behind, and calico-node is told
+    // to read v3 (CALICO_API_GROUP; with both groups and no such setting Calico reads v1).
+    // OnDelete first, so the lab's calico-node pods keep running as they are.
+    let dss: Api<DaemonSet> = Api::namespaced(lab.client().await, "kube-system");
+    dss.patch(
+        "calico-node",
+        &PatchParams::default(),
+        &Patch::Strategic(serde_json::json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null}}})),
+    )
+    .await
+    .unwrap();
+    dss.patch(
+        "calico-node",
+        &PatchParams::default(),
+        &Patch::Strategic(serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "calico-node",
+            "env": [{"name": "CALICO_API_GROUP", "value": "projectcalico.org/v3"}]}]}}}})),
+    )
+    .await
+    .unwrap();
     let mut crds = docs(&fixture("calico-v3.32.1-v3-crds-definitions.yaml"));
     crds.iter_mut().for_each(strip_for_1_20);
     assert_eq!(crds.len(), 10);
@@ -228,8 +245,11 @@ async fn calico_daemonset_env_pool_then_native_v3_crds() {
         "{:?}",
         findings(&v, "attention")
     );
-    // Felix's v3 config: its dataplane and encryption are blockers, its VXLAN port and VNI avoided.
+    // Felix's v3 config, not the stale v1 one (bpfEnabled false, VXLAN defaults): its
+    // dataplane and encryption are blockers, its VXLAN port and VNI avoided.
+    assert!(calico["apiGroups"].as_array().unwrap().iter().any(|g| g == "crd.projectcalico.org/v1"), "{calico}");
     assert_eq!(calico["felixSource"], "FelixConfiguration default (projectcalico.org/v3)");
+    assert_eq!(calico["bgp"]["nodeToNodeMeshEnabled"], false, "BGPConfiguration default of v3");
     let felix = "FelixConfiguration default (projectcalico.org/v3) spec";
     for text in [
         format!("bpfEnabled true ({felix}.bpfEnabled)"),
