@@ -346,8 +346,9 @@ async fn flannel_port_clash_then_half_done_calico_migration() {
         .unwrap_or_else(|| panic!("no two-CNI blocker: {blockers:?}"));
     for text in [
         "flannel (kube-flannel/kube-flannel-ds; network 10.244.0.0/16)",
-        // CALICO_IPV4POOL_CIDR is commented out in the manifest: calico-node's default pool.
-        "calico (kube-system/calico-node; network 192.168.0.0/16)",
+        // Not calico-node's default 192.168.0.0/16 (CALICO_IPV4POOL_CIDR is commented
+        // out in the manifest): the migration controller makes Calico's pool on Flannel's network.
+        "calico (kube-system/calico-node; network 10.244.0.0/16)",
         "half-done migration",
         "DaemonSet kube-system/calico-node spec.template.spec.nodeSelector projectcalico.org/node-network-during-migration=calico",
         "Job kube-system/flannel-migration",
@@ -355,6 +356,12 @@ async fn flannel_port_clash_then_half_done_calico_migration() {
     ] {
         assert!(two.contains(text), "{text:?} not in: {two}");
     }
+    let pool = &pools(&v)[0];
+    assert_eq!(pool["cidr"], "10.244.0.0/16");
+    assert_eq!(
+        pool["source"],
+        format!("Calico's flannel-migration controller creates it from Flannel's Network ({src}), before the first IPPool exists")
+    );
     // --allow-blockers: the plan is written, and still avoids both legacy tunnels.
     let (ok, v, err) = plan(&lab, &["--allow-blockers"]);
     assert!(ok, "{err}");

@@ -219,7 +219,12 @@ pub fn discover_cni(objs: &CniObjects) -> Result<CniDiscovery, String> {
         // Canal's pods take Flannel's subnets (host-local IPAM): its calico-node
         // environment names no pool to read.
         let ds = calico_node.first().or(canal.first()).copied();
-        let calico = calico_config(ds, installation, canal.is_empty(), objs);
+        let mut calico = calico_config(ds, installation, canal.is_empty(), objs);
+        if !migration_traces(objs, &calico_node).is_empty() {
+            if let Some(pools) = flannel_migration_pools(&calico.ip_pools, out.cni.flannel.as_ref()) {
+                calico.ip_pools = pools;
+            }
+        }
         if canal.is_empty() {
             let mut f = found("calico", &calico_node, calico.ip_pools.iter().map(|p| p.cidr.clone()).collect());
             if f.workloads.is_empty() {
@@ -410,6 +415,34 @@ fn calico_policies(objs: &CniObjects) -> Vec<CalicoPolicyInfo> {
         }
     }
     out
+}
+
+/// Calico's flannel-migration controller creates `default-ipv4-ippool` on Flannel's
+/// network (VXLAN, natOutgoing as flanneld's --ip-masq), not calico-node's
+/// environment; until it has, the pools guessed from that environment are replaced.
+fn flannel_migration_pools(pools: &[CalicoIpPool], flannel: Option<&FlannelConfig>) -> Option<Vec<CalicoIpPool>> {
+    let f = flannel?;
+    if pools.is_empty() || pools.iter().any(|p| !p.source.ends_with("before the first IPPool exists")) {
+        return None;
+    }
+    let pool = |name: &str, cidr: &str, key: &str| {
+        CalicoIpPool {
+        name: name.into(),
+        cidr: cidr.into(),
+        ipip_mode: None,
+        vxlan_mode: Some("Always".into()),
+        nat_outgoing: true,
+        disabled: false,
+        source: format!(
+            "Calico's flannel-migration controller creates it from Flannel's {key} ({}), before the first IPPool exists",
+            f.source
+        ),
+    }
+    };
+    let v4 = f.network.as_deref().filter(|_| !f.ipv4_disabled).map(|n| pool("default-ipv4-ippool", n, "Network"));
+    let v6 = f.ipv6_network.as_deref().filter(|_| f.enable_ipv6).map(|n| pool("default-ipv6-ippool", n, "IPv6Network"));
+    let v: Vec<CalicoIpPool> = v4.into_iter().chain(v6).collect();
+    (!v.is_empty()).then_some(v)
 }
 
 fn migration_traces(objs: &CniObjects, calico_node: &[&Value]) -> Vec<String> {

@@ -307,7 +307,15 @@ fn flannel_and_calico_half_done_migration_is_a_blocker() {
     let a = analyze(&inv, &[], None);
     let b = blocker_with(&a, "two CNIs at once");
     assert!(b.contains("flannel (kube-flannel/kube-flannel-ds; network 10.244.0.0/16)"), "{b}");
-    assert!(b.contains("calico (kube-system/calico-node; network 192.168.0.0/16)"), "{b}");
+    // CALICO_IPV4POOL_CIDR is commented out in the manifest, but it is not calico-node
+    // that makes the pool here: the migration controller creates it on Flannel's network.
+    assert!(b.contains("calico (kube-system/calico-node; network 10.244.0.0/16)"), "{b}");
+    let pool = &inv.cni.calico.as_ref().unwrap().ip_pools[0];
+    assert_eq!(
+        (pool.cidr.as_str(), pool.vxlan_mode.as_deref(), pool.ipip_mode.as_deref()),
+        ("10.244.0.0/16", Some("Always"), None)
+    );
+    assert_eq!(pool.source, "Calico's flannel-migration controller creates it from Flannel's Network (ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json), before the first IPPool exists");
     assert!(b.contains("projectcalico.org/node-network-during-migration=calico"), "{b}");
     assert!(b.contains("Job kube-system/flannel-migration"), "{b}");
     assert!(b.contains("ConfigMap kube-system/flannel-migration-config"), "{b}");
