@@ -219,7 +219,12 @@ pub fn discover_cni(objs: &CniObjects) -> Result<CniDiscovery, String> {
         // Canal's pods take Flannel's subnets (host-local IPAM): its calico-node
         // environment names no pool to read.
         let ds = calico_node.first().or(canal.first()).copied();
-        let calico = calico_config(ds, installation, canal.is_empty(), objs);
+        let mut calico = calico_config(ds, installation, canal.is_empty(), objs);
+        if !migration_traces(objs, &calico_node).is_empty() {
+            if let Some(pools) = flannel_migration_pools(&calico.ip_pools, out.cni.flannel.as_ref()) {
+                calico.ip_pools = pools;
+            }
+        }
         if canal.is_empty() {
             let mut f = found("calico", &calico_node, calico.ip_pools.iter().map(|p| p.cidr.clone()).collect());
             if f.workloads.is_empty() {
@@ -281,17 +286,28 @@ fn calico_config(ds: Option<&Value>, installation: Option<&Value>, env_pools: bo
             cfg.ip_pools = pools_from_env(&format!("DaemonSet {}", id(d)), &env);
         }
     }
-    if let Some(fc) = objs.resources_of("FelixConfiguration").find(|o| name(o) == "default") {
+    if let Some(fc) = calico_default(objs, "FelixConfiguration", &env) {
         cfg.felix = fc.get("spec").cloned();
         cfg.felix_source = Some(format!("FelixConfiguration default ({})", api_version(fc)));
     }
-    cfg.bgp = objs.resources_of("BGPConfiguration").find(|o| name(o) == "default").and_then(|o| o.get("spec").cloned());
+    cfg.bgp = calico_default(objs, "BGPConfiguration", &env).and_then(|o| o.get("spec").cloned());
     let mut peers: Vec<String> =
         objs.resources_of("BGPPeer").map(|p| format!("{} ({})", name(p), str_at(p, "/spec/peerIP"))).collect();
     peers.sort();
     peers.dedup();
     cfg.bgp_peers = peers;
     cfg
+}
+
+/// The `default` object of a Calico config kind, from the group calico-node reads,
+/// as libcalico-go decides it (`UsingV3CRDs`): the group its `CALICO_API_GROUP`
+/// names (set by Calico's v1-to-v3 datastore migration, which leaves the v1 objects
+/// behind, stale), else crd.projectcalico.org/v1 when both groups hold one (then v3
+/// is Calico's API server over the v1 CRDs), else the one there is.
+fn calico_default<'a>(objs: &'a CniObjects, kind_: &'a str, env: &BTreeMap<String, String>) -> Option<&'a Value> {
+    let defaults: Vec<&Value> = objs.resources_of(kind_).filter(|o| name(o) == "default").collect();
+    let group = env.get("CALICO_API_GROUP").map(|g| g.trim()).unwrap_or("crd.projectcalico.org/v1");
+    defaults.iter().find(|o| api_version(o).eq_ignore_ascii_case(group)).or(defaults.first()).copied()
 }
 
 fn calico_groups_seen(objs: &CniObjects) -> Vec<String> {
@@ -399,6 +415,34 @@ fn calico_policies(objs: &CniObjects) -> Vec<CalicoPolicyInfo> {
         }
     }
     out
+}
+
+/// Calico's flannel-migration controller creates `default-ipv4-ippool` on Flannel's
+/// network (VXLAN, natOutgoing as flanneld's --ip-masq), not calico-node's
+/// environment; until it has, the pools guessed from that environment are replaced.
+fn flannel_migration_pools(pools: &[CalicoIpPool], flannel: Option<&FlannelConfig>) -> Option<Vec<CalicoIpPool>> {
+    let f = flannel?;
+    if pools.is_empty() || pools.iter().any(|p| !p.source.ends_with("before the first IPPool exists")) {
+        return None;
+    }
+    let pool = |name: &str, cidr: &str, key: &str| {
+        CalicoIpPool {
+        name: name.into(),
+        cidr: cidr.into(),
+        ipip_mode: None,
+        vxlan_mode: Some("Always".into()),
+        nat_outgoing: true,
+        disabled: false,
+        source: format!(
+            "Calico's flannel-migration controller creates it from Flannel's {key} ({}), before the first IPPool exists",
+            f.source
+        ),
+    }
+    };
+    let v4 = f.network.as_deref().filter(|_| !f.ipv4_disabled).map(|n| pool("default-ipv4-ippool", n, "Network"));
+    let v6 = f.ipv6_network.as_deref().filter(|_| f.enable_ipv6).map(|n| pool("default-ipv6-ippool", n, "IPv6Network"));
+    let v: Vec<CalicoIpPool> = v4.into_iter().chain(v6).collect();
+    (!v.is_empty()).then_some(v)
 }
 
 fn migration_traces(objs: &CniObjects, calico_node: &[&Value]) -> Vec<String> {

@@ -307,7 +307,15 @@ fn flannel_and_calico_half_done_migration_is_a_blocker() {
     let a = analyze(&inv, &[], None);
     let b = blocker_with(&a, "two CNIs at once");
     assert!(b.contains("flannel (kube-flannel/kube-flannel-ds; network 10.244.0.0/16)"), "{b}");
-    assert!(b.contains("calico (kube-system/calico-node; network 192.168.0.0/16)"), "{b}");
+    // CALICO_IPV4POOL_CIDR is commented out in the manifest, but it is not calico-node
+    // that makes the pool here: the migration controller creates it on Flannel's network.
+    assert!(b.contains("calico (kube-system/calico-node; network 10.244.0.0/16)"), "{b}");
+    let pool = &inv.cni.calico.as_ref().unwrap().ip_pools[0];
+    assert_eq!(
+        (pool.cidr.as_str(), pool.vxlan_mode.as_deref(), pool.ipip_mode.as_deref()),
+        ("10.244.0.0/16", Some("Always"), None)
+    );
+    assert_eq!(pool.source, "Calico's flannel-migration controller creates it from Flannel's Network (ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json), before the first IPPool exists");
     assert!(b.contains("projectcalico.org/node-network-during-migration=calico"), "{b}");
     assert!(b.contains("Job kube-system/flannel-migration"), "{b}");
     assert!(b.contains("ConfigMap kube-system/flannel-migration-config"), "{b}");
@@ -491,4 +499,47 @@ fn bad_manifest_and_bad_net_conf_name_the_place() {
     objs.add_manifest("kube-flannel.yml", &text).unwrap();
     let e = discover_cni(&objs).unwrap_err();
     assert_eq!(e, "ConfigMap kube-flannel/kube-flannel-cfg key net-conf.json: EnableIPv6 must be true or false");
+}
+
+#[test]
+fn felix_and_bgp_config_come_from_the_group_calico_node_reads() {
+    // Calico's v1-to-v3 datastore migration copies FelixConfiguration default to
+    // projectcalico.org/v3, sets CALICO_API_GROUP=projectcalico.org/v3 on calico-node
+    // and leaves the v1 objects behind. Here the v1 copy still has Felix's defaults
+    // and no BGP mesh setting; the v3 one is the docs' (eBPF, vxlanPort 8472 / VNI 1).
+    let mut objs = objects(&[
+        "calico-v3.32.1-v3-crds.yaml",
+        "calico-v3-felixconfiguration-docs.yaml",
+        "calico-v3-confd-cluster-routes-input.yaml",
+    ]);
+    for (kind, spec) in [("FelixConfiguration", json!({"bpfEnabled": false})), ("BGPConfiguration", json!({}))] {
+        objs.add(json!({"apiVersion": "crd.projectcalico.org/v1", "kind": kind,
+            "metadata": {"name": "default"}, "spec": spec}));
+    }
+    // Without CALICO_API_GROUP and both groups present, calico-node reads v1
+    // (libcalico-go: v3 is then Calico's API server over the v1 CRDs).
+    let d = discover_cni(&objs).unwrap();
+    let c = d.cni.calico.as_ref().unwrap();
+    assert_eq!(c.felix_source.as_deref(), Some("FelixConfiguration default (crd.projectcalico.org/v1)"));
+    assert_eq!(c.felix.as_ref().unwrap()["bpfEnabled"], json!(false));
+    assert_eq!(c.bgp.as_ref().unwrap().get("nodeToNodeMeshEnabled"), None);
+    assert_eq!(kubeshift_planner::cni::legacy_tunnels(&d.cni)[0].port, 4789);
+
+    // calico-node told to read v3: the v3 objects count, the stale v1 ones not.
+    let ds = objs.daemonsets.iter_mut().find(|d| d["metadata"]["name"] == "calico-node").unwrap();
+    let node = ds["spec"]["template"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == "calico-node")
+        .unwrap();
+    node["env"].as_array_mut().unwrap().push(json!({"name": "CALICO_API_GROUP", "value": "projectcalico.org/v3"}));
+    let d = discover_cni(&objs).unwrap();
+    let c = d.cni.calico.as_ref().unwrap();
+    assert_eq!(c.felix_source.as_deref(), Some("FelixConfiguration default (projectcalico.org/v3)"));
+    assert_eq!(c.bgp.as_ref().unwrap()["nodeToNodeMeshEnabled"], json!(false));
+    let t = &kubeshift_planner::cni::legacy_tunnels(&d.cni)[0];
+    assert_eq!((t.port, t.vni), (8472, Some(1)), "{}", t.what);
+    let a = analyze(&inventory(d), &[], None);
+    blocker_with(&a, "bpfEnabled true (FelixConfiguration default (projectcalico.org/v3) spec.bpfEnabled)");
 }

@@ -14,8 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+/// The binary under test. `KUBESHIFT_TEST_BIN` overrides cargo's path, for a
+/// target directory shared by several worktrees, where another build may replace
+/// `target/debug/kubeshift` while these tests run.
 pub fn kubeshift() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kubeshift"))
+    match std::env::var_os("KUBESHIFT_TEST_BIN") {
+        Some(bin) => Command::new(bin),
+        None => Command::new(env!("CARGO_BIN_EXE_kubeshift")),
+    }
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
