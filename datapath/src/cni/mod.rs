@@ -139,8 +139,10 @@ fn parse_conf(stdin: &[u8]) -> Res<Net> {
     check_version(&raw)?;
     // serde names the field in its message ("missing field `subnet`", "invalid type: …
     // for `mtu`" is not given, so the message is prefixed with what was being read).
-    let conf: NetConf =
-        serde_json::from_value(raw).map_err(|e| CniError::new(code::INVALID_CONFIG, format!("config: {e}"), ""))?;
+    let conf: NetConf = serde_json::from_value(raw.clone()).map_err(|e| match mistyped_field(&raw) {
+        Some((field, want)) => invalid(field, format!("expected {want}: {e}")),
+        None => CniError::new(code::INVALID_CONFIG, format!("config: {e}"), ""),
+    })?;
     if conf.plugin_type != PLUGIN_TYPE {
         return Err(invalid("type", format!("{:?}, expected {PLUGIN_TYPE:?}", conf.plugin_type)));
     }
@@ -167,6 +169,29 @@ fn parse_conf(stdin: &[u8]) -> Res<Net> {
     let reserved = range.contains(gateway).then_some(gateway);
     let ipam = Ipam::new(&data_dir, &conf.name, range, reserved);
     Ok(Net { conf, gateway, mtu, ipam })
+}
+
+/// serde_json names a missing field but not a mistyped one ("invalid type: string, expected
+/// u32"); this finds which field it was, so the error names it.
+fn mistyped_field(raw: &Value) -> Option<(&'static str, &'static str)> {
+    const STRINGS: &[&str] = &["cniVersion", "name", "type", "subnet", "gateway", "agentSocket", "dataDir"];
+    let obj = raw.as_object()?;
+    for f in STRINGS {
+        if obj.get(*f).is_some_and(|v| !v.is_string() && !v.is_null()) {
+            return Some((f, "a string"));
+        }
+    }
+    if obj.get("mtu").is_some_and(|v| !v.is_null() && v.as_u64().is_none_or(|m| m > u64::from(u32::MAX))) {
+        return Some(("mtu", "an unsigned integer"));
+    }
+    if obj.get("prevResult").is_some_and(|v| !v.is_object() && !v.is_null()) {
+        return Some(("prevResult", "an object"));
+    }
+    let va = "cni.dev/valid-attachments";
+    if obj.get(va).is_some_and(|v| serde_json::from_value::<Option<Vec<Attachment>>>(v.clone()).is_err()) {
+        return Some((va, "a list of {\"containerID\", \"ifname\"} objects"));
+    }
+    None
 }
 
 fn check_version(raw: &Value) -> Res<()> {
