@@ -270,6 +270,21 @@ fn add_twice_for_one_container_is_an_error_and_keeps_the_first() {
 }
 
 #[test]
+fn concurrent_adds_get_distinct_addresses() {
+    let mut n = Node::new();
+    n.start_agent(Duration::ZERO);
+    let pods: Vec<PathBuf> = (0..8).map(|_| n.pod()).collect();
+    let n = &n;
+    let ips: Vec<Ipv4Addr> = std::thread::scope(|s| {
+        let hs: Vec<_> =
+            pods.iter().enumerate().map(|(i, p)| s.spawn(move || pod_ip(&n.add_ok(&format!("c{i}"), p)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(ips.iter().collect::<HashSet<_>>().len(), 8, "{ips:?}");
+    assert_eq!(n.allocations().len(), 8);
+}
+
+#[test]
 fn check_notices_a_removed_veth() {
     let mut n = Node::new();
     n.start_agent(Duration::ZERO);

@@ -547,3 +547,52 @@ fn gc(net: &Net) -> Res<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(cmd: Option<&str>, stdin: &str) -> (i32, Value) {
+        let mut env = HashMap::new();
+        if let Some(c) = cmd {
+            env.insert("CNI_COMMAND".to_string(), c.to_string());
+        }
+        let mut out = Vec::new();
+        let rc = main_with(&env, &mut stdin.as_bytes(), &mut out);
+        (rc, serde_json::from_slice(&out).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn version_and_error_results() {
+        let (rc, v) = call(Some("VERSION"), r#"{"cniVersion":"1.0.0"}"#);
+        assert_eq!(rc, 0);
+        assert_eq!(v, json!({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0", "1.1.0"]}));
+
+        let (rc, v) = call(None, "{}");
+        assert_eq!((rc, v["code"].as_u64()), (1, Some(4)));
+        assert!(v["msg"].as_str().unwrap().contains("CNI_COMMAND"), "{v}");
+
+        let (rc, v) = call(Some("FROB"), r#"{"cniVersion":"1.0.0"}"#);
+        assert_eq!((rc, v["code"].as_u64()), (1, Some(4)));
+        assert_eq!(v["cniVersion"], "1.0.0", "errors echo the caller's version");
+
+        let (rc, v) = call(Some("ADD"), "not json");
+        assert_eq!((rc, v["code"].as_u64()), (1, Some(6)));
+
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"kubeshift","subnet":"10.1.0.0/24","agentSocket":"/x"}"#;
+        let (rc, v) = call(Some("GC"), conf);
+        assert_eq!((rc, v["code"].as_u64()), (1, Some(1)), "GC is 1.1.0 only: {v}");
+        let (rc, v) = call(Some("GC"), &conf.replace("1.0.0", "1.1.0"));
+        assert_eq!((rc, v["code"].as_u64()), (1, Some(7)));
+        assert!(v["msg"].as_str().unwrap().contains("cni.dev/valid-attachments"), "{v}");
+    }
+
+    #[test]
+    fn host_ifname_fits_and_is_stable() {
+        let a = host_ifname("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "eth0");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("ks"));
+        assert_eq!(a, host_ifname("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "eth0"));
+        assert_ne!(a, host_ifname("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "eth1"));
+    }
+}
