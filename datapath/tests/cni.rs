@@ -290,12 +290,31 @@ fn check_notices_a_removed_veth() {
     n.start_agent(Duration::ZERO);
     let pod = n.pod();
     let r = n.add_ok("c1", &pod);
+    // With the agent down the attachment is not healthy either: try again later.
+    n.agent = None;
+    let mut check = n.conf("1.1.0");
+    check["prevResult"] = r.clone();
+    let (rc, v) = n.ks("CHECK", "c1", Some(&pod), &check);
+    assert_eq!((rc, &v["code"]), (1, &json!(11)), "{v}");
     n.node.ip(&["link", "del", r["interfaces"][0]["name"].as_str().unwrap()]).unwrap();
     let mut check = n.conf("1.1.0");
     check["prevResult"] = r;
     let (rc, v) = n.ks("CHECK", "c1", Some(&pod), &check);
     assert_ne!(rc, 0);
     assert!(v["msg"].as_str().unwrap().contains("missing"), "{v}");
+}
+
+/// A host end left by a crashed ADD of the same container is replaced, not an error.
+#[test]
+fn add_replaces_a_leftover_host_end() {
+    let mut n = Node::new();
+    n.start_agent(Duration::ZERO);
+    let pod = n.pod();
+    let host_if = kubeshift_datapath::cni::host_ifname("c1", "eth0");
+    n.node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "leftover0"]).unwrap();
+    let r = n.add_ok("c1", &pod);
+    assert_eq!(r["interfaces"][0]["name"], host_if.as_str());
+    assert!(!n.node_links().contains(&"leftover0".to_string()), "the old pair is gone");
 }
 
 #[test]
