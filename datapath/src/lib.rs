@@ -7,6 +7,7 @@
 //! or roll back while traffic keeps flowing.
 
 pub mod agent;
+pub mod cni;
 mod datapath;
 mod loader_util;
 pub mod nodeport;
