@@ -10,6 +10,7 @@ pub mod agent;
 mod datapath;
 mod loader_util;
 pub mod nodeport;
+pub mod overlay;
 pub mod policy;
 mod raw;
 pub mod sys;

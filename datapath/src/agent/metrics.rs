@@ -46,11 +46,18 @@ pub struct Metrics {
     pub nodeport_enabled: AtomicBool,
     pub nodeport_synced: AtomicU64,
     pub nodeport_frontends: AtomicU64,
+    /// Standby mode: only the overlay runs, and only it decides readiness.
+    pub standby: AtomicBool,
+    /// Why the overlay is not programmed yet (see `overlay::standby`).
+    pub overlay: crate::overlay::standby::Readiness,
 }
 
 impl Metrics {
     /// Why the node's datapath is not fully in force yet; empty when it is.
     pub fn not_ready(&self) -> Vec<String> {
+        if self.standby.load(Relaxed) {
+            return self.overlay.lock().unwrap().clone();
+        }
         let mut why = Vec::new();
         if self.synced.load(Relaxed) != 1 {
             why.push("services: maps not yet written from a full list of Services and endpoints".to_string());
