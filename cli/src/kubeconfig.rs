@@ -27,6 +27,11 @@ impl ClusterArgs {
                     .await
                     .with_context(|| format!("kubeconfig {}", p.display()))?
             }
+            // Inside a pod (the agent's DaemonSet) there is no kubeconfig: the service
+            // account's in-cluster config is the one to use.
+            None if opts.context.is_none() => {
+                Config::infer().await.context("no kubeconfig (pass --kubeconfig or set KUBECONFIG) and not in a pod")?
+            }
             None => {
                 Config::from_kubeconfig(&opts).await.context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?
             }

@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod connectivity_cmd;
+mod install_cmd;
 mod kubeconfig;
 mod lab_cmd;
 mod migrate_apply;
@@ -46,6 +47,8 @@ enum Command {
     Man(shell_cmd::ManArgs),
     /// Everything a bug report needs, from the API server, in one .tar.gz (never Secrets).
     Sysdump(sysdump::SysdumpArgs),
+    /// Print the agent's manifests (ServiceAccount, RBAC, CRDs, DaemonSet) as YAML.
+    Install(install_cmd::InstallArgs),
 }
 
 /// The program name kubectl looks for: `kubectl kubeshift ARGS` runs
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
             Command::Migrate(args) => migrate_cmd::run(args).await,
             Command::Observe(args) => observe::run(args).await,
             Command::Sysdump(args) => sysdump::run(args).await,
+            Command::Install(args) => install_cmd::run(&args),
             Command::Completion(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),
         }
     });
