@@ -59,8 +59,11 @@ fn link_name(l: &LinkMessage) -> Option<String> {
     l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
 }
 
+/// A VXLAN link's (VNI, port, local address, underlay ifindex, learning).
+type VxlanSettings = (u32, u16, Option<Ipv4Addr>, Option<u32>, Option<bool>);
+
 /// The VXLAN settings a link has, to tell whether the existing device is the wanted one.
-fn vxlan_settings(l: &LinkMessage) -> Option<(u32, u16, Option<Ipv4Addr>, Option<u32>, Option<bool>)> {
+fn vxlan_settings(l: &LinkMessage) -> Option<VxlanSettings> {
     let infos = l.attributes.iter().find_map(|a| if let LinkAttribute::LinkInfo(i) = a { Some(i) } else { None })?;
     if !infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))) {
         return None;
@@ -264,7 +267,7 @@ pub async fn delete(h: &Handle, idx: u32, f: &Forwarding) -> Result<()> {
             }
         }
     }
-    for (ip, _) in &f.neighbours {
+    for ip in f.neighbours.keys() {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Inet;
         m.header.ifindex = idx;
