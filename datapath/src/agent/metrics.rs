@@ -419,6 +419,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn readyz_in_standby_answers_for_the_overlay_alone() {
+        let (addr, m) = serving().await;
+        m.standby.store(true, Relaxed);
+        *m.overlay.lock().unwrap() = vec!["overlay: node n1 has no range claimed yet".into()];
+        let (status, lines) = body_lines(&mut get(addr, "/readyz").await).await;
+        assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+        assert_eq!(lines.concat(), "overlay: node n1 has no range claimed yet\n");
+        // The services half never syncs in standby, and is not waited for.
+        m.overlay.lock().unwrap().clear();
+        let (status, lines) = body_lines(&mut get(addr, "/readyz").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert_eq!(lines.concat(), "ok\n");
+        let (status, _) = body_lines(&mut get(addr, "/healthz").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+
+    #[tokio::test]
     async fn readyz_waits_for_every_enabled_half_and_every_local_pod() {
         let (addr, m) = serving().await;
         m.policy_enabled.store(true, Relaxed);
