@@ -146,4 +146,53 @@ async fn standby_agents_build_the_overlay_on_every_node() {
     assert!(routes.contains(&r["node-1"].to_string()), "{routes}");
     http_get_from(&lab.node_netns("node-1"), (gw2, 9963).into(), "/readyz")
         .expect("GET over the overlay after the restart");
+
+    // 7. A node added, its address changed, then removed: the other nodes' routes,
+    // neighbours and FDB entries follow. (A Node with no kubelet: its own agent never
+    // runs, which does not matter to the others.)
+    let fake: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tpn-extra"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.99"}]},
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &fake).await.expect("creating Node tpn-extra");
+    let extra = ipam::claim(&client, "tpn-extra", pool, 24).await.expect("claim for tpn-extra");
+    let ns1 = lab.node_netns("node-1");
+    let fdb = |ns: &str| {
+        let out = Command::new("bridge").args(["-n", ns, "fdb", "show", "dev", "kubeshift.vx"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    eventually("node-1 programs tpn-extra", Duration::from_secs(30), || async {
+        let routes = ip_in(&ns1, &["route", "show", "dev", "kubeshift.vx"]);
+        let neigh = ip_in(&ns1, &["neigh", "show", "dev", "kubeshift.vx"]);
+        Ok((routes.contains(&format!("{extra} via {} ", extra.first()))
+            && neigh.contains(&format!("{} lladdr 0e:6b:73:1e:00:63 PERMANENT", extra.first()))
+            && fdb(&ns1).contains("0e:6b:73:1e:00:63 dst 172.30.0.99 self permanent"))
+        .then_some(()))
+    })
+    .await;
+    let mut n = nodes.get_status("tpn-extra").await.unwrap();
+    n.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "172.30.0.98".into();
+    nodes.replace_status("tpn-extra", &PostParams::default(), &n).await.unwrap();
+    eventually("node-1 follows tpn-extra's new address", Duration::from_secs(30), || async {
+        let f = fdb(&ns1);
+        let neigh = ip_in(&ns1, &["neigh", "show", "dev", "kubeshift.vx"]);
+        Ok((f.contains("0e:6b:73:1e:00:62 dst 172.30.0.98")
+            && !f.contains("172.30.0.99")
+            && neigh.contains(&format!("{} lladdr 0e:6b:73:1e:00:62 PERMANENT", extra.first())))
+        .then_some(()))
+    })
+    .await;
+    nodes.delete("tpn-extra", &DeleteParams::default()).await.unwrap();
+    eventually("node-1 forgets tpn-extra", Duration::from_secs(30), || async {
+        let routes = ip_in(&ns1, &["route", "show", "dev", "kubeshift.vx"]);
+        let neigh = ip_in(&ns1, &["neigh", "show", "dev", "kubeshift.vx"]);
+        Ok((!routes.contains(&extra.to_string())
+            && !neigh.contains(&extra.first().to_string())
+            && !fdb(&ns1).contains("172.30.0.98"))
+        .then_some(()))
+    })
+    .await;
+    // Every other node is still programmed, and every agent still Ready.
+    eventually("agents Ready after tpn-extra left", Duration::from_secs(30), || agents_ready(&client)).await;
 }

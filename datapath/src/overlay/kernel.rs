@@ -202,6 +202,11 @@ pub async fn read(h: &Handle, idx: u32) -> Result<Forwarding> {
 fn neigh_dst(n: &NeighbourMessage) -> Option<IpAddr> {
     n.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(IpAddr::V4(*v)),
+        // In an AF_BRIDGE (FDB) message the parser cannot tell the family of NDA_DST
+        // from the header, and leaves the bytes raw.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+            Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+        }
         _ => None,
     })
 }
