@@ -5,6 +5,7 @@ use crate::kubeconfig::ClusterArgs;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use kubeshift_datapath::agent::{self, frontends::NodePortConfig, policy::PolicyConfig, AgentConfig, EndpointsApi};
+use kubeshift_datapath::overlay::{self, OverlayConfig};
 use kubeshift_datapath::DatapathConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +17,17 @@ pub enum EndpointsSource {
     SliceV1,
     SliceV1beta1,
     Endpoints,
+}
+
+/// What the agent does on this node (see DESIGN.md, "The pod network during the
+/// migration"). Only the flag for now: a node label will switch modes later without
+/// redeploying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The overlay and the node's range only: no eBPF programs, no CNI conf, no service takeover.
+    Standby,
+    /// Socket LB, NodePort and policy (the node has moved to kubeshift).
+    Active,
 }
 
 #[derive(Args, Debug)]
@@ -51,9 +63,31 @@ pub struct AgentArgs {
     /// Do not serve NodePorts / external IPs (no tc program on the node's interface).
     #[arg(long)]
     pub no_nodeport: bool,
+    /// standby: only kubeshift's overlay and this node's range; active: the datapath.
+    #[arg(long, value_enum, default_value = "active")]
+    pub mode: Mode,
+    /// The pod CIDR node ranges are carved from (standby; in a migration, the plan's
+    /// target.podCidr).
+    #[arg(long, default_value = overlay::DEFAULT_POD_CIDR)]
+    pub pod_cidr: String,
+    /// Prefix length of each node's range.
+    #[arg(long, default_value_t = overlay::DEFAULT_NODE_PREFIX)]
+    pub node_cidr_size: u8,
+    /// UDP port of kubeshift's VXLAN overlay (never the legacy's 8472).
+    #[arg(long, default_value_t = overlay::DEFAULT_PORT)]
+    pub tunnel_port: u16,
+    /// VXLAN network identifier of kubeshift's overlay (never Flannel's 1).
+    #[arg(long, default_value_t = overlay::DEFAULT_VNI)]
+    pub vni: u32,
+    /// The legacy pod network's MTU: the overlay's never exceeds it.
+    #[arg(long)]
+    pub legacy_mtu: Option<u32>,
 }
 
 pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
+    if args.mode == Mode::Standby {
+        return run_standby(args, cluster).await;
+    }
     // Local flags first: a typo should fail before anything talks to the cluster.
     let mut dp = DatapathConfig::new(&args.node).context("finding the cgroup v2 mount")?;
     if let Some(c) = args.cgroup {
@@ -90,4 +124,24 @@ pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
         AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport },
     )
     .await
+}
+
+/// Standby: the overlay only, so nothing of the active datapath (cgroup, bpffs) is
+/// looked at.
+async fn run_standby(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
+    let mut cfg = OverlayConfig::new(&args.node);
+    cfg.pod_cidr = args.pod_cidr.parse().with_context(|| format!("--pod-cidr {}", args.pod_cidr))?;
+    cfg.node_prefix = args.node_cidr_size;
+    anyhow::ensure!(
+        (cfg.pod_cidr.len..=30).contains(&cfg.node_prefix),
+        "--node-cidr-size {}: must be between the pod CIDR's /{} and /30",
+        cfg.node_prefix,
+        cfg.pod_cidr.len
+    );
+    cfg.port = args.tunnel_port;
+    cfg.vni = args.vni;
+    cfg.legacy_mtu = args.legacy_mtu;
+    cfg.check()?;
+    let client = cluster.client().await?;
+    agent::run_standby(client, cfg, args.metrics).await
 }

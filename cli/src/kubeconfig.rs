@@ -28,24 +28,33 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     pub async fn client(&self) -> Result<Client> {
         let opts = KubeConfigOptions { context: self.context.clone(), ..Default::default() };
-        let (kc, source) = match &self.kubeconfig {
-            Some(p) => (
+        let found = match &self.kubeconfig {
+            Some(p) => Some((
                 Kubeconfig::read_from(p).with_context(|| format!("reading kubeconfig {}", p.display()))?,
                 p.display().to_string(),
-            ),
-            None => (
-                Kubeconfig::read().context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
-                "~/.kube/config".to_string(),
-            ),
+            )),
+            None => match Kubeconfig::read() {
+                Ok(kc) => Some((kc, "~/.kube/config".to_string())),
+                // Inside a pod (the agent's DaemonSet) there is no kubeconfig: the service
+                // account's in-cluster config is the one to use.
+                Err(_) if self.context.is_none() => None,
+                Err(e) => return Err(e).context("no kubeconfig: pass --kubeconfig or set KUBECONFIG"),
+            },
         };
-        if let Some(c) = &self.context {
-            if !kc.contexts.iter().any(|nc| nc.name == *c) {
-                let known: Vec<&str> = kc.contexts.iter().map(|nc| nc.name.as_str()).collect();
-                bail!("--context {c}: kubeconfig {source} has no such context (it has: {})", known.join(", "));
+        let mut cfg = match found {
+            Some((kc, source)) => {
+                if let Some(c) = &self.context {
+                    if !kc.contexts.iter().any(|nc| nc.name == *c) {
+                        let known: Vec<&str> = kc.contexts.iter().map(|nc| nc.name.as_str()).collect();
+                        bail!("--context {c}: kubeconfig {source} has no such context (it has: {})", known.join(", "));
+                    }
+                }
+                Config::from_custom_kubeconfig(kc, &opts).await.with_context(|| format!("kubeconfig {source}"))?
             }
-        }
-        let mut cfg =
-            Config::from_custom_kubeconfig(kc, &opts).await.with_context(|| format!("kubeconfig {source}"))?;
+            None => {
+                Config::incluster().context("no kubeconfig (pass --kubeconfig or set KUBECONFIG) and not in a pod")?
+            }
+        };
         if let Some(ns) = &self.namespace {
             cfg.default_namespace = ns.clone();
         }

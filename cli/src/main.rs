@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod connectivity_cmd;
+mod install_cmd;
 mod kubeconfig;
 mod lab_cmd;
 mod migrate_apply;
@@ -71,6 +72,8 @@ enum Command {
     Man(shell_cmd::ManArgs),
     /// Everything a bug report needs, from the API server, in one .tar.gz (never Secrets).
     Sysdump(sysdump::SysdumpArgs),
+    /// Print the agent's manifests (ServiceAccount, RBAC, CRDs, DaemonSet) as YAML.
+    Install(install_cmd::InstallArgs),
 }
 
 /// The program name kubectl looks for: `kubectl kubeshift ARGS` runs
@@ -97,7 +100,9 @@ fn parse_cli() -> Cli {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=off,kube_client=off,hyper=warn,rustls=warn".into());
+        // Targets match by string prefix, so `kube=off` would also silence every
+        // `kubeshift_*` crate: name kube's crates one by one.
+        .unwrap_or_else(|_| "info,kube_client=off,kube_runtime=warn,hyper=warn,rustls=warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             Command::Migrate(args) => migrate_cmd::run(args, cluster).await,
             Command::Observe(args) => observe::run(args).await,
             Command::Sysdump(args) => sysdump::run(args, cluster).await,
+            Command::Install(args) => install_cmd::run(&args),
             Command::Completion(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),
         }
     });

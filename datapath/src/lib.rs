@@ -11,6 +11,7 @@ pub mod cni;
 mod datapath;
 mod loader_util;
 pub mod nodeport;
+pub mod overlay;
 pub mod policy;
 mod raw;
 pub mod sys;

@@ -46,11 +46,18 @@ pub struct Metrics {
     pub nodeport_enabled: AtomicBool,
     pub nodeport_synced: AtomicU64,
     pub nodeport_frontends: AtomicU64,
+    /// Standby mode: only the overlay runs, and only it decides readiness.
+    pub standby: AtomicBool,
+    /// Why the overlay is not programmed yet (see `overlay::standby`).
+    pub overlay: crate::overlay::standby::Readiness,
 }
 
 impl Metrics {
     /// Why the node's datapath is not fully in force yet; empty when it is.
     pub fn not_ready(&self) -> Vec<String> {
+        if self.standby.load(Relaxed) {
+            return self.overlay.lock().unwrap().clone();
+        }
         let mut why = Vec::new();
         if self.synced.load(Relaxed) != 1 {
             why.push("services: maps not yet written from a full list of Services and endpoints".to_string());
@@ -409,6 +416,23 @@ mod tests {
             lines.iter().any(|l| l.starts_with("kubeshift_agent_synced{") && l.trim_end().ends_with(" 1")),
             "{lines:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn readyz_in_standby_answers_for_the_overlay_alone() {
+        let (addr, m) = serving().await;
+        m.standby.store(true, Relaxed);
+        *m.overlay.lock().unwrap() = vec!["overlay: node n1 has no range claimed yet".into()];
+        let (status, lines) = body_lines(&mut get(addr, "/readyz").await).await;
+        assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+        assert_eq!(lines.concat(), "overlay: node n1 has no range claimed yet\n");
+        // The services half never syncs in standby, and is not waited for.
+        m.overlay.lock().unwrap().clear();
+        let (status, lines) = body_lines(&mut get(addr, "/readyz").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert_eq!(lines.concat(), "ok\n");
+        let (status, _) = body_lines(&mut get(addr, "/healthz").await).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     }
 
     #[tokio::test]

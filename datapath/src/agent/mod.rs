@@ -72,6 +72,26 @@ pub struct AgentConfig {
     pub nodeport: Option<frontends::NodePortConfig>,
 }
 
+/// `kubeshift agent --mode standby`: only the node's range and the overlay (no eBPF
+/// programs, no CNI conf, no service takeover), with `/readyz` answering for the
+/// overlay alone. The legacy network keeps serving this node's pods; the overlay lets
+/// them reach pods on nodes already moved to kubeshift's network.
+pub async fn run_standby(
+    client: Client,
+    cfg: crate::overlay::OverlayConfig,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    metrics.node.lock().unwrap().clone_from(&cfg.node);
+    metrics.standby.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
+        tracing::info!("standby: /readyz on http://{}/readyz", listener.local_addr()?);
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+    crate::overlay::standby::run(client, cfg, metrics.overlay.clone()).await
+}
+
 /// The newest endpoints API the apiserver serves.
 pub async fn discover_endpoints_api(client: &Client) -> Result<EndpointsApi> {
     let groups = client.list_api_groups().await.context("listing API groups")?;

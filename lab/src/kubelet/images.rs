@@ -10,7 +10,7 @@
 //! | `calico/cni` + `install`         | installs the `calico` CNI plugin and 10-calico.conflist |
 //! | `calico/node`                    | the calico-node stand-in (`kubeshift lab calico-node`) |
 //! | `agnhost` `netexec`              | kubeshift's echo server (`kubeshift lab netexec`)  |
-//! | `kubeshift`                      | this kubeshift binary with the container's args  |
+//! | `kubeshift`                      | this kubeshift binary with the container's args (KUBECONFIG: the pod's token); with a host-tool command (`cp`), that tool, the image's `/usr/local/bin/kubeshift*` being the binaries next to this one |
 //! | `pause`, `calico/kube-controllers` | sleeps                                         |
 //! | any image whose command is `sh`, `sleep`, `cp`, `cat`, `echo`, `true` | that host program, paths translated |
 
@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Program {
     pub argv: Vec<String>,
+    /// Added to the container's environment.
+    pub env: Vec<(String, String)>,
 }
 
 /// Host programs a container may name directly.
@@ -57,7 +59,13 @@ pub fn resolve(ctx: &NodeCtx, r: &ResolveInput) -> Result<Program> {
         v
     };
 
-    let argv: Vec<String> = if image.contains("kube-proxy") {
+    let mut extra_env = Vec::new();
+    let argv: Vec<String> = if image.contains("kubeshift") && HOST_TOOLS.contains(&first.as_str()) {
+        // e.g. the agent's init container copying the CNI plugin out of the image.
+        let mut v = vec![first.clone()];
+        v.extend(all[1..].iter().map(|a| kubeshift_image_path(ctx, &r.paths.translate(a))));
+        v
+    } else if image.contains("kube-proxy") {
         kube_proxy(ctx, r)?
     } else if image.contains("flannel/flannel-cni-plugin") {
         lab(&["install-cni", "--root", &root, "--plugin", "flannel"])
@@ -99,6 +107,9 @@ pub fn resolve(ctx: &NodeCtx, r: &ResolveInput) -> Result<Program> {
         v.extend(r.args[1..].iter().cloned());
         v
     } else if image.contains("kubeshift") {
+        // The agent reaches the apiserver as its service account, as in-cluster config
+        // would (the token path of a real pod does not exist on the lab's host).
+        extra_env.push(("KUBECONFIG".to_string(), r.pod_kubeconfig.display().to_string()));
         let mut v = vec![exe.clone()];
         let rest: Vec<String> = if first == "kubeshift" { all[1..].to_vec() } else { all.clone() };
         v.extend(rest.iter().map(|a| r.paths.translate(a)));
@@ -112,7 +123,28 @@ pub fn resolve(ctx: &NodeCtx, r: &ResolveInput) -> Result<Program> {
     } else {
         bail!("image {image:?} (command {all:?}) has no local stand-in in the lab's image table (lab/src/kubelet/images.rs)");
     };
-    Ok(Program { argv })
+    Ok(Program { argv, env: extra_env })
+}
+
+/// The kubeshift image's own binaries (`/usr/local/bin/kubeshift*`, see Containerfile)
+/// are the ones built next to this binary. The CNI plugin (`kubeshift-cni`) is another
+/// cargo target: when it was not built, this binary stands in for it so the agent's
+/// init container still runs (nothing calls the plugin while the node is in standby),
+/// and the kubelet log says so.
+fn kubeshift_image_path(ctx: &NodeCtx, a: &str) -> String {
+    let Some(name) = a.strip_prefix("/usr/local/bin/").filter(|n| n.starts_with("kubeshift")) else {
+        return a.to_string();
+    };
+    let dir = ctx.self_exe.parent().unwrap_or(Path::new("/"));
+    let built = dir.join(name);
+    if built.exists() {
+        return built.display().to_string();
+    }
+    tracing::warn!(
+        "{name} is not built next to {}; the lab copies kubeshift itself in its place",
+        ctx.self_exe.display()
+    );
+    ctx.self_exe.display().to_string()
 }
 
 fn env(r: &ResolveInput, name: &str) -> Option<String> {

@@ -256,6 +256,8 @@ async fn prepare(
             pod_kubeconfig: &pod_kubeconfig,
         },
     )?;
+    let mut env = env;
+    env.extend(program.env);
     Ok((program.argv, env))
 }
 
