@@ -490,7 +490,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 /// netns created and removed outside the timed part; kubeshift with an agent that answers
 /// at once, against Debian's bridge + host-local as the Flannel lab runs them.
 #[test]
-#[ignore]
+#[ignore = "benchmark: 200 ADD and DEL runs per plugin, prints p50/p99 (BENCHMARKS.md); run with --release"]
 fn cni_latency() {
     let runs: usize = std::env::var("KS_CNI_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
     let mut n = Node::new();
