@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kubeshift_node_migrator::crd::{self, NodeMigration, NodeMigrationSpec, NodeMigrationStatus};
 use kubeshift_node_migrator::daemonsets::{self, NO_KUBE_PROXY};
@@ -35,25 +34,7 @@ fn kubectl(lab: &Lab, args: &[&str], stdin: &str) -> String {
 }
 
 async fn install_crds(client: &kube::Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for c in crd::crds() {
-        let name = c.metadata.name.clone().unwrap();
-        api.patch(&name, &PatchParams::apply(crd::MANAGER).force(), &Patch::Apply(&c)).await.expect("apply CRD");
-    }
-    eventually("the CRDs to be established", Duration::from_secs(30), || async {
-        let list = api.list(&ListParams::default()).await?;
-        let established = |n: &str| {
-            list.items.iter().any(|c| {
-                c.metadata.name.as_deref() == Some(n)
-                    && c.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
-            })
-        };
-        Ok((established("nodemigrations.kubeshift.io") && established("clustermigrations.kubeshift.io")).then_some(()))
-    })
-    .await;
+    crd::install(client, Duration::from_secs(30)).await.expect("kubeshift's CRDs installed and established");
 }
 
 async fn state_in_the_cluster(lab: &Lab, client: &kube::Client) {

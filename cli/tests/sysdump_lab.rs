@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, ObjectReference, Pod, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kubeshift_node_migrator::crd::{
     self, ClusterMigration, ClusterMigrationSpec, ClusterMigrationStatus, NodeMigration, NodeMigrationSpec,
@@ -22,25 +21,7 @@ use std::time::Duration;
 const SECRET_VALUE: &str = "ks-sysdump-canary-5e1f0c9a";
 
 async fn install_crds(client: &kube::Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for c in crd::crds() {
-        let name = c.metadata.name.clone().unwrap();
-        api.patch(&name, &PatchParams::apply(crd::MANAGER).force(), &Patch::Apply(&c)).await.expect("apply CRD");
-    }
-    eventually("the CRDs to be established", Duration::from_secs(30), || async {
-        let list = api.list(&ListParams::default()).await?;
-        let established = |n: &str| {
-            list.items.iter().any(|c| {
-                c.metadata.name.as_deref() == Some(n)
-                    && c.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
-            })
-        };
-        Ok((established("nodemigrations.kubeshift.io") && established("clustermigrations.kubeshift.io")).then_some(()))
-    })
-    .await;
+    crd::install(client, Duration::from_secs(30)).await.expect("kubeshift's CRDs installed and established");
 }
 
 /// A migration stopped in the middle: the cluster prepared, node-1 cordoned and

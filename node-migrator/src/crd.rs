@@ -210,6 +210,45 @@ fn without_defaults(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     serde_json::from_value(v).expect("a CRD without defaults deserializes")
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("applying CRD {name}: {source}")]
+    Apply { name: String, source: kube::Error },
+    #[error("CRD {name} not Established after {timeout:?}: {state}")]
+    NotEstablished { name: String, timeout: std::time::Duration, state: String },
+}
+
+/// Server-side applies [`crds`] and waits until the apiserver serves them (their
+/// `Established` condition): prepare's first step, and idempotent.
+pub async fn install(client: &kube::Client, timeout: std::time::Duration) -> Result<(), InstallError> {
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + timeout;
+    for crd in crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let applied = api
+            .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .map_err(|source| InstallError::Apply { name: name.clone(), source })?;
+        let mut current = applied;
+        loop {
+            let conditions = current.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+            if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let state: Vec<String> = conditions.iter().map(|c| format!("{}={}", c.type_, c.status)).collect();
+                return Err(InstallError::NotEstablished { name, timeout, state: format!("conditions {state:?}") });
+            }
+            // Establishing is the apiserver's own work on its own time; there is no event
+            // to wait on other than the condition itself.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            current = api.get(&name).await.map_err(|source| InstallError::Apply { name: name.clone(), source })?;
+        }
+    }
+    Ok(())
+}
+
 /// Multi-document YAML of [`crds`], for `deploy/` and `kubeshift install manifests`.
 pub fn crds_yaml() -> String {
     crds().iter().map(|c| serde_yaml::to_string(c).expect("a CRD serializes")).collect::<Vec<_>>().join("---\n")
