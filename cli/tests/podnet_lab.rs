@@ -114,15 +114,25 @@ async fn standby_agents_build_the_overlay_on_every_node() {
         let dev = ip_in(&ns, &["-d", "link", "show", "kubeshift.vx"]);
         assert!(dev.contains("vxlan id 2 ") && dev.contains("dstport 8473 "), "{n}: {dev}");
         assert!(dev.contains("nolearning"), "{n}: {dev}");
-        let routes = ip_in(&ns, &["route", "show", "dev", "kubeshift.vx"]);
-        for (other, range) in r.iter().filter(|(o, _)| *o != n) {
-            // (`show dev` leaves the device out of each line.)
-            let want = format!("{range} via {} ", range.first());
-            assert!(
-                routes.contains(&want) && routes.contains("onlink"),
-                "{n}: no route to {other}'s {range}:\n{routes}"
-            );
-        }
+        // An agent is Ready once it has programmed the ranges it has seen; a peer that
+        // claimed later is programmed on its next pass, so await the full set.
+        let routes = eventually(&format!("{n}: routes to every other node's range"), Duration::from_secs(30), || {
+            let (ns, r) = (ns.clone(), r.clone());
+            async move {
+                let routes = ip_in(&ns, &["route", "show", "dev", "kubeshift.vx"]);
+                // (`show dev` leaves the device out of each line.)
+                let all = r
+                    .iter()
+                    .filter(|(o, _)| *o != n)
+                    .all(|(_, range)| routes.contains(&format!("{range} via {} ", range.first())));
+                if all && routes.contains("onlink") {
+                    Ok(Some(routes))
+                } else {
+                    Err(anyhow::anyhow!("(last seen on dev kubeshift.vx: {routes:?}; ranges {r:?})"))
+                }
+            }
+        })
+        .await;
         assert!(!routes.contains(&r[n].to_string()), "{n}: a route to its own range:\n{routes}");
         // Flannel's device is untouched.
         assert!(ip_in(&ns, &["-d", "link", "show", "flannel.1"]).contains("dstport 8472"));
