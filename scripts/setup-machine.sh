@@ -3,7 +3,7 @@
 # they are already there.
 set -euo pipefail
 
-pkgs=(iproute2 iptables conntrack containernetworking-plugins util-linux
+pkgs=(iproute2 iptables nftables conntrack containernetworking-plugins util-linux
       clang llvm libbpf-dev bpftool libelf-dev pkg-config curl)
 missing=()
 for p in "${pkgs[@]}"; do

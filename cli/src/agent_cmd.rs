@@ -4,6 +4,7 @@
 use crate::kubeconfig::ClusterArgs;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use kubeshift_datapath::agent::modes::{self, AutoConfig, CniConfig};
 use kubeshift_datapath::agent::{self, frontends::NodePortConfig, policy::PolicyConfig, AgentConfig, EndpointsApi};
 use kubeshift_datapath::overlay::{self, OverlayConfig};
 use kubeshift_datapath::DatapathConfig;
@@ -20,14 +21,18 @@ pub enum EndpointsSource {
 }
 
 /// What the agent does on this node (see DESIGN.md, "The pod network during the
-/// migration"). Only the flag for now: a node label will switch modes later without
-/// redeploying.
+/// migration").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     /// The overlay and the node's range only: no eBPF programs, no CNI conf, no service takeover.
     Standby,
-    /// Socket LB, NodePort and policy (the node has moved to kubeshift).
+    /// Socket LB, NodePort and policy only (no overlay, no CNI conf): the datapath on
+    /// a node whose pods stay on the legacy network.
     Active,
+    /// Follow the node's `kubeshift.io/agent-mode` label (`active`, else standby): the
+    /// overlay and bridges always, and when active also kubeshift's CNI conf and the
+    /// datapath. What the DaemonSet runs.
+    Auto,
 }
 
 #[derive(Args, Debug)]
@@ -82,19 +87,66 @@ pub struct AgentArgs {
     /// The legacy pod network's MTU: the overlay's never exceeds it.
     #[arg(long)]
     pub legacy_mtu: Option<u32>,
+    /// A legacy pod network (Flannel's Network, each Calico IPPool; repeat the flag):
+    /// traffic between it and kubeshift's keeps its source address (auto).
+    #[arg(long = "legacy-pod-cidr")]
+    pub legacy_pod_cidrs: Vec<String>,
+    /// The node's CNI conf dir, where an active node's conf goes first (auto).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The socket the CNI plugin asks to attach policy programs during ADD (auto).
+    #[arg(long, default_value = "/run/kubeshift/cni.sock")]
+    pub cni_socket: PathBuf,
+    /// Where the CNI plugin records this node's address allocations (auto).
+    #[arg(long, default_value = "/var/lib/cni/kubeshift")]
+    pub cni_data_dir: PathBuf,
 }
 
 pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
-    if args.mode == Mode::Standby {
-        return run_standby(args, cluster).await;
+    match args.mode {
+        Mode::Standby => run_standby(args, cluster).await,
+        Mode::Active => {
+            let cfg = active_config(&args)?;
+            agent::run(cluster.client().await?, cfg).await
+        }
+        Mode::Auto => {
+            let overlay = overlay_config(&args)?;
+            let legacy = args
+                .legacy_pod_cidrs
+                .iter()
+                .map(|c| c.parse().with_context(|| format!("--legacy-pod-cidr {c}")))
+                .collect::<Result<Vec<overlay::Cidr>>>()?;
+            if let Some(l) = legacy.iter().find(|l| l.overlaps(&overlay.pod_cidr)) {
+                anyhow::bail!(
+                    "--legacy-pod-cidr {l} overlaps --pod-cidr {}: the two networks must be apart",
+                    overlay.pod_cidr
+                );
+            }
+            let cfg = AutoConfig {
+                active: active_config(&args)?,
+                overlay,
+                legacy,
+                cni: CniConfig {
+                    conf_dir: args.cni_conf_dir.clone(),
+                    socket: args.cni_socket.clone(),
+                    data_dir: args.cni_data_dir.clone(),
+                },
+            };
+            modes::run(cluster.client().await?, cfg).await
+        }
     }
+}
+
+/// The active datapath's settings from the flags (nothing talks to the cluster yet,
+/// so a typo fails first).
+fn active_config(args: &AgentArgs) -> Result<AgentConfig> {
     // Local flags first: a typo should fail before anything talks to the cluster.
     let mut dp = DatapathConfig::new(&args.node).context("finding the cgroup v2 mount")?;
-    if let Some(c) = args.cgroup {
+    if let Some(c) = args.cgroup.clone() {
         anyhow::ensure!(c.join("cgroup.procs").exists(), "--cgroup {}: not a cgroup v2 directory", c.display());
         dp.cgroup = c;
     }
-    if let Some(p) = args.bpffs {
+    if let Some(p) = args.bpffs.clone() {
         dp.pin_dir = p;
     }
     let endpoints_api = match args.endpoints_api {
@@ -118,17 +170,18 @@ pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
         netns: args.netns.clone(),
         device: args.device.clone(),
     });
-    let client = cluster.client().await?;
-    agent::run(
-        client,
-        AgentConfig { node: args.node, datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport },
-    )
-    .await
+    Ok(AgentConfig { node: args.node.clone(), datapath: dp, metrics: args.metrics, endpoints_api, policy, nodeport })
 }
 
 /// Standby: the overlay only, so nothing of the active datapath (cgroup, bpffs) is
 /// looked at.
 async fn run_standby(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
+    let cfg = overlay_config(&args)?;
+    let client = cluster.client().await?;
+    agent::run_standby(client, cfg, args.metrics).await
+}
+
+fn overlay_config(args: &AgentArgs) -> Result<OverlayConfig> {
     let mut cfg = OverlayConfig::new(&args.node);
     cfg.pod_cidr = args.pod_cidr.parse().with_context(|| format!("--pod-cidr {}", args.pod_cidr))?;
     cfg.node_prefix = args.node_cidr_size;
@@ -142,6 +195,5 @@ async fn run_standby(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
     cfg.vni = args.vni;
     cfg.legacy_mtu = args.legacy_mtu;
     cfg.check()?;
-    let client = cluster.client().await?;
-    agent::run_standby(client, cfg, args.metrics).await
+    Ok(cfg)
 }

@@ -42,6 +42,10 @@ pub struct ManifestArgs {
     /// VXLAN network identifier of kubeshift's overlay (not Flannel's 1).
     #[arg(long, default_value_t = overlay::DEFAULT_VNI)]
     pub vni: u32,
+    /// The legacy pod networks (Flannel's Network, each Calico IPPool; repeat the flag):
+    /// traffic between them and kubeshift's keeps its source address.
+    #[arg(long = "legacy-pod-cidr")]
+    pub legacy_pod_cidrs: Vec<String>,
 }
 
 impl Default for ManifestArgs {
@@ -51,6 +55,7 @@ impl Default for ManifestArgs {
             pod_cidr: overlay::DEFAULT_POD_CIDR.into(),
             tunnel_port: overlay::DEFAULT_PORT,
             vni: overlay::DEFAULT_VNI,
+            legacy_pod_cidrs: Vec::new(),
         }
     }
 }
@@ -117,21 +122,41 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
         "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}],
     }));
     let crds = kubeshift_node_migrator::crd::crds_yaml();
-    let args = json!([
+    // Paths are given even where they are the defaults: they name the mounts below,
+    // and a runtime that maps hostPaths elsewhere (the lab) translates them.
+    let mut args: Vec<String> = [
         "agent",
         "--node",
         "$(NODE_NAME)",
         "--mode",
-        "standby",
+        "auto",
         "--metrics",
-        format!("0.0.0.0:{METRICS_PORT}"),
+        &format!("0.0.0.0:{METRICS_PORT}"),
         "--pod-cidr",
-        pod_cidr.to_string(),
+        &pod_cidr.to_string(),
         "--tunnel-port",
-        a.tunnel_port.to_string(),
+        &a.tunnel_port.to_string(),
         "--vni",
-        a.vni.to_string(),
-    ]);
+        &a.vni.to_string(),
+        "--cgroup",
+        "/sys/fs/cgroup",
+        "--bpffs",
+        "/sys/fs/bpf/kubeshift",
+        "--cni-conf-dir",
+        "/etc/cni/net.d",
+        "--cni-socket",
+        "/run/kubeshift/cni.sock",
+        "--cni-data-dir",
+        "/var/lib/cni/kubeshift",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for l in &a.legacy_pod_cidrs {
+        let c: overlay::Cidr = l.parse().with_context(|| format!("--legacy-pod-cidr {l}"))?;
+        anyhow::ensure!(!c.overlaps(&pod_cidr), "--legacy-pod-cidr {c} overlaps --pod-cidr {pod_cidr}");
+        args.extend(["--legacy-pod-cidr".to_string(), c.to_string()]);
+    }
     push(json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": {"k8s-app": NAME}},
@@ -177,6 +202,8 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
                             {"name": "bpffs", "mountPath": "/sys/fs/bpf"},
                             {"name": "cni-conf", "mountPath": "/etc/cni/net.d"},
                             {"name": "run-kubeshift", "mountPath": "/run/kubeshift"},
+                            {"name": "cni-data", "mountPath": "/var/lib/cni/kubeshift"},
+                            {"name": "cgroup", "mountPath": "/sys/fs/cgroup"},
                         ],
                     }],
                     "volumes": [
@@ -184,6 +211,8 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
                         {"name": "cni-conf", "hostPath": {"path": "/etc/cni/net.d", "type": "DirectoryOrCreate"}},
                         {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
                         {"name": "run-kubeshift", "hostPath": {"path": "/run/kubeshift", "type": "DirectoryOrCreate"}},
+                        {"name": "cni-data", "hostPath": {"path": "/var/lib/cni/kubeshift", "type": "DirectoryOrCreate"}},
+                        {"name": "cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
                     ],
                 },
             },
@@ -224,8 +253,14 @@ mod tests {
     }
 
     #[test]
-    fn every_document_parses_and_the_daemonset_runs_standby_with_the_flags() {
-        let a = ManifestArgs { tunnel_port: 9000, vni: 7, pod_cidr: "10.50.0.0/16".into(), image: "reg/ks:dev".into() };
+    fn every_document_parses_and_the_daemonset_follows_the_node_label_with_the_flags() {
+        let a = ManifestArgs {
+            tunnel_port: 9000,
+            vni: 7,
+            pod_cidr: "10.50.0.0/16".into(),
+            image: "reg/ks:dev".into(),
+            legacy_pod_cidrs: vec!["10.244.0.0/16".into()],
+        };
         let text = render(&a).unwrap();
         let docs: Vec<serde_yaml::Value> =
             serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
@@ -246,8 +281,16 @@ mod tests {
         let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
         assert_eq!(
             args.join(" "),
-            "agent --node $(NODE_NAME) --mode standby --metrics 0.0.0.0:9963 --pod-cidr 10.50.0.0/16 --tunnel-port 9000 --vni 7"
+            "agent --node $(NODE_NAME) --mode auto --metrics 0.0.0.0:9963 --pod-cidr 10.50.0.0/16 --tunnel-port 9000 \
+             --vni 7 --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/kubeshift --cni-conf-dir /etc/cni/net.d \
+             --cni-socket /run/kubeshift/cni.sock --cni-data-dir /var/lib/cni/kubeshift --legacy-pod-cidr 10.244.0.0/16"
         );
+        // Every path flag names a mounted volume (a runtime translating hostPaths relies on it).
+        let mounts: Vec<&str> =
+            c["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+        for p in args.iter().filter(|a| a.starts_with('/')) {
+            assert!(mounts.iter().any(|m| p.starts_with(m)), "{p} is on no volume: {mounts:?}");
+        }
         assert_eq!(c["image"], "reg/ks:dev");
         assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
         assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
@@ -260,5 +303,9 @@ mod tests {
         let e =
             format!("{:#}", render(&ManifestArgs { pod_cidr: "10.0.0.1/8".into(), ..Default::default() }).unwrap_err());
         assert!(e.contains("--pod-cidr 10.0.0.1/8"), "{e}");
+        let e = render(&ManifestArgs { legacy_pod_cidrs: vec!["10.200.5.0/24".into()], ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--legacy-pod-cidr 10.200.5.0/24 overlaps"), "{e}");
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kubeshift_datapath::overlay::{ipam, Cidr};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -83,19 +83,7 @@ async fn standby_agents_build_the_overlay_on_every_node() {
     }
 
     // 2. The manifests, applied as a user would.
-    let manifests = run_ok(kubeshift().args(["install", "manifests"])).stdout;
-    let mut apply = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(lab.kubeconfig())
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    std::io::Write::write_all(apply.stdin.as_mut().unwrap(), &manifests).unwrap();
-    let out = apply.wait_with_output().unwrap();
-    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    install_agent(&lab, &[]);
 
     let pods = eventually("an agent pod Ready on every node", Duration::from_secs(120), || agents_ready(&client)).await;
 

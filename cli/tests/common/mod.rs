@@ -123,6 +123,24 @@ where
     }
 }
 
+/// `kubeshift install manifests ARGS | kubectl apply -f -` against the lab, as a user
+/// would install the agent.
+pub fn install_agent(lab: &Lab, args: &[&str]) {
+    let manifests = run_ok(kubeshift().args(["install", "manifests"]).args(args)).stdout;
+    let mut apply = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(lab.kubeconfig())
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    std::io::Write::write_all(apply.stdin.as_mut().unwrap(), &manifests).unwrap();
+    let out = apply.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub async fn ready_pod(client: &Client, ns: &str, selector: &str) -> Result<Option<Pod>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods.list(&ListParams::default().labels(selector)).await?;

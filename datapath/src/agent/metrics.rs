@@ -50,15 +50,18 @@ pub struct Metrics {
     pub standby: AtomicBool,
     /// Why the overlay is not programmed yet (see `overlay::standby`).
     pub overlay: crate::overlay::standby::Readiness,
+    /// Why the mode wanted by the node's label is not in force (see `agent::modes`).
+    pub mode: crate::overlay::standby::Readiness,
 }
 
 impl Metrics {
     /// Why the node's datapath is not fully in force yet; empty when it is.
     pub fn not_ready(&self) -> Vec<String> {
+        let mut why = self.mode.lock().unwrap().clone();
+        why.extend(self.overlay.lock().unwrap().iter().cloned());
         if self.standby.load(Relaxed) {
-            return self.overlay.lock().unwrap().clone();
+            return why;
         }
-        let mut why = Vec::new();
         if self.synced.load(Relaxed) != 1 {
             why.push("services: maps not yet written from a full list of Services and endpoints".to_string());
         }

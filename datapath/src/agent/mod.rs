@@ -16,6 +16,7 @@ pub mod desired;
 pub mod flows;
 pub mod frontends;
 pub mod metrics;
+pub mod modes;
 pub mod nodeport;
 pub mod podnet;
 pub mod pods;
@@ -378,8 +379,24 @@ fn update_gauges(dp: &Datapath, metrics: &Metrics) {
 
 /// Runs until SIGINT/SIGTERM. The datapath stays attached and pinned when it returns.
 pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
     let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
+        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+    run_with(client, cfg, metrics, None).await
+}
+
+/// The active datapath with metrics served by the caller (`cfg.metrics` is not bound
+/// here). `attach`: the CNI plugin's attach requests, handed to the policy half.
+pub async fn run_with(
+    client: Client,
+    cfg: AgentConfig,
+    metrics: Arc<Metrics>,
+    attach: Option<mpsc::UnboundedReceiver<policy::AttachAsk>>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let ep_api = match cfg.endpoints_api {
         Some(a) => a,
         None => discover_endpoints_api(&client).await?,
@@ -407,12 +424,6 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     metrics.nodeport_enabled.store(cfg.nodeport.is_some(), Relaxed);
     update_gauges(&dp, &metrics);
 
-    if let Some(addr) = cfg.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
-    }
-
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     // Pods cluster-wide, not only this node's: a destination can be any pod, and its
@@ -425,7 +436,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
         tasks.spawn(async move {
             // The service half keeps serving if the policy half cannot start (e.g. a
             // pinned map of another layout); the log and `_policy_synced 0` say so.
-            if let Err(e) = policy::run(client, pc, metrics, flow_tx).await {
+            if let Err(e) = policy::run(client, pc, metrics, flow_tx, attach).await {
                 tracing::error!("NetworkPolicy enforcement stopped: {e:#}");
             }
         });

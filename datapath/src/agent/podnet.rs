@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `ip -j ARGS` inside the network namespace at `netns` (None: the agent's own).
-fn ip_json(netns: Option<&Path>, args: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn ip_json(netns: Option<&Path>, args: &[&str]) -> Result<serde_json::Value> {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");

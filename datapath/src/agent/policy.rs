@@ -182,12 +182,27 @@ fn attach_pod(dp: &mut PolicyDatapath, cfg: &PolicyConfig, uid: &str) -> Result<
     Ok(ifname)
 }
 
+/// The CNI plugin's request, during ADD, to attach the programs to a new pod's
+/// host-side interface; answered once they are attached.
+pub struct AttachAsk {
+    pub ifname: String,
+    pub reply: std::sync::mpsc::SyncSender<Result<(), String>>,
+}
+
+async fn next_ask(rx: &mut Option<mpsc::UnboundedReceiver<AttachAsk>>) -> Option<AttachAsk> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Starts the three watches and runs the policy loop until the agent stops.
 pub(super) async fn run(
     client: Client,
     cfg: PolicyConfig,
     metrics: Arc<Metrics>,
     flow_tx: mpsc::UnboundedSender<FlowMsg>,
+    mut attach: Option<mpsc::UnboundedReceiver<AttachAsk>>,
 ) -> Result<()> {
     let mut dp = PolicyDatapath::load(&cfg.pin_dir)
         .with_context(|| format!("loading the policy datapath (pins {})", cfg.pin_dir.display()))?;
@@ -235,6 +250,23 @@ pub(super) async fn run(
                 dirty = true;
             }
             _ = tick.tick() => {}
+            ask = next_ask(&mut attach) => {
+                let Some(ask) = ask else { attach = None; continue };
+                // Before the pod has an address or a process: the programs go on now,
+                // and the pod's entries follow when it reaches the API (the interface
+                // is found again then, and the attach is a no-op).
+                let r = match &cfg.netns {
+                    Some(ns) => dp.attach_in_netns(ns, &ask.ifname),
+                    None => dp.attach(&ask.ifname),
+                };
+                let r = r.map(|_| ()).map_err(|e| format!("attaching the policy programs to {}: {e}", ask.ifname));
+                match &r {
+                    Ok(()) => tracing::info!(ifname = %ask.ifname, "policy programs attached at CNI ADD"),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+                let _ = ask.reply.send(r);
+                continue;
+            }
             r = super::flows_readable(&flow_fd) => {
                 match super::drain_ring(r, || dp.read_flows(), &metrics, "policy") {
                     Some(events) if !events.is_empty() => {

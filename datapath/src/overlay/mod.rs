@@ -13,6 +13,7 @@
 //! peer's MAC without an extra API write per node (and without `nodes/patch` in the
 //! agent's RBAC), and a restarted node gets the same MAC, so peers' entries stay valid.
 
+pub mod bridge;
 pub mod ipam;
 pub mod kernel;
 

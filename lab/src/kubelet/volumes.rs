@@ -104,8 +104,17 @@ pub async fn materialise(ctx: &NodeCtx, pod: &Pod, dir: &Path) -> Result<PodFile
     let mut files = PodFiles { volumes: BTreeMap::new(), service_account: None };
     for v in spec.volumes.iter().flatten() {
         let host = if let Some(hp) = &v.host_path {
-            // hostPath means the *node's* filesystem: each lab node has its own root.
-            let p = ctx.root.join(hp.path.trim_start_matches('/'));
+            // hostPath means the *node's* filesystem: each lab node has its own root,
+            // its own directory on the lab's bpffs and its own cgroup (so an agent
+            // pod's pins and cgroup attachments stay on its lab node).
+            let p = match hp.path.trim_end_matches('/') {
+                "/sys/fs/bpf" => crate::down::bpffs_dir(&ctx.lab.name).join(&ctx.node),
+                "/sys/fs/cgroup" => {
+                    files.volumes.insert(v.name.clone(), ctx.cgroup.clone());
+                    continue;
+                }
+                path => ctx.root.join(path.trim_start_matches('/')),
+            };
             match hp.type_.as_deref() {
                 Some("FileOrCreate") | Some("File") => {
                     if let Some(parent) = p.parent() {

@@ -1,0 +1,126 @@
+//! A node switched to kubeshift's pod network by its label, on a real 3-node Flannel
+//! lab: the agent DaemonSet (`--mode auto`) in standby everywhere; node-1 labelled
+//! active gets kubeshift's CNI conf first, and a pod created there gets a kubeshift
+//! address. Legacy pods (same node and another node) and the kubeshift pod reach each
+//! other both ways by pod IP, and each server sees the client's pod IP (Flannel's
+//! FLANNEL-POSTRTG would masquerade it without the bridges). Labelled standby again,
+//! node-1's conf and datapath pins are gone and its next pod is on Flannel's network.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kubeshift_datapath::agent::modes::{CONF_NAME, MODE_LABEL};
+use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+const NS: &str = "default";
+
+async fn netexec_on(client: &kube::Client, name: &str, node: &str) {
+    create(
+        &Api::<Pod>::namespaced(client.clone(), NS),
+        json!({"metadata": {"name": name, "labels": {"t": name}}, "spec": {"nodeName": node, "containers": [{
+            "name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
+            "args": ["netexec", "--http-port=8080"],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}),
+    )
+    .await;
+}
+
+async fn ready_ip(client: &kube::Client, name: &str) -> (Pod, Ipv4Addr) {
+    let p = eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || {
+        ready_pod(client, NS, &format!("t={name}"))
+    })
+    .await;
+    let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
+    (p, ip)
+}
+
+async fn set_mode(client: &kube::Client, node: &str, mode: &str) {
+    let patch = json!({"metadata": {"labels": {MODE_LABEL: mode}}});
+    Api::<Node>::all(client.clone()).patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+/// GET /clientip on `to` from inside `from`'s netns: the address the server saw.
+fn client_ip_seen(lab: &Lab, from: &Pod, to: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+    let body = http_get_from(&pod_netns(&lab.name, from), SocketAddr::from((to, 8080)), "/clientip")?;
+    let host = body.trim().rsplit_once(':').map(|(h, _)| h).unwrap_or(body.trim());
+    Ok(host.parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_sources_kept() {
+    // The lab's kubeshift image runs the binaries next to kubeshift; the plugin is the
+    // datapath crate's target, built by `cargo test --workspace` (its own tests use it).
+    let bin = std::path::PathBuf::from(kubeshift().get_program());
+    let plugin = bin.with_file_name("kubeshift-cni");
+    assert!(
+        plugin.exists(),
+        "{} is missing: run `cargo build -p kubeshift-datapath --bin kubeshift-cni` (or the whole workspace's tests)",
+        plugin.display()
+    );
+    let lab = Lab::up("tpa", &["--nodes", "3", "--cni", "flannel", "--no-demo"]);
+    let client = lab.client().await;
+    let legacy_net: kubeshift_datapath::overlay::Cidr = "10.244.0.0/16".parse().unwrap();
+    let ks_net: kubeshift_datapath::overlay::Cidr = "10.200.0.0/16".parse().unwrap();
+
+    install_agent(&lab, &["--legacy-pod-cidr", "10.244.0.0/16"]);
+    netexec_on(&client, "legacy-1", "node-1").await;
+    netexec_on(&client, "legacy-2", "node-2").await;
+    let (l1, l1_ip) = ready_ip(&client, "legacy-1").await;
+    let (l2, l2_ip) = ready_ip(&client, "legacy-2").await;
+    assert!(legacy_net.contains(l1_ip) && legacy_net.contains(l2_ip), "{l1_ip} {l2_ip}");
+
+    // Standby everywhere: no kubeshift conf on any node.
+    let conf = |n: &str| kubeshift_lab::kubelet::node_root(&lab.name, n).join("etc/cni/net.d").join(CONF_NAME);
+    for n in ["node-1", "node-2", "node-3"] {
+        assert!(!conf(n).exists(), "{n} has {CONF_NAME} in standby");
+    }
+
+    // 1. node-1 active: the conf comes first in its dir, with node-1's range.
+    set_mode(&client, "node-1", "active").await;
+    let text = eventually("node-1's kubeshift CNI conf", Duration::from_secs(60), || async {
+        Ok(std::fs::read_to_string(conf("node-1")).ok())
+    })
+    .await;
+    let written: serde_json::Value = serde_json::from_str(&text).expect("the conf is whole JSON");
+    assert_eq!(written["plugins"][0]["type"], "kubeshift", "{text}");
+    assert!(!conf("node-2").exists(), "node-2 stays on Flannel");
+
+    // 2. A new pod on node-1 gets a kubeshift address.
+    netexec_on(&client, "ks-1", "node-1").await;
+    let (k1, k1_ip) = ready_ip(&client, "ks-1").await;
+    assert!(ks_net.contains(k1_ip), "ks-1 got {k1_ip}, not an address of {ks_net}");
+    let subnet: kubeshift_datapath::overlay::Cidr = written["plugins"][0]["subnet"].as_str().unwrap().parse().unwrap();
+    assert!(subnet.contains(k1_ip), "{k1_ip} is outside node-1's range {subnet}");
+
+    let pins = kubeshift_lab::down::bpffs_dir(&lab.name).join("node-1").join("kubeshift");
+    assert!(pins.is_dir(), "node-1 is active but its datapath is not pinned at {}", pins.display());
+
+    // 3. Both networks, both ways, same node and cross node: the server sees the
+    // client's pod IP.
+    for (from, from_ip, to, to_ip, what) in [
+        (&l2, l2_ip, "ks-1", k1_ip, "legacy pod on node-2 -> kubeshift pod on node-1"),
+        (&k1, k1_ip, "legacy-2", l2_ip, "kubeshift pod on node-1 -> legacy pod on node-2"),
+        (&l1, l1_ip, "ks-1", k1_ip, "legacy pod on node-1 -> kubeshift pod on node-1"),
+        (&k1, k1_ip, "legacy-1", l1_ip, "kubeshift pod on node-1 -> legacy pod on node-1"),
+    ] {
+        let seen =
+            eventually(what, Duration::from_secs(20), || async { client_ip_seen(&lab, from, to_ip).map(Some) }).await;
+        assert_eq!(seen, from_ip, "{what}: {to} saw {seen}, not the client's pod IP {from_ip}");
+    }
+
+    // 4. Standby again: the conf and the active datapath's pins leave; the next pod on
+    // node-1 is Flannel's again, and the kubeshift pod keeps its address and routes.
+    set_mode(&client, "node-1", "standby").await;
+    eventually("node-1's conf and pins removed", Duration::from_secs(60), || async {
+        Ok((!conf("node-1").exists() && !pins.exists()).then_some(()))
+    })
+    .await;
+    netexec_on(&client, "legacy-1b", "node-1").await;
+    let (_, ip) = ready_ip(&client, "legacy-1b").await;
+    assert!(legacy_net.contains(ip), "after standby, a new pod on node-1 got {ip}");
+    assert_eq!(client_ip_seen(&lab, &l2, k1_ip).unwrap(), l2_ip, "the kubeshift pod still answers, sources kept");
+}
