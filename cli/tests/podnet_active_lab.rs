@@ -30,10 +30,8 @@ async fn netexec_on(client: &kube::Client, name: &str, node: &str) {
 }
 
 async fn ready_ip(client: &kube::Client, name: &str) -> (Pod, Ipv4Addr) {
-    let p = eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || {
-        ready_pod(client, NS, &format!("t={name}"))
-    })
-    .await;
+    let sel = format!("t={name}");
+    let p = eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || ready_pod(client, NS, &sel)).await;
     let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
     (p, ip)
 }
@@ -95,6 +93,7 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     assert!(ks_net.contains(k1_ip), "ks-1 got {k1_ip}, not an address of {ks_net}");
     let subnet: kubeshift_datapath::overlay::Cidr = written["plugins"][0]["subnet"].as_str().unwrap().parse().unwrap();
     assert!(subnet.contains(k1_ip), "{k1_ip} is outside node-1's range {subnet}");
+    assert_ne!(k1_ip, subnet.first(), "a pod got the node's own overlay address");
 
     let pins = kubeshift_lab::down::bpffs_dir(&lab.name).join("node-1").join("kubeshift");
     assert!(pins.is_dir(), "node-1 is active but its datapath is not pinned at {}", pins.display());

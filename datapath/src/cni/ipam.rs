@@ -47,7 +47,7 @@ impl Ipv4Net {
 
     /// The usable host addresses: without the network and broadcast addresses (except
     /// for /31 and /32, which have none).
-    fn hosts(&self) -> (u32, u32) {
+    pub fn hosts(&self) -> (u32, u32) {
         let first = u32::from(self.addr);
         let last = first | !Self::mask(self.prefix);
         if self.prefix >= 31 {
@@ -80,11 +80,11 @@ pub struct Ipam {
     network: String,
     range: Ipv4Net,
     /// Never handed out (the gateway, when it lies inside the range).
-    reserved: Option<Ipv4Addr>,
+    reserved: Vec<Ipv4Addr>,
 }
 
 impl Ipam {
-    pub fn new(data_dir: &Path, network: &str, range: Ipv4Net, reserved: Option<Ipv4Addr>) -> Self {
+    pub fn new(data_dir: &Path, network: &str, range: Ipv4Net, reserved: Vec<Ipv4Addr>) -> Self {
         Self { dir: data_dir.join(network), network: network.to_string(), range, reserved }
     }
 
@@ -112,7 +112,7 @@ impl Ipam {
         let start = cursor.map(|c| if c == last { first } else { c + 1 }).unwrap_or(first);
         for i in 0..size {
             let ip = Ipv4Addr::from(first + (start - first + i) % size);
-            if Some(ip) == self.reserved {
+            if self.reserved.contains(&ip) {
                 continue;
             }
             let path = self.dir.join(ip.to_string());
@@ -212,7 +212,7 @@ mod tests {
             .map(|t| {
                 let d = d.clone();
                 std::thread::spawn(move || {
-                    let ipam = Ipam::new(&d, "net", range, None);
+                    let ipam = Ipam::new(&d, "net", range, vec![]);
                     (0..15).map(|i| ipam.allocate(&format!("c{t}-{i}"), "eth0").unwrap()).collect::<Vec<_>>()
                 })
             })
@@ -223,7 +223,7 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 240, "an address was handed out twice");
         // Survives a "restart": a fresh Ipam sees the same allocations.
-        assert_eq!(Ipam::new(&d, "net", range, None).list().unwrap().len(), 240);
+        assert_eq!(Ipam::new(&d, "net", range, vec![]).list().unwrap().len(), 240);
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -231,7 +231,7 @@ mod tests {
     fn exhaustion_names_the_range_and_gateway_is_skipped() {
         let d = tmp("exh");
         let range = Ipv4Net::parse("10.78.0.0/30").unwrap();
-        let ipam = Ipam::new(&d, "net", range, Some(Ipv4Addr::new(10, 78, 0, 1)));
+        let ipam = Ipam::new(&d, "net", range, vec![Ipv4Addr::new(10, 78, 0, 1)]);
         assert_eq!(ipam.allocate("a", "eth0").unwrap(), Ipv4Addr::new(10, 78, 0, 2));
         let e = ipam.allocate("b", "eth0").unwrap_err().to_string();
         assert!(e.contains("10.78.0.0/30") && e.contains("exhausted"), "{e}");
@@ -243,7 +243,7 @@ mod tests {
     #[test]
     fn gc_frees_only_vanished_containers() {
         let d = tmp("gc");
-        let ipam = Ipam::new(&d, "net", Ipv4Net::parse("10.79.0.0/24").unwrap(), None);
+        let ipam = Ipam::new(&d, "net", Ipv4Net::parse("10.79.0.0/24").unwrap(), vec![]);
         ipam.allocate("keep", "eth0").unwrap();
         ipam.allocate("gone", "eth0").unwrap();
         let valid = HashSet::from([("keep".to_string(), "eth0".to_string())]);

@@ -166,7 +166,13 @@ fn parse_conf(stdin: &[u8]) -> Res<Net> {
         return Err(invalid("agentSocket", "empty path"));
     }
     let data_dir = conf.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    let reserved = range.contains(gateway).then_some(gateway);
+    // The range's first host address is the node's own: kubeshift.vx carries it, and
+    // other nodes route the range via it (overlay::wanted). A gateway inside the range
+    // is not a pod's either.
+    let mut reserved = vec![Ipv4Addr::from(range.hosts().0)];
+    if range.contains(gateway) {
+        reserved.push(gateway);
+    }
     let ipam = Ipam::new(&data_dir, &conf.name, range, reserved);
     Ok(Net { conf, gateway, mtu, ipam })
 }

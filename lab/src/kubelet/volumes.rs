@@ -108,7 +108,14 @@ pub async fn materialise(ctx: &NodeCtx, pod: &Pod, dir: &Path) -> Result<PodFile
             // its own directory on the lab's bpffs and its own cgroup (so an agent
             // pod's pins and cgroup attachments stay on its lab node).
             let p = match hp.path.trim_end_matches('/') {
-                "/sys/fs/bpf" => crate::down::bpffs_dir(&ctx.lab.name).join(&ctx.node),
+                "/sys/fs/bpf" => {
+                    // Made by the pod itself when bpffs is not mounted yet: the agent
+                    // mounts it at /sys/fs/bpf (as on a real node) before pinning.
+                    let d = crate::down::bpffs_dir(&ctx.lab.name).join(&ctx.node);
+                    let _ = std::fs::create_dir_all(&d);
+                    files.volumes.insert(v.name.clone(), d);
+                    continue;
+                }
                 "/sys/fs/cgroup" => {
                     files.volumes.insert(v.name.clone(), ctx.cgroup.clone());
                     continue;
