@@ -41,6 +41,14 @@ async fn set_mode(client: &kube::Client, node: &str, mode: &str) {
     Api::<Node>::all(client.clone()).patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
 }
 
+fn ready_now(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// GET /clientip on `to` from inside `from`'s netns: the address the server saw.
 fn client_ip_seen(lab: &Lab, from: &Pod, to: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
     let body = http_get_from(&pod_netns(&lab.name, from), SocketAddr::from((to, 8080)), "/clientip")?;
@@ -111,7 +119,51 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
         assert_eq!(seen, from_ip, "{what}: {to} saw {seen}, not the client's pod IP {from_ip}");
     }
 
-    // 4. Standby again: the conf and the active datapath's pins leave; the next pod on
+    // 4. The connectivity suite across the two networks: its pods on node-1 get
+    // kubeshift's network, those on node-2 Flannel's.
+    let out = kubeshift()
+        .args(["connectivity", "test", "--node", "node-1", "--node", "node-2", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "connectivity suite on (active node-1, legacy node-2):\n{report}\n{err}");
+
+    // 5. The agent restarts: traffic between the networks keeps flowing while it is
+    // away, and the node is still active when it is back.
+    let agents: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let old = agents
+        .list(&kube::api::ListParams::default().labels("k8s-app=kubeshift-agent").fields("spec.nodeName=node-1"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    agents.delete(old.metadata.name.as_deref().unwrap(), &Default::default()).await.unwrap();
+    let old_uid = old.metadata.uid.clone();
+    let mut probes = 0;
+    loop {
+        assert_eq!(client_ip_seen(&lab, &l2, k1_ip).expect("legacy -> kubeshift during the agent's restart"), l2_ip);
+        assert_eq!(client_ip_seen(&lab, &k1, l2_ip).expect("kubeshift -> legacy during the agent's restart"), k1_ip);
+        probes += 1;
+        let back = agents
+            .list(&kube::api::ListParams::default().labels("k8s-app=kubeshift-agent").fields("spec.nodeName=node-1"))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|p| p.metadata.uid != old_uid && ready_now(p));
+        if back {
+            break;
+        }
+        assert!(probes < 2000, "node-1's agent did not come back Ready");
+    }
+    assert!(conf("node-1").exists(), "the restarted agent left node-1's conf");
+    netexec_on(&client, "ks-1b", "node-1").await;
+    let (_, ip) = ready_ip(&client, "ks-1b").await;
+    assert!(ks_net.contains(ip), "after the agent's restart, a new pod on node-1 got {ip}");
+
+    // 6. Standby again: the conf and the active datapath's pins leave; the next pod on
     // node-1 is Flannel's again, and the kubeshift pod keeps its address and routes.
     set_mode(&client, "node-1", "standby").await;
     eventually("node-1's conf and pins removed", Duration::from_secs(60), || async {
