@@ -130,7 +130,51 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "connectivity suite on (active node-1, legacy node-2):\n{report}\n{err}");
 
-    // 5. The agent restarts: traffic between the networks keeps flowing while it is
+    // 5. A pod isolated by a deny-all egress policy has its very first packet dropped:
+    // it tries legacy-2 from its first instant, and no try gets through until the
+    // policy is deleted (which proves the path itself works).
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    create(
+        &policies,
+        json!({"metadata": {"name": "locked-egress"},
+               "spec": {"podSelector": {"matchLabels": {"locked": "yes"}}, "policyTypes": ["Egress"]}}),
+    )
+    .await;
+    let script = format!(
+        "import socket, sys, time\n\
+         while True:\n\
+         \x20   try:\n\
+         \x20       socket.create_connection(('{l2_ip}', 8080), timeout=0.3).close(); print('connected', flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20       print('blocked', e, flush=True)\n\
+         \x20   time.sleep(0.1)\n"
+    );
+    create(
+        &Api::<Pod>::namespaced(client.clone(), NS),
+        json!({"metadata": {"name": "locked", "labels": {"t": "locked", "locked": "yes"}},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "busybox",
+                        "command": ["sh", "-c", format!("exec python3 -c \"{script}\"")]}]}}),
+    )
+    .await;
+    let (locked, _) = ready_ip(&client, "locked").await;
+    let log = kubeshift_lab::up::node_dir(&lab.name, "node-1")
+        .join("pods")
+        .join(locked.metadata.uid.as_deref().unwrap())
+        .join("c.log");
+    let tries = eventually("ten tries of the locked pod", Duration::from_secs(30), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok((text.lines().count() >= 10).then_some(text))
+    })
+    .await;
+    assert!(!tries.contains("connected"), "a packet of the isolated pod got through:\n{tries}");
+    assert!(tries.lines().next().is_some_and(|l| l.starts_with("blocked")), "{tries}");
+    policies.delete("locked-egress", &Default::default()).await.unwrap();
+    eventually("the locked pod connects once the policy is gone", Duration::from_secs(30), || async {
+        Ok(std::fs::read_to_string(&log).unwrap_or_default().contains("connected").then_some(()))
+    })
+    .await;
+
+    // 6. The agent restarts: traffic between the networks keeps flowing while it is
     // away, and the node is still active when it is back.
     let agents: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
     let old = agents
@@ -163,7 +207,7 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     let (_, ip) = ready_ip(&client, "ks-1b").await;
     assert!(ks_net.contains(ip), "after the agent's restart, a new pod on node-1 got {ip}");
 
-    // 6. Standby again: the conf and the active datapath's pins leave; the next pod on
+    // 7. Standby again: the conf and the active datapath's pins leave; the next pod on
     // node-1 is Flannel's again, and the kubeshift pod keeps its address and routes.
     set_mode(&client, "node-1", "standby").await;
     eventually("node-1's conf and pins removed", Duration::from_secs(60), || async {

@@ -14,6 +14,7 @@
 //! The decision is the pure [`wanted`]; the rest does one transition at a time and
 //! retries a failed one on the next pass, so a restart in any state converges.
 
+use super::desired::ObjKey;
 use super::metrics::Metrics;
 use super::policy::AttachAsk;
 use super::AgentConfig;
@@ -266,7 +267,11 @@ async fn activate(client: &Client, cfg: &AutoConfig, metrics: &Arc<Metrics>) -> 
         }
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         ask_tx
-            .send(AttachAsk { ifname: req.host_ifname.clone(), reply })
+            .send(AttachAsk {
+                ifname: req.host_ifname.clone(),
+                pod: req.pod_namespace.clone().zip(req.pod_name.clone()).map(|(ns, n)| (ObjKey::new(&ns, &n), req.ip)),
+                reply,
+            })
             .map_err(|_| "the policy half is not running".to_string())?;
         // A plain thread per connection (agent_proto): blocking here holds no runtime worker.
         match answer.recv_timeout(ATTACH_TIMEOUT) {

@@ -51,6 +51,9 @@ pub(super) struct PodRec {
     node: String,
     /// None: no address to police (host network, finished, no IP yet).
     info: Option<PodInfo>,
+    /// A pod that will have an address but has none in the API yet (`ips` empty): the
+    /// CNI plugin may tell its address first.
+    unaddressed: Option<PodInfo>,
 }
 
 pub(super) enum PolicyMsg {
@@ -80,6 +83,7 @@ fn pod_rec(p: &Pod) -> PodRec {
         uid: p.metadata.uid.clone().unwrap_or_default(),
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
         info: source::pod(p),
+        unaddressed: source::pod_any_ip(p).filter(|i| i.ips.is_empty()),
     }
 }
 
@@ -89,12 +93,20 @@ struct State {
     namespaces: HashMap<ObjKey, NamespaceInfo>,
     policies: HashMap<ObjKey, PolicyRead>,
     listed: [bool; 3],
+    /// Addresses the CNI plugin gave local pods whose IP is not in the API yet.
+    cni_ips: HashMap<ObjKey, std::net::Ipv4Addr>,
 }
 
 impl State {
     fn apply(&mut self, m: PolicyMsg) {
         match m {
-            PolicyMsg::Pod(c) => c.apply_to(&mut self.pods, &mut self.listed[0]),
+            PolicyMsg::Pod(c) => {
+                c.apply_to(&mut self.pods, &mut self.listed[0]);
+                // Once the API has the pod's address (or the pod is gone), the plugin's
+                // word is no longer needed.
+                let pods = &self.pods;
+                self.cni_ips.retain(|k, _| pods.get(k).is_some_and(|p| p.info.is_none() && p.unaddressed.is_some()));
+            }
             PolicyMsg::Namespace(c) => c.apply_to(&mut self.namespaces, &mut self.listed[1]),
             PolicyMsg::Policy(c) => c.apply_to(&mut self.policies, &mut self.listed[2]),
         }
@@ -107,7 +119,16 @@ impl State {
     fn input(&self, host_ips: Vec<std::net::Ipv4Addr>) -> PolicyInput {
         let mut namespaces: Vec<NamespaceInfo> = self.namespaces.values().cloned().collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut pods: Vec<PodInfo> = self.pods.values().filter_map(|p| p.info.clone()).collect();
+        let mut pods: Vec<PodInfo> = self
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                p.info.clone().or_else(|| {
+                    let ip = self.cni_ips.get(k)?;
+                    p.unaddressed.clone().map(|i| PodInfo { ips: vec![*ip], ..i })
+                })
+            })
+            .collect();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut policies: Vec<NetworkPolicy> = self.policies.values().filter_map(|p| p.enforced.clone()).collect();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -186,8 +207,14 @@ fn attach_pod(dp: &mut PolicyDatapath, cfg: &PolicyConfig, uid: &str) -> Result<
 /// host-side interface; answered once they are attached.
 pub struct AttachAsk {
     pub ifname: String,
+    /// The pod and the address the plugin gave it (None: not told by the runtime).
+    pub pod: Option<(ObjKey, std::net::Ipv4Addr)>,
     pub reply: std::sync::mpsc::SyncSender<Result<(), String>>,
 }
+
+/// How long an ask waits for its pod to show up in the watch before it is refused
+/// (the plugin's runtime retries the ADD).
+const ASK_WAIT: Duration = Duration::from_secs(5);
 
 async fn next_ask(rx: &mut Option<mpsc::UnboundedReceiver<AttachAsk>>) -> Option<AttachAsk> {
     match rx {
@@ -237,6 +264,7 @@ pub(super) async fn run(
 
     let mut state = State::default();
     let mut attachments = Attachments::default();
+    let mut asks: Vec<(AttachAsk, Instant)> = Vec::new();
     let mut dirty = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -252,20 +280,7 @@ pub(super) async fn run(
             _ = tick.tick() => {}
             ask = next_ask(&mut attach) => {
                 let Some(ask) = ask else { attach = None; continue };
-                // Before the pod has an address or a process: the programs go on now,
-                // and the pod's entries follow when it reaches the API (the interface
-                // is found again then, and the attach is a no-op).
-                let r = match &cfg.netns {
-                    Some(ns) => dp.attach_in_netns(ns, &ask.ifname),
-                    None => dp.attach(&ask.ifname),
-                };
-                let r = r.map(|_| ()).map_err(|e| format!("attaching the policy programs to {}: {e}", ask.ifname));
-                match &r {
-                    Ok(()) => tracing::info!(ifname = %ask.ifname, "policy programs attached at CNI ADD"),
-                    Err(e) => tracing::warn!("{e}"),
-                }
-                let _ = ask.reply.send(r);
-                continue;
+                asks.push((ask, Instant::now()));
             }
             r = super::flows_readable(&flow_fd) => {
                 match super::drain_ring(r, || dp.read_flows(), &metrics, "policy") {
@@ -281,6 +296,12 @@ pub(super) async fn run(
         if !state.listed() {
             continue;
         }
+        // The plugin's asks: the pod's address goes into the compile below, so the
+        // answer (and the host end coming up) waits for maps that police it.
+        let ready: Vec<AttachAsk> = take_ready_asks(&mut asks, &mut state);
+        if ready.iter().any(|a| a.pod.is_some()) {
+            dirty = true;
+        }
         if dirty {
             let started = Instant::now();
             match sync(&mut dp, &mut compiler, &state, &cfg, &metrics) {
@@ -293,8 +314,53 @@ pub(super) async fn run(
             }
             metrics.policy_last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
         }
+        for ask in ready {
+            let r = if dirty {
+                Err("the policy maps could not be written (see the agent's log)".to_string())
+            } else {
+                match &cfg.netns {
+                    Some(ns) => dp.attach_in_netns(ns, &ask.ifname),
+                    None => dp.attach(&ask.ifname),
+                }
+                .map(|_| ())
+                .map_err(|e| format!("attaching the policy programs to {}: {e}", ask.ifname))
+            };
+            match &r {
+                Ok(()) => tracing::info!(ifname = %ask.ifname, pod = ?ask.pod, "policy programs attached at CNI ADD"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+            let _ = ask.reply.send(r);
+        }
         attachments.reconcile(&mut dp, &cfg, &state.local_pods(&cfg.node), &metrics);
     }
+}
+
+/// The asks that can be answered now: their pod is known (its address recorded for
+/// the compile) or they name none; asks whose pod has not shown up within
+/// [`ASK_WAIT`] are refused here.
+fn take_ready_asks(asks: &mut Vec<(AttachAsk, Instant)>, state: &mut State) -> Vec<AttachAsk> {
+    let mut ready = Vec::new();
+    for (ask, since) in std::mem::take(asks) {
+        match &ask.pod {
+            None => ready.push(ask),
+            Some((key, ip)) => match state.pods.get(key) {
+                Some(p) => {
+                    if p.info.is_none() && p.unaddressed.is_some() {
+                        state.cni_ips.insert(key.clone(), *ip);
+                    }
+                    ready.push(ask);
+                }
+                None if since.elapsed() < ASK_WAIT => asks.push((ask, since)),
+                None => {
+                    let _ = ask.reply.send(Err(format!(
+                        "pod {}/{} is not in the API as this agent sees it (after {ASK_WAIT:?})",
+                        key.namespace, key.name
+                    )));
+                }
+            },
+        }
+    }
+    ready
 }
 
 fn sync(

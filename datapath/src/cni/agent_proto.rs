@@ -43,6 +43,11 @@ pub struct AttachRequest {
     pub host_ifindex: u32,
     pub ip: Ipv4Addr,
     pub netns: String,
+    /// The pod (from CNI_ARGS), so the agent can police `ip` as that pod at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -426,10 +426,13 @@ fn add(env: &Env, net: &Net) -> Res<Value> {
         ),
     )
     .map_err(link_err)?;
-    link::ip_batch(None, &format!("link set {host_if} up\nroute replace {ip}/32 dev {host_if} scope link\n"))
-        .map_err(link_err)?;
     let host_ifindex = link::ifindex(&host_if)
         .ok_or_else(|| link_err(format!("host interface {host_if} vanished right after it was created")))?;
+    // The pod's name lets the agent give its address the pod's identity now, before
+    // the kubelet reports the IP: a policy that isolates the pod holds from its first
+    // packet. The host end stays down until the agent has answered, so nothing passes
+    // the interface unpoliced.
+    let (pod_namespace, pod_name) = pod_of(env);
     let req = Request::Attach(AttachRequest {
         container_id: id.to_string(),
         ifname: ifname.to_string(),
@@ -437,8 +440,12 @@ fn add(env: &Env, net: &Net) -> Res<Value> {
         host_ifindex,
         ip,
         netns: ns.to_string(),
+        pod_namespace,
+        pod_name,
     });
     agent_proto::call(&net.conf.agent_socket, &req, AGENT_TIMEOUT).map_err(agent_err)?;
+    link::ip_batch(None, &format!("link set {host_if} up\nroute replace {ip}/32 dev {host_if} scope link\n"))
+        .map_err(link_err)?;
     undo.done();
     Ok(json!({
         "cniVersion": net.conf.cni_version,
@@ -450,6 +457,16 @@ fn add(env: &Env, net: &Net) -> Res<Value> {
         "routes": [{"dst": "0.0.0.0/0", "gw": gw.to_string()}],
         "dns": {},
     }))
+}
+
+/// K8S_POD_NAMESPACE and K8S_POD_NAME from CNI_ARGS (`K=V;K=V`), as the kubelet's
+/// runtime passes them; absent when the runtime is not Kubernetes'.
+fn pod_of(env: &Env) -> (Option<String>, Option<String>) {
+    let args = env.get("CNI_ARGS").unwrap_or("");
+    let get = |k: &str| {
+        args.split(';').filter_map(|kv| kv.split_once('=')).find(|(key, _)| *key == k).map(|(_, v)| v.to_string())
+    };
+    (get("K8S_POD_NAMESPACE"), get("K8S_POD_NAME"))
 }
 
 fn agent_err(e: AgentError) -> CniError {

@@ -50,6 +50,12 @@ pub fn namespace(ns: &Namespace) -> NamespaceInfo {
 /// are the node), finished pods (Succeeded/Failed; their IP may already be reused), and
 /// pods without an IPv4 address yet.
 pub fn pod(pod: &Pod) -> Option<PodInfo> {
+    pod_any_ip(pod).filter(|p| !p.ips.is_empty())
+}
+
+/// [`pod`], also for a pod whose IP the kubelet has not reported yet (`ips` empty):
+/// what its identity will be once it has an address.
+pub fn pod_any_ip(pod: &Pod) -> Option<PodInfo> {
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.host_network) == Some(true) {
         return None;
@@ -62,9 +68,6 @@ pub fn pod(pod: &Pod) -> Option<PodInfo> {
         status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
     if ips.is_empty() {
         ips.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<Ipv4Addr>().ok()));
-    }
-    if ips.is_empty() {
-        return None;
     }
     // Sidecars (init containers that keep running) serve their ports like containers.
     let containers = spec.into_iter().flat_map(|s| {
