@@ -67,7 +67,13 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
         "{} is missing: run `cargo build -p kubeshift-datapath --bin kubeshift-cni` (or the whole workspace's tests)",
         plugin.display()
     );
-    let lab = Lab::up("tpa", &["--nodes", "3", "--cni", "flannel", "--no-demo"]);
+    // Pods run for 1.5 s before the API has their IP (a real kubelet's PLEG relist
+    // takes up to 1 s): the window in which only the CNI plugin knows the address.
+    let lab = Lab::up_with_env(
+        "tpa",
+        &["--nodes", "3", "--cni", "flannel", "--no-demo"],
+        &[(kubeshift_lab::kubelet::STATUS_DELAY_ENV, "1500")],
+    );
     let client = lab.client().await;
     let legacy_net: kubeshift_datapath::overlay::Cidr = "10.244.0.0/16".parse().unwrap();
     let ks_net: kubeshift_datapath::overlay::Cidr = "10.200.0.0/16".parse().unwrap();

@@ -32,6 +32,15 @@ use tokio::sync::watch;
 /// Seconds after which the apiserver ends the kubelet's pod watch (default 50).
 pub const POD_WATCH_TIMEOUT_ENV: &str = "KUBESHIFT_LAB_POD_WATCH_TIMEOUT";
 
+/// Milliseconds between a pod's containers starting and its first status report
+/// (default 0): how long the API does not know a running pod's IP.
+pub const STATUS_DELAY_ENV: &str = "KUBESHIFT_LAB_POD_STATUS_DELAY_MS";
+
+pub fn status_delay() -> Option<Duration> {
+    let ms: u64 = std::env::var(STATUS_DELAY_ENV).ok()?.parse().ok()?;
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 pub struct NodeCtx {
     pub lab: LabSpec,
     pub node: String,

@@ -111,6 +111,12 @@ pub async fn run(ctx: Arc<NodeCtx>, mut rx: watch::Receiver<Option<Pod>>) {
                 run_init_containers(&ctx, &pod, &dir, &cgroup, sb).await?;
                 init_done = true;
                 containers = start_containers(&ctx, &pod, &dir, &cgroup, sb).await?;
+                if let Some(d) = super::status_delay() {
+                    // A real kubelet reports a new pod's IP on its next PLEG relist (up
+                    // to a second later) while the containers already run; the lab can
+                    // widen that window so tests can look into it.
+                    tokio::time::sleep(d).await;
+                }
             }
             supervise(&ctx, &pod, &dir, &cgroup, sb, &mut containers).await?;
             Ok(())
