@@ -1,10 +1,10 @@
 //! A node switched to kubeshift's pod network by its label, on a real 3-node Flannel
-//! lab: the agent DaemonSet (`--mode auto`) in standby everywhere; node-1 labelled
+//! lab and a real 3-node Calico lab: the agent DaemonSet (`--mode auto`) in standby everywhere; node-1 labelled
 //! active gets kubeshift's CNI conf first, and a pod created there gets a kubeshift
 //! address. Legacy pods (same node and another node) and the kubeshift pod reach each
 //! other both ways by pod IP, and each server sees the client's pod IP (Flannel's
-//! FLANNEL-POSTRTG would masquerade it without the bridges). Labelled standby again,
-//! node-1's conf and datapath pins are gone and its next pod is on Flannel's network.
+//! FLANNEL-POSTRTG and Calico's natOutgoing would masquerade it without the bridges). Labelled standby again,
+//! node-1's conf and datapath pins are gone and its next pod is on the legacy network.
 
 mod common;
 
@@ -57,7 +57,16 @@ fn client_ip_seen(lab: &Lab, from: &Pod, to: Ipv4Addr) -> anyhow::Result<Ipv4Add
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_sources_kept() {
+async fn flannel_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_sources_kept() {
+    active_node_scenario("tpa", "flannel", "10.244.0.0/16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calico_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_sources_kept() {
+    active_node_scenario("tpc", "calico", "192.168.0.0/16").await;
+}
+
+async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
     // The lab's kubeshift image runs the binaries next to kubeshift; the plugin is the
     // datapath crate's target, built by `cargo test --workspace` (its own tests use it).
     let bin = std::path::PathBuf::from(kubeshift().get_program());
@@ -70,15 +79,15 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     // Pods run for 1.5 s before the API has their IP (a real kubelet's PLEG relist
     // takes up to 1 s): the window in which only the CNI plugin knows the address.
     let lab = Lab::up_with_env(
-        "tpa",
-        &["--nodes", "3", "--cni", "flannel", "--no-demo"],
+        name,
+        &["--nodes", "3", "--cni", cni, "--no-demo"],
         &[(kubeshift_lab::kubelet::STATUS_DELAY_ENV, "1500")],
     );
     let client = lab.client().await;
-    let legacy_net: kubeshift_datapath::overlay::Cidr = "10.244.0.0/16".parse().unwrap();
+    let legacy_net: kubeshift_datapath::overlay::Cidr = legacy.parse().unwrap();
     let ks_net: kubeshift_datapath::overlay::Cidr = "10.200.0.0/16".parse().unwrap();
 
-    install_agent(&lab, &["--legacy-pod-cidr", "10.244.0.0/16"]);
+    install_agent(&lab, &["--legacy-pod-cidr", legacy]);
     netexec_on(&client, "legacy-1", "node-1").await;
     netexec_on(&client, "legacy-2", "node-2").await;
     let (l1, l1_ip) = ready_ip(&client, "legacy-1").await;
@@ -99,7 +108,7 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     .await;
     let written: serde_json::Value = serde_json::from_str(&text).expect("the conf is whole JSON");
     assert_eq!(written["plugins"][0]["type"], "kubeshift", "{text}");
-    assert!(!conf("node-2").exists(), "node-2 stays on Flannel");
+    assert!(!conf("node-2").exists(), "node-2 stays on the legacy network");
 
     // 2. A new pod on node-1 gets a kubeshift address.
     netexec_on(&client, "ks-1", "node-1").await;
@@ -126,7 +135,7 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     }
 
     // 4. The connectivity suite across the two networks: its pods on node-1 get
-    // kubeshift's network, those on node-2 Flannel's.
+    // kubeshift's network, those on node-2 the legacy one.
     let out = kubeshift()
         .args(["connectivity", "test", "--node", "node-1", "--node", "node-2", "--kubeconfig"])
         .arg(lab.kubeconfig())
@@ -214,7 +223,7 @@ async fn a_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_source
     assert!(ks_net.contains(ip), "after the agent's restart, a new pod on node-1 got {ip}");
 
     // 7. Standby again: the conf and the active datapath's pins leave; the next pod on
-    // node-1 is Flannel's again, and the kubeshift pod keeps its address and routes.
+    // node-1 is on the legacy network again, and the kubeshift pod keeps its address and routes.
     set_mode(&client, "node-1", "standby").await;
     eventually("node-1's conf and pins removed", Duration::from_secs(60), || async {
         Ok((!conf("node-1").exists() && !pins.exists()).then_some(()))
