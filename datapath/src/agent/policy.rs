@@ -392,3 +392,74 @@ fn sync(
     metrics.policy_synced.store(1, Relaxed);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn pod(ns: &str, name: &str, ip: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{name}"), "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": ip.map(|ip| serde_json::json!({"podIP": ip})).unwrap_or(serde_json::json!({})),
+        }))
+        .unwrap()
+    }
+
+    fn listed_with(pods: &[Pod]) -> State {
+        let mut s = State::default();
+        let all =
+            pods.iter().map(|p| (ObjKey::new("default", p.metadata.name.as_deref().unwrap()), pod_rec(p))).collect();
+        s.apply(PolicyMsg::Pod(Change::Relist(all)));
+        s.apply(PolicyMsg::Namespace(Change::Relist(HashMap::new())));
+        s.apply(PolicyMsg::Policy(Change::Relist(HashMap::new())));
+        s
+    }
+
+    fn ask(name: &str, ip: [u8; 4]) -> (AttachAsk, std::sync::mpsc::Receiver<Result<(), String>>) {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let pod = Some((ObjKey::new("default", name), Ipv4Addr::from(ip)));
+        (AttachAsk { ifname: format!("ks-{name}"), pod, reply }, rx)
+    }
+
+    #[test]
+    fn the_plugins_address_gives_a_pod_without_an_api_ip_its_identity() {
+        let mut state = listed_with(&[pod("default", "new", None), pod("default", "old", Some("10.200.0.5"))]);
+        assert!(state.input(vec![]).pods.iter().all(|p| p.name != "new"), "no address yet: not in the ipcache");
+        let (a, _rx) = ask("new", [10, 200, 0, 9]);
+        let mut asks = vec![(a, Instant::now())];
+        let ready = take_ready_asks(&mut asks, &mut state);
+        assert_eq!(ready.len(), 1);
+        assert!(asks.is_empty());
+        let input = state.input(vec![]);
+        let new = input.pods.iter().find(|p| p.name == "new").expect("the new pod is compiled");
+        assert_eq!(new.ips, vec![Ipv4Addr::new(10, 200, 0, 9)]);
+        assert_eq!(new.labels["app"], "new");
+        // Once the API has the address, the plugin's word is dropped.
+        state.apply(PolicyMsg::Pod(Change::Apply(
+            ObjKey::new("default", "new"),
+            pod_rec(&pod("default", "new", Some("10.200.0.9"))),
+        )));
+        assert!(state.cni_ips.is_empty());
+        // A pod that already has an API address keeps it (the plugin cannot override it).
+        let (a, _rx) = ask("old", [10, 200, 0, 77]);
+        take_ready_asks(&mut vec![(a, Instant::now())], &mut state);
+        let input = state.input(vec![]);
+        assert_eq!(input.pods.iter().find(|p| p.name == "old").unwrap().ips, vec![Ipv4Addr::new(10, 200, 0, 5)]);
+    }
+
+    #[test]
+    fn an_ask_for_a_pod_the_watch_has_not_shown_waits_then_is_refused() {
+        let mut state = listed_with(&[]);
+        let (a, rx) = ask("unseen", [10, 200, 0, 9]);
+        let mut asks = vec![(a, Instant::now())];
+        assert!(take_ready_asks(&mut asks, &mut state).is_empty());
+        assert_eq!(asks.len(), 1, "kept while the watch may still deliver the pod");
+        asks[0].1 = Instant::now() - ASK_WAIT - Duration::from_millis(1);
+        assert!(take_ready_asks(&mut asks, &mut state).is_empty());
+        assert!(asks.is_empty());
+        let refused = rx.try_recv().unwrap().unwrap_err();
+        assert!(refused.contains("default/unseen"), "{refused}");
+    }
+}
