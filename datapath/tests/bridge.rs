@@ -107,8 +107,10 @@ fn both_backends(iptables: &str) {
         "kubeshift -> outside is masqueraded"
     );
 
+    assert!(bridge::present(Some(&t.router.path())).unwrap());
     bridge::remove(Some(&t.router.path())).unwrap();
     bridge::remove(Some(&t.router.path())).unwrap();
+    assert!(!bridge::present(Some(&t.router.path())).unwrap());
     assert_eq!(source_seen(&t.client, &t.server, KS_SERVER), router_side, "removed: the legacy rule applies again");
 }
 

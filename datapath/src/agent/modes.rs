@@ -162,8 +162,8 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
         }
     });
 
-    let mut bridged = false;
     let mut active: Option<Active> = None;
+    let mut bridged = false;
     let mut retry = tokio::time::interval(RETRY);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -176,14 +176,9 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
             _ = sigterm.recv() => break,
         }
         let mut why = Vec::new();
-        if !bridged {
-            match bridge::apply(&bridges(&cfg), cfg.active.policy.as_ref().and_then(|p| p.netns.as_deref())) {
-                Ok(()) => {
-                    tracing::info!(kubeshift = %cfg.overlay.pod_cidr, legacy = ?cfg.legacy, "pod network bridges in place");
-                    bridged = true;
-                }
-                Err(e) => why.push(format!("bridges: {e:#}")),
-            }
+        // Checked on every pass, like the overlay's entries: a flushed ruleset is repaired.
+        if let Err(e) = ensure_bridges(&cfg, &mut bridged) {
+            why.push(format!("bridges: {e:#}"));
         }
         // Until the node has been read once, nothing changes (a restart must not tear
         // down an active node because its label is not known yet).
@@ -230,8 +225,17 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
     Ok(())
 }
 
-fn bridges(cfg: &AutoConfig) -> bridge::Bridges {
-    bridge::Bridges { kubeshift: cfg.overlay.pod_cidr, legacy: cfg.legacy.clone() }
+/// Writes the table on the first pass (a table of an earlier run may name other
+/// networks), and again whenever it has gone.
+fn ensure_bridges(cfg: &AutoConfig, written: &mut bool) -> Result<()> {
+    let netns = cfg.active.policy.as_ref().and_then(|p| p.netns.as_deref());
+    if *written && bridge::present(netns)? {
+        return Ok(());
+    }
+    bridge::apply(&bridge::Bridges { kubeshift: cfg.overlay.pod_cidr, legacy: cfg.legacy.clone() }, netns)?;
+    *written = true;
+    tracing::info!(kubeshift = %cfg.overlay.pod_cidr, legacy = ?cfg.legacy, "pod network bridges in place");
+    Ok(())
 }
 
 /// The overlay device's MTU: pods get the same, so nothing they send is fragmented

@@ -158,6 +158,14 @@ pub fn apply(b: &Bridges, netns: Option<&Path>) -> Result<()> {
         .with_context(|| format!("writing nftables table ip {TABLE} (the pod network bridges) with {prog} {args:?}"))
 }
 
+/// Whether the table is there (someone may have flushed the ruleset by hand).
+pub fn present(netns: Option<&Path>) -> Result<bool> {
+    let (prog, mut args) = nft_in(netns);
+    args.extend(["list".into(), "table".into(), "ip".into(), TABLE.into()]);
+    let out = std::process::Command::new(&prog).args(&args).output().with_context(|| format!("running {prog}"))?;
+    Ok(out.status.success())
+}
+
 /// Deletes the table (absent already: fine).
 pub fn remove(netns: Option<&Path>) -> Result<()> {
     let mut batch = Batch::new();
