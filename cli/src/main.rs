@@ -143,7 +143,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => agent_cmd::run(args, cluster).await,
             Command::Node(args) => node_cmd::run(args).await,
             Command::Migrate(args) => migrate_cmd::run(args, cluster).await,
-            Command::Observe(args) => observe::run(args).await,
+            Command::Observe(args) => observe::run(args, cluster).await,
             Command::Sysdump(args) => sysdump::run(args, cluster).await,
             Command::Install(args) => install_cmd::run(&args),
             Command::Completion(_) | Command::Man(_) => unreachable!("handled before the runtime starts"),

@@ -183,6 +183,21 @@ async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
     .await;
     assert!(!tries.contains("connected"), "a packet of the isolated pod got through:\n{tries}");
     assert!(tries.lines().next().is_some_and(|l| l.starts_with("blocked")), "{tries}");
+    // The drops are in node-1's flows, read the way a user without a route to the
+    // nodes would: `observe` with no --server finds the agents through the apiserver.
+    let locked_ip = ready_ip(&client, "locked").await.1.to_string();
+    let flows = eventually("the locked pod's drops through the API", Duration::from_secs(30), || async {
+        let out = kubeshift()
+            .args(["observe", "--last", "50", "--verdict", "DROPPED", "--from-pod", "default/locked", "-o", "json"])
+            .arg("--kubeconfig")
+            .arg(lab.kubeconfig())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "observe: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok((!text.trim().is_empty()).then_some(text))
+    })
+    .await;
+    assert!(flows.contains(&locked_ip) && flows.contains(&l2_ip.to_string()), "{flows}");
     policies.delete("locked-egress", &Default::default()).await.unwrap();
     eventually("the locked pod connects once the policy is gone", Duration::from_secs(30), || async {
         Ok(std::fs::read_to_string(&log).unwrap_or_default().contains("connected").then_some(()))

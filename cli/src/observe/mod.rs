@@ -17,9 +17,13 @@ use std::io::Write;
 
 #[derive(Args, Debug)]
 pub struct ObserveArgs {
-    /// An agent's metrics address (`kubeshift agent --metrics`). Repeat it for each node.
-    #[arg(long = "server", value_name = "ADDR", default_value = "127.0.0.1:9963")]
+    /// An agent's metrics address (`kubeshift agent --metrics`). Repeat it for each
+    /// node. Without it: every agent pod of the DaemonSet, through the apiserver.
+    #[arg(long = "server", value_name = "ADDR")]
     pub servers: Vec<String>,
+    /// The agents' metrics port, for agents found through the apiserver.
+    #[arg(long, default_value_t = 9963)]
+    pub agent_port: u16,
     /// Show the newest N matching flows (default 20; with --follow, first show N).
     #[arg(long, value_name = "N")]
     pub last: Option<usize>,
@@ -79,7 +83,7 @@ fn instant(f: &Flow) -> i128 {
 }
 
 /// The newest `n` matching flows of all `servers`, oldest first.
-async fn newest(servers: &[String], filter: &Filter, n: usize) -> Result<Vec<Flow>> {
+async fn newest(servers: &[client::Agent], filter: &Filter, n: usize) -> Result<Vec<Flow>> {
     // Unfiltered, each agent's own newest n are enough; filtered, any kept record may be
     // among the newest n that match.
     let ask = filter.is_empty().then_some(n);
@@ -99,12 +103,17 @@ fn print(out: &mut impl Write, format: output::Format, f: &Flow) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(args: ObserveArgs) -> Result<()> {
+pub async fn run(args: ObserveArgs, cluster: &crate::kubeconfig::ClusterArgs) -> Result<()> {
     let format: output::Format = crate::output_format::narrow(args.output, "observe")?;
     let filter = args.filter();
+    let agents: Vec<client::Agent> = if args.servers.is_empty() {
+        client::discover(&cluster.client().await?, args.agent_port).await?
+    } else {
+        args.servers.iter().cloned().map(client::Agent::Addr).collect()
+    };
     let mut out = std::io::stdout().lock();
     if !args.follow {
-        for f in newest(&args.servers, &filter, args.last.unwrap_or(20)).await? {
+        for f in newest(&agents, &filter, args.last.unwrap_or(20)).await? {
             print(&mut out, format, &f)?;
         }
         return Ok(());
@@ -113,25 +122,26 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
     // Subscribe first, then read the history: a flow made in between is in both, and
     // shown once; none falls in a gap.
     let mut streams = Vec::new();
-    for s in &args.servers {
-        streams.push(client::follow(s).await?);
+    for a in &agents {
+        streams.push(client::follow(a).await?);
     }
-    eprintln!("observe: following {} (Ctrl-C to stop)", args.servers.join(", "));
+    let names: Vec<String> = agents.iter().map(|a| a.to_string()).collect();
+    eprintln!("observe: following {} (Ctrl-C to stop)", names.join(", "));
     let mut shown: HashSet<String> = HashSet::new();
     if let Some(n) = args.last {
-        for f in newest(&args.servers, &filter, n).await? {
+        for f in newest(&agents, &filter, n).await? {
             print(&mut out, format, &f)?;
             shown.insert(f.raw);
         }
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Flow>>(1024);
-    for (mut body, server) in streams.into_iter().zip(args.servers.iter().cloned()) {
+    for (mut body, agent) in streams.into_iter().zip(names) {
         let tx = tx.clone();
         tokio::spawn(async move {
             loop {
                 let item = match body.next().await {
                     Ok(Some(f)) => Ok(f),
-                    Ok(None) => Err(anyhow::anyhow!("agent at {server}: the flow stream ended (agent stopped?)")),
+                    Ok(None) => Err(anyhow::anyhow!("{agent}: the flow stream ended (agent stopped?)")),
                     Err(e) => Err(e),
                 };
                 let end = item.is_err();
