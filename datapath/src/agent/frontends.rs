@@ -6,9 +6,10 @@
 //! It follows Services and EndpointSlices through the watches it shares with the service
 //! half (v1, or v1beta1 read as v1 on older servers; the node names in the slices say
 //! which backends are local, which core/v1 Endpoints would too but no supported server
-//! lacks slices), and reads the node's own Node object for its InternalIP. The wanted frontends are computed by the pure `agent::nodeport` and
-//! diffed against what the pinned maps hold, so a restarted agent writes nothing when
-//! nothing changed and removes frontends deleted meanwhile.
+//! lacks slices), and reads the node's own Node object for its InternalIP. The wanted
+//! frontends are computed by the pure `agent::nodeport` and diffed against what the
+//! pinned maps hold, so a restarted agent writes nothing when nothing changed and
+//! removes frontends deleted meanwhile.
 
 use super::flows::FlowMsg;
 use super::nodeport::{

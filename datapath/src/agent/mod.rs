@@ -3,9 +3,9 @@
 //!
 //! Every watch runs in its own task and sends plain data (never API objects) to one
 //! loop that owns the [`Datapath`]; a kind several halves need (Pods, Services,
-//! EndpointSlices) is watched once and converted for each of them. Nothing is written before every watch has listed
-//! once: a restarted agent that wrote a Service before its endpoints arrived would
-//! refuse that Service's traffic for a moment. After that first full reconcile (which
+//! EndpointSlices) is watched once and converted for each of them. Nothing is written
+//! before every watch has listed once: a restarted agent that wrote a Service before its
+//! endpoints arrived would refuse that Service's traffic for a moment. After that first full reconcile (which
 //! also removes services left in the pins by an earlier run), an event marks only its
 //! Service dirty and only that Service's map entries are recomputed and rewritten.
 //!
