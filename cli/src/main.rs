@@ -128,6 +128,10 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_tracing();
+    if matches!(cli.command, Command::Agent(_)) {
+        // Before the runtime's threads exist: the agent is the one long-running process.
+        kubeshift_datapath::agent::memory::tune_allocator();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -18,8 +18,14 @@ use crate::{sys, Error};
 /// Loads `obj` with each of `maps` bound to its pin under `maps_dir`: a pinned map is
 /// reused (so counters, conntrack and programmed state survive a restart or upgrade),
 /// a missing one is created and pinned. Nothing is attached yet; the verifier has run.
+///
+/// Without the kernel's BTF: kubeshift's programs read only UAPI context structs, which
+/// the verifier rewrites, and have no CO-RE relocations to resolve (a test checks the
+/// objects). aya's default parses all of /sys/kernel/btf/vmlinux for every load, tens of
+/// MB of heap three times over at agent start, for nothing.
 pub(crate) fn load_pinned(obj: &[u8], maps_dir: &Path, maps: &[&str]) -> Result<aya::Ebpf, Error> {
     let mut loader = aya::EbpfLoader::new();
+    loader.btf(None);
     for m in maps {
         loader.map_pin_path(m, maps_dir.join(m));
     }
@@ -95,4 +101,61 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T, Error> + Se
         .join()
         .map_err(|_| Error::Invalid(format!("thread in {} panicked", netns.display())))?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The contents of section `name` of a little-endian ELF64 object.
+    fn section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+        let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+        let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let header = |i: usize| shoff + i * shentsize;
+        let names = u64_at(header(shstrndx) + 24);
+        (0..shnum).find_map(|i| {
+            let h = header(i);
+            let start = names + u32_at(h);
+            let end = start + elf[start..].iter().position(|b| *b == 0)?;
+            let (off, size) = (u64_at(h + 24), u64_at(h + 32));
+            (&elf[start..end] == name.as_bytes()).then(|| &elf[off..off + size])
+        })
+    }
+
+    /// CO-RE relocation records in an object's `.BTF.ext` (the part after func and line
+    /// info: a record size, then per program section its name, a count and the records).
+    fn core_relocations(obj: &[u8]) -> usize {
+        let ext = section(obj, ".BTF.ext").expect("a .BTF.ext section (objects are built with -g)");
+        assert_eq!(u16::from_le_bytes([ext[0], ext[1]]), 0xeb9f, "BTF magic");
+        let u32_at = |o: usize| u32::from_le_bytes(ext[o..o + 4].try_into().unwrap()) as usize;
+        let header_len = u32_at(4);
+        if header_len < 32 {
+            return 0;
+        }
+        let (start, len) = (header_len + u32_at(24), u32_at(28));
+        if len == 0 {
+            return 0;
+        }
+        let record = u32_at(start);
+        let (mut at, mut n) = (start + 4, 0);
+        while at < start + len {
+            let count = u32_at(at + 4);
+            n += count;
+            at += 8 + count * record;
+        }
+        n
+    }
+
+    #[test]
+    fn objects_load_without_the_kernels_btf() {
+        let objects =
+            [("sock_lb", crate::SOCK_LB_OBJ), ("policy", crate::POLICY_OBJ), ("nodeport", crate::NODEPORT_OBJ)];
+        for (name, obj) in objects {
+            assert_eq!(
+                core_relocations(obj),
+                0,
+                "{name}.o has CO-RE relocations: load_pinned must pass the kernel's BTF"
+            );
+        }
+    }
 }

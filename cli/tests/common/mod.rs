@@ -305,12 +305,32 @@ pub async fn take_kube_proxy_off(lab: &Lab, client: &Client, node: &str) {
     })
     .await;
     for table in ["nat", "filter"] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &lab.node_netns(node), "iptables", "-t", table, "-F", "KUBE-SERVICES"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "flush {table}: {}", String::from_utf8_lossy(&out.stderr));
+        flush_chain(&lab.node_netns(node), "iptables", table, "KUBE-SERVICES");
     }
+}
+
+/// Empties `chain` of `table` in `netns` with `iptables` (a tool name, e.g. `iptables` or
+/// `iptables-legacy`; its `-save` is used to check). A chain that is not there counts as
+/// empty: kube-proxy creates KUBE-SERVICES on its first sync, and one stopped before that
+/// (a rollout a moment after `lab up`, which only waits for the pods to be Ready) never
+/// made it. That is how the bench's switch to the legacy backend could fail with
+/// "iptables: No chain/target/match by that name". Any other failure (the chain is
+/// still there after a failed flush) fails the test.
+pub fn flush_chain(netns: &str, iptables: &str, table: &str, chain: &str) {
+    let out =
+        Command::new("ip").args(["netns", "exec", netns, iptables, "-w", "-t", table, "-F", chain]).output().unwrap();
+    if out.status.success() {
+        return;
+    }
+    let save =
+        Command::new("ip").args(["netns", "exec", netns, &format!("{iptables}-save"), "-t", table]).output().unwrap();
+    assert!(save.status.success(), "{iptables}-save -t {table}: {}", String::from_utf8_lossy(&save.stderr));
+    let declared = format!(":{chain} ");
+    assert!(
+        !String::from_utf8_lossy(&save.stdout).lines().any(|l| l.starts_with(&declared)),
+        "flush {table} {chain} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts `kubeshift agent` for `node` of the lab (socket LB on the node's cgroup,

@@ -3,23 +3,24 @@
 //! the API asks this node to serve (what kube-proxy's KUBE-NODEPORTS and
 //! KUBE-EXT-* rules do).
 //!
-//! It watches Services and EndpointSlices (v1, or v1beta1 read as v1 on older servers;
-//! the node names in the slices say which backends are local, which core/v1 Endpoints
-//! would too but no supported server lacks slices) and the node's own Node object for
-//! its InternalIP. The wanted frontends are computed by the pure `agent::nodeport` and
-//! diffed against what the pinned maps hold, so a restarted agent writes nothing when
-//! nothing changed and removes frontends deleted meanwhile.
+//! It follows Services and EndpointSlices through the watches it shares with the service
+//! half (v1, or v1beta1 read as v1 on older servers; the node names in the slices say
+//! which backends are local, which core/v1 Endpoints would too but no supported server
+//! lacks slices), and reads the node's own Node object for its InternalIP. The wanted
+//! frontends are computed by the pure `agent::nodeport` and diffed against what the
+//! pinned maps hold, so a restarted agent writes nothing when nothing changed and
+//! removes frontends deleted meanwhile.
 
 use super::flows::FlowMsg;
 use super::nodeport::{
     desired_all, diff_frontends, node_info, np_endpoints, np_service, NpEndpointSet, NpServiceSpec, NpWanted,
 };
-use super::{desired::ObjKey, pump, Change, EndpointsApi, Metrics};
+use super::{desired::ObjKey, Change, EndpointsApi, Metrics};
 use crate::nodeport::NodePortDatapath;
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::Api;
 use kube::Client;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,13 +46,22 @@ pub(super) enum NpMsg {
     Slice(Change<Option<(ObjKey, NpEndpointSet)>>),
 }
 
+impl NpMsg {
+    fn is_relist(&self) -> bool {
+        match self {
+            NpMsg::Service(c) => c.is_relist(),
+            NpMsg::Slice(c) => c.is_relist(),
+        }
+    }
+}
+
 /// The Service a slice belongs to, with the slice reduced to what NodePort needs.
-fn slice(s: &EndpointSlice) -> Option<(ObjKey, NpEndpointSet)> {
+pub(super) fn slice(s: &EndpointSlice) -> Option<(ObjKey, NpEndpointSet)> {
     let svc = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?;
     Some((ObjKey::new(s.metadata.namespace.as_deref().unwrap_or("default"), svc), np_endpoints(s)?))
 }
 
-fn service(s: &Service) -> Option<NpServiceSpec> {
+pub(super) fn service(s: &Service) -> Option<NpServiceSpec> {
     let (spec, warnings) = np_service(s);
     for w in warnings {
         tracing::warn!("{w}");
@@ -61,29 +71,28 @@ fn service(s: &Service) -> Option<NpServiceSpec> {
 
 #[derive(Default)]
 struct State {
-    services: HashMap<ObjKey, Option<NpServiceSpec>>,
-    slices: HashMap<ObjKey, Option<(ObjKey, NpEndpointSet)>>,
+    /// Only Services with a NodePort or external frontend (ClusterIP-only ones are most).
+    services: HashMap<ObjKey, NpServiceSpec>,
+    /// Every slice: a Service may turn into a NodePort one without its slices changing.
+    slices: HashMap<ObjKey, (ObjKey, NpEndpointSet)>,
     listed: [bool; 2],
 }
 
 impl State {
     fn apply(&mut self, m: NpMsg) {
         match m {
-            NpMsg::Service(c) => c.apply_to(&mut self.services, &mut self.listed[0]),
-            NpMsg::Slice(c) => c.apply_to(&mut self.slices, &mut self.listed[1]),
+            NpMsg::Service(c) => c.apply_some_to(&mut self.services, &mut self.listed[0]),
+            NpMsg::Slice(c) => c.apply_some_to(&mut self.slices, &mut self.listed[1]),
         }
     }
 
     fn wanted(&self, node: &super::nodeport::NodeInfo) -> NpWanted {
         let mut by_service: HashMap<&ObjKey, Vec<&NpEndpointSet>> = HashMap::new();
-        for (svc, set) in self.slices.values().flatten() {
+        for (svc, set) in self.slices.values() {
             by_service.entry(svc).or_default().push(set);
         }
-        let services: Vec<(NpServiceSpec, Vec<&NpEndpointSet>)> = self
-            .services
-            .iter()
-            .filter_map(|(k, s)| Some((s.clone()?, by_service.get(k).cloned().unwrap_or_default())))
-            .collect();
+        let services: Vec<(NpServiceSpec, Vec<&NpEndpointSet>)> =
+            self.services.iter().map(|(k, s)| (s.clone(), by_service.get(k).cloned().unwrap_or_default())).collect();
         let (wanted, conflicts) = desired_all(node, &services);
         for c in conflicts {
             tracing::warn!("{c}");
@@ -98,6 +107,7 @@ pub(super) async fn run(
     ep_api: EndpointsApi,
     metrics: Arc<Metrics>,
     flow_tx: mpsc::UnboundedSender<FlowMsg>,
+    mut rx: mpsc::UnboundedReceiver<NpMsg>,
 ) -> Result<()> {
     let node_obj =
         Api::<Node>::all(client.clone()).get(&cfg.node).await.with_context(|| format!("reading Node {}", cfg.node))?;
@@ -119,48 +129,22 @@ pub(super) async fn run(
     }
     let mut flow_fd = super::register_ring(dp.flows_fd(), "NodePort");
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(pump(Api::<Service>::all(client.clone()), service, NpMsg::Service, tx.clone(), metrics.clone()));
-    match ep_api {
-        EndpointsApi::SliceV1 => {
-            tasks.spawn(pump(
-                Api::<EndpointSlice>::all(client.clone()),
-                slice,
-                NpMsg::Slice,
-                tx.clone(),
-                metrics.clone(),
-            ));
-        }
-        EndpointsApi::SliceV1beta1 => {
-            let ar = ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
-                "endpointslices",
-            );
-            let convert = |o: &DynamicObject| super::source::v1beta1_as_v1(o).as_ref().and_then(slice);
-            tasks.spawn(pump(
-                Api::<DynamicObject>::all_with(client.clone(), &ar),
-                convert,
-                NpMsg::Slice,
-                tx.clone(),
-                metrics.clone(),
-            ));
-        }
-        EndpointsApi::CoreEndpoints => anyhow::bail!(
-            "NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none"
-        ),
+    if ep_api == EndpointsApi::CoreEndpoints {
+        anyhow::bail!("NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none");
     }
-    drop(tx);
-
     let mut state = State::default();
     let mut dirty = false;
+    // As in the service half: after a relist is written, its freed pages go back.
+    let mut relisted = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else { anyhow::bail!("the NodePort watches ended") };
+                relisted |= m.is_relist();
                 state.apply(m);
                 while let Ok(m) = rx.try_recv() {
+                    relisted |= m.is_relist();
                     state.apply(m);
                 }
                 dirty = true;
@@ -203,6 +187,9 @@ pub(super) async fn run(
         } else {
             dirty = false;
             metrics.nodeport_synced.store(1, Relaxed);
+            if std::mem::take(&mut relisted) {
+                super::memory::release_freed();
+            }
         }
     }
 }

@@ -2,9 +2,10 @@
 //! the node's socket load balancer maps equal to what they say, and serves metrics.
 //!
 //! Every watch runs in its own task and sends plain data (never API objects) to one
-//! loop that owns the [`Datapath`]. Nothing is written before every watch has listed
-//! once: a restarted agent that wrote a Service before its endpoints arrived would
-//! refuse that Service's traffic for a moment. After that first full reconcile (which
+//! loop that owns the [`Datapath`]; a kind several halves need (Pods, Services,
+//! EndpointSlices) is watched once and converted for each of them. Nothing is written
+//! before every watch has listed once: a restarted agent that wrote a Service before its
+//! endpoints arrived would refuse that Service's traffic for a moment. After that first full reconcile (which
 //! also removes services left in the pins by an earlier run), an event marks only its
 //! Service dirty and only that Service's map entries are recomputed and rewritten.
 //!
@@ -15,6 +16,7 @@
 pub mod desired;
 pub mod flows;
 pub mod frontends;
+pub mod memory;
 pub mod metrics;
 pub mod modes;
 pub mod nodeport;
@@ -23,7 +25,7 @@ pub mod pods;
 pub mod policy;
 pub mod source;
 
-use crate::{Datapath, DatapathConfig, ServiceKey};
+use crate::{Affinity, Backend, Datapath, DatapathConfig, ServiceKey};
 use anyhow::{Context, Result};
 use desired::{desired_for_service, diff, ObjKey, Plan, ServiceSpec, Wanted};
 use flows::FlowMsg;
@@ -123,13 +125,133 @@ enum Msg {
     Endpoints(Change<Option<EndpointsOf>>),
 }
 
+impl<T> Change<T> {
+    fn is_relist(&self) -> bool {
+        matches!(self, Change::Relist(_))
+    }
+}
+
+impl<T> Change<Option<T>> {
+    /// [`Change::apply_to`] for a mirror that keeps only the objects its consumer serves:
+    /// one that converted to None (most Services, for the NodePort half) is not kept,
+    /// rather than kept as a key with nothing.
+    fn apply_some_to(self, map: &mut HashMap<ObjKey, T>, listed: &mut bool) {
+        match self {
+            Change::Apply(k, Some(v)) => {
+                map.insert(k, v);
+            }
+            Change::Apply(k, None) | Change::Delete(k) => {
+                map.remove(&k);
+            }
+            Change::Relist(all) => {
+                *map = all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+                *listed = true;
+            }
+        }
+    }
+}
+
+impl Msg {
+    fn is_relist(&self) -> bool {
+        match self {
+            Msg::Service(c) => c.is_relist(),
+            Msg::Endpoints(c) => c.is_relist(),
+        }
+    }
+}
+
 fn obj_key<K: Resource>(o: &K) -> ObjKey {
     let m = o.meta();
     ObjKey::new(m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
 }
 
-/// Runs one watch forever, converting each object to plain data. Watch errors are
-/// retried with kube-runtime's backoff; they are logged and counted, never fatal.
+/// One consumer of a watch: how it converts an object to its plain data, how that is
+/// wrapped into its loop's message, its channel, and the plain data of a (re)list in
+/// progress.
+struct Tap<K, T, M> {
+    convert: Box<dyn Fn(&K) -> T + Send>,
+    wrap: fn(Change<T>) -> M,
+    tx: mpsc::UnboundedSender<M>,
+    buffer: HashMap<ObjKey, T>,
+}
+
+/// A [`Tap`] with its plain-data type erased, so one watch can feed consumers that keep
+/// different data (the service half's `ServiceSpec`, the NodePort half's frontends …).
+trait Sink<K>: Send {
+    /// False once the consumer's loop is gone (it stopped, or never started).
+    fn event(&mut self, ev: &watcher::Event<K>) -> bool;
+}
+
+impl<K: Resource, T: Send, M: Send> Sink<K> for Tap<K, T, M> {
+    fn event(&mut self, ev: &watcher::Event<K>) -> bool {
+        let msg = match ev {
+            watcher::Event::Apply(o) => Change::Apply(obj_key(o), (self.convert)(o)),
+            watcher::Event::Delete(o) => Change::Delete(obj_key(o)),
+            watcher::Event::Init => {
+                self.buffer.clear();
+                return true;
+            }
+            watcher::Event::InitApply(o) => {
+                self.buffer.insert(obj_key(o), (self.convert)(o));
+                return true;
+            }
+            watcher::Event::InitDone => Change::Relist(std::mem::take(&mut self.buffer)),
+        };
+        self.tx.send((self.wrap)(msg)).is_ok()
+    }
+}
+
+fn tap<K, T, M>(
+    convert: impl Fn(&K) -> T + Send + 'static,
+    wrap: fn(Change<T>) -> M,
+    tx: mpsc::UnboundedSender<M>,
+) -> Box<dyn Sink<K>>
+where
+    K: Resource + 'static,
+    T: Send + 'static,
+    M: Send + 'static,
+{
+    Box::new(Tap { convert: Box::new(convert), wrap, tx, buffer: HashMap::new() })
+}
+
+/// Objects per list request of a (re)list. kube-runtime holds a whole page of decoded
+/// objects while it hands them out one by one, and the plain data made from them is
+/// allocated in between; once the page is freed, its memory is spread over pages that
+/// still hold plain data and cannot be given back. Its default of 500 (three watches at
+/// once, Pods and slices several KB decoded each) left ~10 MB so at 10,000 Services.
+/// 100 costs 100 list requests for 10,000 objects at start, each a small read.
+const LIST_PAGE: u32 = 100;
+
+/// Runs one watch forever, converting each object to plain data for every consumer as
+/// soon as it arrives and dropping the object: only the consumers' plain data outlives an
+/// event. Several halves that need the same kind share one watch, so each object is
+/// received and decoded once (a full API object is many times its plain data, and a
+/// relist decodes all of them). Watch errors are retried with kube-runtime's backoff;
+/// they are logged and counted, never fatal. Ends when every consumer is gone.
+async fn pump_to<K>(api: Api<K>, mut sinks: Vec<Box<dyn Sink<K>>>, metrics: Arc<Metrics>)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let config = watcher::Config::default().page_size(LIST_PAGE);
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(ev) => {
+                sinks.retain_mut(|s| s.event(&ev));
+                if sinks.is_empty() {
+                    return;
+                }
+            }
+            Err(e) => {
+                metrics.watch_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!("watch: {e}");
+            }
+        }
+    }
+}
+
+/// A watch with one consumer.
 async fn pump<K, T, M>(
     api: Api<K>,
     convert: impl Fn(&K) -> T + Send + 'static,
@@ -141,32 +263,7 @@ async fn pump<K, T, M>(
     T: Send + 'static,
     M: Send + 'static,
 {
-    use kube::runtime::WatchStreamExt;
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    let mut buffer: HashMap<ObjKey, T> = HashMap::new();
-    while let Some(ev) = stream.next().await {
-        let msg = match ev {
-            Ok(watcher::Event::Apply(o)) => Change::Apply(obj_key(&o), convert(&o)),
-            Ok(watcher::Event::Delete(o)) => Change::Delete(obj_key(&o)),
-            Ok(watcher::Event::Init) => {
-                buffer.clear();
-                continue;
-            }
-            Ok(watcher::Event::InitApply(o)) => {
-                buffer.insert(obj_key(&o), convert(&o));
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => Change::Relist(std::mem::take(&mut buffer)),
-            Err(e) => {
-                metrics.watch_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!("watch: {e}");
-                continue;
-            }
-        };
-        if tx.send(wrap(msg)).is_err() {
-            return;
-        }
-    }
+    pump_to(api, vec![tap(convert, wrap, tx)], metrics).await
 }
 
 /// The API's view, kept as plain data, and what was written for each Service.
@@ -174,13 +271,32 @@ async fn pump<K, T, M>(
 struct State {
     services: HashMap<ObjKey, ServiceSpec>,
     endpoints: HashMap<ObjKey, EndpointsOf>,
-    /// Service → the endpoint objects that name it.
-    endpoints_of: HashMap<ObjKey, BTreeSet<ObjKey>>,
+    /// Service → the endpoint objects that name it. A Vec, not a set: a Service has one
+    /// slice or a few, and an ordered set's node is ~500 bytes even for one (×10,000).
+    endpoints_of: HashMap<ObjKey, Vec<ObjKey>>,
     services_listed: bool,
     endpoints_listed: bool,
-    programmed: HashMap<ObjKey, Wanted>,
+    programmed: HashMap<ObjKey, Written>,
     /// Service port → its Service, to name the Service of a flow event.
     by_vip: HashMap<ServiceKey, ObjKey>,
+}
+
+/// What was written for one Service, stored compactly: a `Wanted` (BTreeMap) allocates
+/// a node of 11 slots, ~550 bytes, for the usual one or two entries, per Service.
+#[derive(Debug, Default)]
+struct Written(Box<[WrittenEntry]>);
+
+/// One entry of a [`Wanted`], as its iterator yields it.
+type WrittenEntry = (ServiceKey, (Vec<Backend>, Affinity));
+
+impl Written {
+    fn of(w: Wanted) -> Written {
+        Written(w.into_iter().collect())
+    }
+
+    fn wanted(&self) -> Wanted {
+        self.0.iter().cloned().collect()
+    }
 }
 
 fn service_keys(spec: &ServiceSpec) -> impl Iterator<Item = ServiceKey> + '_ {
@@ -234,7 +350,7 @@ impl State {
         }
         if let Some(o) = old {
             if let Some(set) = self.endpoints_of.get_mut(&o.service) {
-                set.remove(&k);
+                set.retain(|e| *e != k);
                 if set.is_empty() {
                     self.endpoints_of.remove(&o.service);
                 }
@@ -242,7 +358,12 @@ impl State {
             dirty.insert(o.service);
         }
         if let Some(n) = v {
-            self.endpoints_of.entry(n.service.clone()).or_default().insert(k);
+            let of = self.endpoints_of.entry(n.service.clone()).or_default();
+            if !of.contains(&k) {
+                // Room for exactly this one: a first push would reserve four.
+                of.reserve_exact(1);
+                of.push(k);
+            }
             dirty.insert(n.service);
         }
     }
@@ -430,51 +551,52 @@ pub async fn run_with(
     // labels are only in the Pod (an EndpointSlice's targetRef names it without them).
     let (flow_tx, flow_rx) = mpsc::unbounded_channel();
     tasks.spawn(flows::run(cfg.node.clone(), cfg.datapath.cgroup.clone(), flow_rx, metrics.flows.clone()));
-    tasks.spawn(pump(Api::<Pod>::all(client.clone()), pods::pod_info, FlowMsg::Pods, flow_tx.clone(), metrics.clone()));
+    let mut pod_sinks = vec![tap(pods::pod_info, FlowMsg::Pods, flow_tx.clone())];
+    let mut service_sinks = vec![tap(|s: &Service| source::service(s), Msg::Service, tx.clone())];
     if let Some(pc) = cfg.policy.clone() {
+        let (policy_tx, policy_rx) = mpsc::unbounded_channel();
+        pod_sinks.push(tap(policy::pod_rec, policy::PolicyMsg::Pod, policy_tx.clone()));
         let (client, metrics, flow_tx) = (client.clone(), metrics.clone(), flow_tx.clone());
         tasks.spawn(async move {
             // The service half keeps serving if the policy half cannot start (e.g. a
             // pinned map of another layout); the log and `_policy_synced 0` say so.
-            if let Err(e) = policy::run(client, pc, metrics, flow_tx, attach).await {
+            if let Err(e) = policy::run(client, pc, metrics, flow_tx, policy_tx, policy_rx, attach).await {
                 tracing::error!("NetworkPolicy enforcement stopped: {e:#}");
             }
         });
     }
+    let mut nodeport_tx = None;
     if let Some(nc) = cfg.nodeport.clone() {
+        let (np_tx, np_rx) = mpsc::unbounded_channel();
+        service_sinks.push(tap(frontends::service, frontends::NpMsg::Service, np_tx.clone()));
+        nodeport_tx = Some(np_tx);
         let (client, metrics, flow_tx) = (client.clone(), metrics.clone(), flow_tx.clone());
         tasks.spawn(async move {
-            if let Err(e) = frontends::run(client, nc, ep_api, metrics, flow_tx).await {
+            if let Err(e) = frontends::run(client, nc, ep_api, metrics, flow_tx, np_rx).await {
                 tracing::error!("NodePort frontends stopped: {e:#}");
             }
         });
     }
-    tasks.spawn(pump(
-        Api::<Service>::all(client.clone()),
-        |s: &Service| source::service(s),
-        Msg::Service,
-        tx.clone(),
-        metrics.clone(),
-    ));
+    tasks.spawn(pump_to(Api::<Pod>::all(client.clone()), pod_sinks, metrics.clone()));
+    tasks.spawn(pump_to(Api::<Service>::all(client.clone()), service_sinks, metrics.clone()));
     match ep_api {
         EndpointsApi::SliceV1 => {
-            tasks.spawn(pump(
-                Api::<EndpointSlice>::all(client.clone()),
-                source::slice_v1,
-                Msg::Endpoints,
-                tx.clone(),
-                metrics.clone(),
-            ));
+            let mut sinks = vec![tap(source::slice_v1, Msg::Endpoints, tx.clone())];
+            sinks.extend(nodeport_tx.map(|np| tap(frontends::slice, frontends::NpMsg::Slice, np)));
+            tasks.spawn(pump_to(Api::<EndpointSlice>::all(client.clone()), sinks, metrics.clone()));
         }
         EndpointsApi::SliceV1beta1 => {
             let ar = ApiResource::from_gvk_with_plural(
                 &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
                 "endpointslices",
             );
-            let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-            tasks.spawn(pump(api, source::slice_v1beta1, Msg::Endpoints, tx.clone(), metrics.clone()));
+            let mut sinks = vec![tap(source::slice_v1beta1, Msg::Endpoints, tx.clone())];
+            let np_slice = |o: &DynamicObject| source::v1beta1_as_v1(o).as_ref().and_then(frontends::slice);
+            sinks.extend(nodeport_tx.map(|np| tap(np_slice, frontends::NpMsg::Slice, np)));
+            tasks.spawn(pump_to(Api::<DynamicObject>::all_with(client.clone(), &ar), sinks, metrics.clone()));
         }
         EndpointsApi::CoreEndpoints => {
+            // The NodePort half needs slices (node names of endpoints) and stops on its own.
             #[allow(deprecated)]
             let api = Api::<k8s_openapi::api::core::v1::Endpoints>::all(client.clone());
             #[allow(deprecated)]
@@ -492,6 +614,9 @@ pub async fn run_with(
     let mut state = State::default();
     let mut dirty: BTreeSet<ObjKey> = BTreeSet::new();
     let mut reconciled = false;
+    // A relist was applied and its decoded objects are freed: give the pages back once
+    // the maps are written.
+    let mut relisted = false;
     // Failed writes are retried on this tick rather than waiting for the next event.
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -501,9 +626,11 @@ pub async fn run_with(
             m = rx.recv() => {
                 let Some(m) = m else { anyhow::bail!("all watches ended") };
                 started = Instant::now();
+                relisted |= m.is_relist();
                 state.apply(m, &mut dirty);
                 // Take whatever else is queued: one pass for a burst of events.
                 while let Ok(m) = rx.try_recv() {
+                    relisted |= m.is_relist();
                     state.apply(m, &mut dirty);
                 }
             }
@@ -544,7 +671,7 @@ pub async fn run_with(
             for svc in state.services.keys() {
                 let w = state.wanted(svc);
                 wanted.extend(w.iter().map(|(k, v)| (*k, v.clone())));
-                state.programmed.insert(svc.clone(), w);
+                state.programmed.insert(svc.clone(), Written::of(w));
             }
             let plan = diff(&programmed_now(&dp), &wanted);
             tracing::info!(
@@ -565,7 +692,7 @@ pub async fn run_with(
         } else {
             for svc in std::mem::take(&mut dirty) {
                 let wanted = state.wanted(&svc);
-                let current = state.programmed.remove(&svc).unwrap_or_default();
+                let current = state.programmed.remove(&svc).map(|w| w.wanted()).unwrap_or_default();
                 let plan = diff(&current, &wanted);
                 let f = execute(&mut dp, &plan, &metrics);
                 if f > 0 {
@@ -576,9 +703,9 @@ pub async fn run_with(
                     let now = programmed_now(&dp);
                     let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
                     let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
-                    state.programmed.insert(svc, actual);
+                    state.programmed.insert(svc, Written::of(actual));
                 } else if !wanted.is_empty() {
-                    state.programmed.insert(svc, wanted);
+                    state.programmed.insert(svc, Written::of(wanted));
                 }
             }
         }
@@ -588,6 +715,10 @@ pub async fn run_with(
         metrics.syncs.fetch_add(1, Relaxed);
         metrics.last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
         update_gauges(&dp, &metrics);
+        if relisted && reconciled {
+            memory::release_freed();
+            relisted = false;
+        }
     }
     tracing::info!("stopping; the datapath stays attached and pinned");
     tasks.abort_all();
@@ -631,7 +762,7 @@ mod tests {
         assert!(st.services_listed && st.endpoints_listed);
         for k in st.services.keys() {
             let w = st.wanted(k);
-            st.programmed.insert(k.clone(), w);
+            st.programmed.insert(k.clone(), Written::of(w));
         }
         dirty.clear();
 
@@ -642,7 +773,7 @@ mod tests {
         let s7 = ObjKey::new("ns", "s7");
         st.apply(Msg::Endpoints(Change::Apply(ObjKey::new("ns", "s7-x"), Some(eps("s7", "10.244.0.2")))), &mut dirty);
         assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![&s7]);
-        let plan = diff(&st.programmed[&s7], &st.wanted(&s7));
+        let plan = diff(&st.programmed[&s7].wanted(), &st.wanted(&s7));
         assert_eq!(plan.upserts.len(), 1);
         assert!(plan.removes.is_empty());
 
@@ -652,6 +783,6 @@ mod tests {
         assert_eq!(dirty.len(), 2);
         st.apply(Msg::Service(Change::Delete(s7.clone())), &mut dirty);
         assert!(st.wanted(&s7).is_empty());
-        assert_eq!(diff(&st.programmed[&s7], &st.wanted(&s7)).removes.len(), 1);
+        assert_eq!(diff(&st.programmed[&s7].wanted(), &st.wanted(&s7)).removes.len(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! The policy half of `kubeshift agent`: watches Pods, Namespaces and NetworkPolicies,
+//! The policy half of `kubeshift agent`: follows Pods (the agent's one Pod watch, shared
+//! with the flows task), Namespaces and NetworkPolicies,
 //! compiles them into identities, ipcache and policy entries for this node, writes the
 //! difference into the pinned policy maps, and attaches the tc programs to the
 //! host-side interface of every pod on this node.
@@ -62,6 +63,16 @@ pub(super) enum PolicyMsg {
     Policy(Change<PolicyRead>),
 }
 
+impl PolicyMsg {
+    fn is_relist(&self) -> bool {
+        match self {
+            PolicyMsg::Pod(c) => c.is_relist(),
+            PolicyMsg::Namespace(c) => c.is_relist(),
+            PolicyMsg::Policy(c) => c.is_relist(),
+        }
+    }
+}
+
 /// A NetworkPolicy as this agent could read it. One it cannot read is enforced as
 /// deny-all for the pods it selects (`source::deny_all_fallback`: failing closed), or left
 /// out when not even its pod selector is readable; either way `error` says why.
@@ -78,7 +89,7 @@ fn policy_read(p: &net::NetworkPolicy) -> PolicyRead {
     }
 }
 
-fn pod_rec(p: &Pod) -> PodRec {
+pub(super) fn pod_rec(p: &Pod) -> PodRec {
     PodRec {
         uid: p.metadata.uid.clone().unwrap_or_default(),
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
@@ -223,12 +234,16 @@ async fn next_ask(rx: &mut Option<mpsc::UnboundedReceiver<AttachAsk>>) -> Option
     }
 }
 
-/// Starts the three watches and runs the policy loop until the agent stops.
+/// Starts the Namespace and NetworkPolicy watches and runs the policy loop until the
+/// agent stops. Pods arrive on `rx` from the agent's one Pod watch (shared with the flows
+/// task); `tx` is the sender the other two watches use. `attach`: the CNI plugin's asks.
 pub(super) async fn run(
     client: Client,
     cfg: PolicyConfig,
     metrics: Arc<Metrics>,
     flow_tx: mpsc::UnboundedSender<FlowMsg>,
+    tx: mpsc::UnboundedSender<PolicyMsg>,
+    mut rx: mpsc::UnboundedReceiver<PolicyMsg>,
     mut attach: Option<mpsc::UnboundedReceiver<AttachAsk>>,
 ) -> Result<()> {
     let mut dp = PolicyDatapath::load(&cfg.pin_dir)
@@ -243,9 +258,7 @@ pub(super) async fn run(
     }
     let mut flow_fd = super::register_ring(dp.flows_fd(), "policy");
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(pump(Api::<Pod>::all(client.clone()), pod_rec, PolicyMsg::Pod, tx.clone(), metrics.clone()));
     tasks.spawn(pump(
         Api::<Namespace>::all(client.clone()),
         source::namespace,
@@ -266,13 +279,17 @@ pub(super) async fn run(
     let mut attachments = Attachments::default();
     let mut asks: Vec<(AttachAsk, Instant)> = Vec::new();
     let mut dirty = false;
+    // As in the service half: after a relist is compiled, its freed pages go back.
+    let mut relisted = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else { anyhow::bail!("the policy watches ended") };
+                relisted |= m.is_relist();
                 state.apply(m);
                 while let Ok(m) = rx.try_recv() {
+                    relisted |= m.is_relist();
                     state.apply(m);
                 }
                 dirty = true;
@@ -305,7 +322,12 @@ pub(super) async fn run(
         if dirty {
             let started = Instant::now();
             match sync(&mut dp, &mut compiler, &state, &cfg, &metrics) {
-                Ok(()) => dirty = false,
+                Ok(()) => {
+                    dirty = false;
+                    if std::mem::take(&mut relisted) {
+                        super::memory::release_freed();
+                    }
+                }
                 Err(e) => {
                     // Retried on the next tick with the then-current state.
                     metrics.sync_errors.fetch_add(1, Relaxed);
