@@ -131,6 +131,7 @@ pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
                     socket: args.cni_socket.clone(),
                     data_dir: args.cni_data_dir.clone(),
                 },
+                netns: args.netns.clone(),
             };
             modes::run(cluster.client().await?, cfg).await
         }

@@ -73,6 +73,8 @@ pub struct AutoConfig {
     /// The legacy pod networks, bridged to kubeshift's without masquerade.
     pub legacy: Vec<Cidr>,
     pub cni: CniConfig,
+    /// The node's network namespace (None: the agent's own), whatever halves are on.
+    pub netns: Option<PathBuf>,
 }
 
 /// The conflist of an active node: kubeshift's plugin on the node's range, then
@@ -228,7 +230,7 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
 /// Writes the table on the first pass (a table of an earlier run may name other
 /// networks), and again whenever it has gone.
 fn ensure_bridges(cfg: &AutoConfig, written: &mut bool) -> Result<()> {
-    let netns = cfg.active.policy.as_ref().and_then(|p| p.netns.as_deref());
+    let netns = cfg.netns.as_deref();
     if *written && bridge::present(netns)? {
         return Ok(());
     }
@@ -241,11 +243,8 @@ fn ensure_bridges(cfg: &AutoConfig, written: &mut bool) -> Result<()> {
 /// The overlay device's MTU: pods get the same, so nothing they send is fragmented
 /// or dropped on the way to another node.
 fn device_mtu(cfg: &AutoConfig) -> Result<u32> {
-    let links = super::podnet::ip_json(
-        cfg.active.policy.as_ref().and_then(|p| p.netns.as_deref()),
-        &["link", "show", &cfg.overlay.device],
-    )
-    .with_context(|| format!("the overlay device {} is not there yet", cfg.overlay.device))?;
+    let links = super::podnet::ip_json(cfg.netns.as_deref(), &["link", "show", &cfg.overlay.device])
+        .with_context(|| format!("the overlay device {} is not there yet", cfg.overlay.device))?;
     links
         .get(0)
         .and_then(|l| l.get("mtu"))
