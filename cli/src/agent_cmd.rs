@@ -100,6 +100,10 @@ pub struct AgentArgs {
     /// Where the CNI plugin records this node's address allocations (auto).
     #[arg(long, default_value = "/var/lib/cni/kubeshift")]
     pub cni_data_dir: PathBuf,
+    /// Where the migration's node-local steps keep the node's snapshot and the legacy CNI
+    /// conf files they moved aside (auto).
+    #[arg(long, default_value = "/var/lib/kubeshift")]
+    pub state_dir: PathBuf,
 }
 
 pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
@@ -133,7 +137,19 @@ pub async fn run(args: AgentArgs, cluster: &ClusterArgs) -> Result<()> {
                 },
                 netns: args.netns.clone(),
             };
-            modes::run(cluster.client().await?, cfg).await
+            let client = cluster.client().await?;
+            // The node-local steps of this node's migration (snapshot, cleanups) run
+            // beside the datapath, on the same node, whatever the mode.
+            tokio::spawn(kubeshift_node_migrator::local::run(
+                client.clone(),
+                kubeshift_node_migrator::local::LocalConfig {
+                    node: args.node.clone(),
+                    netns: args.netns.clone().unwrap_or_else(|| "/proc/self/ns/net".into()),
+                    state_dir: args.state_dir.clone(),
+                    cni_conf_dir: args.cni_conf_dir.clone(),
+                },
+            ));
+            modes::run(client, cfg).await
         }
     }
 }

@@ -148,6 +148,8 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
         "/run/kubeshift/cni.sock",
         "--cni-data-dir",
         "/var/lib/cni/kubeshift",
+        "--state-dir",
+        "/var/lib/kubeshift",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -204,6 +206,7 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
                             {"name": "run-kubeshift", "mountPath": "/run/kubeshift"},
                             {"name": "cni-data", "mountPath": "/var/lib/cni/kubeshift"},
                             {"name": "cgroup", "mountPath": "/sys/fs/cgroup"},
+                            {"name": "state", "mountPath": "/var/lib/kubeshift"},
                         ],
                     }],
                     "volumes": [
@@ -213,6 +216,7 @@ pub fn render(a: &ManifestArgs) -> Result<String> {
                         {"name": "run-kubeshift", "hostPath": {"path": "/run/kubeshift", "type": "DirectoryOrCreate"}},
                         {"name": "cni-data", "hostPath": {"path": "/var/lib/cni/kubeshift", "type": "DirectoryOrCreate"}},
                         {"name": "cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
+                        {"name": "state", "hostPath": {"path": "/var/lib/kubeshift", "type": "DirectoryOrCreate"}},
                     ],
                 },
             },

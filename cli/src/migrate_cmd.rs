@@ -120,6 +120,9 @@ pub struct ApplyArgs {
     /// Write every gate's result as JUnit XML here.
     #[arg(long)]
     pub junit: Option<PathBuf>,
+    /// The agent's image (prepare installs its DaemonSet).
+    #[arg(long, default_value = crate::install_cmd::DEFAULT_IMAGE)]
+    pub image: String,
 }
 
 #[derive(Args)]

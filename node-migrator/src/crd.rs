@@ -58,6 +58,15 @@ pub struct NodeMigrationSpec {
     pub wanted: Option<StepAction>,
     #[serde(default)]
     pub direction: Direction,
+    /// The legacy pod networks (Flannel's Network, Calico's IPv4 pools): the routes the
+    /// finish phase removes on the node lie in them.
+    #[serde(default)]
+    pub legacy_pod_cidrs: Vec<String>,
+    /// Set by the finish phase once the legacy CNI's DaemonSets are gone: the node's
+    /// agent removes the legacy devices, routes and chains and records it in
+    /// `status.legacyRemoved`. Rollback clears it.
+    #[serde(default)]
+    pub remove_legacy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
@@ -84,6 +93,26 @@ pub struct NodeMigrationStatus {
     /// Why the node cannot go on, in words an operator can act on.
     #[serde(default)]
     pub blocked: Option<String>,
+    /// The finish phase's removal of the legacy CNI's leftovers on this node.
+    #[serde(default)]
+    pub legacy_removed: Option<StepRecord>,
+    /// The last gate run for this node (the connectivity suite's summary).
+    #[serde(default)]
+    pub last_gate: Option<GateRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateRecord {
+    pub at: String,
+    pub passed: bool,
+    /// The nodes the suite ran on.
+    pub nodes: Vec<String>,
+    pub checks: usize,
+    pub failures: Vec<String>,
+    /// Verdicts that differ from the baseline taken in prepare.
+    pub changed_verdicts: Vec<String>,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -247,6 +276,24 @@ pub async fn install(client: &kube::Client, timeout: std::time::Duration) -> Res
         }
     }
     Ok(())
+}
+
+/// Replaces the status of `nm` (its resourceVersion makes a concurrent writer's
+/// change a 409 Conflict, so neither the driver nor the agent overwrites the other).
+pub async fn write_status(
+    api: &kube::Api<NodeMigration>,
+    nm: &NodeMigration,
+    status: NodeMigrationStatus,
+) -> Result<NodeMigration, kube::Error> {
+    let name = nm.metadata.name.clone().unwrap_or_default();
+    let mut obj = nm.clone();
+    obj.status = Some(status);
+    api.replace_status(&name, &kube::api::PostParams::default(), &obj).await
+}
+
+/// RFC 3339, seconds, UTC: what the status's timestamps hold.
+pub fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Multi-document YAML of [`crds`], for `deploy/` and `kubeshift install manifests`.

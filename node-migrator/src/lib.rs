@@ -21,4 +21,5 @@ pub mod crd;
 pub mod daemonsets;
 pub mod drain;
 pub mod lease;
+pub mod local;
 pub mod next;

@@ -32,6 +32,10 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<PortSpec>,
     pub affinity: Affinity,
+    /// The nodePort of each service port that has one: a connect() to this node's own
+    /// address and that port is balanced like the cluster IP (kube-proxy serves it so
+    /// too, and nothing else does once kube-proxy has left the node).
+    pub node_ports: Vec<(PortSpec, u16)>,
 }
 
 /// A named port, as both Services and endpoint objects list them. For a service port
@@ -61,7 +65,7 @@ pub struct EndpointAddr {
 pub type Wanted = BTreeMap<ServiceKey, (Vec<Backend>, Affinity)>;
 
 /// The entries one Service needs, given the endpoint sets that belong to it.
-pub fn desired_for_service(svc: &ServiceSpec, sets: &[&EndpointSet]) -> Wanted {
+pub fn desired_for_service(svc: &ServiceSpec, sets: &[&EndpointSet], local_ips: &[Ipv4Addr]) -> Wanted {
     let mut out = Wanted::new();
     for sp in &svc.ports {
         // Several slices may list the same address while pods move between them.
@@ -78,6 +82,12 @@ pub fn desired_for_service(svc: &ServiceSpec, sets: &[&EndpointSet]) -> Wanted {
         for vip in &svc.cluster_ips {
             let key = ServiceKey { vip: *vip, port: sp.port, protocol: sp.protocol };
             out.insert(key, (backends.clone(), svc.affinity));
+        }
+        for (_, node_port) in svc.node_ports.iter().filter(|(p, _)| p == sp) {
+            for ip in local_ips {
+                let key = ServiceKey { vip: *ip, port: *node_port, protocol: sp.protocol };
+                out.insert(key, (backends.clone(), svc.affinity));
+            }
         }
     }
     out
@@ -132,6 +142,7 @@ mod tests {
             cluster_ips: vec![ip("10.96.0.10")],
             ports: vec![port("dns", 53, Protocol::Udp), port("dns-tcp", 53, Protocol::Tcp)],
             affinity: Affinity::None,
+            node_ports: vec![],
         };
         let a = EndpointSet {
             ports: vec![port("dns", 1053, Protocol::Udp), port("dns-tcp", 1054, Protocol::Tcp)],
@@ -142,7 +153,7 @@ mod tests {
             ports: vec![port("dns", 1053, Protocol::Udp)],
             addresses: vec![addr("10.244.1.5", true), addr("10.244.3.5", true)],
         };
-        let w = desired_for_service(&svc, &[&a, &b]);
+        let w = desired_for_service(&svc, &[&a, &b], &[]);
         let udp = ServiceKey { vip: ip("10.96.0.10"), port: 53, protocol: Protocol::Udp };
         let tcp = ServiceKey { protocol: Protocol::Tcp, ..udp };
         assert_eq!(
@@ -162,7 +173,7 @@ mod tests {
         let not_ready =
             EndpointSet { ports: vec![port("", 8080, Protocol::Tcp)], addresses: vec![addr("10.244.1.9", false)] };
         for sets in [vec![], vec![&not_ready]] {
-            let w = desired_for_service(&svc, &sets);
+            let w = desired_for_service(&svc, &sets, &[]);
             assert_eq!(w.len(), 1);
             let (b, a) = w.values().next().unwrap();
             assert!(b.is_empty());
@@ -176,12 +187,13 @@ mod tests {
             cluster_ips: vec![ip("10.96.0.30")],
             ports: vec![port("a", 80, Protocol::Tcp), port("b", 81, Protocol::Tcp)],
             affinity: Affinity::None,
+            node_ports: vec![],
         };
         let set = EndpointSet {
             ports: vec![port("a", 8080, Protocol::Tcp), port("b", 8081, Protocol::Tcp)],
             addresses: vec![addr("10.244.1.2", true)],
         };
-        let w = desired_for_service(&svc, &[&set]);
+        let w = desired_for_service(&svc, &[&set], &[]);
         assert_eq!(w.len(), 2);
     }
 

@@ -105,6 +105,13 @@ impl Metrics {
             u64::from(self.not_ready().is_empty()).to_string(),
         );
         m(
+            "kubeshift_agent_active",
+            "gauge",
+            "1 when the node is active (kubeshift's CNI conf first, the datapath attached); 0 in standby.",
+            &l,
+            u64::from(!self.standby.load(Relaxed)).to_string(),
+        );
+        m(
             "kubeshift_agent_synced",
             "gauge",
             "1 once the maps were reconciled with a full list of the API.",

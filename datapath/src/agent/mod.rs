@@ -279,6 +279,8 @@ struct State {
     programmed: HashMap<ObjKey, Written>,
     /// Service port → its Service, to name the Service of a flow event.
     by_vip: HashMap<ServiceKey, ObjKey>,
+    /// This node's own addresses: NodePorts are served on them to local clients.
+    local_ips: Vec<std::net::Ipv4Addr>,
 }
 
 /// What was written for one Service, stored compactly: a `Wanted` (BTreeMap) allocates
@@ -318,7 +320,7 @@ impl State {
             .filter_map(|k| self.endpoints.get(k))
             .flat_map(|e| e.sets.iter())
             .collect();
-        desired_for_service(spec, &sets)
+        desired_for_service(spec, &sets, &self.local_ips)
     }
 
     fn set_service(&mut self, k: ObjKey, v: Option<ServiceSpec>, dirty: &mut BTreeSet<ObjKey>) {
@@ -612,6 +614,15 @@ pub async fn run_with(
     drop(tx);
 
     let mut state = State::default();
+    // kube-proxy serves NodePorts on the node's InternalIP to the node's own pods and
+    // processes too; with kube-proxy gone, only the socket LB can.
+    match Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(&cfg.node).await {
+        Ok(n) => match nodeport::node_info(&n) {
+            Ok(info) => state.local_ips = vec![info.ip],
+            Err(e) => tracing::warn!("NodePorts for local clients not served: {e}"),
+        },
+        Err(e) => tracing::warn!("NodePorts for local clients not served: reading Node {}: {e}", cfg.node),
+    }
     let mut dirty: BTreeSet<ObjKey> = BTreeSet::new();
     let mut reconciled = false;
     // A relist was applied and its decoded objects are freed: give the pages back once
@@ -736,6 +747,7 @@ mod tests {
             cluster_ips: vec![vip.parse().unwrap()],
             ports: vec![PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp }],
             affinity: Affinity::None,
+            node_ports: vec![],
         }
     }
     fn eps(svc: &str, ip: &str) -> EndpointsOf {

@@ -62,6 +62,15 @@ pub fn service(svc: &Service) -> Option<ServiceSpec> {
         .flatten()
         .filter_map(|p| port_spec(p.name.as_ref(), Some(p.port), p.protocol.as_ref()))
         .collect();
+    let node_ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let np = u16::try_from(p.node_port?).ok().filter(|n| *n != 0)?;
+            Some((port_spec(p.name.as_ref(), Some(p.port), p.protocol.as_ref())?, np))
+        })
+        .collect();
     let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t = spec
             .session_affinity_config
@@ -76,7 +85,7 @@ pub fn service(svc: &Service) -> Option<ServiceSpec> {
     } else {
         Affinity::None
     };
-    Some(ServiceSpec { cluster_ips, ports, affinity })
+    Some(ServiceSpec { cluster_ips, ports, affinity, node_ports })
 }
 
 /// kube-proxy's rule: an endpoint whose readiness is unknown counts as ready.
@@ -207,7 +216,7 @@ mod tests {
         .unwrap();
         let eps = slice_v1(&slice).unwrap();
         assert_eq!(eps.service, ObjKey::new("shop", "web"));
-        let w = desired_for_service(&spec, &eps.sets.iter().collect::<Vec<_>>());
+        let w = desired_for_service(&spec, &eps.sets.iter().collect::<Vec<_>>(), &[]);
         let key = ServiceKey { vip: "10.96.5.5".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         assert_eq!(
@@ -276,8 +285,9 @@ mod tests {
             cluster_ips: vec!["10.96.0.50".parse().unwrap()],
             ports: vec![PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp }],
             affinity: Affinity::None,
+            node_ports: vec![],
         };
-        let w = desired_for_service(&spec, &eps.sets.iter().collect::<Vec<_>>());
+        let w = desired_for_service(&spec, &eps.sets.iter().collect::<Vec<_>>(), &[]);
         let b = &w.values().next().unwrap().0;
         assert_eq!(b.len(), 2);
         assert!(b.contains(&Backend { ip: "10.244.2.3".parse().unwrap(), port: 9090 }));

@@ -130,16 +130,30 @@ fn clean_iptables(
         conntrack.extend(found.addresses);
     }
     let plan = plan_ruleset(backend, family, &before, opts.kubelet);
+    let kubelet = if plan.kubelet_owns_mark_chains { KubeletChains::OwnsMarkChains } else { KubeletChains::HintOnly };
+    apply_and_verify(ns, plan, &before, warnings, "kube-proxy", |after| plan_ruleset(backend, family, after, kubelet))
+}
+
+/// Restores `plan` and checks the postcondition: `left` of the rules read again is
+/// empty, and every chain that stayed holds exactly its old rules minus the deleted jumps.
+pub(crate) fn apply_and_verify(
+    ns: &Ns,
+    plan: IptablesPlan,
+    before: &SavedRuleset,
+    warnings: &mut Vec<String>,
+    whose: &str,
+    left: impl Fn(&SavedRuleset) -> IptablesPlan,
+) -> Result<IptablesPlan, CleanupError> {
     let input = plan.restore_input();
     if !input.is_empty() {
-        restore(ns, backend, family, &input, warnings)?;
+        restore(ns, plan.backend, plan.family, &input, warnings)?;
     }
-    let (_, after) = read_rules(ns, backend, family, warnings)?;
-    verify(ns, &plan, &before, &after)?;
+    let (_, after) = read_rules(ns, plan.backend, plan.family, warnings)?;
+    verify(ns, &plan, before, &after, &left(&after), whose)?;
     Ok(plan)
 }
 
-fn read_rules(
+pub(crate) fn read_rules(
     ns: &Ns,
     backend: Backend,
     family: Family,
@@ -185,25 +199,30 @@ fn restore(
     Ok(())
 }
 
-/// The postcondition: nothing of kube-proxy's left, and every chain that
-/// stayed holds exactly its old rules minus the deleted jumps.
-fn verify(ns: &Ns, plan: &IptablesPlan, before: &SavedRuleset, after: &SavedRuleset) -> Result<(), CleanupError> {
+/// The postcondition: nothing of `whose` left, and every chain that stayed holds
+/// exactly its old rules minus the deleted jumps.
+fn verify(
+    ns: &Ns,
+    plan: &IptablesPlan,
+    before: &SavedRuleset,
+    after: &SavedRuleset,
+    left: &IptablesPlan,
+    whose: &str,
+) -> Result<(), CleanupError> {
     let command = iptables_binary(plan.backend, plan.family, "-save");
     let fail = |what: String| CleanupError::Postcondition { command: command.clone(), netns: ns.label.clone(), what };
-    let kubelet = if plan.kubelet_owns_mark_chains { KubeletChains::OwnsMarkChains } else { KubeletChains::HintOnly };
-    let left = plan_ruleset(plan.backend, plan.family, after, kubelet);
     if !left.is_empty() {
         let chains: Vec<String> =
             left.tables.iter().flat_map(|t| t.chains_removed.iter().map(move |c| format!("{} {c}", t.table))).collect();
         let jumps = left.tables.iter().map(|t| t.jumps_removed.len()).sum::<usize>();
-        return Err(fail(format!("kube-proxy chains still present: {chains:?}; jumps to them: {jumps}")));
+        return Err(fail(format!("{whose} chains still present: {chains:?}; jumps to them: {jumps}")));
     }
     let expected = plan.apply_to(before);
     for table in &expected.tables {
         for chain in &table.chains {
             let Some(now) = after.table(&table.name).and_then(|t| t.chain(&chain.name)) else {
                 return Err(fail(format!(
-                    "chain {} of table {} is gone but was not kube-proxy's",
+                    "chain {} of table {} is gone but was not {whose}'s",
                     chain.name, table.name
                 )));
             };
@@ -314,20 +333,20 @@ fn flush_conntrack(ns: &Ns, plan: &ConntrackPlan) -> Result<Vec<ConntrackFlush>,
 
 /// The opened namespace file; commands enter it with setns(2) between fork
 /// and exec, so nothing else of this process changes namespace.
-struct Ns {
+pub(crate) struct Ns {
     file: File,
-    label: String,
+    pub(crate) label: String,
 }
 
-struct Ran {
-    command: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Ran {
+    pub(crate) command: String,
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Ran {
-    fn warn_into(&self, warnings: &mut Vec<String>) {
+    pub(crate) fn warn_into(&self, warnings: &mut Vec<String>) {
         let e = self.stderr.trim();
         if !e.is_empty() {
             warnings.push(format!("{}: {e}", self.command));
@@ -336,7 +355,7 @@ impl Ran {
 }
 
 impl Ns {
-    fn open(netns: &Netns) -> Result<Ns, CleanupError> {
+    pub(crate) fn open(netns: &Netns) -> Result<Ns, CleanupError> {
         let label = netns.path.display().to_string();
         let file =
             File::open(&netns.path).map_err(|source| CleanupError::OpenNetns { netns: label.clone(), source })?;
@@ -347,7 +366,7 @@ impl Ns {
         CleanupError::Parse { command: command.to_string(), netns: self.label.clone(), source }
     }
 
-    fn run(&self, program: &str, args: &[String], stdin: Option<&str>) -> Result<Ran, CleanupError> {
+    pub(crate) fn run(&self, program: &str, args: &[String], stdin: Option<&str>) -> Result<Ran, CleanupError> {
         let command = std::iter::once(program).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
         let spawn_err = |source| CleanupError::Spawn { command: command.clone(), netns: self.label.clone(), source };
         let mut cmd = Command::new(program);

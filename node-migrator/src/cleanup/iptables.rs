@@ -155,6 +155,51 @@ pub fn plan_iptables(
 }
 
 /// [`plan_iptables`] on an already parsed dump.
+/// Chains a legacy CNI wrote: Flannel's `FLANNEL-*` (FLANNEL-POSTRTG, FLANNEL-FWD) and
+/// Calico's `cali-*` (Felix prefixes every chain it owns so; MIGRATION-FACTS §2).
+pub fn is_legacy_cni_chain(name: &str) -> bool {
+    name.starts_with("FLANNEL-") || name.starts_with("cali-")
+}
+
+/// The finish phase's plan for one backend and family: every legacy CNI chain (flushed,
+/// then deleted) and every rule elsewhere that jumps into one. Nothing of kube-proxy's,
+/// kubelet's or kubeshift's is touched (kubeshift writes no iptables rules at all).
+pub fn plan_legacy_ruleset(backend: Backend, family: Family, rules: &SavedRuleset) -> IptablesPlan {
+    let tables = rules
+        .tables
+        .iter()
+        .map(|table| {
+            let owned: BTreeSet<&str> = table
+                .chains
+                .iter()
+                .filter(|c| !c.builtin && is_legacy_cni_chain(&c.name))
+                .map(|c| c.name.as_str())
+                .collect();
+            let mut report = TableReport { table: table.name.clone(), ..Default::default() };
+            for chain in &table.chains {
+                if owned.contains(chain.name.as_str()) {
+                    report.chains_removed.push(chain.name.clone());
+                    report.rules_removed += chain.rules.len();
+                    continue;
+                }
+                for rule in &chain.rules {
+                    let Some(target) = rule.target.as_deref().filter(|t| owned.contains(t)) else { continue };
+                    report.jumps_removed.push(RemovedRule {
+                        chain: chain.name.clone(),
+                        spec: rule.spec.clone(),
+                        target: target.to_string(),
+                        source: if chain.builtin { RuleSource::Builtin } else { RuleSource::Foreign },
+                    });
+                    report.rules_removed += 1;
+                }
+            }
+            report
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    IptablesPlan { backend, family, kubelet_owns_mark_chains: false, tables }
+}
+
 pub fn plan_ruleset(backend: Backend, family: Family, rules: &SavedRuleset, kubelet: KubeletChains) -> IptablesPlan {
     let kubelet_marks = kubelet.owns_mark_chains(rules);
     let tables = rules

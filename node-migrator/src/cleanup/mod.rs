@@ -18,15 +18,17 @@
 //! the NodeMigration status.
 
 mod conntrack;
-mod exec;
+pub(crate) mod exec;
 mod iptables;
 mod ipvs;
+mod legacy;
 mod nftables;
 mod ownership;
 
 pub use conntrack::{plan_conntrack, ConntrackFlush, ConntrackPlan, ConntrackScope};
 pub use exec::{run_cleanup, CleanupOptions, ConntrackSource, Netns};
-pub use iptables::{plan_iptables, plan_ruleset, IptablesPlan, KeptChain, RemovedRule, RuleSource, TableReport};
+pub use iptables::{is_legacy_cni_chain, plan_iptables, plan_legacy_ruleset, plan_ruleset, IptablesPlan, KeptChain, RemovedRule, RuleSource, TableReport};
+pub use legacy::{legacy_links, legacy_routes, run_legacy_removal, LegacyReport};
 pub use ipvs::{plan_ipvs, IpvsInputs, IpvsPlan, IpvsStep, KeptSet, KeptVirtualServer, DUMMY_LINK};
 pub use nftables::{plan_nftables, set_addresses, NftPlan, NftTable, CLUSTER_IPS_SET};
 pub use ownership::{KubeletChains, Owner};
