@@ -43,7 +43,13 @@ pub struct GateFailed(pub GateRecord);
 impl std::fmt::Display for GateFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = &self.0;
-        write!(f, "gate on {:?} failed: {} failures, {} changed verdicts", g.nodes, g.failures.len(), g.changed_verdicts.len())?;
+        write!(
+            f,
+            "gate on {:?} failed: {} failures, {} changed verdicts",
+            g.nodes,
+            g.failures.len(),
+            g.changed_verdicts.len()
+        )?;
         for l in g.failures.iter().chain(g.changed_verdicts.iter()).take(10) {
             write!(f, "\n  {l}")?;
         }
@@ -151,31 +157,37 @@ fn legacy_cidrs(inv: &Inventory) -> Vec<String> {
 
 /// kube-proxy's DaemonSet: discovery says it runs as one; kubeadm names it kube-proxy
 /// and labels it `k8s-app=kube-proxy`.
-async fn kube_proxy_ds(client: &Client, inv: &Inventory) -> Result<Option<(String, String)>> {
-    if inv.kube_proxy.deployed_as.as_deref() != Some("daemonset") {
-        return Ok(None);
-    }
+async fn kube_proxy_ds(client: &Client) -> Result<Option<(String, String)>> {
     let all: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::all(client.clone());
     let list = all.list(&ListParams::default()).await.context("listing DaemonSets for kube-proxy's")?.items;
     let is_kp = |d: &k8s_openapi::api::apps::v1::DaemonSet| {
         d.metadata.name.as_deref() == Some("kube-proxy")
             || d.metadata.labels.as_ref().and_then(|l| l.get("k8s-app")).map(String::as_str) == Some("kube-proxy")
     };
-    Ok(list.iter().find(|d| is_kp(d)).map(|d| {
-        (d.metadata.namespace.clone().unwrap_or_default(), d.metadata.name.clone().unwrap_or_default())
-    }))
+    Ok(list
+        .iter()
+        .find(|d| is_kp(d))
+        .map(|d| (d.metadata.namespace.clone().unwrap_or_default(), d.metadata.name.clone().unwrap_or_default())))
 }
 
 /// Loads the plan (the file first: a broken file fails before anything talks to the
 /// cluster), re-discovers the cluster and checks the plan was made for it.
-async fn context(plan_path: &std::path::Path, cluster: &ClusterArgs, image: String) -> Result<(Ctx, Inventory)> {
+async fn context(
+    plan_path: &std::path::Path,
+    cluster: &ClusterArgs,
+    image: String,
+    check_fingerprint: bool,
+) -> Result<(Ctx, Inventory)> {
     load_plan(plan_path, None).map_err(|e| anyhow!("{e}"))?;
     let client = cluster.client().await?;
     let inv = discover(&client, &DiscoverOptions::default()).await.context("discovering the cluster")?;
-    let plan = load_plan(plan_path, Some(&inv.fingerprint())).map_err(|e| anyhow!("{e}"))?;
-    let target_cidr: Cidr = plan.target.pod_cidr.parse().with_context(|| format!("{}: target.podCidr", plan_path.display()))?;
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "kubeshift".into(), instance: Some(identity()) });
-    let kube_proxy = kube_proxy_ds(&client, &inv).await?;
+    let fingerprint = check_fingerprint.then(|| inv.fingerprint());
+    let plan = load_plan(plan_path, fingerprint.as_deref()).map_err(|e| anyhow!("{e}"))?;
+    let target_cidr: Cidr =
+        plan.target.pod_cidr.parse().with_context(|| format!("{}: target.podCidr", plan_path.display()))?;
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "kubeshift".into(), instance: Some(identity()) });
+    let kube_proxy = kube_proxy_ds(&client).await?;
     let cx = Ctx {
         client,
         legacy_cidrs: legacy_cidrs(&inv),
@@ -225,7 +237,9 @@ fn selection(plan: &Plan, a: &ApplyArgs) -> Result<Vec<(String, Vec<String>)>> {
 }
 
 fn is_partial(plan: &Plan, a: &ApplyArgs) -> bool {
-    !a.nodes.is_empty() || a.wave.is_some() || a.until_wave.as_ref().is_some_and(|u| plan.waves.last().map(|w| &w.name) != Some(u))
+    !a.nodes.is_empty()
+        || a.wave.is_some()
+        || a.until_wave.as_ref().is_some_and(|u| plan.waves.last().map(|w| &w.name) != Some(u))
 }
 
 fn confirm(what: &str, yes: bool) -> Result<()> {
@@ -243,9 +257,9 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
 }
 
 pub async fn apply(a: ApplyArgs, cluster: &ClusterArgs) -> Result<()> {
-    let drain_timeout = crate::connectivity_cmd::parse_duration(&a.drain_timeout)
-        .map_err(|e| anyhow!("--drain-timeout {e}"))?;
-    let (mut cx, inv) = context(&a.plan, cluster, a.image.clone()).await?;
+    let drain_timeout =
+        crate::connectivity_cmd::parse_duration(&a.drain_timeout).map_err(|e| anyhow!("--drain-timeout {e}"))?;
+    let (mut cx, inv) = context(&a.plan, cluster, a.image.clone(), true).await?;
     cx.drain_timeout = drain_timeout;
     cx.force = a.force;
     let analysis = analyze(&inv, &[], Some(&cx.plan.target.pod_cidr));
@@ -301,7 +315,8 @@ pub async fn apply(a: ApplyArgs, cluster: &ClusterArgs) -> Result<()> {
         }
     };
     if let Some(p) = &a.junit {
-        std::fs::write(p, gate::junit(&cx.gates.lock().unwrap())).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, gate::junit(&cx.gates.lock().unwrap()))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     lock.release().await?;
     match result {
@@ -324,7 +339,12 @@ enum Outcome {
     Stopped(String),
 }
 
-async fn run_apply(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool, on_fail: OnGateFailure) -> Result<Outcome> {
+async fn run_apply(
+    cx: &Ctx,
+    waves: &[(String, Vec<String>)],
+    partial: bool,
+    on_fail: OnGateFailure,
+) -> Result<Outcome> {
     cluster::prepare(cx).await?;
     ensure_node_migrations(cx).await?;
     for (wave, nodes) in waves {
@@ -355,7 +375,11 @@ async fn run_apply(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool, on_
         return Ok(Outcome::Done);
     }
     let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
-    let undone: Vec<&str> = nms.iter().filter(|m| !m.status.as_ref().is_some_and(|s| s.phase == "Done")).map(|m| m.spec.node.as_str()).collect();
+    let undone: Vec<&str> = nms
+        .iter()
+        .filter(|m| m.status.as_ref().is_none_or(|s| s.phase != "Done"))
+        .map(|m| m.spec.node.as_str())
+        .collect();
     if !undone.is_empty() {
         bail!("finish needs every node Done; not yet: {undone:?}");
     }
@@ -386,10 +410,15 @@ async fn ensure_node_migrations(cx: &Ctx) -> Result<()> {
                 },
             );
             nm.metadata.labels = Some(
-                [(kubeshift_node_migrator::crd::PART_OF.0.to_string(), kubeshift_node_migrator::crd::PART_OF.1.to_string())]
-                    .into(),
+                [(
+                    kubeshift_node_migrator::crd::PART_OF.0.to_string(),
+                    kubeshift_node_migrator::crd::PART_OF.1.to_string(),
+                )]
+                .into(),
             );
-            api.create(&PostParams::default(), &nm).await.with_context(|| format!("creating NodeMigration {}", n.name))?;
+            api.create(&PostParams::default(), &nm)
+                .await
+                .with_context(|| format!("creating NodeMigration {}", n.name))?;
         }
     }
     Ok(())
@@ -398,7 +427,9 @@ async fn ensure_node_migrations(cx: &Ctx) -> Result<()> {
 async fn set_wanted(cx: &Ctx, node: &str, direction: Direction, wanted: Option<StepAction>) -> Result<()> {
     let api: Api<NodeMigration> = Api::all(cx.client.clone());
     let patch = serde_json::json!({"spec": {"direction": direction, "wanted": wanted}});
-    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.with_context(|| format!("NodeMigration {node}"))?;
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("NodeMigration {node}"))?;
     Ok(())
 }
 
@@ -417,7 +448,8 @@ async fn drive(cx: &Ctx, node: &str) -> Result<Option<String>> {
         if cx.stop.load(Ordering::SeqCst) && status.in_progress.is_none() {
             return Ok(Some(format!("node {node} before {}", next::name(step))));
         }
-        let label = format!("{node}: {}{}", if direction == Direction::Rollback { "undo " } else { "" }, next::name(step));
+        let label =
+            format!("{node}: {}{}", if direction == Direction::Rollback { "undo " } else { "" }, next::name(step));
         cx.progress.working(&format!("{label} …"));
         let t0 = Instant::now();
         let nm = if status.in_progress.is_none() {
@@ -433,7 +465,13 @@ async fn drive(cx: &Ctx, node: &str) -> Result<Option<String>> {
             match phases::run(cx, &nm, step, direction).await {
                 Ok((changed, summary)) => {
                     let fresh = api.get(node).await?;
-                    let mut st = finished(&fresh.spec, fresh.status.clone().unwrap_or_default(), changed.clone(), &summary, &now());
+                    let mut st = finished(
+                        &fresh.spec,
+                        fresh.status.clone().unwrap_or_default(),
+                        changed.clone(),
+                        &summary,
+                        &now(),
+                    );
                     if step == StepAction::ConnectivityGate {
                         st.last_gate = serde_json::from_value(changed).ok();
                     }
@@ -445,7 +483,8 @@ async fn drive(cx: &Ctx, node: &str) -> Result<Option<String>> {
                 }
             }
         };
-        let summary = done.status.as_ref().and_then(|s| s.history.last()).map(|h| h.summary.clone()).unwrap_or_default();
+        let summary =
+            done.status.as_ref().and_then(|s| s.history.last()).map(|h| h.summary.clone()).unwrap_or_default();
         cx.progress.line(&format!("{label}: {summary} ({:.1} s)", t0.elapsed().as_secs_f64()));
         cx.event(&done, false, "StepDone", format!("{label}: {summary}")).await;
     }
@@ -498,7 +537,8 @@ async fn wait_local(cx: &Ctx, node: &str) -> Result<NodeMigration> {
 
 fn dry_run(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool) -> String {
     let mut s = String::from("# dry run: nothing is changed. apply would:\n");
-    let _ = writeln!(s, "prepare:\n  server-side apply CRDs nodemigrations.kubeshift.io, clustermigrations.kubeshift.io");
+    let _ =
+        writeln!(s, "prepare:\n  server-side apply CRDs nodemigrations.kubeshift.io, clustermigrations.kubeshift.io");
     let _ = writeln!(s, "  create ClusterMigration {}", cx.plan.metadata.name);
     let _ = writeln!(
         s,
@@ -506,9 +546,18 @@ fn dry_run(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool) -> String {
         phases::AGENT_NS, phases::AGENT_DS, cx.plan.target.pod_cidr, cx.plan.target.tunnel.port, cx.legacy_cidrs
     );
     if let Some((ns, name)) = &cx.kube_proxy {
-        let _ = writeln!(s, "  PATCH DaemonSet {ns}/{name} node affinity: {} DoesNotExist (backup ConfigMap kept)", kubeshift_node_migrator::daemonsets::NO_KUBE_PROXY);
+        let _ = writeln!(
+            s,
+            "  PATCH DaemonSet {ns}/{name} node affinity: {} DoesNotExist (backup ConfigMap kept)",
+            kubeshift_node_migrator::daemonsets::NO_KUBE_PROXY
+        );
     }
-    let _ = writeln!(s, "  baseline connectivity suite on {:?}, matrix in ConfigMap kube-system/{}", cx.plan_nodes(), gate::baseline_name(&cx.plan.metadata.name));
+    let _ = writeln!(
+        s,
+        "  baseline connectivity suite on {:?}, matrix in ConfigMap kube-system/{}",
+        cx.plan_nodes(),
+        gate::baseline_name(&cx.plan.metadata.name)
+    );
     for (w, nodes) in waves {
         let _ = writeln!(s, "wave {w}:");
         for n in nodes {
@@ -534,32 +583,51 @@ fn dry_run(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool) -> String {
 
 async fn summary(cx: &Ctx, took: Duration) -> Result<String> {
     let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
-    let mut s = format!("migration {}: {} nodes, {:.0} s in all\n", cx.plan.metadata.name, nms.len(), took.as_secs_f64());
+    let mut s =
+        format!("migration {}: {} nodes, {:.0} s in all\n", cx.plan.metadata.name, nms.len(), took.as_secs_f64());
     for nm in &nms {
         let st = nm.status.clone().unwrap_or_default();
         let chains: u64 = st
             .history
             .iter()
+            .rev()
             .filter(|h| h.step == StepAction::CleanKubeProxy && h.direction == Direction::Forward)
-            .filter_map(|h| h.changed.get("iptables").and_then(|t| t.as_array()).map(|t| t.iter().filter_map(|x| x["chains_removed"].as_u64()).sum::<u64>()))
+            .take(1)
+            .filter_map(|h| {
+                h.changed
+                    .get("iptables")
+                    .and_then(|t| t.as_array())
+                    .map(|t| t.iter().filter_map(|x| x["chains_removed"].as_u64()).sum::<u64>())
+            })
             .sum();
-        let _ = writeln!(s, "  {:<14} {:<10} {} chains of kube-proxy removed; {}", nm.spec.node, st.phase, chains, node_seconds(&st));
+        let _ = writeln!(
+            s,
+            "  {:<14} {:<10} {} chains of kube-proxy removed; {}",
+            nm.spec.node,
+            st.phase,
+            chains,
+            node_seconds(&st)
+        );
     }
     Ok(s)
 }
 
-/// Time per step from the journal: `drain 3 s, switch-pods 2 s …` and the total without the drain.
+/// Time per step of the node's latest forward run, from the journal, and the total
+/// without the drain (the part kubeshift controls).
 fn node_seconds(st: &NodeMigrationStatus) -> String {
     let secs = |a: &str, b: &str| -> f64 {
-        let p = |t: &str| k8s_openapi::jiff::Timestamp::strptime("%Y-%m-%dT%H:%M:%SZ", t).ok();
+        let p = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().ok();
         match (p(a), p(b)) {
             (Some(x), Some(y)) => (y.as_second() - x.as_second()) as f64,
             _ => 0.0,
         }
     };
-    let fwd: Vec<_> = st.history.iter().filter(|h| h.direction == Direction::Forward).collect();
-    let total: f64 = fwd.iter().filter(|h| h.step != StepAction::Drain).map(|h| secs(&h.started_at, &h.finished_at)).sum();
-    let parts: Vec<String> = fwd.iter().map(|h| format!("{} {:.0}s", next::name(h.step), secs(&h.started_at, &h.finished_at))).collect();
+    let from = st.history.iter().rposition(|h| h.direction == Direction::Rollback).map_or(0, |i| i + 1);
+    let fwd: Vec<_> = st.history[from..].iter().filter(|h| h.direction == Direction::Forward).collect();
+    let total: f64 =
+        fwd.iter().filter(|h| h.step != StepAction::Drain).map(|h| secs(&h.started_at, &h.finished_at)).sum();
+    let parts: Vec<String> =
+        fwd.iter().map(|h| format!("{} {:.0}s", next::name(h.step), secs(&h.started_at, &h.finished_at))).collect();
     format!("{total:.0} s without the drain ({})", parts.join(", "))
 }
 
@@ -583,14 +651,20 @@ pub async fn rollback(a: RollbackArgs, cluster: &ClusterArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("plan.yaml");
     std::fs::write(&path, &cm.spec.plan_yaml)?;
-    let ctx = context(&path, cluster, crate::install_cmd::DEFAULT_IMAGE.into()).await;
+    // The plan is the cluster's own record, so no fingerprint check: finish changed what
+    // the fingerprint covers (the legacy CNI is gone).
+    let ctx = context(&path, cluster, crate::install_cmd::DEFAULT_IMAGE.into(), false).await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (cx, _) = ctx.map_err(|e| e.context("the cluster no longer matches the plan it was migrated with"))?;
+    let (mut cx, _) = ctx?;
     if a.nodes.is_empty() && !a.all {
         bail!("say which nodes (--node N, repeatable) or --all");
     }
     let api: Api<NodeMigration> = Api::all(cx.client.clone());
     let known = api.list(&ListParams::default()).await?.items;
+    // After finish, discovery no longer sees the legacy CNI: its networks are recorded.
+    if let Some(nm) = known.iter().find(|m| !m.spec.legacy_pod_cidrs.is_empty()) {
+        cx.legacy_cidrs = nm.spec.legacy_pod_cidrs.clone();
+    }
     let mut nodes: Vec<String> = if a.all { cx.plan_nodes() } else { a.nodes.clone() };
     nodes.reverse();
     let mut todo = Vec::new();
@@ -598,7 +672,10 @@ pub async fn rollback(a: RollbackArgs, cluster: &ClusterArgs) -> Result<()> {
         match known.iter().find(|m| &m.spec.node == n) {
             None if !cx.plan_nodes().contains(n) => bail!("node {n} is not in the migration's plan"),
             None => println!("{n}: never started; nothing to undo"),
-            Some(m) if m.status.as_ref().and_then(|s| s.reached).is_none() && m.status.as_ref().and_then(|s| s.in_progress.as_ref()).is_none() => {
+            Some(m)
+                if m.status.as_ref().and_then(|s| s.reached).is_none()
+                    && m.status.as_ref().and_then(|s| s.in_progress.as_ref()).is_none() =>
+            {
                 println!("{n}: never started; nothing to undo")
             }
             Some(_) => todo.push(n.clone()),
@@ -628,6 +705,7 @@ pub async fn rollback(a: RollbackArgs, cluster: &ClusterArgs) -> Result<()> {
     let result = async {
         if finished {
             cluster::unfinish(&cx).await?;
+            cx.kube_proxy = kube_proxy_ds(&cx.client).await?;
         }
         for n in &todo {
             set_wanted(&cx, n, Direction::Rollback, None).await?;

@@ -61,7 +61,7 @@ pub enum LocalError {
     #[error("writing NodeMigration {0}'s status: {1}")]
     Status(String, #[source] kube::Error),
     #[error("{step} on node {node}: {source}")]
-    Cleanup { step: String, node: String, source: CleanupError },
+    Cleanup { step: String, node: String, source: Box<CleanupError> },
     #[error("{step} on node {node}: {what}")]
     Io { step: String, node: String, what: String },
 }
@@ -105,7 +105,11 @@ async fn reconcile(nm: Arc<NodeMigration>, ctx: Arc<Ctx>) -> Result<Action, Loca
         let started = now();
         let netns = Netns::at(&ctx.cfg.netns);
         let report = tokio::task::block_in_place(|| run_legacy_removal(&netns, &nm.spec.legacy_pod_cidrs)).map_err(
-            |source| LocalError::Cleanup { step: "remove-legacy".into(), node: ctx.cfg.node.clone(), source },
+            |source| LocalError::Cleanup {
+                step: "remove-legacy".into(),
+                node: ctx.cfg.node.clone(),
+                source: Box::new(source),
+            },
         )?;
         tracing::info!("legacy CNI leftovers removed: {}", report.summary());
         let mut st = status;
@@ -135,9 +139,10 @@ fn perform(
         (StepAction::Snapshot, Direction::Forward) => snapshot(cfg).map_err(io),
         (StepAction::CleanKubeProxy, Direction::Forward) => {
             let netns = Netns::at(&cfg.netns);
-            let report = tokio::task::block_in_place(|| run_cleanup(&netns, &CleanupOptions::default())).map_err(
-                |source| LocalError::Cleanup { step: next::name(step), node: cfg.node.clone(), source },
-            )?;
+            let report =
+                tokio::task::block_in_place(|| run_cleanup(&netns, &CleanupOptions::default())).map_err(|source| {
+                    LocalError::Cleanup { step: next::name(step), node: cfg.node.clone(), source: Box::new(source) }
+                })?;
             let summary = format!(
                 "{} kube-proxy chains and {} rules removed, {} nftables tables, {} service conntrack entries",
                 report.chains_removed(),
@@ -190,7 +195,9 @@ fn snapshot(cfg: &LocalConfig) -> Result<(Value, String), String> {
     for (program, args) in SNAPSHOT_COMMANDS {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         match ns.run(program, &args, None) {
-            Ok(ran) if ran.status.success() => write(format!("{}.txt", ran.command.replace(' ', "_")), ran.stdout.as_bytes())?,
+            Ok(ran) if ran.status.success() => {
+                write(format!("{}.txt", ran.command.replace(' ', "_")), ran.stdout.as_bytes())?
+            }
             Ok(ran) => missing.push(format!("{}: {}", ran.command, ran.stderr.trim())),
             Err(e) => missing.push(e.to_string()),
         }

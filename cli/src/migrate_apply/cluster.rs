@@ -56,7 +56,7 @@ pub async fn get_or_create(cx: &Ctx) -> Result<ClusterMigration> {
         },
     );
     cm.metadata.labels = Some([(crd::PART_OF.0.to_string(), crd::PART_OF.1.to_string())].into());
-    Ok(api.create(&PostParams::default(), &cm).await.with_context(|| format!("creating ClusterMigration {name}"))?)
+    api.create(&PostParams::default(), &cm).await.with_context(|| format!("creating ClusterMigration {name}"))
 }
 
 pub async fn set_status(cx: &Ctx, status: &ClusterMigrationStatus) -> Result<()> {
@@ -82,7 +82,8 @@ pub async fn apply_manifests(cx: &Ctx, yaml: &str) -> Result<()> {
         let obj: DynamicObject = serde_json::from_value(v.clone())?;
         let tm = obj.types.clone().context("a manifest without apiVersion/kind")?;
         let gvk = GroupVersionKind::try_from(&tm)?;
-        let (ar, caps) = pinned_kind(&cx.client, &gvk).await.with_context(|| format!("the apiserver does not serve {gvk:?}"))?;
+        let (ar, caps) =
+            pinned_kind(&cx.client, &gvk).await.with_context(|| format!("the apiserver does not serve {gvk:?}"))?;
         let name = obj.metadata.name.clone().unwrap_or_default();
         let api: Api<DynamicObject> = match caps.scope {
             Scope::Namespaced => {
@@ -109,7 +110,8 @@ fn agent_manifests(cx: &Ctx, with_legacy: bool) -> Result<String> {
 }
 
 /// Waits until the DaemonSet has rolled out its current template to every node it
-/// wants and every pod is Ready.
+/// wants and every pod is Ready (none wanted is rolled out: kube-proxy restored while
+/// every node still carries the no-kube-proxy label).
 async fn wait_rolled_out(cx: &Ctx, ns: &str, name: &str) -> Result<()> {
     let api: Api<DaemonSet> = Api::namespaced(cx.client.clone(), ns);
     let deadline = Instant::now() + ROLLOUT_WAIT;
@@ -119,7 +121,6 @@ async fn wait_rolled_out(cx: &Ctx, ns: &str, name: &str) -> Result<()> {
         if let Some(s) = &ds.status {
             let updated = s.updated_number_scheduled.unwrap_or(0);
             if s.observed_generation.unwrap_or(0) >= generation
-                && s.desired_number_scheduled > 0
                 && updated == s.desired_number_scheduled
                 && s.number_ready == s.desired_number_scheduled
                 && s.number_unavailable.unwrap_or(0) == 0
@@ -249,12 +250,20 @@ pub async fn finish(cx: &Ctx) -> Result<()> {
             let cms: Api<ConfigMap> = Api::namespaced(cx.client.clone(), ns);
             let Some(obj) = cms.get_opt(&cm_name).await? else { continue };
             let b = backup(cx, "configmap", ns, &cm_name, serde_json::to_value(&obj)?).await?;
-            status.changed.push(ChangedObject { object: format!("v1 ConfigMap {ns}/{cm_name}"), change: "deleted".into(), backup: Some(b) });
+            status.changed.push(ChangedObject {
+                object: format!("v1 ConfigMap {ns}/{cm_name}"),
+                change: "deleted".into(),
+                backup: Some(b),
+            });
             set_status(cx, &status).await?;
             cms.delete(&cm_name, &DeleteParams::default()).await?;
         }
         let b = backup(cx, "daemonset", ns, name, serde_json::to_value(&ds)?).await?;
-        status.changed.push(ChangedObject { object: format!("apps/v1 DaemonSet {ns}/{name}"), change: "deleted".into(), backup: Some(b) });
+        status.changed.push(ChangedObject {
+            object: format!("apps/v1 DaemonSet {ns}/{name}"),
+            change: "deleted".into(),
+            backup: Some(b),
+        });
         set_status(cx, &status).await?;
         api.delete(name, &DeleteParams::foreground()).await?;
     }
@@ -334,7 +343,9 @@ pub async fn unfinish(cx: &Ctx) -> Result<()> {
         let (ns, name) = split_key(b);
         let data = Api::<ConfigMap>::namespaced(cx.client.clone(), &ns).get(&name).await?.data.unwrap_or_default();
         let object: Value = serde_json::from_str(data.get("object.json").map(String::as_str).unwrap_or("null"))?;
-        apply_manifests(cx, &serde_yaml::to_string(&object)?).await.with_context(|| format!("restoring {}", c.object))?;
+        apply_manifests(cx, &serde_yaml::to_string(&object)?)
+            .await
+            .with_context(|| format!("restoring {}", c.object))?;
     }
     apply_manifests(cx, &agent_manifests(cx, true)?).await?;
     let nms: Api<NodeMigration> = Api::all(cx.client.clone());

@@ -102,7 +102,9 @@ fn record(report: &SuiteReport, baseline: Option<&Matrix>) -> GateRecord {
     let failures: Vec<String> = report
         .scenarios
         .iter()
-        .flat_map(|s| s.failures.iter().map(move |f| format!("{}: {} -> {} ({}): {}", s.name, f.from, f.to, f.address, f.detail)))
+        .flat_map(|s| {
+            s.failures.iter().map(move |f| format!("{}: {} -> {} ({}): {}", s.name, f.from, f.to, f.address, f.detail))
+        })
         .collect();
     GateRecord {
         at: now(),
@@ -167,7 +169,11 @@ pub fn junit(gates: &[(String, GateRecord)]) -> String {
         if !g.passed {
             let mut text = g.failures.clone();
             text.extend(g.changed_verdicts.iter().map(|c| format!("changed verdict {c}")));
-            out.push_str(&format!("    <failure message=\"{} problems\">{}</failure>\n", text.len(), esc(&text.join("\n"))));
+            out.push_str(&format!(
+                "    <failure message=\"{} problems\">{}</failure>\n",
+                text.len(),
+                esc(&text.join("\n"))
+            ));
         }
         out.push_str("  </testcase>\n");
     }

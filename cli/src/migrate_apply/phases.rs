@@ -62,7 +62,11 @@ pub async fn run(cx: &Ctx, nm: &NodeMigration, step: StepAction, direction: Dire
         }
         (StepAction::Drain, Direction::Forward) => {
             let report = drain::drain(&cx.client, node, cx.drain_timeout, cx.force).await?;
-            let summary = format!("{} pods evicted, {} left (DaemonSet, mirror, host network)", report.evicted.len(), report.kept.len());
+            let summary = format!(
+                "{} pods evicted, {} left (DaemonSet, mirror, host network)",
+                report.evicted.len(),
+                report.kept.len()
+            );
             Ok((serde_json::to_value(&report)?, summary))
         }
         (StepAction::InstallDatapath, Direction::Forward) => {
@@ -80,8 +84,8 @@ pub async fn run(cx: &Ctx, nm: &NodeMigration, step: StepAction, direction: Dire
             Ok((json!({"labelled": labelled}), "kube-proxy left the node; kubeshift serves its Services".into()))
         }
         (StepAction::TakeOverServices, Direction::Rollback) => {
-            let Some((ns, name)) = &cx.kube_proxy else { return Ok((json!({}), "no kube-proxy DaemonSet".into())) };
             daemonsets::label_node(&cx.client, node, NO_KUBE_PROXY, false).await?;
+            let Some((ns, name)) = &cx.kube_proxy else { return Ok((json!({}), "no kube-proxy DaemonSet".into())) };
             daemonsets::wait_ready_on(&cx.client, ns, name, node, KUBE_PROXY_WAIT).await?;
             Ok((json!({}), "kube-proxy back and Ready on the node (it rewrites its chains)".into()))
         }
@@ -94,7 +98,9 @@ pub async fn run(cx: &Ctx, nm: &NodeMigration, step: StepAction, direction: Dire
             Ok((serde_json::to_value(&g)?, summary))
         }
         (_, Direction::Rollback) => Ok((json!({}), "nothing to undo".into())),
-        (other, Direction::Forward) => bail!("{} is not a step apply runs itself", kubeshift_node_migrator::next::name(other)),
+        (other, Direction::Forward) => {
+            bail!("{} is not a step apply runs itself", kubeshift_node_migrator::next::name(other))
+        }
     }
 }
 
@@ -110,7 +116,11 @@ async fn switch(cx: &Ctx, node: &str, active: bool) -> Result<(Value, String)> {
         .with_context(|| format!("labelling node {node} {MODE_LABEL}={mode}"))?;
     wait_agent_mode(cx, node, active).await?;
     let recreated = recreate_pods(cx, node, active).await?;
-    let summary = format!("agent {mode}; {} pods recreated on the {} network", recreated.len(), if active { "kubeshift" } else { "legacy" });
+    let summary = format!(
+        "agent {mode}; {} pods recreated on the {} network",
+        recreated.len(),
+        if active { "kubeshift" } else { "legacy" }
+    );
     Ok((json!({"mode": mode, "recreated": recreated}), summary))
 }
 
@@ -186,7 +196,8 @@ async fn recreate_pods(cx: &Ctx, node: &str, active: bool) -> Result<Vec<String>
         if host || p.metadata.deletion_timestamp.is_some() || target.contains(ip) == active {
             continue;
         }
-        let (ns, name) = (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
+        let (ns, name) =
+            (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
         if !managed {
             tracing::warn!("node {node}: bare pod {ns}/{name} stays on its network (no controller recreates it)");
             continue;

@@ -169,6 +169,7 @@ mod tests {
             cluster_ips: vec![ip("10.96.0.20")],
             ports: vec![port("", 80, Protocol::Tcp)],
             affinity: Affinity::ClientIp { timeout: Duration::from_secs(30) },
+            node_ports: vec![],
         };
         let not_ready =
             EndpointSet { ports: vec![port("", 8080, Protocol::Tcp)], addresses: vec![addr("10.244.1.9", false)] };
@@ -179,6 +180,23 @@ mod tests {
             assert!(b.is_empty());
             assert_eq!(*a, Affinity::ClientIp { timeout: Duration::from_secs(30) });
         }
+    }
+
+    #[test]
+    fn a_node_port_is_served_on_the_nodes_own_addresses_with_the_cluster_ips_backends() {
+        let svc = ServiceSpec {
+            cluster_ips: vec![ip("10.96.0.40")],
+            ports: vec![port("web", 80, Protocol::Tcp), port("dns", 53, Protocol::Udp)],
+            affinity: Affinity::None,
+            node_ports: vec![(port("web", 80, Protocol::Tcp), 30080)],
+        };
+        let set =
+            EndpointSet { ports: vec![port("web", 8080, Protocol::Tcp)], addresses: vec![addr("10.244.1.2", true)] };
+        let w = desired_for_service(&svc, &[&set], &[ip("172.30.0.21")]);
+        let np = ServiceKey { vip: ip("172.30.0.21"), port: 30080, protocol: Protocol::Tcp };
+        assert_eq!(w[&np].0, vec![Backend { ip: ip("10.244.1.2"), port: 8080 }]);
+        assert_eq!(w.len(), 3, "cluster IP × 2 ports, and the one NodePort: {w:?}");
+        assert_eq!(desired_for_service(&svc, &[&set], &[]).len(), 2, "no local address known: no NodePort entry");
     }
 
     #[test]

@@ -80,7 +80,10 @@ pub fn legacy_routes(routes: &serde_json::Value, legacy: &[String]) -> Vec<Strin
         .filter_map(|r| r.get("dst").and_then(|d| d.as_str()))
         .filter(|dst| {
             let cidr = if dst.contains('/') { dst.to_string() } else { format!("{dst}/32") };
-            parse_cidr(&cidr).ok().flatten().is_some_and(|d| d.1 >= 1 && nets.iter().any(|n| n.1 <= d.1 && cidrs_overlap(*n, d)))
+            parse_cidr(&cidr)
+                .ok()
+                .flatten()
+                .is_some_and(|d| d.1 >= 1 && nets.iter().any(|n| n.1 <= d.1 && cidrs_overlap(*n, d)))
         })
         .map(String::from)
         .collect()
@@ -164,7 +167,10 @@ pub fn run_legacy_removal(netns: &Netns, legacy_cidrs: &[String]) -> Result<Lega
     let routes_left =
         legacy_routes(&ip_json(&ns, &["route", "show", "table", "main"], &mut report.warnings)?, legacy_cidrs);
     if !routes_left.is_empty() {
-        return Err(fail("ip route show", format!("routes into the legacy pod network still present: {routes_left:?}")));
+        return Err(fail(
+            "ip route show",
+            format!("routes into the legacy pod network still present: {routes_left:?}"),
+        ));
     }
     Ok(report)
 }
@@ -205,9 +211,16 @@ COMMIT
         let plan = plan_legacy_ruleset(Backend::Legacy, Family::Ipv4, &rules);
         assert_eq!(plan.chains_removed(), 3);
         let input = plan.restore_input();
-        assert!(input.contains("-X FLANNEL-POSTRTG") && input.contains("-X FLANNEL-FWD") && input.contains("-X cali-FORWARD"));
+        assert!(
+            input.contains("-X FLANNEL-POSTRTG")
+                && input.contains("-X FLANNEL-FWD")
+                && input.contains("-X cali-FORWARD")
+        );
         assert!(input.contains("-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"));
-        assert!(!input.contains("KUBE-POSTROUTING"), "kube-proxy's and kubelet's chains are not the legacy CNI's:\n{input}");
+        assert!(
+            !input.contains("KUBE-POSTROUTING"),
+            "kube-proxy's and kubelet's chains are not the legacy CNI's:\n{input}"
+        );
         let after = plan.apply_to(&rules);
         assert!(plan_legacy_ruleset(Backend::Legacy, Family::Ipv4, &after).is_empty(), "nothing left to remove");
         assert!(is_legacy_cni_chain("cali-tw-cali1234") && !is_legacy_cni_chain("KUBE-FIREWALL"));
@@ -237,6 +250,10 @@ COMMIT
             {"dst": "10.0.0.0/8"},
         ]);
         let legacy = vec!["10.244.0.0/16".to_string(), "192.168.0.0/16".to_string()];
-        assert_eq!(legacy_routes(&routes, &legacy), ["10.244.2.0/24", "192.168.7.0/26"], "a wider route is not the CNI's");
+        assert_eq!(
+            legacy_routes(&routes, &legacy),
+            ["10.244.2.0/24", "192.168.7.0/26"],
+            "a wider route is not the CNI's"
+        );
     }
 }

@@ -27,9 +27,12 @@ mod ownership;
 
 pub use conntrack::{plan_conntrack, ConntrackFlush, ConntrackPlan, ConntrackScope};
 pub use exec::{run_cleanup, CleanupOptions, ConntrackSource, Netns};
-pub use iptables::{is_legacy_cni_chain, plan_iptables, plan_legacy_ruleset, plan_ruleset, IptablesPlan, KeptChain, RemovedRule, RuleSource, TableReport};
-pub use legacy::{legacy_links, legacy_routes, run_legacy_removal, LegacyReport};
+pub use iptables::{
+    is_legacy_cni_chain, plan_iptables, plan_legacy_ruleset, plan_ruleset, IptablesPlan, KeptChain, RemovedRule,
+    RuleSource, TableReport,
+};
 pub use ipvs::{plan_ipvs, IpvsInputs, IpvsPlan, IpvsStep, KeptSet, KeptVirtualServer, DUMMY_LINK};
+pub use legacy::{legacy_links, legacy_routes, run_legacy_removal, LegacyReport};
 pub use nftables::{plan_nftables, set_addresses, NftPlan, NftTable, CLUSTER_IPS_SET};
 pub use ownership::{KubeletChains, Owner};
 

@@ -1,0 +1,150 @@
+//! `kubeshift migrate apply` and `rollback` end to end on a real 3-node, 2-pool Flannel
+//! lab (real apiserver, controllers, kube-proxy writing real iptables rules, the
+//! flanneld stand-in, kubeshift's agent DaemonSet):
+//!
+//! - refused without changing anything: a plan for another cluster, and a second apply
+//!   while another holds the Lease (named in the error);
+//! - a full run: every NodeMigration Done, no kube-proxy pod, no kube-proxy chain on
+//!   either iptables backend of any node, no flannel.1/cni0, every non-host pod on
+//!   kubeshift's range, the connectivity suite passing, a JUnit file with every gate;
+//! - `rollback --all`: the DaemonSets back from their backups, kube-proxy Ready on every
+//!   node, the legacy conf first again, and the suite passing on the legacy datapath.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kubeshift_node_migrator::crd::{ClusterMigration, NodeMigration};
+use kubeshift_node_migrator::lease::Lock;
+use std::process::Command;
+use std::time::Duration;
+
+fn kubeshift_on(lab: &Lab, args: &[&str]) -> std::process::Output {
+    kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(args).output().expect("running kubeshift")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn in_node(lab: &Lab, node: &str, cmd: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("ks-{}-{node}", lab.name)])
+        .args(cmd)
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn pods(client: &kube::Client) -> Vec<Pod> {
+    Api::<Pod>::all(client.clone()).list(&ListParams::default()).await.unwrap().items
+}
+
+fn non_host_ips(pods: &[Pod]) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|p| !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            Some((p.metadata.name.clone().unwrap_or_default(), ip))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
+    let lab = Lab::up("tma", &["--nodes", "3", "--pools", "2"]);
+    let client = lab.client().await;
+    let dir = std::env::temp_dir().join(format!("ks-tma-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.yaml");
+    let plan_s = plan.to_str().unwrap();
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", plan_s]));
+
+    // A plan made for another cluster: refused, nothing created.
+    let other = dir.join("other.yaml");
+    let yaml = std::fs::read_to_string(&plan).unwrap();
+    let fp = yaml.lines().find_map(|l| l.trim().strip_prefix("fingerprint: ")).unwrap().to_string();
+    std::fs::write(&other, yaml.replace(&fp, "sha1:0000000000000000000000000000000000000000")).unwrap();
+    let o = kubeshift_on(&lab, &["migrate", "apply", "-f", other.to_str().unwrap(), "--yes"]);
+    assert!(
+        !o.status.success() && text(&o).contains("another cluster") || text(&o).contains("made for cluster"),
+        "{}",
+        text(&o)
+    );
+    let cms = Api::<ClusterMigration>::all(client.clone()).list(&ListParams::default()).await;
+    assert!(cms.map(|l| l.items.is_empty()).unwrap_or(true), "a refused plan created a ClusterMigration");
+
+    // Another run holds the Lease: refused, naming it.
+    let lock = Lock::acquire(&client, "someone-else@test", Duration::from_secs(60)).await.unwrap();
+    let o = kubeshift_on(&lab, &["migrate", "apply", "-f", plan_s, "--yes"]);
+    assert!(!o.status.success() && text(&o).contains("someone-else@test"), "{}", text(&o));
+    lock.release().await.unwrap();
+
+    // The whole job.
+    let junit = dir.join("gates.xml");
+    let o = kubeshift_on(&lab, &["migrate", "apply", "-f", plan_s, "--yes", "--junit", junit.to_str().unwrap()]);
+    assert!(o.status.success(), "migrate apply failed:\n{}", text(&o));
+    let nms = Api::<NodeMigration>::all(client.clone()).list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(nms.len(), 3);
+    for nm in &nms {
+        let st = nm.status.clone().unwrap_or_default();
+        assert_eq!(st.phase, "Done", "{}: {st:?}", nm.spec.node);
+        assert!(st.last_gate.as_ref().is_some_and(|g| g.passed), "{}: no passed gate recorded", nm.spec.node);
+        assert!(st.legacy_removed.is_some(), "{}: finish did not record the legacy removal", nm.spec.node);
+    }
+    let gates = std::fs::read_to_string(&junit).unwrap();
+    assert!(gates.contains("tests=\"4\" failures=\"0\""), "three node gates and finish's: {gates}");
+    let all = pods(&client).await;
+    assert!(
+        !all.iter().any(|p| p.metadata.name.as_deref().unwrap_or("").starts_with("kube-proxy")),
+        "a kube-proxy pod is left"
+    );
+    for (name, ip) in non_host_ips(&all) {
+        assert!(ip.starts_with("10.200."), "pod {name} is on {ip}, not kubeshift's range (plan target 10.200.0.0/16)");
+    }
+    for node in ["node-1", "node-2", "node-3"] {
+        for save in ["iptables-legacy-save", "iptables-nft-save"] {
+            let rules = in_node(&lab, node, &[save]);
+            let left: Vec<&str> = rules
+                .lines()
+                .filter(|l| {
+                    ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-NODEPORTS", "FLANNEL-"]
+                        .iter()
+                        .any(|c| l.starts_with(&format!(":{c}")))
+                })
+                .collect();
+            assert!(left.is_empty(), "{node} {save}: {left:?}");
+        }
+        let links = in_node(&lab, node, &["ip", "-o", "link", "show"]);
+        assert!(!links.contains("flannel.1") && !links.contains(" cni0"), "{node} keeps legacy links:\n{links}");
+    }
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["connectivity", "test"]));
+    let status =
+        run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "status", "-o", "json"]));
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(doc["cluster"]["phase"], "Finished", "{doc}");
+
+    // And all the way back.
+    let o = kubeshift_on(&lab, &["migrate", "rollback", "--all", "--yes"]);
+    assert!(o.status.success(), "migrate rollback failed:\n{}", text(&o));
+    for nm in Api::<NodeMigration>::all(client.clone()).list(&ListParams::default()).await.unwrap().items {
+        assert_eq!(nm.status.unwrap_or_default().phase, "RolledBack", "{}", nm.spec.node);
+    }
+    let all = pods(&client).await;
+    let kube_proxies =
+        all.iter().filter(|p| p.metadata.name.as_deref().unwrap_or("").starts_with("kube-proxy")).count();
+    assert_eq!(kube_proxies, 3, "kube-proxy back on every node");
+    for node in ["node-1", "node-2", "node-3"] {
+        let conf = std::fs::read_dir(kubeshift_lab::kubelet::node_root(&lab.name, node).join("etc/cni/net.d"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+            .collect::<Vec<_>>();
+        assert!(!conf.iter().any(|c| c.starts_with("00-kubeshift")), "{node}: kubeshift's conf left: {conf:?}");
+        assert!(conf.iter().any(|c| c.contains("flannel")), "{node}: the legacy conf is not back: {conf:?}");
+    }
+    // New pods land on the legacy network again, and the suite passes there.
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["connectivity", "test"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
