@@ -754,6 +754,13 @@ struct NodeLine {
     started: Option<String>,
     last_step: Option<String>,
     blocked: Option<String>,
+    /// The failure apply recorded (the step and what it said), until a rollback or a
+    /// resumed run clears it by getting past it.
+    failed: Option<String>,
+    /// `passed`/`FAILED`, when and where.
+    last_gate: Option<String>,
+    /// Per step of the latest forward run, and the total without the drain.
+    timings: String,
 }
 
 fn node_line(nm: &NodeMigration) -> NodeLine {
@@ -769,6 +776,16 @@ fn node_line(nm: &NodeMigration) -> NodeLine {
         started: st.history.first().map(|h| h.started_at.clone()),
         last_step: st.history.last().map(|h| format!("{} {}", kubeshift_node_migrator::next::name(h.step), h.summary)),
         blocked: st.blocked.clone(),
+        failed: st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+            .filter(|_| st.phase.starts_with("Failed"))
+            .map(|c| format!("{}: {}", c.reason, c.message)),
+        last_gate: st.last_gate.as_ref().map(|g| {
+            format!("{} at {} on {:?} ({} checks)", if g.passed { "passed" } else { "FAILED" }, g.at, g.nodes, g.checks)
+        }),
+        timings: node_seconds(&st),
     }
 }
 
@@ -805,7 +822,13 @@ fn table(lines: &[NodeLine]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{:<16} {:<14} {:<20} {:<6} LAST STEP / BLOCKED", "NODE", "WAVE", "PHASE", "READY");
     for l in lines {
-        let last = l.blocked.clone().map(|b| format!("BLOCKED: {b}")).or(l.last_step.clone()).unwrap_or_default();
+        let last = l
+            .blocked
+            .clone()
+            .map(|b| format!("BLOCKED: {b}"))
+            .or(l.failed.clone().map(|f| format!("FAILED: {}", f.lines().next().unwrap_or(""))))
+            .or(l.last_step.clone())
+            .unwrap_or_default();
         let _ = writeln!(s, "{:<16} {:<14} {:<20} {:<6} {last}", l.node, l.wave, l.phase, l.ready);
     }
     if lines.is_empty() {

@@ -148,3 +148,128 @@ async fn flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
     run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["connectivity", "test"]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn history_len(nm: Option<&NodeMigration>) -> usize {
+    nm.and_then(|n| n.status.as_ref()).map(|s| s.history.len()).unwrap_or(0)
+}
+
+/// The canary's apply killed with SIGKILL at every step boundary (each time its
+/// NodeMigration records one more step) and run again: the runs converge, every step is
+/// journalled exactly once, and a re-run takes over the dead run's Lease at once. Then
+/// a PodDisruptionBudget that forbids the drain of the next node ends that node's run
+/// with the PDB named and the node back as it was, and `rollback --node` returns the
+/// canary to the legacy datapath.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_applies_resume_to_the_same_end_and_a_blocked_drain_rolls_the_node_back() {
+    use k8s_openapi::api::core::v1::Node;
+    let lab = Lab::up("tmk", &["--nodes", "3", "--pools", "2"]);
+    let client = lab.client().await;
+    let dir = std::env::temp_dir().join(format!("ks-tmk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan_path = dir.join("plan.yaml");
+    let plan_s = plan_path.to_str().unwrap().to_string();
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", &plan_s]));
+    let plan = kubeshift_planner::plan::load_plan(&plan_path, None).unwrap();
+    let canary = plan.waves[0].batches[0].nodes[0].name.clone();
+    let nms: Api<NodeMigration> = Api::all(client.clone());
+
+    let mut kills = 0;
+    let mut resumes_ms = Vec::new();
+    let mut seen = 0;
+    let mut killed_at: Option<std::time::Instant> = None;
+    loop {
+        let mut child = kubeshift()
+            .arg("--kubeconfig")
+            .arg(lab.kubeconfig())
+            .args(["migrate", "apply", "-f", &plan_s, "--yes", "--until-wave", "canary"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The next boundary: one more journalled step, or the run's end.
+        let exited = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            let now = history_len(nms.get_opt(&canary).await.ok().flatten().as_ref());
+            if now > seen {
+                if let Some(t) = killed_at.take() {
+                    resumes_ms.push(t.elapsed().as_millis());
+                }
+                seen = now;
+                break None;
+            }
+            // Polling the object is the condition: the journal is what is awaited.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match exited {
+            Some(st) => {
+                let out = child.wait_with_output().unwrap();
+                assert!(st.success(), "the last resumed run failed:\n{}", text(&out));
+                break;
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                killed_at = Some(std::time::Instant::now());
+            }
+        }
+        assert!(kills < 30, "no convergence after {kills} kills");
+    }
+    eprintln!("kills: {kills}; kill -9 to the next journalled step (ms): {resumes_ms:?}");
+    let nm = nms.get(&canary).await.unwrap();
+    let st = nm.status.clone().unwrap();
+    assert_eq!(st.phase, "Done", "{st:?}");
+    assert!(kills >= nm.spec.steps.len() - 1, "killed at {kills} boundaries of {} steps", nm.spec.steps.len());
+    for step in &nm.spec.steps {
+        let n = st.history.iter().filter(|h| h.step == *step).count();
+        assert_eq!(n, 1, "{step:?} journalled {n} times: {:?}", st.history);
+    }
+
+    // A PDB allowing no disruption of the backend: the next node with a backend pod
+    // cannot be drained; it is rolled back and apply stops, naming the budget.
+    let backend: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), "demo-backend")
+        .list(&ListParams::default().labels("app=backend"))
+        .await
+        .unwrap()
+        .items;
+    let victim = backend
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .find(|n| *n != canary)
+        .expect("a backend pod off the canary");
+    let pdb = serde_json::json!({"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "no-disruption", "namespace": "demo-backend"},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "backend"}}}});
+    let pdbs: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "demo-backend",
+        &kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "policy",
+            "v1beta1",
+            "PodDisruptionBudget",
+        )),
+    );
+    pdbs.create(&Default::default(), &serde_json::from_value(pdb).unwrap()).await.unwrap();
+    let o =
+        kubeshift_on(&lab, &["migrate", "apply", "-f", &plan_s, "--yes", "--nodes", &victim, "--drain-timeout", "10s"]);
+    let said = text(&o);
+    assert!(!o.status.success(), "apply went on past a drain the PDB forbids:\n{said}");
+    assert!(said.contains("drain") && said.contains("rolled back"), "{said}");
+    let st = nms.get(&victim).await.unwrap().status.unwrap_or_default();
+    assert_eq!(st.phase, "RolledBack", "{st:?}");
+    let node = Api::<Node>::all(client.clone()).get(&victim).await.unwrap();
+    assert!(!node.spec.and_then(|s| s.unschedulable).unwrap_or(false), "{victim} left cordoned");
+    pdbs.delete("no-disruption", &Default::default()).await.unwrap();
+
+    // The canary alone goes back.
+    let o = kubeshift_on(&lab, &["migrate", "rollback", "--node", &canary, "--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = nms.get(&canary).await.unwrap().status.unwrap_or_default();
+    assert_eq!(st.phase, "RolledBack");
+    let labels = Api::<Node>::all(client.clone()).get(&canary).await.unwrap().metadata.labels.unwrap_or_default();
+    assert!(!labels.contains_key(kubeshift_node_migrator::daemonsets::NO_KUBE_PROXY), "{labels:?}");
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["connectivity", "test"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

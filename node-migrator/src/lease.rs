@@ -74,6 +74,29 @@ pub fn may_take(s: &LeaseSpec, me: &str, now: Timestamp) -> bool {
     }
 }
 
+/// Pure: the host and pid an [`identity`] names (`user@host pid N started …`).
+pub fn holder_process(holder: &str) -> Option<(&str, u32)> {
+    let (_, rest) = holder.split_once('@')?;
+    let (host, rest) = rest.split_once(" pid ")?;
+    let pid = rest.split_whitespace().next()?.parse().ok()?;
+    Some((host, pid))
+}
+
+/// Whether the holder was a kubeshift process on this very host that is no longer
+/// running (killed with -9, so it could not release): its lease need not be waited out.
+fn holder_gone_here(holder: &str) -> bool {
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let Some((host, pid)) = holder_process(holder) else { return false };
+    if host != me.trim() || pid == std::process::id() {
+        return false;
+    }
+    // A reused pid belongs to some other program: the holder is gone all the same.
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => !String::from_utf8_lossy(&cmd).contains("kubeshift"),
+        Err(_) => true,
+    }
+}
+
 impl Lock {
     /// Takes the lease or says who has it. `duration` is how long a dead holder blocks
     /// the next run; the holder renews at a third of it.
@@ -94,8 +117,15 @@ impl Lock {
             }
             Some(mut cur) => {
                 let s = cur.spec.clone().unwrap_or_default();
-                if !may_take(&s, holder, Timestamp::now()) {
+                let dead = s.holder_identity.as_deref().is_some_and(holder_gone_here);
+                if !may_take(&s, holder, Timestamp::now()) && !dead {
                     return Err(held(&s));
+                }
+                if dead {
+                    tracing::info!(
+                        "taking over the lease of {:?}: that process is no longer running",
+                        s.holder_identity
+                    );
                 }
                 let same = s.holder_identity.as_deref() == Some(holder);
                 let transitions = s.lease_transitions.unwrap_or(0) + i32::from(!same);
@@ -169,6 +199,15 @@ fn conflict_as_held(e: kube::Error, me: &str) -> LeaseError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holders_host_and_pid_are_read_back_from_its_identity() {
+        assert_eq!(holder_process("root@vm pid 4242 started 2026-12-02T19:00:00Z"), Some(("vm", 4242)));
+        assert_eq!(holder_process("someone-else@test"), None);
+        assert!(!holder_gone_here("someone-else@test"), "a holder that names no process is never presumed gone");
+        let me = identity();
+        assert!(!holder_gone_here(&me), "this process is not gone");
+    }
 
     fn lease(holder: &str, renewed_ago: i64, duration: i32) -> LeaseSpec {
         LeaseSpec {

@@ -45,7 +45,9 @@ pub fn baseline_name(plan: &str) -> String {
 /// verdict matrix kept in a ConfigMap so a resumed run (or another machine) has it.
 pub async fn take_baseline(cx: &Ctx, nodes: &[String]) -> Result<(String, Matrix)> {
     let nodes: Vec<String> = nodes.iter().take(BASELINE_NODES).cloned().collect();
-    let report = suite::run(&cx.client, &options(nodes.clone())).await.context("baseline connectivity suite")?;
+    let opts = options(nodes.clone());
+    kubeshift_connectivity_test::deploy::cleanup(&cx.client, &opts.deploy, Duration::from_secs(120)).await?;
+    let report = suite::run(&cx.client, &opts).await.context("baseline connectivity suite")?;
     anyhow::ensure!(
         report.passed(),
         "the baseline connectivity suite fails before anything changed (nodes {nodes:?}):\n{}\nFix the cluster first; nothing was migrated",
@@ -149,7 +151,11 @@ pub async fn node_gate(cx: &Ctx, node: &str) -> Result<GateRecord> {
 }
 
 pub async fn run_gate(cx: &Ctx, nodes: Vec<String>) -> Result<GateRecord> {
-    let report = suite::run(&cx.client, &options(nodes.clone())).await.with_context(|| format!("gate on {nodes:?}"))?;
+    let opts = options(nodes.clone());
+    // A run killed during a gate leaves the suite's namespaces: its bare pods would
+    // block the next drain, and the next gate starts clean.
+    kubeshift_connectivity_test::deploy::cleanup(&cx.client, &opts.deploy, Duration::from_secs(120)).await?;
+    let report = suite::run(&cx.client, &opts).await.with_context(|| format!("gate on {nodes:?}"))?;
     let baseline = cx.baseline.lock().unwrap().clone();
     let rec = record(&report, baseline.as_ref());
     cx.gates.lock().unwrap().push((nodes.join("+"), rec.clone()));
