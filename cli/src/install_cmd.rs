@@ -287,7 +287,8 @@ mod tests {
             args.join(" "),
             "agent --node $(NODE_NAME) --mode auto --metrics 0.0.0.0:9963 --pod-cidr 10.50.0.0/16 --tunnel-port 9000 \
              --vni 7 --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/kubeshift --cni-conf-dir /etc/cni/net.d \
-             --cni-socket /run/kubeshift/cni.sock --cni-data-dir /var/lib/cni/kubeshift --legacy-pod-cidr 10.244.0.0/16"
+             --cni-socket /run/kubeshift/cni.sock --cni-data-dir /var/lib/cni/kubeshift --state-dir /var/lib/kubeshift \
+             --legacy-pod-cidr 10.244.0.0/16"
         );
         // Every path flag names a mounted volume (a runtime translating hostPaths relies on it).
         let mounts: Vec<&str> =
