@@ -294,17 +294,7 @@ fn cluster_ips(ns: &Ns, table: &NftTable, warnings: &mut Vec<String>) -> Result<
 }
 
 fn list_nft_tables(ns: &Ns, warnings: &mut Vec<String>) -> Result<String, CleanupError> {
-    let ran = ns.run("nft", &["list".into(), "tables".into()], None)?;
-    if !ran.status.success() {
-        return Err(CleanupError::Read {
-            command: ran.command,
-            netns: ns.label.clone(),
-            status: ran.status.to_string(),
-            stderr: ran.stderr,
-        });
-    }
-    ran.warn_into(warnings);
-    Ok(ran.stdout)
+    ns.read("nft", &["list".into(), "tables".into()], warnings).map(|(_, out)| out)
 }
 
 fn flush_conntrack(ns: &Ns, plan: &ConntrackPlan) -> Result<Vec<ConntrackFlush>, CleanupError> {
@@ -364,6 +354,27 @@ impl Ns {
 
     fn parse_error(&self, command: &str, source: PlanError) -> CleanupError {
         CleanupError::Parse { command: command.to_string(), netns: self.label.clone(), source }
+    }
+
+    /// Runs a command that only reads; its stdout (and the command line), or a `Read`
+    /// error with what it said. stderr of a success goes to `warnings`.
+    pub(crate) fn read(
+        &self,
+        program: &str,
+        args: &[String],
+        warnings: &mut Vec<String>,
+    ) -> Result<(String, String), CleanupError> {
+        let ran = self.run(program, args, None)?;
+        if !ran.status.success() {
+            return Err(CleanupError::Read {
+                command: ran.command,
+                netns: self.label.clone(),
+                status: ran.status.to_string(),
+                stderr: ran.stderr,
+            });
+        }
+        ran.warn_into(warnings);
+        Ok((ran.command, ran.stdout))
     }
 
     pub(crate) fn run(&self, program: &str, args: &[String], stdin: Option<&str>) -> Result<Ran, CleanupError> {

@@ -92,18 +92,9 @@ pub fn legacy_routes(routes: &serde_json::Value, legacy: &[String]) -> Vec<Strin
 fn ip_json(ns: &Ns, args: &[&str], warnings: &mut Vec<String>) -> Result<serde_json::Value, CleanupError> {
     let mut all = vec!["-j".to_string()];
     all.extend(args.iter().map(|a| a.to_string()));
-    let ran = ns.run("ip", &all, None)?;
-    if !ran.status.success() {
-        return Err(CleanupError::Read {
-            command: ran.command,
-            netns: ns.label.clone(),
-            status: ran.status.to_string(),
-            stderr: ran.stderr,
-        });
-    }
-    ran.warn_into(warnings);
-    serde_json::from_str(&ran.stdout).map_err(|e| CleanupError::Postcondition {
-        command: ran.command,
+    let (command, stdout) = ns.read("ip", &all, warnings)?;
+    serde_json::from_str(&stdout).map_err(|e| CleanupError::Postcondition {
+        command,
         netns: ns.label.clone(),
         what: format!("output is not JSON: {e}"),
     })
