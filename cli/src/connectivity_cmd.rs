@@ -134,6 +134,7 @@ pub async fn run(args: ConnectivityArgs, cluster: &ClusterArgs, output: Option<O
                     agent_image,
                     agent_command: agent_command.split_whitespace().map(String::from).collect(),
                     nodes,
+                    host_port_base: kubeshift_connectivity_test::deploy::HOST_PORT_BASE,
                 },
                 probe_timeout,
                 settle,

@@ -112,6 +112,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Run by a container runtime as the `kubeshift` CNI plugin (no arguments, CNI_*
+    // in the environment): the binary is then its own `kubeshift-cni`, so a node whose
+    // CNI bin dir got this binary (the lab's image when only `-p kubeshift` was built)
+    // still wires pods.
+    if std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        let env = std::env::vars().collect();
+        let code =
+            kubeshift_datapath::cni::main_with(&env, &mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = parse_cli();
     // CNI plugins speak JSON on stdout and must not log there or start a runtime.
     if let Command::Lab(lab_cmd::LabArgs { command: lab_cmd::LabCommand::CniPlugin { name } }) = &cli.command {

@@ -4,6 +4,7 @@
 mod cluster;
 mod gate;
 mod phases;
+mod streams;
 
 use crate::kubeconfig::ClusterArgs;
 use crate::migrate_cmd::{ApplyArgs, OnGateFailure, Output, RollbackArgs, StatusArgs};
@@ -717,6 +718,24 @@ pub async fn rollback(a: RollbackArgs, cluster: &ClusterArgs) -> Result<()> {
             }
             drive(&cx, n).await?;
         }
+        // The rolled-back nodes with the suite, against prepare's baseline: the cluster
+        // is where it was, or the operator hears it now.
+        if let Some(last) = todo.last() {
+            if let Some(b) = cm.status.as_ref().and_then(|s| s.baseline.clone()) {
+                *cx.baseline.lock().unwrap() = Some(gate::load_baseline(&cx, &b).await?);
+            }
+            let g = gate::node_gate(&cx, last).await?;
+            cx.progress.line(&format!(
+                "rollback gate on {:?}: {} ({} checks, {} changed verdicts)",
+                g.nodes,
+                if g.passed { "passed" } else { "FAILED" },
+                g.checks,
+                g.changed_verdicts.len()
+            ));
+            if !g.passed {
+                return Err(GateFailed(g).into());
+            }
+        }
         if a.all {
             cluster::unprepare(&cx).await?;
         }
@@ -783,7 +802,18 @@ fn node_line(nm: &NodeMigration) -> NodeLine {
             .filter(|_| st.phase.starts_with("Failed"))
             .map(|c| format!("{}: {}", c.reason, c.message)),
         last_gate: st.last_gate.as_ref().map(|g| {
-            format!("{} at {} on {:?} ({} checks)", if g.passed { "passed" } else { "FAILED" }, g.at, g.nodes, g.checks)
+            let conns = g
+                .connections
+                .as_ref()
+                .map(|c| format!("; {} long-lived connections judged, {} ended by design", c.judged, c.ended_by_design))
+                .unwrap_or_default();
+            format!(
+                "{} at {} on {:?} ({} checks{conns})",
+                if g.passed { "passed" } else { "FAILED" },
+                g.at,
+                g.nodes,
+                g.checks
+            )
         }),
         timings: node_seconds(&st),
     }

@@ -15,6 +15,25 @@ fn unknown_cni_is_refused_and_nothing_is_created() {
     assert!(kubeshift_lab::down::leftovers("tbadcni").is_empty());
 }
 
+/// A node whose CNI bin dir got the `kubeshift` binary itself (the lab's image when
+/// only `-p kubeshift` was built) still has a working plugin: run with no arguments and
+/// CNI_COMMAND set, kubeshift answers as the CNI plugin, not with its usage.
+#[test]
+fn kubeshift_without_arguments_under_cni_command_is_the_cni_plugin() {
+    use std::io::Write;
+    let mut child = kubeshift()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"].as_array().is_some_and(|a| a.iter().any(|x| x == "1.1.0")), "{v}");
+}
+
 #[test]
 fn status_of_a_lab_that_is_not_up_says_so() {
     let out = kubeshift().args(["lab", "status", "--name", "tnothere"]).output().unwrap();

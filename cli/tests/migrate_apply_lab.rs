@@ -93,6 +93,12 @@ async fn whole_job_flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
         assert_eq!(st.phase, "Done", "{}: {st:?}", nm.spec.node);
         assert!(st.last_gate.as_ref().is_some_and(|g| g.passed), "{}: no passed gate recorded", nm.spec.node);
         assert!(st.legacy_removed.is_some(), "{}: finish did not record the legacy removal", nm.spec.node);
+        // Of the 9 long-lived connections (3 per node), those of the node's own pods and
+        // host and those to its replaced pods end by design; the other 4, between pods
+        // on the other two nodes (one of them on kubeshift's network after the first
+        // node), survived the node's step.
+        let conns = st.last_gate.as_ref().and_then(|g| g.connections.clone()).unwrap_or_default();
+        assert_eq!((conns.judged, conns.ended_by_design), (4, 5), "{}: {:?}", nm.spec.node, st.last_gate);
     }
     let gates = std::fs::read_to_string(&junit).unwrap();
     assert!(gates.contains("tests=\"4\" failures=\"0\""), "three node gates and finish's: {gates}");

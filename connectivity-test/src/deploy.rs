@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 pub const PART_OF: &str = "kubeshift-connectivity";
 pub const POD_PORTS: (u16, u16) = (8080, 8081);
-pub const HOST_PORTS: (u16, u16) = (40080, 40081);
+/// The host-network endpoints' ports unless configured otherwise: TCP, UDP, then the
+/// stream echo.
+pub const HOST_PORT_BASE: u16 = 40080;
 /// The agents' line-echo port, end of the conn-disrupt connections.
 pub const STREAM_PORT: u16 = 8082;
-pub const HOST_STREAM_PORT: u16 = 40082;
 
 #[derive(Debug, Clone)]
 pub struct DeployConfig {
@@ -26,6 +27,21 @@ pub struct DeployConfig {
     pub agent_command: Vec<String>,
     /// Nodes to place endpoints on; empty = the first two Ready nodes.
     pub nodes: Vec<String>,
+    /// The host-network endpoints' TCP port; UDP and the stream echo take the next two.
+    /// Two suites on one node at once (a migration's gate beside its long-lived
+    /// connections) need different ones.
+    pub host_port_base: u16,
+}
+
+impl DeployConfig {
+    /// (TCP, UDP, stream) ports of an endpoint.
+    pub fn ports(&self, host: bool) -> (u16, u16, u16) {
+        if host {
+            (self.host_port_base, self.host_port_base + 1, self.host_port_base + 2)
+        } else {
+            (POD_PORTS.0, POD_PORTS.1, STREAM_PORT)
+        }
+    }
 }
 
 /// One test endpoint as deployed: a pod (or host-network pod) that echoes and probes.
@@ -146,7 +162,7 @@ pub fn peer_namespace(cfg: &DeployConfig) -> String {
 }
 
 fn pod_manifest(cfg: &DeployConfig, pod_ns: &str, server: &str, name: &str, node: &str, host: bool) -> Value {
-    let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
+    let (tcp, udp, stream) = cfg.ports(host);
     let mut agent_args = vec![
         "connectivity".to_string(),
         "agent".into(),
@@ -159,7 +175,7 @@ fn pod_manifest(cfg: &DeployConfig, pod_ns: &str, server: &str, name: &str, node
         "--server".into(),
         server.to_string(),
         "--stream-port".into(),
-        (if host { HOST_STREAM_PORT } else { STREAM_PORT }).to_string(),
+        stream.to_string(),
     ];
     let mut command = cfg.agent_command.clone();
     command.append(&mut agent_args);
@@ -284,7 +300,7 @@ pub async fn wait_endpoints(
                                 .map(|p| p as u16),
                         )
                     };
-                    let (tcp, udp) = if host { HOST_PORTS } else { POD_PORTS };
+                    let (tcp, udp, _) = cfg.ports(host);
                     out.push(Endpoint {
                         key: if host { format!("{node}/host") } else { format!("{node}/pod-{i}") },
                         pod: name,

@@ -20,11 +20,21 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// One long-lived connection: which pod keeps it, and the endpoint pod behind the
+/// Service it goes to.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub from_pod: String,
+    pub from_node: String,
+    pub to_pod: String,
+    pub spec: StreamSpec,
+}
+
 /// Which agent keeps which connection: every first pod of a node to the other node's
 /// first pod and to its own node's second pod, and each node's host to the other
 /// node's first pod — all through ClusterIPs.
-pub fn plan(eps: &[Endpoint]) -> BTreeMap<String, Vec<StreamSpec>> {
-    let mut out: BTreeMap<String, Vec<StreamSpec>> = BTreeMap::new();
+pub fn streams(eps: &[Endpoint]) -> Vec<Stream> {
+    let mut out = vec![];
     let find = |key: &str| eps.iter().find(|e| e.key == key);
     let mut nodes: Vec<&str> = vec![];
     for e in eps {
@@ -42,12 +52,26 @@ pub fn plan(eps: &[Endpoint]) -> BTreeMap<String, Vec<StreamSpec>> {
         for (from, to) in targets {
             let (Some(f), Some(t)) = (find(&from), find(&to)) else { continue };
             let Some(vip) = &t.service_ip else { continue };
-            out.entry(f.pod.clone()).or_default().push(StreamSpec {
-                id: format!("{} -> svc-{} ({vip}:{STREAM_PORT})", f.key, t.pod),
-                addr: vip.clone(),
-                port: STREAM_PORT,
+            out.push(Stream {
+                from_pod: f.pod.clone(),
+                from_node: f.node.clone(),
+                to_pod: t.pod.clone(),
+                spec: StreamSpec {
+                    id: format!("{} -> svc-{} ({vip}:{STREAM_PORT})", f.key, t.pod),
+                    addr: vip.clone(),
+                    port: STREAM_PORT,
+                },
             });
         }
+    }
+    out
+}
+
+/// [`streams`] by the pod that keeps them.
+pub fn plan(eps: &[Endpoint]) -> BTreeMap<String, Vec<StreamSpec>> {
+    let mut out: BTreeMap<String, Vec<StreamSpec>> = BTreeMap::new();
+    for s in streams(eps) {
+        out.entry(s.from_pod).or_default().push(s.spec);
     }
     out
 }
@@ -125,14 +149,28 @@ fn failure(s: &StreamStatus, why: &str) -> Failure {
 
 /// Every connection set up earlier is still the same connection, still echoing.
 pub async fn check(client: &Client, ns: &str, eps: &[Endpoint]) -> Result<ScenarioOutcome> {
-    let plan = plan(eps);
-    let pods: Vec<String> = plan.keys().cloned().collect();
-    let want: usize = plan.values().map(|v| v.len()).sum();
+    check_where(client, ns, eps, |_| true).await
+}
+
+/// [`check`] of the connections `judged` keeps: a migration leaves out those that end
+/// by design (their pod was drained and replaced).
+pub async fn check_where(
+    client: &Client,
+    ns: &str,
+    eps: &[Endpoint],
+    judged: impl Fn(&Stream) -> bool,
+) -> Result<ScenarioOutcome> {
+    let kept: Vec<Stream> = streams(eps).into_iter().filter(|s| judged(s)).collect();
+    let ids: std::collections::BTreeSet<&str> = kept.iter().map(|s| s.spec.id.as_str()).collect();
+    let mut pods: Vec<String> = kept.iter().map(|s| s.from_pod.clone()).collect();
+    pods.dedup();
+    let want = kept.len();
     // Reports are written every second; give a live connection a moment to show it.
     let since = now_ms();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let st = statuses(client, ns, &pods).await?;
+        let st: Vec<StreamStatus> =
+            statuses(client, ns, &pods).await?.into_iter().filter(|s| ids.contains(s.id.as_str())).collect();
         let mut failures: Vec<Failure> = vec![];
         for s in &st {
             if let Some(b) = &s.broken {

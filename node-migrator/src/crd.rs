@@ -113,6 +113,19 @@ pub struct GateRecord {
     /// Verdicts that differ from the baseline taken in prepare.
     pub changed_verdicts: Vec<String>,
     pub seconds: f64,
+    /// The long-lived connections opened in prepare, as this gate found them.
+    #[serde(default)]
+    pub connections: Option<ConnectionsRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsRecord {
+    /// Judged, each still the same live connection unless listed in the failures.
+    pub judged: usize,
+    /// Not judged: their pod was drained and replaced, or they start on the node just
+    /// migrated (its host's service connections lose kube-proxy's conntrack entries).
+    pub ended_by_design: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -212,8 +212,10 @@ pub async fn prepare(cx: &Ctx) -> Result<()> {
     }
 
     cx.progress.line("prepare: baseline connectivity suite on the legacy datapath");
-    let nodes = cx.plan_nodes();
-    let (name, matrix) = gate::take_baseline(cx, &nodes).await?;
+    let (name, matrix) = gate::take_baseline(cx).await?;
+    let nodes = gate::baseline_nodes(cx);
+    let n = super::streams::open(cx, &nodes).await?;
+    cx.progress.line(&format!("prepare: {n} long-lived connections opened between pods on {nodes:?}"));
     *cx.baseline.lock().unwrap() = Some(matrix);
     status.baseline = Some(name);
     status.phase = "Prepared".into();
@@ -286,10 +288,11 @@ pub async fn finish(cx: &Ctx) -> Result<()> {
 
     let nodes: Vec<String> = cx.plan_nodes().into_iter().take(2).collect();
     cx.progress.line(&format!("finish: last gate on {nodes:?}"));
-    let g = gate::run_gate(cx, nodes).await?;
+    let g = gate::run_gate(cx, nodes, None).await?;
     if !g.passed {
         return Err(super::GateFailed(g).into());
     }
+    super::streams::close(cx).await?;
     status.phase = "Finished".into();
     set_status(cx, &status).await?;
     Ok(())
@@ -383,6 +386,7 @@ pub async fn unprepare(cx: &Ctx) -> Result<()> {
         daemonsets::restore(&cx.client, ns, name, before).await?;
     }
     status.changed.retain(|c| c.change != "node-affinity");
+    super::streams::close(cx).await?;
     status.phase = "RolledBack".into();
     set_status(cx, &status).await?;
     Ok(())

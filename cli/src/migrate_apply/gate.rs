@@ -17,15 +17,26 @@ const BASELINE_KEY: &str = "matrix.json";
 /// square of the nodes); gates of nodes beyond it compare the pairs both runs share.
 const BASELINE_NODES: usize = 8;
 
+/// The suite's pods in `namespace`: the gates', and the long-lived connections'.
+pub fn deploy_config(namespace: &str, nodes: Vec<String>, host_port_base: u16) -> DeployConfig {
+    DeployConfig {
+        host_port_base,
+        namespace: namespace.into(),
+        echo_image: "registry.k8s.io/e2e-test-images/agnhost:2.39".into(),
+        agent_image: crate::install_cmd::DEFAULT_IMAGE.into(),
+        agent_command: vec!["kubeshift".into()],
+        nodes,
+    }
+}
+
+/// The nodes the baseline and the long-lived connections span.
+pub fn baseline_nodes(cx: &Ctx) -> Vec<String> {
+    cx.plan_nodes().into_iter().take(BASELINE_NODES).collect()
+}
+
 fn options(nodes: Vec<String>) -> SuiteOptions {
     SuiteOptions {
-        deploy: DeployConfig {
-            namespace: "kubeshift-gate".into(),
-            echo_image: "registry.k8s.io/e2e-test-images/agnhost:2.39".into(),
-            agent_image: crate::install_cmd::DEFAULT_IMAGE.into(),
-            agent_command: vec!["kubeshift".into()],
-            nodes,
-        },
+        deploy: deploy_config("kubeshift-gate", nodes, kubeshift_connectivity_test::deploy::HOST_PORT_BASE),
         probe_timeout: Duration::from_secs(2),
         filter: None,
         keep: false,
@@ -43,8 +54,8 @@ pub fn baseline_name(plan: &str) -> String {
 
 /// prepare's baseline: the suite across the plan's nodes on the legacy datapath, its
 /// verdict matrix kept in a ConfigMap so a resumed run (or another machine) has it.
-pub async fn take_baseline(cx: &Ctx, nodes: &[String]) -> Result<(String, Matrix)> {
-    let nodes: Vec<String> = nodes.iter().take(BASELINE_NODES).cloned().collect();
+pub async fn take_baseline(cx: &Ctx) -> Result<(String, Matrix)> {
+    let nodes = baseline_nodes(cx);
     let opts = options(nodes.clone());
     kubeshift_connectivity_test::deploy::cleanup(&cx.client, &opts.deploy, Duration::from_secs(120)).await?;
     let report = suite::run(&cx.client, &opts).await.context("baseline connectivity suite")?;
@@ -116,6 +127,7 @@ fn record(report: &SuiteReport, baseline: Option<&Matrix>) -> GateRecord {
         failures,
         changed_verdicts: changed,
         seconds: report.seconds,
+        connections: None,
     }
 }
 
@@ -144,20 +156,32 @@ pub async fn peer_for(cx: &Ctx, node: &str) -> Result<String> {
         .with_context(|| format!("no other node to run node {node}'s gate with"))
 }
 
-/// One node's gate: the suite on it and its peer, compared with the baseline.
+/// One node's gate: the suite on it and its peer, compared with the baseline, and the
+/// long-lived connections elsewhere unbroken.
 pub async fn node_gate(cx: &Ctx, node: &str) -> Result<GateRecord> {
     let peer = peer_for(cx, node).await?;
-    run_gate(cx, vec![node.to_string(), peer]).await
+    run_gate(cx, vec![node.to_string(), peer], Some(node)).await
 }
 
-pub async fn run_gate(cx: &Ctx, nodes: Vec<String>) -> Result<GateRecord> {
+/// The suite on `nodes` and, beside it, the check of the long-lived connections after
+/// `migrated`'s step (None: after finish).
+pub async fn run_gate(cx: &Ctx, nodes: Vec<String>, migrated: Option<&str>) -> Result<GateRecord> {
     let opts = options(nodes.clone());
     // A run killed during a gate leaves the suite's namespaces: its bare pods would
     // block the next drain, and the next gate starts clean.
     kubeshift_connectivity_test::deploy::cleanup(&cx.client, &opts.deploy, Duration::from_secs(120)).await?;
-    let report = suite::run(&cx.client, &opts).await.with_context(|| format!("gate on {nodes:?}"))?;
+    let conn_nodes = baseline_nodes(cx);
+    let (report, conns) = tokio::join!(
+        async { suite::run(&cx.client, &opts).await.with_context(|| format!("gate on {nodes:?}")) },
+        super::streams::check_and_reopen(cx, &conn_nodes, migrated)
+    );
     let baseline = cx.baseline.lock().unwrap().clone();
-    let rec = record(&report, baseline.as_ref());
+    let mut rec = record(&report?, baseline.as_ref());
+    let (conns, broken) = conns?;
+    rec.passed &= broken.is_empty();
+    rec.checks += conns.judged;
+    rec.failures.extend(broken);
+    rec.connections = Some(conns);
     cx.gates.lock().unwrap().push((nodes.join("+"), rec.clone()));
     Ok(rec)
 }
@@ -217,6 +241,7 @@ mod tests {
             failures: vec![],
             changed_verdicts: vec![],
             seconds: 1.0,
+            connections: None,
         };
         let bad = GateRecord { passed: false, failures: vec!["x -> <y>".into()], ..ok.clone() };
         let x = junit(&[("a+b".into(), ok), ("a+c".into(), bad)]);

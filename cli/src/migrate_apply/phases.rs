@@ -7,7 +7,7 @@
 //! | step | forward | inverse | postcondition |
 //! |---|---|---|---|
 //! | cordon | node unschedulable | schedulable again, if cordon made it so | `spec.unschedulable` |
-//! | drain | evict (PDB-aware) | nothing: controllers recreated the pods elsewhere | no pod left to evict |
+//! | drain | kubeshift's connection pods deleted, the rest evicted (PDB-aware) | nothing: controllers recreated the pods elsewhere | no pod left to evict |
 //! | install-datapath | (agent deployed in prepare) | nothing | the node's agent Ready |
 //! | switch-pods | label active; legacy-addressed pods recreated | label standby; kubeshift-addressed pods recreated | agent reports active / standby |
 //! | take-over-services | kube-proxy's pod leaves (node label) | label removed | kube-proxy's pod gone / Ready again |
@@ -61,13 +61,17 @@ pub async fn run(cx: &Ctx, nm: &NodeMigration, step: StepAction, direction: Dire
             Ok((json!({}), "cordoned again while the node goes back".into()))
         }
         (StepAction::Drain, Direction::Forward) => {
+            let released = super::streams::release(cx, node).await?;
             let report = drain::drain(&cx.client, node, cx.drain_timeout, cx.force).await?;
             let summary = format!(
-                "{} pods evicted, {} left (DaemonSet, mirror, host network)",
+                "{} pods evicted, {} left (DaemonSet, mirror, host network), {} connection pods of kubeshift's deleted",
                 report.evicted.len(),
-                report.kept.len()
+                report.kept.len(),
+                released.len()
             );
-            Ok((serde_json::to_value(&report)?, summary))
+            let mut record = serde_json::to_value(&report)?;
+            record["released"] = json!(released);
+            Ok((record, summary))
         }
         (StepAction::InstallDatapath, Direction::Forward) => {
             daemonsets::wait_ready_on(&cx.client, AGENT_NS, AGENT_DS, node, AGENT_WAIT).await?;
@@ -115,7 +119,12 @@ async fn switch(cx: &Ctx, node: &str, active: bool) -> Result<(Value, String)> {
         .await
         .with_context(|| format!("labelling node {node} {MODE_LABEL}={mode}"))?;
     wait_agent_mode(cx, node, active).await?;
-    let recreated = recreate_pods(cx, node, active).await?;
+    let mut recreated = recreate_pods(cx, node, active).await?;
+    if !active {
+        // Bare pods of kubeshift's own: recreate_pods leaves bare pods alone, and the
+        // next gate brings these back on the legacy network.
+        recreated.extend(super::streams::release(cx, node).await?);
+    }
     let summary = format!(
         "agent {mode}; {} pods recreated on the {} network",
         recreated.len(),

@@ -128,9 +128,8 @@ pub fn resolve(ctx: &NodeCtx, r: &ResolveInput) -> Result<Program> {
 
 /// The kubeshift image's own binaries (`/usr/local/bin/kubeshift*`, see Containerfile)
 /// are the ones built next to this binary. The CNI plugin (`kubeshift-cni`) is another
-/// cargo target: when it was not built, this binary stands in for it so the agent's
-/// init container still runs (nothing calls the plugin while the node is in standby),
-/// and the kubelet log says so.
+/// cargo target: when it was not built, this binary stands in for it (run with no
+/// arguments and CNI_COMMAND set, `kubeshift` is the plugin), and the kubelet log says so.
 fn kubeshift_image_path(ctx: &NodeCtx, a: &str) -> String {
     let Some(name) = a.strip_prefix("/usr/local/bin/").filter(|n| n.starts_with("kubeshift")) else {
         return a.to_string();
