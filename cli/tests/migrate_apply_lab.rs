@@ -1,5 +1,5 @@
 //! `kubeshift migrate apply` and `rollback` end to end on a real 3-node Flannel lab
-//! (two pools; real apiserver, controllers, kube-proxy writing real iptables rules, the
+//! (one control-plane node with kubeadm's labels and taint, two workers in two pools; real apiserver, controllers, kube-proxy writing real iptables rules, the
 //! flanneld stand-in, kubeshift's agent DaemonSet):
 //!
 //! - refused without changing anything: a plan for another cluster, and a second apply
@@ -54,7 +54,7 @@ fn non_host_ips(pods: &[Pod]) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_job_flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
-    let lab = Lab::up("tma", &["--nodes", "3", "--pools", "2"]);
+    let lab = Lab::up("tma", &["--nodes", "3", "--pools", "2", "--control-plane-nodes", "1"]);
     let client = lab.client().await;
     let dir = std::env::temp_dir().join(format!("ks-tma-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -99,6 +99,21 @@ async fn whole_job_flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
         // node), survived the node's step.
         let conns = st.last_gate.as_ref().and_then(|g| g.connections.clone()).unwrap_or_default();
         assert_eq!((conns.judged, conns.ended_by_design), (4, 5), "{}: {:?}", nm.spec.node, st.last_gate);
+    }
+    // Control plane last, for real: its first step started after every worker's last.
+    let plan_doc = kubeshift_planner::plan::load_plan(&plan, None).unwrap();
+    let last_wave = plan_doc.waves.last().unwrap();
+    assert_eq!(last_wave.name, "control-plane", "{:?}", plan_doc.waves.iter().map(|w| &w.name).collect::<Vec<_>>());
+    let cp = &last_wave.batches[0].nodes[0].name;
+    let cp_start =
+        nms.iter().find(|m| &m.spec.node == cp).unwrap().status.as_ref().unwrap().history[0].started_at.clone();
+    for nm in nms.iter().filter(|m| &m.spec.node != cp) {
+        let end = nm.status.as_ref().unwrap().history.last().unwrap().finished_at.clone();
+        assert!(
+            end <= cp_start,
+            "worker {} finished at {end}, after the control plane started at {cp_start}",
+            nm.spec.node
+        );
     }
     let gates = std::fs::read_to_string(&junit).unwrap();
     assert!(gates.contains("tests=\"4\" failures=\"0\""), "three node gates and finish's: {gates}");
