@@ -294,3 +294,92 @@ async fn whole_job_killed_applies_resume_and_a_blocked_drain_rolls_the_node_back
     run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["connectivity", "test"]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Calico lab (policy enforced by the calico-node stand-in from the lab's
+/// NetworkPolicies): a gate made to fail (a DROP, in every other node's netns, of
+/// forwarded TCP to kubeshift's pod range: the baseline on the legacy range passes, the
+/// canary's gate does not) rolls the canary back and stops before any other node. With
+/// the DROP gone the same plan runs whole: every node Done, no kube-proxy chain, no
+/// Calico device, chain or conf file left, and the suite, policy scenarios included,
+/// gives the verdicts it gave before the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_job_calico_lab_a_failed_gate_rolls_back_then_the_run_keeps_every_verdict() {
+    let lab = Lab::up("tmc", &["--nodes", "3", "--cni", "calico"]);
+    let client = lab.client().await;
+    let dir = std::env::temp_dir().join(format!("ks-tmc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan_path = dir.join("plan.yaml");
+    let plan_s = plan_path.to_str().unwrap().to_string();
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", &plan_s]));
+    let plan = kubeshift_planner::plan::load_plan(&plan_path, None).unwrap();
+    let canary = plan.waves[0].batches[0].nodes[0].name.clone();
+    let target = plan.target.pod_cidr.to_string();
+    let cidr: kubeshift_datapath::overlay::Cidr = target.parse().unwrap();
+    let before = dir.join("before.json");
+    let o = kubeshift_on(&lab, &["connectivity", "test", "--save", before.to_str().unwrap()]);
+    assert!(o.status.success() && !text(&o).contains("SKIP"), "baseline with policies enforced:\n{}", text(&o));
+
+    let others = ["node-1", "node-2", "node-3"].into_iter().filter(|n| *n != canary).collect::<Vec<_>>();
+    let drop = ["FORWARD", "-d", &target, "-p", "tcp", "-j", "DROP"];
+    for n in &others {
+        let args: Vec<&str> = ["iptables", "-I"].into_iter().chain(drop).collect();
+        in_node(&lab, n, &args);
+        assert!(in_node(&lab, n, &["iptables-save"]).contains(&format!("-d {target} -p tcp -j DROP")), "{n}");
+    }
+    let o = kubeshift_on(&lab, &["migrate", "apply", "-f", &plan_s, "--yes"]);
+    let said = text(&o);
+    assert!(!o.status.success(), "apply went on past a failed gate:\n{said}");
+    assert!(said.contains("connectivity-gate") && said.contains("rolling the node back"), "{said}");
+    let nms: Api<NodeMigration> = Api::all(client.clone());
+    let st = nms.get(&canary).await.unwrap().status.unwrap_or_default();
+    assert_eq!(st.phase, "RolledBack", "{st:?}");
+    assert!(st.last_gate.as_ref().is_some_and(|g| !g.passed && !g.failures.is_empty()), "{:?}\n{said}", st.last_gate);
+    for n in &others {
+        let started = nms.get_opt(n).await.unwrap().and_then(|m| m.status).and_then(|s| s.reached);
+        assert!(started.is_none(), "{n} started after the canary's gate failed: {started:?}");
+    }
+
+    for n in &others {
+        let args: Vec<&str> = ["iptables", "-D"].into_iter().chain(drop).collect();
+        in_node(&lab, n, &args);
+    }
+    let o = kubeshift_on(&lab, &["migrate", "apply", "-f", &plan_s, "--yes"]);
+    assert!(o.status.success(), "the second apply failed:\n{}", text(&o));
+    for nm in nms.list(&ListParams::default()).await.unwrap().items {
+        let st = nm.status.unwrap_or_default();
+        assert_eq!(st.phase, "Done", "{}: {st:?}", nm.spec.node);
+        assert!(st.last_gate.is_some_and(|g| g.passed), "{}", nm.spec.node);
+    }
+    let all = pods(&client).await;
+    assert!(!all.iter().any(|p| p.metadata.name.as_deref().unwrap_or("").starts_with("kube-proxy")));
+    assert!(!all.iter().any(|p| p.metadata.name.as_deref().unwrap_or("").starts_with("calico-node")));
+    for (name, ip) in non_host_ips(&all) {
+        assert!(cidr.contains(ip.parse().unwrap()), "pod {name} is on {ip}, not kubeshift's {target}");
+    }
+    for node in ["node-1", "node-2", "node-3"] {
+        for save in ["iptables-legacy-save", "iptables-nft-save"] {
+            let left: Vec<String> = in_node(&lab, node, &[save])
+                .lines()
+                .filter(|l| {
+                    ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "cali-"].iter().any(|c| l.starts_with(&format!(":{c}")))
+                })
+                .map(String::from)
+                .collect();
+            assert!(left.is_empty(), "{node} {save}: {left:?}");
+        }
+        let links = in_node(&lab, node, &["ip", "-o", "link", "show"]);
+        assert!(
+            !links.contains("vxlan.calico") && !links.contains("tunl0") && !links.contains(": cali"),
+            "{node} keeps Calico's links:\n{links}"
+        );
+        let conf = std::fs::read_dir(kubeshift_lab::kubelet::node_root(&lab.name, node).join("etc/cni/net.d"))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+            .collect::<Vec<_>>();
+        assert!(!conf.iter().any(|c| c.contains("calico")), "{node} keeps Calico's conf: {conf:?}");
+    }
+    let o = kubeshift_on(&lab, &["connectivity", "test", "--compare", before.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success() && !t.contains("SKIP") && t.contains("no verdict changed"), "{t}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -119,12 +119,13 @@ async fn switch(cx: &Ctx, node: &str, active: bool) -> Result<(Value, String)> {
         .await
         .with_context(|| format!("labelling node {node} {MODE_LABEL}={mode}"))?;
     wait_agent_mode(cx, node, active).await?;
-    let mut recreated = recreate_pods(cx, node, active).await?;
+    let mut recreated = vec![];
     if !active {
-        // Bare pods of kubeshift's own: recreate_pods leaves bare pods alone, and the
-        // next gate brings these back on the legacy network.
+        // Bare pods of kubeshift's own, which recreate_pods would leave alone: the next
+        // gate brings them back on the legacy network.
         recreated.extend(super::streams::release(cx, node).await?);
     }
+    recreated.extend(recreate_pods(cx, node, active).await?);
     let summary = format!(
         "agent {mode}; {} pods recreated on the {} network",
         recreated.len(),

@@ -60,13 +60,27 @@ async fn pod_uids(cx: &Ctx) -> Result<BTreeMap<String, String>> {
 
 /// Opens a new generation of connections on `nodes` and records the pods they run in.
 pub async fn open(cx: &Ctx, nodes: &[String]) -> Result<usize> {
+    let (n, failures) = try_open(cx, nodes).await?;
+    ensure!(
+        failures.is_empty(),
+        "long-lived connections between {nodes:?} could not be opened: {}",
+        failures.join("; ")
+    );
+    Ok(n)
+}
+
+/// [`open`], the connections that could not be opened returned as failures (a gate's).
+async fn try_open(cx: &Ctx, nodes: &[String]) -> Result<(usize, Vec<String>)> {
     let eps = endpoints(cx, nodes).await?;
     let setup = disrupt::setup(&cx.client, NAMESPACE, &eps, Duration::from_secs(60)).await?;
-    ensure!(
-        setup.failures.is_empty(),
-        "long-lived connections between {nodes:?} could not be opened: {}",
-        setup.failures.iter().map(|f| format!("{} -> {}: {}", f.from, f.to, f.detail)).collect::<Vec<_>>().join("; ")
-    );
+    if !setup.failures.is_empty() {
+        let failures = setup
+            .failures
+            .iter()
+            .map(|f| format!("long-lived connection {} -> {} could not be opened: {}", f.from, f.to, f.detail))
+            .collect();
+        return Ok((setup.checks, failures));
+    }
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": PODS_CONFIGMAP, "namespace": NAMESPACE},
@@ -76,7 +90,7 @@ pub async fn open(cx: &Ctx, nodes: &[String]) -> Result<usize> {
         .patch(PODS_CONFIGMAP, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm))
         .await
         .with_context(|| format!("recording the connections' pods in ConfigMap {NAMESPACE}/{PODS_CONFIGMAP}"))?;
-    Ok(setup.checks)
+    Ok((setup.checks, vec![]))
 }
 
 /// Pure: whether a connection opened when the pods had `opened` UIDs is still judged,
@@ -119,7 +133,7 @@ pub async fn check_and_reopen(
     }
     // After finish nothing follows to open them for.
     if failures.is_empty() && migrated.is_some() {
-        open(cx, nodes).await?;
+        failures.extend(try_open(cx, nodes).await?.1);
     }
     Ok((record, failures))
 }
