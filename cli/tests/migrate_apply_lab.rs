@@ -52,6 +52,26 @@ fn non_host_ips(pods: &[Pod]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A lab and its plan: the lab, a scratch dir, the plan file (as a string for the
+/// command line) and the plan read back.
+struct Planned {
+    lab: Lab,
+    dir: std::path::PathBuf,
+    plan_s: String,
+    plan: kubeshift_planner::plan::Plan,
+}
+
+fn planned(name: &str, args: &[&str]) -> Planned {
+    let lab = Lab::up(name, args);
+    let dir = std::env::temp_dir().join(format!("ks-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan_path = dir.join("plan.yaml");
+    let plan_s = plan_path.to_str().unwrap().to_string();
+    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", &plan_s]));
+    let plan = kubeshift_planner::plan::load_plan(&plan_path, None).unwrap();
+    Planned { lab, dir, plan_s, plan }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_job_flannel_lab_migrates_node_by_node_and_rolls_back_whole() {
     let lab = Lab::up("tma", &["--nodes", "3", "--pools", "2", "--control-plane-nodes", "1"]);
@@ -183,14 +203,8 @@ fn history_len(nm: Option<&NodeMigration>) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_job_killed_applies_resume_and_a_blocked_drain_rolls_the_node_back() {
     use k8s_openapi::api::core::v1::Node;
-    let lab = Lab::up("tmk", &["--nodes", "3", "--pools", "2"]);
+    let Planned { lab, dir, plan_s, plan } = planned("tmk", &["--nodes", "3", "--pools", "2"]);
     let client = lab.client().await;
-    let dir = std::env::temp_dir().join(format!("ks-tmk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let plan_path = dir.join("plan.yaml");
-    let plan_s = plan_path.to_str().unwrap().to_string();
-    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", &plan_s]));
-    let plan = kubeshift_planner::plan::load_plan(&plan_path, None).unwrap();
     let canary = plan.waves[0].batches[0].nodes[0].name.clone();
     let nms: Api<NodeMigration> = Api::all(client.clone());
 
@@ -304,14 +318,8 @@ async fn whole_job_killed_applies_resume_and_a_blocked_drain_rolls_the_node_back
 /// gives the verdicts it gave before the migration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_job_calico_lab_a_failed_gate_rolls_back_then_the_run_keeps_every_verdict() {
-    let lab = Lab::up("tmc", &["--nodes", "3", "--cni", "calico"]);
+    let Planned { lab, dir, plan_s, plan } = planned("tmc", &["--nodes", "3", "--cni", "calico"]);
     let client = lab.client().await;
-    let dir = std::env::temp_dir().join(format!("ks-tmc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let plan_path = dir.join("plan.yaml");
-    let plan_s = plan_path.to_str().unwrap().to_string();
-    run_ok(kubeshift().arg("--kubeconfig").arg(lab.kubeconfig()).args(["migrate", "plan", "--out", &plan_s]));
-    let plan = kubeshift_planner::plan::load_plan(&plan_path, None).unwrap();
     let canary = plan.waves[0].batches[0].nodes[0].name.clone();
     let target = plan.target.pod_cidr.to_string();
     let cidr: kubeshift_datapath::overlay::Cidr = target.parse().unwrap();
