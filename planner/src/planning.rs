@@ -198,6 +198,33 @@ fn batches(nodes: &[&PlanNodeInput], size: usize) -> Vec<Batch> {
         .collect()
 }
 
+/// Every step names what it waits for, as `migrate apply` runs them: the node's
+/// previous step; a node's first step, the gates of the batch before it, or the
+/// gate of the wave before it.
+fn link_steps(waves: &mut [Wave]) {
+    let mut frontier: Vec<String> = Vec::new();
+    for w in waves.iter_mut() {
+        for b in w.batches.iter_mut() {
+            let mut next = Vec::new();
+            for n in b.nodes.iter_mut() {
+                let mut prev: Option<String> = None;
+                for s in n.steps.iter_mut() {
+                    s.after = prev.iter().cloned().collect();
+                    if prev.is_none() {
+                        s.after = frontier.clone();
+                    }
+                    prev = Some(s.id.clone());
+                }
+                next.extend(prev);
+            }
+            frontier = next;
+        }
+        if w.gate.is_some() {
+            frontier = vec![format!("wave/{}/gate", w.name)];
+        }
+    }
+}
+
 /// Builds the plan. Deterministic: the same input gives the same file, so
 /// two runs can be diffed.
 pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
@@ -264,6 +291,8 @@ pub fn build_plan(input: &PlanInput) -> Result<Plan, PlanningError> {
             gate: Some(Gate { suite: "full".into(), timeout_seconds: 600 }),
         });
     }
+
+    link_steps(&mut waves);
 
     let mut plan = Plan {
         api_version: API_VERSION.into(),
@@ -346,5 +375,27 @@ mod tests {
         assert!(cidrs_overlap(a, parse_cidr("10.100.0.0/16").unwrap().unwrap()));
         assert!(!cidrs_overlap(a, parse_cidr("10.200.0.0/16").unwrap().unwrap()));
         assert!(cidrs_overlap(parse_cidr("0.0.0.0/0").unwrap().unwrap(), a));
+    }
+
+    /// The plan file says what each step waits for: the node's previous step, and for
+    /// a node's first step the wave before it (its gate) or the batch before it.
+    #[test]
+    fn every_step_names_what_it_waits_for() {
+        let plan = build_plan(&synthetic_input(30, 300)).unwrap();
+        let first = &plan.waves[0].batches[0].nodes[0].steps;
+        assert!(first[0].after.is_empty(), "the canary's snapshot starts the plan: {:?}", first[0].after);
+        for pair in first.windows(2) {
+            assert_eq!(pair[1].after, vec![pair[0].id.clone()]);
+        }
+        let second_wave = &plan.waves[1];
+        for n in &second_wave.batches[0].nodes {
+            assert_eq!(n.steps[0].after, vec!["wave/canary/gate".to_string()], "{}", n.name);
+        }
+        if let Some(b) = second_wave.batches.get(1) {
+            let gates: Vec<String> =
+                second_wave.batches[0].nodes.iter().map(|n| n.steps.last().unwrap().id.clone()).collect();
+            assert_eq!(b.nodes[0].steps[0].after, gates);
+        }
+        assert!(plan.graph().is_ok());
     }
 }
