@@ -386,6 +386,7 @@ async fn run_apply(
                 }
             }
         }
+        run_wave_gate(cx, wave).await?;
     }
     if partial {
         cx.progress.line("partial run: finish is left for a full run");
@@ -402,6 +403,50 @@ async fn run_apply(
     }
     cluster::finish(cx).await?;
     Ok(Outcome::Done)
+}
+
+/// The wave's gate, once every node of the wave is Done; kept on the ClusterMigration so
+/// a resumed run does not repeat a passed one. A failed one stops apply with the wave's
+/// nodes migrated: they passed their own gates, and which of them to undo is the
+/// operator's call.
+async fn run_wave_gate(cx: &Ctx, wave: &str) -> Result<()> {
+    let status = cluster::status_of(&cluster::get_or_create(cx).await?);
+    if status.wave_gates.get(wave).is_some_and(|g| g.passed) {
+        return Ok(());
+    }
+    let in_wave: Vec<String> = cx
+        .plan
+        .waves
+        .iter()
+        .filter(|w| w.name == wave)
+        .flat_map(|w| w.batches.iter().flat_map(|b| b.nodes.iter().map(|n| n.name.clone())))
+        .collect();
+    let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
+    let done =
+        |n: &String| nms.iter().any(|m| &m.spec.node == n && m.status.as_ref().is_some_and(|s| s.phase == "Done"));
+    if !in_wave.iter().all(done) {
+        return Ok(());
+    }
+    cx.progress.working(&format!("wave {wave}: gate …"));
+    let Some(g) = gate::wave_gate(cx, wave).await? else { return Ok(()) };
+    let mut status = cluster::status_of(&cluster::get_or_create(cx).await?);
+    status.wave_gates.insert(wave.to_string(), g.clone());
+    cluster::set_status(cx, &status).await?;
+    cx.progress.line(&format!(
+        "wave {wave}: gate on {:?} {} ({} checks, {:.0} s)",
+        g.nodes,
+        if g.passed { "passed" } else { "FAILED" },
+        g.checks,
+        g.seconds
+    ));
+    if !g.passed {
+        let undo: Vec<String> = in_wave.iter().map(|n| format!("--node {n}")).collect();
+        return Err(anyhow::Error::new(GateFailed(g)).context(format!(
+            "wave {wave}'s gate failed; its nodes stay migrated (each passed its own gate). Undo the wave with `kubeshift migrate rollback {} --yes`",
+            undo.join(" ")
+        )));
+    }
+    Ok(())
 }
 
 /// One NodeMigration per node of the plan, created once (a resumed run finds them).
@@ -583,6 +628,13 @@ fn dry_run(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool) -> String {
             for st in steps {
                 let _ = writeln!(s, "    {:<20} {}", next::name(st), phases::describe(st, n, cx));
             }
+        }
+        let whole = cx.plan.waves.iter().find(|pw| &pw.name == w);
+        if whole.is_some_and(|pw| pw.gate.is_some() && pw.batches.iter().map(|b| b.nodes.len()).sum::<usize>() > 1) {
+            let _ = writeln!(
+                s,
+                "  wave gate: connectivity suite on the wave's nodes and a node not migrated yet, once all are Done"
+            );
         }
     }
     if partial {
@@ -853,6 +905,9 @@ pub async fn status(a: StatusArgs, cluster: &ClusterArgs) -> Result<()> {
     let doc = serde_json::json!({
         "cluster": cluster.first().map(|c| serde_json::json!({
             "plan": c.spec.plan, "phase": c.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default(),
+            "waveGates": c.status.as_ref().map(|s| s.wave_gates.iter().map(|(w, g)| (w.clone(), format!(
+                "{} at {} on {:?} ({} checks)", if g.passed { "passed" } else { "FAILED" }, g.at, g.nodes, g.checks
+            ))).collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
         })),
         "nodes": lines,
     });

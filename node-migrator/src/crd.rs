@@ -208,6 +208,9 @@ pub struct ClusterMigrationStatus {
     /// The ConfigMap holding the baseline verdict matrix from prepare.
     #[serde(default)]
     pub baseline: Option<String>,
+    /// The gate after each wave of more than one node, by wave name.
+    #[serde(default)]
+    pub wave_gates: std::collections::BTreeMap<String, GateRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -131,21 +131,22 @@ fn record(report: &SuiteReport, baseline: Option<&Matrix>) -> GateRecord {
     }
 }
 
+/// The plan's nodes in order, and which of them no step has touched yet.
+async fn untouched(cx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
+    let order = cx.plan_nodes();
+    let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
+    let touched = |n: &str| {
+        nms.iter().find(|m| m.spec.node == n).and_then(|m| m.status.as_ref()).and_then(|s| s.reached).is_some()
+    };
+    let fresh = order.iter().filter(|n| !touched(n)).cloned().collect();
+    Ok((order, fresh))
+}
+
 /// The node after its migration and a node not migrated yet (else the one before it):
 /// both directions between the two networks, and the node's own pods.
 pub async fn peer_for(cx: &Ctx, node: &str) -> Result<String> {
-    let all: Vec<String> = cx.plan.all_steps().map(|(_, n, _)| n.name.clone()).collect::<Vec<_>>();
-    let mut order: Vec<String> = Vec::new();
-    for n in all {
-        if !order.contains(&n) {
-            order.push(n);
-        }
-    }
-    let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
-    let untouched = |n: &str| {
-        nms.iter().find(|m| m.spec.node == n).and_then(|m| m.status.as_ref()).and_then(|s| s.reached).is_none()
-    };
-    if let Some(p) = order.iter().find(|n| n.as_str() != node && untouched(n)) {
+    let (order, fresh) = untouched(cx).await?;
+    if let Some(p) = fresh.iter().find(|n| n.as_str() != node) {
         return Ok(p.clone());
     }
     let i = order.iter().position(|n| n == node).unwrap_or(0);
@@ -161,6 +162,21 @@ pub async fn peer_for(cx: &Ctx, node: &str) -> Result<String> {
 pub async fn node_gate(cx: &Ctx, node: &str) -> Result<GateRecord> {
     let peer = peer_for(cx, node).await?;
     run_gate(cx, vec![node.to_string(), peer], Some(node)).await
+}
+
+/// The plan's gate after a wave of more than one node (one node's wave had it as that
+/// node's gate): the suite across the wave's nodes and a node not migrated yet, against
+/// the baseline, the long-lived connections all unbroken (nothing changed since the
+/// last node's gate). None when there is none to run.
+pub async fn wave_gate(cx: &Ctx, wave: &str) -> Result<Option<GateRecord>> {
+    let Some(w) = cx.plan.waves.iter().find(|w| w.name == wave) else { return Ok(None) };
+    let nodes: Vec<String> = w.batches.iter().flat_map(|b| b.nodes.iter().map(|n| n.name.clone())).collect();
+    if w.gate.is_none() || nodes.len() < 2 {
+        return Ok(None);
+    }
+    let mut on: Vec<String> = nodes.into_iter().take(BASELINE_NODES - 1).collect();
+    on.extend(untouched(cx).await?.1.into_iter().next());
+    Ok(Some(run_gate(cx, on, None).await?))
 }
 
 /// The suite on `nodes` and, beside it, the check of the long-lived connections after
