@@ -353,6 +353,12 @@ async fn whole_job_calico_lab_a_failed_gate_rolls_back_then_the_run_keeps_every_
     }
     let o = kubeshift_on(&lab, &["migrate", "apply", "-f", &plan_s, "--yes"]);
     assert!(o.status.success(), "the second apply failed:\n{}", text(&o));
+    // The plan's gate after the wave of two nodes ran, and passed.
+    let wide = plan.waves.iter().find(|w| w.batches.iter().map(|b| b.nodes.len()).sum::<usize>() > 1).unwrap();
+    let cm = Api::<ClusterMigration>::all(client.clone()).get(&plan.metadata.name).await.unwrap();
+    let wg = cm.status.unwrap_or_default().wave_gates;
+    assert!(wg.get(&wide.name).is_some_and(|g| g.passed && g.nodes.len() >= 2), "wave {}: {wg:?}", wide.name);
+    assert!(text(&o).contains(&format!("wave {}: gate on", wide.name)), "{}", text(&o));
     for nm in nms.list(&ListParams::default()).await.unwrap().items {
         let st = nm.status.unwrap_or_default();
         assert_eq!(st.phase, "Done", "{}: {st:?}", nm.spec.node);
