@@ -122,6 +122,18 @@ impl Ctx {
         out
     }
 
+    /// The nodes of the plan's wave `wave`, in order.
+    pub fn wave_nodes(&self, wave: &str) -> Vec<String> {
+        let w = self.plan.waves.iter().filter(|w| w.name == wave);
+        w.flat_map(|w| w.batches.iter().flat_map(|b| b.nodes.iter().map(|n| n.name.clone()))).collect()
+    }
+
+    /// Whether apply runs a gate of its own after `wave`: the plan asks for one and the
+    /// wave has more than one node (a one-node wave had it as that node's gate).
+    pub fn has_wave_gate(&self, wave: &str) -> bool {
+        self.plan.waves.iter().any(|w| w.name == wave && w.gate.is_some()) && self.wave_nodes(wave).len() > 1
+    }
+
     async fn event(&self, nm: &NodeMigration, warning: bool, reason: &str, note: String) {
         let ev = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
@@ -414,13 +426,10 @@ async fn run_wave_gate(cx: &Ctx, wave: &str) -> Result<()> {
     if status.wave_gates.get(wave).is_some_and(|g| g.passed) {
         return Ok(());
     }
-    let in_wave: Vec<String> = cx
-        .plan
-        .waves
-        .iter()
-        .filter(|w| w.name == wave)
-        .flat_map(|w| w.batches.iter().flat_map(|b| b.nodes.iter().map(|n| n.name.clone())))
-        .collect();
+    if !cx.has_wave_gate(wave) {
+        return Ok(());
+    }
+    let in_wave = cx.wave_nodes(wave);
     let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
     let done =
         |n: &String| nms.iter().any(|m| &m.spec.node == n && m.status.as_ref().is_some_and(|s| s.phase == "Done"));
@@ -629,8 +638,7 @@ fn dry_run(cx: &Ctx, waves: &[(String, Vec<String>)], partial: bool) -> String {
                 let _ = writeln!(s, "    {:<20} {}", next::name(st), phases::describe(st, n, cx));
             }
         }
-        let whole = cx.plan.waves.iter().find(|pw| &pw.name == w);
-        if whole.is_some_and(|pw| pw.gate.is_some() && pw.batches.iter().map(|b| b.nodes.len()).sum::<usize>() > 1) {
+        if cx.has_wave_gate(w) {
             let _ = writeln!(
                 s,
                 "  wave gate: connectivity suite on the wave's nodes and a node not migrated yet, once all are Done"
@@ -850,6 +858,18 @@ struct NodeLine {
     timings: String,
 }
 
+/// A gate in `migrate status`: `passed`/`FAILED`, when and where, and its long-lived
+/// connections.
+fn gate_line(g: &GateRecord) -> String {
+    let conns = g
+        .connections
+        .as_ref()
+        .map(|c| format!("; {} long-lived connections judged, {} ended by design", c.judged, c.ended_by_design))
+        .unwrap_or_default();
+    let verdict = if g.passed { "passed" } else { "FAILED" };
+    format!("{verdict} at {} on {:?} ({} checks{conns})", g.at, g.nodes, g.checks)
+}
+
 fn node_line(nm: &NodeMigration) -> NodeLine {
     let st = nm.status.clone().unwrap_or_default();
     let name = |s: &kubeshift_planner::plan::StepAction| Some(kubeshift_node_migrator::next::name(*s));
@@ -869,20 +889,7 @@ fn node_line(nm: &NodeMigration) -> NodeLine {
             .find(|c| c.type_ == "Failed" && c.status == "True")
             .filter(|_| st.phase.starts_with("Failed"))
             .map(|c| format!("{}: {}", c.reason, c.message)),
-        last_gate: st.last_gate.as_ref().map(|g| {
-            let conns = g
-                .connections
-                .as_ref()
-                .map(|c| format!("; {} long-lived connections judged, {} ended by design", c.judged, c.ended_by_design))
-                .unwrap_or_default();
-            format!(
-                "{} at {} on {:?} ({} checks{conns})",
-                if g.passed { "passed" } else { "FAILED" },
-                g.at,
-                g.nodes,
-                g.checks
-            )
-        }),
+        last_gate: st.last_gate.as_ref().map(gate_line),
         timings: node_seconds(&st),
     }
 }
@@ -905,9 +912,8 @@ pub async fn status(a: StatusArgs, cluster: &ClusterArgs) -> Result<()> {
     let doc = serde_json::json!({
         "cluster": cluster.first().map(|c| serde_json::json!({
             "plan": c.spec.plan, "phase": c.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default(),
-            "waveGates": c.status.as_ref().map(|s| s.wave_gates.iter().map(|(w, g)| (w.clone(), format!(
-                "{} at {} on {:?} ({} checks)", if g.passed { "passed" } else { "FAILED" }, g.at, g.nodes, g.checks
-            ))).collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
+            "waveGates": c.status.as_ref().map(|s| s.wave_gates.iter().map(|(w, g)| (w.clone(), gate_line(g)))
+                .collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
         })),
         "nodes": lines,
     });

@@ -131,24 +131,22 @@ fn record(report: &SuiteReport, baseline: Option<&Matrix>) -> GateRecord {
     }
 }
 
-/// The plan's nodes in order, and which of them no step has touched yet.
-async fn untouched(cx: &Ctx) -> Result<(Vec<String>, Vec<String>)> {
-    let order = cx.plan_nodes();
+/// The plan's nodes, in order, that no step has touched yet.
+async fn untouched(cx: &Ctx) -> Result<Vec<String>> {
     let nms = Api::<NodeMigration>::all(cx.client.clone()).list(&ListParams::default()).await?.items;
     let touched = |n: &str| {
         nms.iter().find(|m| m.spec.node == n).and_then(|m| m.status.as_ref()).and_then(|s| s.reached).is_some()
     };
-    let fresh = order.iter().filter(|n| !touched(n)).cloned().collect();
-    Ok((order, fresh))
+    Ok(cx.plan_nodes().into_iter().filter(|n| !touched(n)).collect())
 }
 
 /// The node after its migration and a node not migrated yet (else the one before it):
 /// both directions between the two networks, and the node's own pods.
 pub async fn peer_for(cx: &Ctx, node: &str) -> Result<String> {
-    let (order, fresh) = untouched(cx).await?;
-    if let Some(p) = fresh.iter().find(|n| n.as_str() != node) {
-        return Ok(p.clone());
+    if let Some(p) = untouched(cx).await?.into_iter().find(|n| n != node) {
+        return Ok(p);
     }
+    let order = cx.plan_nodes();
     let i = order.iter().position(|n| n == node).unwrap_or(0);
     order[..i]
         .last()
@@ -169,13 +167,11 @@ pub async fn node_gate(cx: &Ctx, node: &str) -> Result<GateRecord> {
 /// the baseline, the long-lived connections all unbroken (nothing changed since the
 /// last node's gate). None when there is none to run.
 pub async fn wave_gate(cx: &Ctx, wave: &str) -> Result<Option<GateRecord>> {
-    let Some(w) = cx.plan.waves.iter().find(|w| w.name == wave) else { return Ok(None) };
-    let nodes: Vec<String> = w.batches.iter().flat_map(|b| b.nodes.iter().map(|n| n.name.clone())).collect();
-    if w.gate.is_none() || nodes.len() < 2 {
+    if !cx.has_wave_gate(wave) {
         return Ok(None);
     }
-    let mut on: Vec<String> = nodes.into_iter().take(BASELINE_NODES - 1).collect();
-    on.extend(untouched(cx).await?.1.into_iter().next());
+    let mut on: Vec<String> = cx.wave_nodes(wave).into_iter().take(BASELINE_NODES - 1).collect();
+    on.extend(untouched(cx).await?.into_iter().next());
     Ok(Some(run_gate(cx, on, None).await?))
 }
 
