@@ -1,6 +1,6 @@
 //! Talks to agents: `GET /flows`, NDJSON back, either on an agent's metrics address
-//! (one plain HTTP/1.1 request over TCP) or through the apiserver's proxy to an agent
-//! pod, for a user with no route to the nodes. Errors name the agent.
+//! (reqwest) or through the apiserver's proxy to an agent pod (kube's client), for a
+//! user with no route to the nodes. Errors name the agent.
 
 use anyhow::{bail, Context, Result};
 use futures::{Stream, StreamExt};
@@ -10,8 +10,6 @@ use kube::Client;
 use kubeshift_datapath::agent::flows::FlowRecord;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 /// Where an agent is reached.
 #[derive(Clone)]
@@ -78,7 +76,7 @@ pub struct Body {
 
 async fn get(agent: &Agent, path: &str) -> Result<Body> {
     let lines = match agent {
-        Agent::Addr(server) => get_tcp(server, path).await?,
+        Agent::Addr(server) => get_direct(server, path).await?,
         Agent::Pod { client, name, port } => {
             let uri = format!("/api/v1/namespaces/{AGENT_NAMESPACE}/pods/{name}:{port}/proxy{path}");
             let req = http::Request::get(uri).body(Vec::new()).expect("a GET request builds");
@@ -92,39 +90,37 @@ async fn get(agent: &Agent, path: &str) -> Result<Body> {
     Ok(Body { agent: agent.to_string(), lines, n: 0 })
 }
 
-async fn get_tcp(server: &str, path: &str) -> Result<LineStream> {
+/// `--server` takes `HOST:PORT` (what `kubeshift agent --metrics` binds) or a URL.
+fn url(server: &str, path: &str) -> String {
+    if server.starts_with("http://") || server.starts_with("https://") {
+        format!("{}{path}", server.trim_end_matches('/'))
+    } else {
+        format!("http://{server}{path}")
+    }
+}
+
+async fn get_direct(server: &str, path: &str) -> Result<LineStream> {
     let what = || format!("agent at {server}");
-    let mut sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
-        .await
-        .map_err(|_| anyhow::anyhow!("{}: no answer within {CONNECT_TIMEOUT:?}", what()))?
-        .with_context(|| {
-            format!("{}: cannot connect (is `kubeshift agent --metrics {server}` running there?)", what())
-        })?;
-    sock.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nAccept: application/x-ndjson\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .with_context(what)?;
-    let mut rd = BufReader::new(sock);
-    let mut status = String::new();
-    rd.read_line(&mut status).await.with_context(what)?;
-    loop {
-        let mut h = String::new();
-        if rd.read_line(&mut h).await.with_context(what)? == 0 || h == "\r\n" || h == "\n" {
-            break;
-        }
+    // No overall timeout: a follower's body is meant to stay open.
+    let http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build().context("an HTTP client")?;
+    let resp = http.get(url(server, path)).header("Accept", "application/x-ndjson").send().await.map_err(|e| {
+        let why = if e.is_connect() {
+            format!("cannot connect (is `kubeshift agent --metrics {server}` running there?)")
+        } else if e.is_timeout() {
+            format!("no answer within {CONNECT_TIMEOUT:?}")
+        } else {
+            format!("GET {path}")
+        };
+        anyhow::Error::new(e).context(format!("{}: {why}", what()))
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        let hint = if status == reqwest::StatusCode::NOT_FOUND { " (an agent without the flow stream?)" } else { "" };
+        bail!("{}: GET {path}: {status} {}{hint}", what(), body.trim());
     }
-    let code = status.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        let mut body = String::new();
-        let _ = rd.read_to_string(&mut body).await;
-        let hint = if code == "404" { " (an agent without the flow stream?)" } else { "" };
-        bail!("{}: GET {path}: {} {}{hint}", what(), status.trim(), body.trim());
-    }
-    let lines =
-        futures::stream::unfold(rd.lines(), |mut l| async move { l.next_line().await.transpose().map(|r| (r, l)) });
-    Ok(Box::pin(lines))
+    let body = resp.bytes_stream().map(|r| r.map_err(std::io::Error::other));
+    Ok(Box::pin(futures::io::AsyncBufReadExt::lines(futures::TryStreamExt::into_async_read(body))) as LineStream)
 }
 
 impl Body {

@@ -166,7 +166,7 @@ pub fn http_get_from(netns: &str, addr: SocketAddr, path: &str) -> Result<String
         let mut s =
             TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut buf = String::new();
         s.read_to_string(&mut buf)?;
         let Some((head, body)) = buf.split_once("\r\n\r\n") else { bail!("no HTTP response from {addr}: {buf:?}") };
@@ -264,7 +264,7 @@ pub fn agent_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut b = String::new();
     s.read_to_string(&mut b)?;
     Ok(b)

@@ -351,7 +351,7 @@ fn policy_reason(r: Option<DropReason>) -> String {
 // --- the store ---------------------------------------------------------------------
 
 /// Counters the store keeps for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct FlowCounts {
     pub forwarded: u64,
     pub dropped: u64,

@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone)]
@@ -107,7 +106,7 @@ pub(super) async fn run(
     ep_api: EndpointsApi,
     metrics: Arc<Metrics>,
     flow_tx: mpsc::UnboundedSender<FlowMsg>,
-    mut rx: mpsc::UnboundedReceiver<NpMsg>,
+    rx: mpsc::UnboundedReceiver<NpMsg>,
 ) -> Result<()> {
     let node_obj =
         Api::<Node>::all(client.clone()).get(&cfg.node).await.with_context(|| format!("reading Node {}", cfg.node))?;
@@ -127,45 +126,47 @@ pub(super) async fn run(
     if let Err(e) = dp.set_flow_events(true) {
         tracing::warn!("turning NodePort flow events on: {e}");
     }
-    let mut flow_fd = super::register_ring(dp.flows_fd(), "NodePort");
+    let flow_fd = super::register_ring(dp.flows_fd(), "NodePort");
 
     if ep_api == EndpointsApi::CoreEndpoints {
         anyhow::bail!("NodePort frontends need EndpointSlices (node names of endpoints); this API server serves none");
     }
-    let mut state = State::default();
-    let mut dirty = false;
-    // As in the service half: after a relist is written, its freed pages go back.
-    let mut relisted = false;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            m = rx.recv() => {
-                let Some(m) = m else { anyhow::bail!("the NodePort watches ended") };
-                relisted |= m.is_relist();
-                state.apply(m);
-                while let Ok(m) = rx.try_recv() {
-                    relisted |= m.is_relist();
-                    state.apply(m);
-                }
-                dirty = true;
-            }
-            _ = tick.tick() => {}
-            r = super::flows_readable(&flow_fd) => {
-                match super::drain_ring(r, || dp.read_flows(), &metrics, "NodePort") {
-                    Some(events) if !events.is_empty() => {
-                        let _ = flow_tx.send(FlowMsg::NodePort(events));
-                    }
-                    Some(_) => {}
-                    None => flow_fd = None,
-                }
-                continue;
-            }
-        }
-        if !dirty || !state.listed.iter().all(|l| *l) {
-            continue;
-        }
+    let half = NodePorts { dp, state: State::default(), node, metrics: metrics.clone(), flow_fd, flow_tx };
+    super::driver::drive(half, rx, &metrics, std::future::pending()).await
+}
+
+/// The NodePort half as the [`super::driver`] runs it.
+struct NodePorts {
+    dp: NodePortDatapath,
+    state: State,
+    node: super::nodeport::NodeInfo,
+    metrics: Arc<Metrics>,
+    flow_fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    flow_tx: mpsc::UnboundedSender<FlowMsg>,
+}
+
+impl super::driver::Half for NodePorts {
+    type Msg = NpMsg;
+
+    fn name(&self) -> &'static str {
+        "NodePort frontends"
+    }
+
+    fn apply(&mut self, m: NpMsg) -> bool {
+        let relist = m.is_relist();
+        self.state.apply(m);
+        relist
+    }
+
+    fn listed(&self) -> bool {
+        self.state.listed.iter().all(|l| *l)
+    }
+
+    /// Diffed against what the maps hold, so a failed write is retried as it stands.
+    fn write(&mut self) -> u64 {
+        let dp = &mut self.dp;
         let current: NpWanted = dp.frontends().into_iter().map(|(f, b, p)| (f, (b, p))).collect();
-        let plan = diff_frontends(&current, &state.wanted(&node));
+        let plan = diff_frontends(&current, &self.state.wanted(&self.node));
         let mut failed = 0;
         for fe in &plan.removes {
             if let Err(e) = dp.remove_frontend(fe) {
@@ -179,17 +180,20 @@ pub(super) async fn run(
                 failed += 1;
             }
         }
-        metrics.map_writes.fetch_add((plan.removes.len() + plan.upserts.len()) as u64, Relaxed);
-        metrics.nodeport_frontends.store(dp.frontends().len() as u64, Relaxed);
-        if failed > 0 {
-            // Retried on the next tick: the diff is taken against the maps again.
-            metrics.sync_errors.fetch_add(failed, Relaxed);
-        } else {
-            dirty = false;
-            metrics.nodeport_synced.store(1, Relaxed);
-            if std::mem::take(&mut relisted) {
-                super::memory::release_freed();
-            }
+        self.metrics.map_writes.fetch_add((plan.removes.len() + plan.upserts.len()) as u64, Relaxed);
+        self.metrics.nodeport_frontends.store(dp.frontends().len() as u64, Relaxed);
+        failed
+    }
+
+    async fn side(&mut self) -> super::driver::Woke {
+        let events = super::ring_events(&mut self.flow_fd, || self.dp.read_flows(), &self.metrics, "NodePort").await;
+        if !events.is_empty() {
+            let _ = self.flow_tx.send(FlowMsg::NodePort(events));
         }
+        super::driver::Woke::Handled
+    }
+
+    fn synced<'m>(&self, m: &'m Metrics) -> &'m std::sync::atomic::AtomicU64 {
+        &m.nodeport_synced
     }
 }

@@ -14,8 +14,10 @@
 //! hands it to the flows task ([`flows`]), which knows the pods and serves `/flows`.
 
 pub mod desired;
+pub mod driver;
 pub mod flows;
 pub mod frontends;
+pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod modes;
@@ -40,7 +42,6 @@ use source::EndpointsOf;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -88,9 +89,7 @@ pub async fn run_standby(
     metrics.node.lock().unwrap().clone_from(&cfg.node);
     metrics.standby.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(addr) = metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
-        tracing::info!("standby: /readyz on http://{}/readyz", listener.local_addr()?);
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
+        http::start(addr, metrics.clone()).await?;
     }
     crate::overlay::standby::run(client, cfg, metrics.overlay.clone()).await
 }
@@ -438,15 +437,17 @@ fn register_ring(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Option<AsyncFd<
     registered.map_err(|e| tracing::warn!("{what} flow events unavailable: {e}")).ok()
 }
 
-/// After a ring's fd turned readable: its events, read with `read`; None (logged) when
-/// waiting failed and the caller should stop watching that ring.
-fn drain_ring<E>(
-    ready: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>>,
+/// The next batch of a ring's events, read with `read` once the kernel says it holds
+/// some (no polling). Pending forever without a ring, or once waiting on it failed
+/// (logged; the datapath works on without its events).
+async fn ring_events<E>(
+    fd: &mut Option<AsyncFd<std::os::fd::OwnedFd>>,
     read: impl FnOnce() -> Vec<E>,
     metrics: &Metrics,
     what: &str,
-) -> Option<Vec<E>> {
-    match ready {
+) -> Vec<E> {
+    let Some(ring) = fd.as_ref() else { return std::future::pending().await };
+    let e = match ring.readable().await {
         Ok(mut ready) => {
             let events = read();
             // After draining: tokio keeps the fd ready if the kernel signalled again
@@ -455,13 +456,13 @@ fn drain_ring<E>(
             if !events.is_empty() {
                 metrics.flow_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            Some(events)
+            return events;
         }
-        Err(e) => {
-            tracing::warn!("{what} flow ring buffer: {e}; no more {what} flow events");
-            None
-        }
-    }
+        Err(e) => e,
+    };
+    tracing::warn!("{what} flow ring buffer: {e}; no more {what} flow events");
+    *fd = None;
+    Vec::new()
 }
 
 impl<T> Change<T> {
@@ -483,16 +484,6 @@ impl<T> Change<T> {
     }
 }
 
-/// Waits until the flow ring buffer has events; never, once it failed.
-async fn flows_readable(
-    fd: &Option<AsyncFd<std::os::fd::OwnedFd>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
-    match fd {
-        Some(f) => f.readable().await,
-        None => std::future::pending().await,
-    }
-}
-
 fn update_gauges(dp: &Datapath, metrics: &Metrics) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = dp.services();
@@ -504,9 +495,7 @@ fn update_gauges(dp: &Datapath, metrics: &Metrics) {
 pub async fn run(client: Client, cfg: AgentConfig) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
+        http::start(addr, metrics.clone()).await?;
     }
     run_with(client, cfg, metrics, None).await
 }
@@ -541,13 +530,13 @@ pub async fn run_with(
     if let Err(e) = dp.set_flow_events(true) {
         tracing::warn!("turning flow events on: {e}");
     }
-    let mut flow_fd = register_ring(dp.flows_fd(), "socket LB");
+    let flow_fd = register_ring(dp.flows_fd(), "socket LB");
     metrics.node.lock().unwrap().clone_from(&cfg.node);
     metrics.policy_enabled.store(cfg.policy.is_some(), Relaxed);
     metrics.nodeport_enabled.store(cfg.nodeport.is_some(), Relaxed);
     update_gauges(&dp, &metrics);
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     // Pods cluster-wide, not only this node's: a destination can be any pod, and its
     // labels are only in the Pod (an EndpointSlice's targetRef names it without them).
@@ -623,117 +612,139 @@ pub async fn run_with(
         },
         Err(e) => tracing::warn!("NodePorts for local clients not served: reading Node {}: {e}", cfg.node),
     }
-    let mut dirty: BTreeSet<ObjKey> = BTreeSet::new();
-    let mut reconciled = false;
-    // A relist was applied and its decoded objects are freed: give the pages back once
-    // the maps are written.
-    let mut relisted = false;
-    // Failed writes are retried on this tick rather than waiting for the next event.
-    let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        let started;
+    let stop = async move {
         tokio::select! {
-            m = rx.recv() => {
-                let Some(m) = m else { anyhow::bail!("all watches ended") };
-                started = Instant::now();
-                relisted |= m.is_relist();
-                state.apply(m, &mut dirty);
-                // Take whatever else is queued: one pass for a burst of events.
-                while let Ok(m) = rx.try_recv() {
-                    relisted |= m.is_relist();
-                    state.apply(m, &mut dirty);
-                }
-            }
-            _ = retry.tick() => {
-                if dirty.is_empty() && reconciled { continue; }
-                started = Instant::now();
-            }
-            r = flows_readable(&flow_fd) => {
-                match drain_ring(r, || dp.read_flows(), &metrics, "socket LB") {
-                    Some(events) if !events.is_empty() => {
-                        let tagged = events
-                            .into_iter()
-                            .map(|e| {
-                                let svc = e.protocol.and_then(|protocol| {
-                                    state.by_vip.get(&ServiceKey { vip: *e.service.ip(), port: e.service.port(), protocol }).cloned()
-                                });
-                                (e, svc)
-                            })
-                            .collect();
-                        let _ = flow_tx.send(FlowMsg::SockLb(tagged));
-                    }
-                    Some(_) => {}
-                    None => flow_fd = None,
-                }
-                continue;
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
         }
-        if !(state.services_listed && state.endpoints_listed) {
-            continue;
-        }
-        let mut failed = 0;
-        if !reconciled {
-            // The pins may hold anything an earlier run wrote: compare all of it.
-            let mut wanted = Wanted::new();
-            state.programmed.clear();
-            for svc in state.services.keys() {
-                let w = state.wanted(svc);
-                wanted.extend(w.iter().map(|(k, v)| (*k, v.clone())));
-                state.programmed.insert(svc.clone(), Written::of(w));
-            }
-            let plan = diff(&programmed_now(&dp), &wanted);
-            tracing::info!(
-                services = state.services.len(),
-                writes = plan.upserts.len(),
-                stale = plan.removes.len(),
-                "initial reconcile"
-            );
-            failed += execute(&mut dp, &plan, &metrics);
-            dirty.clear();
-            if failed > 0 {
-                // Not reconciled yet: the retry tick compares everything again.
-                dirty.extend(state.services.keys().cloned());
-            } else {
-                reconciled = true;
-                metrics.synced.store(1, Relaxed);
-            }
-        } else {
-            for svc in std::mem::take(&mut dirty) {
-                let wanted = state.wanted(&svc);
-                let current = state.programmed.remove(&svc).map(|w| w.wanted()).unwrap_or_default();
-                let plan = diff(&current, &wanted);
-                let f = execute(&mut dp, &plan, &metrics);
-                if f > 0 {
-                    failed += f;
-                    dirty.insert(svc.clone());
-                    // What is in the maps for this service is now partly unknown: take it
-                    // from the datapath's own mirror.
-                    let now = programmed_now(&dp);
-                    let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
-                    let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
-                    state.programmed.insert(svc, Written::of(actual));
-                } else if !wanted.is_empty() {
-                    state.programmed.insert(svc, Written::of(wanted));
-                }
-            }
-        }
-        if failed > 0 {
-            metrics.sync_errors.fetch_add(failed as u64, Relaxed);
-        }
-        metrics.syncs.fetch_add(1, Relaxed);
-        metrics.last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
-        update_gauges(&dp, &metrics);
-        if relisted && reconciled {
-            memory::release_freed();
-            relisted = false;
-        }
-    }
-    tracing::info!("stopping; the datapath stays attached and pinned");
+    };
+    let half =
+        Services { dp, state, dirty: BTreeSet::new(), reconciled: false, metrics: metrics.clone(), flow_fd, flow_tx };
+    let r = driver::drive(half, rx, &metrics, stop).await;
     tasks.abort_all();
+    r?;
+    tracing::info!("stopping; the datapath stays attached and pinned");
     Ok(())
+}
+
+/// The service half as the [`driver`] runs it.
+struct Services {
+    dp: Datapath,
+    state: State,
+    /// Services whose entries are not written as wanted yet.
+    dirty: BTreeSet<ObjKey>,
+    /// The first write compared everything in the maps (the pins may hold anything an
+    /// earlier run wrote); after that, only dirty Services are.
+    reconciled: bool,
+    metrics: Arc<Metrics>,
+    flow_fd: Option<AsyncFd<std::os::fd::OwnedFd>>,
+    flow_tx: mpsc::UnboundedSender<FlowMsg>,
+}
+
+impl Services {
+    fn reconcile_all(&mut self) -> usize {
+        let state = &mut self.state;
+        let mut wanted = Wanted::new();
+        state.programmed.clear();
+        for svc in state.services.keys() {
+            let w = state.wanted(svc);
+            wanted.extend(w.iter().map(|(k, v)| (*k, v.clone())));
+            state.programmed.insert(svc.clone(), Written::of(w));
+        }
+        let plan = diff(&programmed_now(&self.dp), &wanted);
+        tracing::info!(
+            services = state.services.len(),
+            writes = plan.upserts.len(),
+            stale = plan.removes.len(),
+            "initial reconcile"
+        );
+        let failed = execute(&mut self.dp, &plan, &self.metrics);
+        self.dirty.clear();
+        if failed > 0 {
+            // Not reconciled yet: the retry compares everything again.
+            self.dirty.extend(state.services.keys().cloned());
+        } else {
+            self.reconciled = true;
+        }
+        failed
+    }
+
+    fn write_dirty(&mut self) -> usize {
+        let mut failed = 0;
+        for svc in std::mem::take(&mut self.dirty) {
+            let wanted = self.state.wanted(&svc);
+            let current = self.state.programmed.remove(&svc).map(|w| w.wanted()).unwrap_or_default();
+            let plan = diff(&current, &wanted);
+            let f = execute(&mut self.dp, &plan, &self.metrics);
+            if f > 0 {
+                failed += f;
+                self.dirty.insert(svc.clone());
+                // What is in the maps for this service is now partly unknown: take it
+                // from the datapath's own mirror.
+                let now = programmed_now(&self.dp);
+                let keys: BTreeSet<_> = current.keys().chain(wanted.keys()).collect();
+                let actual: Wanted = now.into_iter().filter(|(k, _)| keys.contains(k)).collect();
+                self.state.programmed.insert(svc, Written::of(actual));
+            } else if !wanted.is_empty() {
+                self.state.programmed.insert(svc, Written::of(wanted));
+            }
+        }
+        failed
+    }
+}
+
+impl driver::Half for Services {
+    type Msg = Msg;
+
+    fn name(&self) -> &'static str {
+        "services"
+    }
+
+    fn apply(&mut self, m: Msg) -> bool {
+        let relist = m.is_relist();
+        self.state.apply(m, &mut self.dirty);
+        relist
+    }
+
+    fn listed(&self) -> bool {
+        self.state.services_listed && self.state.endpoints_listed
+    }
+
+    fn write(&mut self) -> u64 {
+        let failed = if self.reconciled { self.write_dirty() } else { self.reconcile_all() };
+        update_gauges(&self.dp, &self.metrics);
+        failed as u64
+    }
+
+    /// Flow events, tagged with the Service their VIP:port belongs to.
+    async fn side(&mut self) -> driver::Woke {
+        let events = ring_events(&mut self.flow_fd, || self.dp.read_flows(), &self.metrics, "socket LB").await;
+        if !events.is_empty() {
+            let tagged = events
+                .into_iter()
+                .map(|e| {
+                    let svc = e.protocol.and_then(|protocol| {
+                        self.state
+                            .by_vip
+                            .get(&ServiceKey { vip: *e.service.ip(), port: e.service.port(), protocol })
+                            .cloned()
+                    });
+                    (e, svc)
+                })
+                .collect();
+            let _ = self.flow_tx.send(FlowMsg::SockLb(tagged));
+        }
+        driver::Woke::Handled
+    }
+
+    fn synced<'m>(&self, m: &'m Metrics) -> &'m std::sync::atomic::AtomicU64 {
+        &m.synced
+    }
+
+    fn last_write<'m>(&self, m: &'m Metrics) -> Option<&'m std::sync::atomic::AtomicU64> {
+        Some(&m.last_sync_ns)
+    }
 }
 
 #[cfg(test)]

@@ -134,9 +134,7 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
     metrics.policy_enabled.store(cfg.active.policy.is_some(), Relaxed);
     metrics.nodeport_enabled.store(cfg.active.nodeport.is_some(), Relaxed);
     if let Some(addr) = cfg.active.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics address {addr}"))?;
-        tracing::info!("metrics, /readyz on http://{}", listener.local_addr()?);
-        tokio::spawn(super::metrics::serve(listener, metrics.clone()));
+        super::http::start(addr, metrics.clone()).await?;
     }
     tokio::spawn({
         let (client, ocfg, ready) = (client.clone(), cfg.overlay.clone(), metrics.overlay.clone());

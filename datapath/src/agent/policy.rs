@@ -243,20 +243,20 @@ pub(super) async fn run(
     metrics: Arc<Metrics>,
     flow_tx: mpsc::UnboundedSender<FlowMsg>,
     tx: mpsc::UnboundedSender<PolicyMsg>,
-    mut rx: mpsc::UnboundedReceiver<PolicyMsg>,
-    mut attach: Option<mpsc::UnboundedReceiver<AttachAsk>>,
+    rx: mpsc::UnboundedReceiver<PolicyMsg>,
+    attach: Option<mpsc::UnboundedReceiver<AttachAsk>>,
 ) -> Result<()> {
     let mut dp = PolicyDatapath::load(&cfg.pin_dir)
         .with_context(|| format!("loading the policy datapath (pins {})", cfg.pin_dir.display()))?;
     // Numbers the kernel still holds must not be handed to other identities before the
     // first apply replaces them.
     let highest = dp.programmed().identities.keys().max().copied().unwrap_or(0);
-    let mut compiler = Compiler::starting_at(highest + 1);
+    let compiler = Compiler::starting_at(highest + 1);
     tracing::info!(pins = %cfg.pin_dir.display(), reopened = dp.reopened(), "policy datapath loaded");
     if let Err(e) = dp.set_flow_events(true) {
         tracing::warn!("turning policy flow events on: {e}");
     }
-    let mut flow_fd = super::register_ring(dp.flows_fd(), "policy");
+    let flow_fd = super::register_ring(dp.flows_fd(), "policy");
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(pump(
@@ -275,74 +275,83 @@ pub(super) async fn run(
     ));
     drop(tx);
 
-    let mut state = State::default();
-    let mut attachments = Attachments::default();
-    let mut asks: Vec<(AttachAsk, Instant)> = Vec::new();
-    let mut dirty = false;
-    // As in the service half: after a relist is compiled, its freed pages go back.
-    let mut relisted = false;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            m = rx.recv() => {
-                let Some(m) = m else { anyhow::bail!("the policy watches ended") };
-                relisted |= m.is_relist();
-                state.apply(m);
-                while let Ok(m) = rx.try_recv() {
-                    relisted |= m.is_relist();
-                    state.apply(m);
-                }
-                dirty = true;
-            }
-            _ = tick.tick() => {}
-            ask = next_ask(&mut attach) => {
-                let Some(ask) = ask else { attach = None; continue };
-                asks.push((ask, Instant::now()));
-            }
-            r = super::flows_readable(&flow_fd) => {
-                match super::drain_ring(r, || dp.read_flows(), &metrics, "policy") {
-                    Some(events) if !events.is_empty() => {
-                        let _ = flow_tx.send(FlowMsg::Policy(events));
-                    }
-                    Some(_) => {}
-                    None => flow_fd = None,
-                }
-                continue;
+    let half = Policy {
+        dp,
+        compiler,
+        state: State::default(),
+        attachments: Attachments::default(),
+        cfg,
+        metrics: metrics.clone(),
+        attach,
+        asks: Vec::new(),
+        ready: Vec::new(),
+        flow_fd,
+        flow_tx,
+    };
+    let r = super::driver::drive(half, rx, &metrics, std::future::pending()).await;
+    tasks.abort_all();
+    r
+}
+
+/// The policy half as the [`super::driver`] runs it.
+struct Policy {
+    dp: PolicyDatapath,
+    compiler: Compiler,
+    state: State,
+    attachments: Attachments,
+    cfg: PolicyConfig,
+    metrics: Arc<Metrics>,
+    attach: Option<mpsc::UnboundedReceiver<AttachAsk>>,
+    /// Asks waiting for their pod to show up in the watch.
+    asks: Vec<(AttachAsk, Instant)>,
+    /// Asks to answer at the end of this pass.
+    ready: Vec<AttachAsk>,
+    flow_fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    flow_tx: mpsc::UnboundedSender<FlowMsg>,
+}
+
+impl super::driver::Half for Policy {
+    type Msg = PolicyMsg;
+
+    fn name(&self) -> &'static str {
+        "NetworkPolicy"
+    }
+
+    fn apply(&mut self, m: PolicyMsg) -> bool {
+        let relist = m.is_relist();
+        self.state.apply(m);
+        relist
+    }
+
+    fn listed(&self) -> bool {
+        self.state.listed()
+    }
+
+    /// The plugin's asks: the pod's address goes into this pass's compile, so the
+    /// answer (and the host end coming up) waits for maps that police it.
+    fn prepare(&mut self) -> bool {
+        self.ready = take_ready_asks(&mut self.asks, &mut self.state);
+        self.ready.iter().any(|a| a.pod.is_some())
+    }
+
+    fn write(&mut self) -> u64 {
+        match sync(&mut self.dp, &mut self.compiler, &self.state, &self.cfg, &self.metrics) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!("policy sync: {e:#}");
+                1
             }
         }
-        if !state.listed() {
-            continue;
-        }
-        // The plugin's asks: the pod's address goes into the compile below, so the
-        // answer (and the host end coming up) waits for maps that police it.
-        let ready: Vec<AttachAsk> = take_ready_asks(&mut asks, &mut state);
-        if ready.iter().any(|a| a.pod.is_some()) {
-            dirty = true;
-        }
-        if dirty {
-            let started = Instant::now();
-            match sync(&mut dp, &mut compiler, &state, &cfg, &metrics) {
-                Ok(()) => {
-                    dirty = false;
-                    if std::mem::take(&mut relisted) {
-                        super::memory::release_freed();
-                    }
-                }
-                Err(e) => {
-                    // Retried on the next tick with the then-current state.
-                    metrics.sync_errors.fetch_add(1, Relaxed);
-                    tracing::warn!("policy sync: {e:#}");
-                }
-            }
-            metrics.policy_last_sync_ns.store(started.elapsed().as_nanos() as u64, Relaxed);
-        }
-        for ask in ready {
-            let r = if dirty {
+    }
+
+    fn finish(&mut self, written: bool) {
+        for ask in std::mem::take(&mut self.ready) {
+            let r = if !written {
                 Err("the policy maps could not be written (see the agent's log)".to_string())
             } else {
-                match &cfg.netns {
-                    Some(ns) => dp.attach_in_netns(ns, &ask.ifname),
-                    None => dp.attach(&ask.ifname),
+                match &self.cfg.netns {
+                    Some(ns) => self.dp.attach_in_netns(ns, &ask.ifname),
+                    None => self.dp.attach(&ask.ifname),
                 }
                 .map(|_| ())
                 .map_err(|e| format!("attaching the policy programs to {}: {e}", ask.ifname))
@@ -353,7 +362,38 @@ pub(super) async fn run(
             }
             let _ = ask.reply.send(r);
         }
-        attachments.reconcile(&mut dp, &cfg, &state.local_pods(&cfg.node), &metrics);
+        let local = self.state.local_pods(&self.cfg.node);
+        self.attachments.reconcile(&mut self.dp, &self.cfg, &local, &self.metrics);
+    }
+
+    async fn side(&mut self) -> super::driver::Woke {
+        use super::driver::Woke;
+        tokio::select! {
+            ask = next_ask(&mut self.attach) => match ask {
+                Some(ask) => {
+                    self.asks.push((ask, Instant::now()));
+                    Woke::Pass
+                }
+                None => {
+                    self.attach = None;
+                    Woke::Handled
+                }
+            },
+            events = super::ring_events(&mut self.flow_fd, || self.dp.read_flows(), &self.metrics, "policy") => {
+                if !events.is_empty() {
+                    let _ = self.flow_tx.send(FlowMsg::Policy(events));
+                }
+                Woke::Handled
+            }
+        }
+    }
+
+    fn synced<'m>(&self, m: &'m Metrics) -> &'m std::sync::atomic::AtomicU64 {
+        &m.policy_synced
+    }
+
+    fn last_write<'m>(&self, m: &'m Metrics) -> Option<&'m std::sync::atomic::AtomicU64> {
+        Some(&m.policy_last_sync_ns)
     }
 }
 
@@ -411,7 +451,6 @@ fn sync(
     metrics.policy_entries.store(compiled.entries.len() as u64, Relaxed);
     metrics.policy_rejected.store(state.policies.values().filter(|p| p.error.is_some()).count() as u64, Relaxed);
     metrics.map_writes.fetch_add(stats.changes() as u64, Relaxed);
-    metrics.policy_synced.store(1, Relaxed);
     Ok(())
 }
 
