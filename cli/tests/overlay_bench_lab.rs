@@ -34,7 +34,6 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const NS: &str = "default";
 const PORT: u16 = 5201;
 const WARMUP: usize = 1000;
 const CHUNK: usize = 128 << 10;
@@ -44,24 +43,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v}: not a number")))
         .unwrap_or(default)
-}
-
-async fn netexec_on(client: &kube::Client, name: &str, node: &str) {
-    create(
-        &Api::<Pod>::namespaced(client.clone(), NS),
-        json!({"metadata": {"name": name, "labels": {"t": name}}, "spec": {"nodeName": node, "containers": [{
-            "name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
-            "args": ["netexec", "--http-port=8080"],
-            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}),
-    )
-    .await;
-}
-
-async fn ready_ip(client: &kube::Client, name: &str) -> (Pod, Ipv4Addr) {
-    let sel = format!("t={name}");
-    let p = eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || ready_pod(client, NS, &sel)).await;
-    let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
-    (p, ip)
 }
 
 fn ip_json(netns: &str, args: &[&str]) -> serde_json::Value {

@@ -18,24 +18,6 @@ use std::time::Duration;
 
 const NS: &str = "default";
 
-async fn netexec_on(client: &kube::Client, name: &str, node: &str) {
-    create(
-        &Api::<Pod>::namespaced(client.clone(), NS),
-        json!({"metadata": {"name": name, "labels": {"t": name}}, "spec": {"nodeName": node, "containers": [{
-            "name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
-            "args": ["netexec", "--http-port=8080"],
-            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}),
-    )
-    .await;
-}
-
-async fn ready_ip(client: &kube::Client, name: &str) -> (Pod, Ipv4Addr) {
-    let sel = format!("t={name}");
-    let p = eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || ready_pod(client, NS, &sel)).await;
-    let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
-    (p, ip)
-}
-
 async fn set_mode(client: &kube::Client, node: &str, mode: &str) {
     let patch = json!({"metadata": {"labels": {MODE_LABEL: mode}}});
     Api::<Node>::all(client.clone()).patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();

@@ -441,3 +441,25 @@ pub async fn await_reply(what: &str, f: impl Fn() -> Reply, want: impl Fn(&Reply
     })
     .await
 }
+
+/// An agnhost netexec pod (HTTP on 8080, ready on /healthz) pinned to `node`, in
+/// `default`, labelled `t=<name>`.
+pub async fn netexec_on(client: &Client, name: &str, node: &str) {
+    create(
+        &Api::<Pod>::namespaced(client.clone(), "default"),
+        serde_json::json!({"metadata": {"name": name, "labels": {"t": name}}, "spec": {"nodeName": node, "containers": [{
+            "name": "e", "image": "registry.k8s.io/e2e-test-images/agnhost:2.39",
+            "args": ["netexec", "--http-port=8080"],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}),
+    )
+    .await;
+}
+
+/// The pod `t=<name>` in `default` once Ready, and its IP.
+pub async fn ready_ip(client: &Client, name: &str) -> (Pod, std::net::Ipv4Addr) {
+    let sel = format!("t={name}");
+    let p =
+        eventually(&format!("pod {name} Ready"), Duration::from_secs(90), || ready_pod(client, "default", &sel)).await;
+    let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
+    (p, ip)
+}
