@@ -287,13 +287,7 @@ async fn overlay_vs_flannel_vxlan_pod_to_pod() {
     let rr_n: usize = env_or("KS_OVB_RR", 20000);
     let bulk_secs: f64 = env_or("KS_OVB_BULK_SECS", 5.0);
     let baseline = env_or("KS_OVB_BASELINE", 1u8) != 0;
-    let bin = std::path::PathBuf::from(kubeshift().get_program());
-    let plugin = bin.with_file_name("kubeshift-cni");
-    assert!(
-        plugin.exists(),
-        "{} is missing: run `cargo build --release -p kubeshift-datapath --bin kubeshift-cni`",
-        plugin.display()
-    );
+    assert_cni_plugin_built();
 
     let lab = Lab::up("ovb", &["--nodes", "2", "--cni", "flannel", "--no-demo"]);
     let client = lab.client().await;

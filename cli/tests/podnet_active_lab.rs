@@ -49,15 +49,7 @@ async fn calico_node_labelled_active_wires_new_pods_on_kubeshifts_network_with_s
 }
 
 async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
-    // The lab's kubeshift image runs the binaries next to kubeshift; the plugin is the
-    // datapath crate's target, built by `cargo test --workspace` (its own tests use it).
-    let bin = std::path::PathBuf::from(kubeshift().get_program());
-    let plugin = bin.with_file_name("kubeshift-cni");
-    assert!(
-        plugin.exists(),
-        "{} is missing: run `cargo build -p kubeshift-datapath --bin kubeshift-cni` (or the whole workspace's tests)",
-        plugin.display()
-    );
+    assert_cni_plugin_built();
     // Pods run for 1.5 s before the API has their IP (a real kubelet's PLEG relist
     // takes up to 1 s): the window in which only the CNI plugin knows the address.
     let lab = Lab::up_with_env(

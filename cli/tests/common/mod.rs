@@ -463,3 +463,15 @@ pub async fn ready_ip(client: &Client, name: &str) -> (Pod, std::net::Ipv4Addr) 
     let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).unwrap().parse().unwrap();
     (p, ip)
 }
+
+/// The lab's kubeshift image runs the binaries next to `kubeshift`: the CNI plugin is
+/// the datapath crate's target, built by `cargo test --workspace` (its own tests use it).
+pub fn assert_cni_plugin_built() {
+    let plugin = PathBuf::from(kubeshift().get_program()).with_file_name("kubeshift-cni");
+    let release = if cfg!(debug_assertions) { "" } else { " --release" };
+    assert!(
+        plugin.exists(),
+        "{} is missing: run `cargo build{release} -p kubeshift-datapath --bin kubeshift-cni` (or the whole workspace's tests)",
+        plugin.display()
+    );
+}

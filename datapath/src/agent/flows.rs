@@ -578,6 +578,24 @@ pub fn parse_query(q: &str) -> Result<FlowQuery, String> {
     Ok(out)
 }
 
+/// A record for tests: a socket-LB flow with nothing but its cookie and verdict.
+#[cfg(test)]
+pub(crate) fn sample(cookie: u64, verdict: FlowVerdict) -> FlowRecord {
+    FlowRecord {
+        time: "2026-11-22T18:00:00Z".into(),
+        node: "n1".into(),
+        kind: FlowKind::SockLb,
+        verdict,
+        drop_reason: None,
+        protocol: None,
+        source: FlowEndpoint::default(),
+        destination: FlowEndpoint::default(),
+        service: None,
+        observation_point: None,
+        socket_cookie: Some(cookie),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,15 +710,7 @@ mod tests {
         let rec = |i: u64| FlowRecord {
             time: rfc3339(i),
             node: "n".into(),
-            kind: FlowKind::SockLb,
-            verdict: if i.is_multiple_of(2) { FlowVerdict::Forwarded } else { FlowVerdict::Dropped },
-            drop_reason: None,
-            protocol: None,
-            source: FlowEndpoint::default(),
-            destination: FlowEndpoint::default(),
-            service: None,
-            observation_point: None,
-            socket_cookie: Some(i),
+            ..sample(i, if i.is_multiple_of(2) { FlowVerdict::Forwarded } else { FlowVerdict::Dropped })
         };
         for i in 0..5 {
             store.push(&rec(i));

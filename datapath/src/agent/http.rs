@@ -161,26 +161,10 @@ fn follow(
 
 #[cfg(test)]
 mod tests {
-    use super::super::flows::{FlowEndpoint, FlowKind, FlowRecord, FlowVerdict};
+    use super::super::flows::{sample as rec, FlowRecord, FlowVerdict};
     use super::*;
     use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
-    fn rec(cookie: u64, verdict: FlowVerdict) -> FlowRecord {
-        FlowRecord {
-            time: "2026-11-22T18:00:00Z".into(),
-            node: "n1".into(),
-            kind: FlowKind::SockLb,
-            verdict,
-            drop_reason: None,
-            protocol: None,
-            source: FlowEndpoint::default(),
-            destination: FlowEndpoint::default(),
-            service: None,
-            observation_point: None,
-            socket_cookie: Some(cookie),
-        }
-    }
 
     async fn get(addr: SocketAddr, path: &str) -> BufReader<tokio::net::TcpStream> {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
