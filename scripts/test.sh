@@ -16,10 +16,19 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Benches are built and run by hand, see BENCHMARKS.md.
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+# Each run has a deadline, so a test that hangs fails the run with its name on screen
+# ("has been running for over 60 seconds") instead of eating CI's whole budget: unit
+# tests first (they take seconds), then the lab tests (about 45 minutes cold).
 set +e
-cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$out"
+timeout --kill-after=30s 10m cargo test --workspace --no-fail-fast --lib --bins 2>&1 | tee "$out"
+unit=${PIPESTATUS[0]}
+timeout --kill-after=60s 65m cargo test --workspace --no-fail-fast --test '*' 2>&1 | tee -a "$out"
 status=${PIPESTATUS[0]}
 set -e
+for s in "$unit" "$status"; do
+    if [ "$s" = 124 ] || [ "$s" = 137 ]; then echo "a test run passed its deadline (see the test still running above)"; fi
+done
+[ "$status" = 0 ] && status=$unit
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' "$out"
 exit "$status"

@@ -169,10 +169,13 @@ mod tests {
         }
     }
 
+    /// Waits for `f` on the paused clock. A short sleep, not `yield_now`: a task that only
+    /// yields is always runnable, so the paused clock never auto-advances and neither the
+    /// driver's tick nor this timeout would ever fire.
     async fn until(what: &str, mut f: impl FnMut() -> bool) {
         let t = tokio::time::timeout(Duration::from_secs(10), async {
             while !f() {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
         t.await.unwrap_or_else(|_| panic!("{what}"));
