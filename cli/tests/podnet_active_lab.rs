@@ -119,10 +119,17 @@ async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "connectivity suite on (active node-1, legacy node-2):\n{report}\n{err}");
 
+    // 4b. Calico: a policy Calico enforces on the legacy node selects kubeshift pods by
+    // their labels (its WorkloadEndpoints come from Pods, whichever CNI wired them), so
+    // verdicts do not change when a client moves to kubeshift's network.
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    if cni == "calico" {
+        calico_selects_kubeshift_pods(&lab, &client, &policies, &k1, l2_ip).await;
+    }
+
     // 5. A pod isolated by a deny-all egress policy has its very first packet dropped:
     // it tries legacy-2 from its first instant, and no try gets through until the
     // policy is deleted (which proves the path itself works).
-    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(client.clone(), NS);
     create(
         &policies,
         json!({"metadata": {"name": "locked-egress"},
@@ -222,4 +229,41 @@ async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
     let (_, ip) = ready_ip(&client, "legacy-1b").await;
     assert!(legacy_net.contains(ip), "after standby, a new pod on node-1 got {ip}");
     assert_eq!(client_ip_seen(&lab, &l2, k1_ip).unwrap(), l2_ip, "the kubeshift pod still answers, sources kept");
+}
+
+/// legacy-2 (node-2, Calico's network, Calico's policy) admits only `role=frontend`:
+/// a frontend on kubeshift's network gets in, another kubeshift pod (`ks`) is dropped.
+async fn calico_selects_kubeshift_pods(
+    lab: &Lab,
+    client: &kube::Client,
+    policies: &Api<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    ks: &Pod,
+    legacy_ip: Ipv4Addr,
+) {
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    netexec_on(client, "ks-front", "node-1").await;
+    let label = json!({"metadata": {"labels": {"role": "frontend"}}});
+    pods.patch("ks-front", &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
+    let (front, front_ip) = ready_ip(client, "ks-front").await;
+    create(
+        policies,
+        json!({"metadata": {"name": "legacy-2-frontends-only"},
+               "spec": {"podSelector": {"matchLabels": {"t": "legacy-2"}}, "policyTypes": ["Ingress"],
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
+                                     "ports": [{"port": 8080}]}]}}),
+    )
+    .await;
+    // Once the other kubeshift pod is dropped, Calico's rules for the policy are in place.
+    eventually("Calico drops the kubeshift pod without the label", Duration::from_secs(30), || async {
+        Ok(client_ip_seen(lab, ks, legacy_ip).is_err().then_some(()))
+    })
+    .await;
+    let seen = client_ip_seen(lab, &front, legacy_ip)
+        .expect("Calico's policy dropped a frontend on kubeshift's network: its selector did not match it");
+    assert_eq!(seen, front_ip, "the frontend's source was not kept");
+    policies.delete("legacy-2-frontends-only", &Default::default()).await.unwrap();
+    eventually("the other kubeshift pod reaches legacy-2 again", Duration::from_secs(30), || async {
+        Ok(client_ip_seen(lab, ks, legacy_ip).ok())
+    })
+    .await;
 }

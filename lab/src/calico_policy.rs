@@ -9,6 +9,10 @@
 //! name, endPort, policyTypes, several policies OR'ed. Calico's own NetworkPolicy and
 //! GlobalNetworkPolicy CRDs are not enforced by the lab. Traffic from a node to its own
 //! pods is always allowed, as the Kubernetes API documents.
+//!
+//! Peers are selected the way Felix selects them with the Kubernetes datastore: among
+//! the WorkloadEndpoints libcalico-go derives from Pods ([`pod_info`]), so pods on
+//! kubeshift's network during a migration are matched by their labels like Calico's own.
 
 use crate::cni_plugins::calico_veth_name;
 use anyhow::Result;
@@ -42,17 +46,46 @@ pub struct PodInfo {
     pub ports: Vec<(String, i32, String)>,
 }
 
+/// Calico CNI's annotations, read when the status has no address yet.
+const ANNOTATION_POD_IP: &str = "cni.projectcalico.org/podIP";
+const ANNOTATION_POD_IPS: &str = "cni.projectcalico.org/podIPs";
+
+/// A pod as Felix sees it with the Kubernetes datastore: the WorkloadEndpoint that
+/// libcalico-go derives from it (lib/backend/k8s/conversion, v3.32.1: `IsReadyCalicoPod`,
+/// `IsFinished`, `getPodIPs`). Every scheduled, not host-networked, unfinished pod with
+/// an address gets one, whichever CNI plugin wired it: that is why a policy Calico
+/// enforces matches pods on kubeshift's network by their labels, and no bridge is
+/// needed. (With the etcd datastore only Calico's CNI plugin writes endpoints; the
+/// planner refuses that case.)
 fn pod_info(p: &Pod) -> Option<PodInfo> {
     let spec = p.spec.as_ref()?;
-    if spec.host_network == Some(true) || p.metadata.deletion_timestamp.is_some() {
+    if spec.host_network == Some(true) {
         return None;
     }
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let annotations = p.metadata.annotations.clone().unwrap_or_default();
+    let status = p.status.clone().unwrap_or_default();
+    // Finished: its phase says so, or Calico's CNI has taken the address of a pod in
+    // its termination grace period (the annotation set to ""). A terminating pod keeps
+    // its endpoint until then.
+    let released =
+        p.metadata.deletion_timestamp.is_some() && annotations.get(ANNOTATION_POD_IP).is_some_and(|ip| ip.is_empty());
+    if released || matches!(status.phase.as_deref(), Some("Failed" | "Succeeded" | "Completed")) {
+        return None;
+    }
+    // The status first, then Calico's annotations; the lab's networks are IPv4.
+    let from_status = status.pod_ips.iter().flatten().map(|a| a.ip.clone()).chain(status.pod_ip.clone());
+    let from_annotations = [ANNOTATION_POD_IPS, ANNOTATION_POD_IP]
+        .into_iter()
+        .filter_map(|k| annotations.get(k))
+        .flat_map(|v| v.split(',').map(|a| a.split('/').next().unwrap_or(a).trim().to_string()));
+    let ip = from_status.chain(from_annotations).find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())?;
     Some(PodInfo {
         namespace: p.metadata.namespace.clone()?,
         name: p.metadata.name.clone()?,
         labels: p.metadata.labels.clone().unwrap_or_default(),
-        ip: p.status.as_ref()?.pod_ip.clone()?,
-        node: spec.node_name.clone()?,
+        ip,
+        node,
         ports: spec
             .containers
             .iter()
@@ -335,6 +368,54 @@ mod tests {
             ]
             .into(),
             policies: policies.into_iter().map(|p| serde_json::from_value(p).unwrap()).collect(),
+        }
+    }
+
+    fn api_pod(v: serde_json::Value) -> Pod {
+        let mut base = json!({"metadata": {"name": "p", "namespace": "a", "labels": {"app": "web"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.200.1.5", "podIPs": [{"ip": "10.200.1.5"}]}});
+        json_patch(&mut base, v);
+        serde_json::from_value(base).unwrap()
+    }
+
+    fn json_patch(base: &mut serde_json::Value, v: serde_json::Value) {
+        match (base, v) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(v)) => {
+                for (k, val) in v {
+                    json_patch(b.entry(k).or_insert(serde_json::Value::Null), val);
+                }
+            }
+            (b, v) => *b = v,
+        }
+    }
+
+    #[test]
+    fn endpoints_come_from_every_pod_with_an_address_like_calicos_kdd_converter() {
+        // A pod another CNI plugin wired (no Calico annotation) is an endpoint: policies
+        // Calico enforces select it by its labels.
+        let e = pod_info(&api_pod(json!({}))).expect("a running pod on kubeshift's network is an endpoint");
+        assert_eq!((e.ip.as_str(), e.node.as_str()), ("10.200.1.5", "n1"));
+        assert_eq!(e.labels["app"], "web");
+        // No status address yet: Calico's CNI annotations give it.
+        let p = api_pod(json!({"metadata": {"annotations": {ANNOTATION_POD_IPS: "10.244.3.4/32"}},
+            "status": {"podIP": null, "podIPs": null}}));
+        assert_eq!(pod_info(&p).unwrap().ip, "10.244.3.4");
+        // A terminating pod keeps its endpoint until Calico's CNI empties the annotation.
+        let p = api_pod(json!({"metadata": {"deletionTimestamp": "2026-12-03T10:00:00Z"}}));
+        assert!(pod_info(&p).is_some());
+        let p = api_pod(
+            json!({"metadata": {"deletionTimestamp": "2026-12-03T10:00:00Z", "annotations": {ANNOTATION_POD_IP: ""}}}),
+        );
+        assert!(pod_info(&p).is_none(), "the address was released");
+        for (why, patch) in [
+            ("finished", json!({"status": {"phase": "Succeeded"}})),
+            ("failed", json!({"status": {"phase": "Failed"}})),
+            ("host network", json!({"spec": {"hostNetwork": true}})),
+            ("not scheduled", json!({"spec": {"nodeName": null}})),
+            ("no address", json!({"status": {"podIP": null, "podIPs": null}})),
+        ] {
+            assert!(pod_info(&api_pod(patch)).is_none(), "{why}: not an endpoint");
         }
     }
 

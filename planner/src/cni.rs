@@ -269,6 +269,7 @@ fn calico_config(ds: Option<&Value>, installation: Option<&Value>, env_pools: bo
         (None, None) => String::new(),
     };
     cfg.installation = installation.and_then(|i| i.get("spec").cloned());
+    (cfg.datastore, cfg.datastore_from) = calico_datastore(ds, &env);
     cfg.backend = ds
         .and_then(|d| objs.config_map(namespace(d), "calico-config"))
         .and_then(|c| c.pointer("/data/calico_backend"))
@@ -297,6 +298,21 @@ fn calico_config(ds: Option<&Value>, installation: Option<&Value>, env_pools: bo
     peers.dedup();
     cfg.bgp_peers = peers;
     cfg
+}
+
+/// Calico's datastore as calico-node decides it (libcalico-go apiconfig `applyConfigDefaults`,
+/// v3.32.1): `DATASTORE_TYPE` when set, else etcd when `ETCD_ENDPOINTS` names one, else the
+/// Kubernetes API. The operator always runs the Kubernetes datastore.
+fn calico_datastore(ds: Option<&Value>, env: &BTreeMap<String, String>) -> (String, String) {
+    let Some(d) = ds else { return ("kubernetes".into(), "operator-managed (Installation)".into()) };
+    let at = format!("DaemonSet {}", id(d));
+    match (env.get("DATASTORE_TYPE").map(|v| v.trim()), env.get("ETCD_ENDPOINTS").map(|v| v.trim())) {
+        (Some(t), _) if !t.is_empty() => (t.to_string(), format!("{at} env DATASTORE_TYPE")),
+        (_, Some(e)) if !e.is_empty() => {
+            ("etcdv3".into(), format!("{at} env ETCD_ENDPOINTS {e}, DATASTORE_TYPE unset"))
+        }
+        _ => ("kubernetes".into(), format!("{at}: neither DATASTORE_TYPE nor ETCD_ENDPOINTS set")),
+    }
 }
 
 /// The `default` object of a Calico config kind, from the group calico-node reads,

@@ -134,6 +134,12 @@ pub struct CalicoConfig {
     /// The operator's `Installation` spec, when Calico is operator-managed.
     #[serde(default)]
     pub installation: Option<serde_json::Value>,
+    /// Where Calico keeps its data, `kubernetes` or `etcdv3`, and what says so. Empty
+    /// in plans made before kubeshift read it.
+    #[serde(default)]
+    pub datastore: String,
+    #[serde(default)]
+    pub datastore_from: String,
 }
 
 impl CalicoConfig {

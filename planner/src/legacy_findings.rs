@@ -17,7 +17,27 @@ pub fn legacy_findings(inv: &Inventory) -> Vec<Finding> {
     v.extend(dataplanes(inv));
     v.extend(encryption(&inv.cni));
     v.extend(ipv6(inv));
+    v.extend(inv.cni.calico.as_ref().and_then(calico_etcd));
     v
+}
+
+/// Calico on etcd. Felix matches policy selectors against WorkloadEndpoints; with the
+/// Kubernetes datastore those are derived from every Pod with an address, so a pod on
+/// kubeshift's network is selected by its labels like any other. With etcd only Calico's
+/// CNI plugin writes them: a policy Calico still enforces on a node not yet migrated
+/// would drop clients that moved to kubeshift's network, and kubeshift does not write
+/// into Calico's etcd to bridge that.
+fn calico_etcd(c: &CalicoConfig) -> Option<Finding> {
+    (c.datastore == "etcdv3").then(|| {
+        finding(
+            Severity::Blocker,
+            "cni",
+            format!(
+                "Calico keeps its data in etcd ({}): Felix selects policy peers only among the WorkloadEndpoints Calico's CNI plugin wrote there, so pods moved to kubeshift's network would match no Calico selector and a policy Calico still enforces on a node not yet migrated would drop them. Move Calico to the Kubernetes datastore (Calico's etcd-to-KDD migration) first, then plan again",
+                c.datastore_from
+            ),
+        )
+    })
 }
 
 fn describe_found(f: &crate::inventory::CniFound) -> String {

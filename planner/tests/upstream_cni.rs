@@ -543,3 +543,43 @@ fn felix_and_bgp_config_come_from_the_group_calico_node_reads() {
     let a = analyze(&inventory(d), &[], None);
     blocker_with(&a, "bpfEnabled true (FelixConfiguration default (projectcalico.org/v3) spec.bpfEnabled)");
 }
+
+// --- Calico's datastore: policy across the two pod networks --------------------
+
+#[test]
+fn calico_on_etcd_is_a_blocker_naming_where_it_was_read_and_kdd_is_not() {
+    // Calico's own etcd manifest: ETCD_ENDPOINTS from calico-config, DATASTORE_TYPE unset.
+    let inv = inventory(discover(&["calico-v3.32.1-etcd.yaml"]));
+    let c = inv.cni.calico.as_ref().unwrap();
+    assert_eq!(c.datastore, "etcdv3");
+    let a = analyze(&inv, &[], None);
+    let b = blocker_with(&a, "Calico keeps its data in etcd");
+    assert!(b.contains("DaemonSet kube-system/calico-node env ETCD_ENDPOINTS http://<ETCD_IP>:<ETCD_PORT>"), "{b}");
+    assert!(b.contains("Kubernetes datastore"), "{b}");
+
+    // The Kubernetes-datastore manifests: endpoints come from Pods, kubeshift's included.
+    for (f, ds) in [
+        ("calico-v3.32.1.yaml", "calico-node"),
+        ("calico-v3.32.1-vxlan.yaml", "calico-node"),
+        ("calico-v3.32.1-canal.yaml", "canal"),
+    ] {
+        let inv = inventory(discover(&[f]));
+        let c = inv.cni.calico.as_ref().unwrap();
+        assert_eq!(c.datastore, "kubernetes", "{f}");
+        assert_eq!(c.datastore_from, format!("DaemonSet kube-system/{ds} env DATASTORE_TYPE"), "{f}");
+        no_blocker_with(&analyze(&inv, &[], None), "etcd");
+    }
+    // The operator: always the Kubernetes datastore.
+    let inv = inventory(discover(&["calico-v3.32.1-custom-resources.yaml"]));
+    assert_eq!(inv.cni.calico.as_ref().unwrap().datastore, "kubernetes");
+
+    // An explicit DATASTORE_TYPE wins over ETCD_ENDPOINTS, as in calico-node.
+    let text = fixture("calico-v3.32.1-etcd.yaml").replace(
+        "            # The location of the etcd cluster.\n            - name: ETCD_ENDPOINTS\n              valueFrom:\n                configMapKeyRef:\n                  name: calico-config\n                  key: etcd_endpoints\n            # Location of the CA",
+        "            - name: DATASTORE_TYPE\n              value: \"kubernetes\"\n            - name: ETCD_ENDPOINTS\n              valueFrom:\n                configMapKeyRef:\n                  name: calico-config\n                  key: etcd_endpoints\n            # Location of the CA",
+    );
+    let mut objs = CniObjects::default();
+    objs.add_manifest("calico-etcd.yaml", &text).unwrap();
+    let inv = inventory(discover_cni(&objs).unwrap());
+    assert_eq!(inv.cni.calico.as_ref().unwrap().datastore, "kubernetes", "the replacement did not apply");
+}
