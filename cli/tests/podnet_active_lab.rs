@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
-use kubeshift_datapath::agent::modes::{CONF_NAME, MODE_LABEL};
+use kubeshift_datapath::agent::modes::{CONF_NAME, MODE_LABEL, NETWORK};
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -36,6 +36,25 @@ fn client_ip_seen(lab: &Lab, from: &Pod, to: Ipv4Addr) -> anyhow::Result<Ipv4Add
     let body = http_get_from(&pod_netns(&lab.name, from), SocketAddr::from((to, 8080)), "/clientip")?;
     let host = body.trim().rsplit_once(':').map(|(h, _)| h).unwrap_or(body.trim());
     Ok(host.parse()?)
+}
+
+/// Two records in the plugin's format at the top of node-1's range, held by containers
+/// that have no veth: one written an hour ago (a sandbox gone without a DEL), one just
+/// now (an ADD in flight). Returns their paths.
+fn plant_allocations(
+    range: kubeshift_datapath::overlay::Cidr,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let broadcast = u32::from(range.addr) | (u32::MAX >> range.len);
+    let (leaked, fresh) =
+        (dir.join(Ipv4Addr::from(broadcast - 1).to_string()), dir.join(Ipv4Addr::from(broadcast - 2).to_string()));
+    for (path, id) in [(&leaked, "leaked-by-a-lost-sandbox"), (&fresh, "add-in-flight")] {
+        assert!(!path.exists(), "{} is allocated already", path.display());
+        std::fs::write(path, format!("{id}\r\neth0")).unwrap();
+    }
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&leaked).unwrap().set_modified(hour_ago).unwrap();
+    (leaked, fresh)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +205,12 @@ async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
     .await;
 
     // 6. The agent restarts: traffic between the networks keeps flowing while it is
-    // away, and the node is still active when it is back.
+    // away, and the node is still active when it is back. Allocations of sandboxes that
+    // went away without a DEL are freed when it starts; those of live pods and one an
+    // ADD may still be wiring (written just now) are kept.
+    let allocs = kubeshift_lab::kubelet::node_root(&lab.name, "node-1").join("var/lib/cni/kubeshift").join(NETWORK);
+    assert!(allocs.join(k1_ip.to_string()).exists(), "no allocation of ks-1 under {}", allocs.display());
+    let (leaked, fresh) = plant_allocations(subnet, &allocs);
     let agents: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
     let old = agents
         .list(&kube::api::ListParams::default().labels("k8s-app=kubeshift-agent").fields("spec.nodeName=node-1"))
@@ -214,6 +238,13 @@ async fn active_node_scenario(name: &str, cni: &str, legacy: &str) {
         assert!(probes < 2000, "node-1's agent did not come back Ready");
     }
     assert!(conf("node-1").exists(), "the restarted agent left node-1's conf");
+    eventually("the restarted agent frees the leaked allocation", Duration::from_secs(30), || async {
+        Ok((!leaked.exists()).then_some(()))
+    })
+    .await;
+    assert!(fresh.exists(), "an allocation younger than the grace was freed");
+    std::fs::remove_file(&fresh).unwrap();
+    assert!(allocs.join(k1_ip.to_string()).exists(), "the allocation of ks-1, alive all along, was freed");
     netexec_on(&client, "ks-1b", "node-1").await;
     let (_, ip) = ready_ip(&client, "ks-1b").await;
     assert!(ks_net.contains(ip), "after the agent's restart, a new pod on node-1 got {ip}");

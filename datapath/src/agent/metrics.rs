@@ -44,6 +44,8 @@ pub struct Metrics {
     pub nodeport_enabled: AtomicBool,
     pub nodeport_synced: AtomicU64,
     pub nodeport_frontends: AtomicU64,
+    /// Address allocations of vanished sandboxes freed by the agent (see `agent::leaks`).
+    pub ipam_leaks_freed: AtomicU64,
     /// Standby mode: only the overlay runs, and only it decides readiness.
     pub standby: AtomicBool,
     /// Why the overlay is not programmed yet (see `overlay::standby`).
@@ -158,6 +160,12 @@ impl Collector for Scrape {
         counter(&mut e, "kubeshift_agent_map_writes", "Service-port upserts and removals written.", n(&m.map_writes))?;
         counter(&mut e, "kubeshift_agent_sync_errors", "Failed map writes (retried).", n(&m.sync_errors))?;
         counter(&mut e, "kubeshift_agent_watch_errors", "Watch errors (retried with backoff).", n(&m.watch_errors))?;
+        counter(
+            &mut e,
+            "kubeshift_agent_ipam_leaks_freed",
+            "Address allocations freed because no veth on the node and no pod in the API held them.",
+            n(&m.ipam_leaks_freed),
+        )?;
         gauge(
             &mut e,
             "kubeshift_agent_last_sync_seconds",

@@ -18,6 +18,7 @@ pub mod driver;
 pub mod flows;
 pub mod frontends;
 pub mod http;
+pub mod leaks;
 pub mod memory;
 pub mod metrics;
 pub mod modes;

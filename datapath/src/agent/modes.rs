@@ -2,8 +2,9 @@
 //! `kubeshift.io/agent-mode` label, switched without redeploying (DESIGN.md, "The pod
 //! network during the migration").
 //!
-//! Always, whatever the mode: the overlay (so legacy nodes reach migrated pods) and the
-//! masquerade bridges (`overlay::bridge`). **Active** adds, in this order: the CNI
+//! Always, whatever the mode: the overlay (so legacy nodes reach migrated pods), the
+//! masquerade bridges (`overlay::bridge`) and the collection of leaked address
+//! allocations (`agent::leaks`). **Active** adds, in this order: the CNI
 //! attach socket, the datapath (socket LB, NodePort, policy), and last the CNI conf
 //! written first in the node's conf dir by an atomic rename, so the first ADD that
 //! reads it finds an agent to answer. **Standby** undoes it in the reverse order: the
@@ -37,6 +38,8 @@ use tokio::sync::mpsc;
 pub const MODE_LABEL: &str = "kubeshift.io/agent-mode";
 /// Sorts before Flannel's `10-flannel.conflist` and Calico's `10-calico.conflist`.
 pub const CONF_NAME: &str = "00-kubeshift.conflist";
+/// The conf's network name, which is also the directory of its address allocations.
+pub const NETWORK: &str = "kubeshift";
 const RETRY: Duration = Duration::from_secs(5);
 /// How long an ADD waits for the policy programs before the plugin reports an error.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +85,7 @@ pub struct AutoConfig {
 pub fn conflist(range: Cidr, mtu: u32, cni: &CniConfig) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "1.0.0",
-        "name": "kubeshift",
+        "name": NETWORK,
         "plugins": [
             {
                 "type": "kubeshift",
@@ -145,6 +148,17 @@ pub async fn run(client: Client, cfg: AutoConfig) -> Result<()> {
             }
         }
     });
+
+    tokio::spawn(super::leaks::run(
+        client.clone(),
+        super::leaks::LeakConfig {
+            node: cfg.active.node.clone(),
+            data_dir: cfg.cni.data_dir.clone(),
+            network: NETWORK.into(),
+            netns: cfg.netns.clone(),
+        },
+        metrics.clone(),
+    ));
 
     let nodes: Api<Node> = Api::all(client.clone());
     let selector = format!("metadata.name={}", cfg.active.node);

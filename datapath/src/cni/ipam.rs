@@ -76,35 +76,43 @@ pub enum IpamError {
 const LAST_RESERVED: &str = "last_reserved_ip.0";
 
 pub struct Ipam {
-    dir: PathBuf,
+    pub records: Records,
     network: String,
     range: Ipv4Net,
     /// Never handed out (the gateway, when it lies inside the range).
     reserved: Vec<Ipv4Addr>,
 }
 
+/// The allocation records of one network, without its range: all it takes to read and
+/// free them (the agent's leak collection has no range at hand on a standby node).
+pub struct Records {
+    dir: PathBuf,
+}
+
+/// `<container id>\r\n<ifname>`.
+fn parse_record(content: &str) -> (String, String) {
+    let mut lines = content.lines().map(str::trim);
+    let id = lines.next().unwrap_or("").to_string();
+    (id, lines.next().unwrap_or("").to_string())
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> IpamError + '_ {
+    move |source| IpamError::Io { path: path.to_path_buf(), source }
+}
+
 impl Ipam {
     pub fn new(data_dir: &Path, network: &str, range: Ipv4Net, reserved: Vec<Ipv4Addr>) -> Self {
-        Self { dir: data_dir.join(network), network: network.to_string(), range, reserved }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn io(&self, path: &Path) -> impl Fn(io::Error) -> IpamError + '_ {
-        let path = path.to_path_buf();
-        move |source| IpamError::Io { path: path.clone(), source }
+        Self { records: Records::new(data_dir, network), network: network.to_string(), range, reserved }
     }
 
     /// Allocates one address for (container, ifname). Starts after the last handed-out
     /// address, as host-local does, so a just-released address is not reused at once
     /// (a stale conntrack entry or a peer's ARP cache may still point at it).
     pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<Ipv4Addr, IpamError> {
-        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        fs::create_dir_all(&self.records.dir).map_err(io_err(&self.records.dir))?;
         let (first, last) = self.range.hosts();
         let size = last - first + 1;
-        let cursor = fs::read_to_string(self.dir.join(LAST_RESERVED))
+        let cursor = fs::read_to_string(self.records.dir.join(LAST_RESERVED))
             .ok()
             .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
             .map(u32::from)
@@ -115,20 +123,35 @@ impl Ipam {
             if self.reserved.contains(&ip) {
                 continue;
             }
-            let path = self.dir.join(ip.to_string());
+            let path = self.records.dir.join(ip.to_string());
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(format!("{container_id}\r\n{ifname}").as_bytes()).map_err(self.io(&path))?;
+                    f.write_all(format!("{container_id}\r\n{ifname}").as_bytes()).map_err(io_err(&path))?;
                     // The cursor is a hint only: losing a race on it costs a retry, never
                     // a duplicate (create_new above is the arbiter).
-                    let _ = fs::write(self.dir.join(LAST_RESERVED), ip.to_string());
+                    let _ = fs::write(self.records.dir.join(LAST_RESERVED), ip.to_string());
                     return Ok(ip);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(IpamError::Io { path, source: e }),
             }
         }
-        Err(IpamError::Exhausted { range: self.range, network: self.network.clone(), size, dir: self.dir.clone() })
+        Err(IpamError::Exhausted {
+            range: self.range,
+            network: self.network.clone(),
+            size,
+            dir: self.records.dir.clone(),
+        })
+    }
+}
+
+impl Records {
+    pub fn new(data_dir: &Path, network: &str) -> Self {
+        Self { dir: data_dir.join(network) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// All allocations: (address, container id, ifname).
@@ -140,13 +163,11 @@ impl Ipam {
         };
         let mut out = Vec::new();
         for e in entries {
-            let e = e.map_err(self.io(&self.dir))?;
+            let e = e.map_err(io_err(&self.dir))?;
             let Some(ip) = e.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else { continue };
             // A file can vanish between readdir and read (a concurrent DEL): skip it.
             let Ok(content) = fs::read_to_string(e.path()) else { continue };
-            let mut lines = content.lines().map(str::trim);
-            let id = lines.next().unwrap_or("").to_string();
-            let ifname = lines.next().unwrap_or("").to_string();
+            let (id, ifname) = parse_record(&content);
             out.push((ip, id, ifname));
         }
         out.sort();
@@ -192,6 +213,22 @@ impl Ipam {
         }
         Ok(freed)
     }
+
+    /// The record of `ip`: container id, ifname and time since it was written; None
+    /// when the address is free.
+    pub fn record(&self, ip: Ipv4Addr) -> Result<Option<(String, String, std::time::Duration)>, IpamError> {
+        let path = self.dir.join(ip.to_string());
+        let read = fs::read_to_string(&path).and_then(|c| Ok((c, fs::metadata(&path)?.modified()?)));
+        let (content, written) = match read {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(IpamError::Io { path, source: e }),
+        };
+        let (id, ifname) = parse_record(&content);
+        // A clock stepped back makes a record look new: it is then kept, never freed early.
+        let age = written.elapsed().unwrap_or_default();
+        Ok(Some((id, ifname, age)))
+    }
 }
 
 #[cfg(test)]
@@ -223,7 +260,7 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 240, "an address was handed out twice");
         // Survives a "restart": a fresh Ipam sees the same allocations.
-        assert_eq!(Ipam::new(&d, "net", range, vec![]).list().unwrap().len(), 240);
+        assert_eq!(Ipam::new(&d, "net", range, vec![]).records.list().unwrap().len(), 240);
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -235,8 +272,8 @@ mod tests {
         assert_eq!(ipam.allocate("a", "eth0").unwrap(), Ipv4Addr::new(10, 78, 0, 2));
         let e = ipam.allocate("b", "eth0").unwrap_err().to_string();
         assert!(e.contains("10.78.0.0/30") && e.contains("exhausted"), "{e}");
-        assert_eq!(ipam.release("a", "eth0").unwrap(), vec![Ipv4Addr::new(10, 78, 0, 2)]);
-        assert!(ipam.release("a", "eth0").unwrap().is_empty());
+        assert_eq!(ipam.records.release("a", "eth0").unwrap(), vec![Ipv4Addr::new(10, 78, 0, 2)]);
+        assert!(ipam.records.release("a", "eth0").unwrap().is_empty());
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -247,10 +284,10 @@ mod tests {
         ipam.allocate("keep", "eth0").unwrap();
         ipam.allocate("gone", "eth0").unwrap();
         let valid = HashSet::from([("keep".to_string(), "eth0".to_string())]);
-        let freed = ipam.gc(&valid).unwrap();
+        let freed = ipam.records.gc(&valid).unwrap();
         assert_eq!(freed.len(), 1);
         assert_eq!(freed[0].1, "gone");
-        assert_eq!(ipam.list().unwrap().len(), 1);
+        assert_eq!(ipam.records.list().unwrap().len(), 1);
         fs::remove_dir_all(&d).unwrap();
     }
 }

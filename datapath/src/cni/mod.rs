@@ -340,7 +340,7 @@ impl Drop for Undo<'_> {
             }
         }
         if let Some(ip) = self.ip.take() {
-            if let Err(e) = self.net.ipam.remove(ip) {
+            if let Err(e) = self.net.ipam.records.remove(ip) {
                 eprintln!("kubeshift-cni: undo of ADD: {e}");
             }
         }
@@ -496,7 +496,7 @@ fn del(env: &Env, net: &Net) -> Res<()> {
             }
         }
     }
-    net.ipam.release(id, ifname).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
+    net.ipam.records.release(id, ifname).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
     Ok(())
 }
 
@@ -560,7 +560,7 @@ fn gc(net: &Net) -> Res<()> {
         .iter()
         .map(|a| (a.container_id.clone(), a.ifname.clone()))
         .collect();
-    let freed = net.ipam.gc(&valid).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
+    let freed = net.ipam.records.gc(&valid).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
     // The host ends of vanished containers, where a DEL never came.
     for (_, id, ifname) in freed {
         let h = host_ifname(&id, &ifname);
