@@ -15,7 +15,7 @@ use aya::{
     },
 };
 
-use crate::loader_util::{is_not_found, load_pinned, open_pinned, remove_if_exists};
+use crate::loader_util::{is_not_found, load_pinned, load_retrying, open_pinned, remove_if_exists};
 use crate::{raw::*, sys};
 
 /// Where per-node pin directories go unless configured otherwise.
@@ -276,7 +276,7 @@ impl Datapath {
                 .program_mut(p)
                 .ok_or_else(|| Error::Invalid(format!("program {p} missing from object")))?
                 .try_into()?;
-            prog.load()?;
+            load_retrying(|| prog.load())?;
         }
 
         let cgroup = fs::File::open(&dp.cfg.cgroup)?;

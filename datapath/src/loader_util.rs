@@ -9,7 +9,7 @@ use aya::{
     maps::{Map, MapData, MapError},
     programs::{
         links::{FdLink, PinnedLink},
-        SchedClassifier,
+        ProgramError, SchedClassifier,
     },
 };
 
@@ -30,6 +30,27 @@ pub(crate) fn load_pinned(obj: &[u8], maps_dir: &Path, maps: &[&str]) -> Result<
         loader.map_pin_path(m, maps_dir.join(m));
     }
     Ok(loader.load(obj)?)
+}
+
+/// Loads one program, again when the kernel answers EAGAIN. The verifier gives up with
+/// EAGAIN when a signal is pending on the loading thread (`do_check`), which says nothing
+/// about the program; libbpf retries such loads (5 attempts), aya 0.14 does not. Seen in
+/// CI: the socket LB's in-place upgrade under traffic failed once this way. A failed load
+/// leaves the program unloaded, so loading it again is sound.
+pub(crate) fn load_retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+                tracing::debug!(attempt, "program load interrupted (EAGAIN), loading again");
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Opens the map pinned at `maps_dir/name`; `try_into` a typed map then checks key and

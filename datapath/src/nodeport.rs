@@ -26,7 +26,7 @@ use aya::{
 
 pub use crate::loader_util::in_netns;
 use crate::loader_util::{
-    ignore_not_found, is_not_found, load_pinned, open_pinned, remove_if_exists, swap_if_different,
+    ignore_not_found, is_not_found, load_pinned, load_retrying, open_pinned, remove_if_exists, swap_if_different,
 };
 use crate::{sys, Error, Protocol};
 
@@ -370,7 +370,8 @@ impl NodePortDatapath {
         let config: Array<MapData, Config> = open("ks_np_config")?.try_into()?;
         let flows: RingBuf<MapData> = open("ks_np_flows")?.try_into()?;
         for p in PROGRAMS {
-            program(&mut ebpf, p)?.load()?;
+            let prog = program(&mut ebpf, p)?;
+            load_retrying(|| prog.load())?;
         }
 
         let mut upgraded = 0;

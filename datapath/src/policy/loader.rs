@@ -30,7 +30,7 @@ use aya::{
 };
 
 use super::model::{Cidr, Compiled, Direction, Identity, Isolation, PolicyEntry};
-use crate::loader_util::{ignore_not_found, in_netns, load_pinned, open_pinned, swap_if_different};
+use crate::loader_util::{ignore_not_found, in_netns, load_pinned, load_retrying, open_pinned, swap_if_different};
 use crate::{sys, Error, Protocol};
 
 const MAPS: [&str; 7] =
@@ -373,7 +373,7 @@ impl PolicyDatapath {
                 .program_mut(h.program)
                 .ok_or_else(|| Error::Invalid(format!("program {} missing from object", h.program)))?
                 .try_into()?;
-            prog.load()?;
+            load_retrying(|| prog.load())?;
         }
 
         let mut upgraded = 0;
