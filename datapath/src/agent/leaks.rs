@@ -55,8 +55,8 @@ pub struct Allocation {
     pub ip: Ipv4Addr,
     pub container_id: String,
     pub ifname: String,
-    /// Since the record was written (None: unknown, so never judged).
-    pub age: Option<Duration>,
+    /// Since the record was written.
+    pub age: Duration,
 }
 
 /// The allocations nothing on the node or in the API holds (see the module doc).
@@ -67,7 +67,7 @@ pub fn leaked<'a>(
 ) -> Vec<&'a Allocation> {
     allocations
         .iter()
-        .filter(|a| a.age.is_some_and(|age| age >= GRACE))
+        .filter(|a| a.age >= GRACE)
         .filter(|a| !host_links.contains(&host_ifname(&a.container_id, &a.ifname)))
         .filter(|a| !pod_ips.contains(&a.ip))
         .collect()
@@ -92,9 +92,18 @@ pub async fn run(client: Client, cfg: LeakConfig, metrics: Arc<Metrics>) {
 
 /// One pass; returns how many allocations it freed.
 pub async fn pass(client: &Client, cfg: &LeakConfig) -> Result<u64> {
-    // The API first: an allocation written after this list was taken is at most as old
-    // as the list, far younger than GRACE, so it is never judged against a list that
-    // may not show its pod.
+    let records = Records::new(&cfg.data_dir, &cfg.network);
+    let allocations = read_allocations(&records)?;
+    if allocations.is_empty() {
+        return Ok(0);
+    }
+    let links = host_links(cfg)?;
+    // The API is asked only when the node alone finds candidates (most passes find none).
+    if leaked(&allocations, &links, &HashSet::new()).is_empty() {
+        return Ok(0);
+    }
+    // Listed after the allocations were read: each of them was made for a pod that
+    // existed before this list, so a pod missing from it is gone.
     let pods: Api<Pod> = Api::all(client.clone());
     let lp = ListParams::default().fields(&format!("spec.nodeName={}", cfg.node));
     let pod_ips: HashSet<Ipv4Addr> = pods
@@ -107,12 +116,6 @@ pub async fn pass(client: &Client, cfg: &LeakConfig) -> Result<u64> {
         .flat_map(|s| s.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(s.pod_ip.as_deref()))
         .filter_map(|ip| ip.parse().ok())
         .collect();
-    let records = Records::new(&cfg.data_dir, &cfg.network);
-    let allocations = read_allocations(&records)?;
-    if allocations.is_empty() {
-        return Ok(0);
-    }
-    let links = host_links(cfg)?;
     let mut freed = 0;
     for a in leaked(&allocations, &links, &pod_ips) {
         // Judged from a read a moment ago: if the address was freed by a DEL and taken
@@ -133,10 +136,10 @@ pub async fn pass(client: &Client, cfg: &LeakConfig) -> Result<u64> {
 
 fn read_allocations(records: &Records) -> Result<Vec<Allocation>> {
     let mut out = Vec::new();
-    for (ip, ..) in records.list()? {
+    for ip in records.addresses()? {
         // Gone since the listing: freed by a DEL meanwhile.
         if let Some((container_id, ifname, age)) = records.record(ip)? {
-            out.push(Allocation { ip, container_id, ifname, age: Some(age) });
+            out.push(Allocation { ip, container_id, ifname, age });
         }
     }
     Ok(out)
@@ -157,23 +160,22 @@ fn host_links(cfg: &LeakConfig) -> Result<HashSet<String>> {
 mod tests {
     use super::*;
 
-    fn alloc(ip: &str, id: &str, age_s: Option<u64>) -> Allocation {
+    fn alloc(ip: &str, id: &str, age_s: u64) -> Allocation {
         Allocation {
             ip: ip.parse().unwrap(),
             container_id: id.into(),
             ifname: "eth0".into(),
-            age: age_s.map(Duration::from_secs),
+            age: Duration::from_secs(age_s),
         }
     }
 
     #[test]
     fn only_old_allocations_without_a_veth_or_a_pod_are_leaked() {
         let allocations = [
-            alloc("10.200.1.2", "gone", Some(3600)),
-            alloc("10.200.1.3", "live", Some(3600)),
-            alloc("10.200.1.4", "in-flight", Some(5)),
-            alloc("10.200.1.5", "stale-status", Some(3600)),
-            alloc("10.200.1.6", "unknown-age", None),
+            alloc("10.200.1.2", "gone", 3600),
+            alloc("10.200.1.3", "live", 3600),
+            alloc("10.200.1.4", "in-flight", 5),
+            alloc("10.200.1.5", "stale-status", 3600),
         ];
         let links: HashSet<String> = ["lo".to_string(), host_ifname("live", "eth0")].into();
         let pod_ips: HashSet<Ipv4Addr> = ["10.200.1.5".parse().unwrap()].into();
@@ -199,7 +201,7 @@ mod tests {
         let all = read_allocations(&Records::new(&d, "kubeshift")).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].ip, all[0].container_id.as_str(), all[0].ifname.as_str()), (ip, "c1", "eth0"));
-        assert!(all[0].age.is_some_and(|a| a < GRACE), "{:?}", all[0].age);
+        assert!(all[0].age < GRACE, "{:?}", all[0].age);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

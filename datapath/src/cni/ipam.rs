@@ -154,8 +154,8 @@ impl Records {
         &self.dir
     }
 
-    /// All allocations: (address, container id, ifname).
-    pub fn list(&self) -> Result<Vec<(Ipv4Addr, String, String)>, IpamError> {
+    /// The addresses that have a record, from the file names alone (nothing is read).
+    pub fn addresses(&self) -> Result<Vec<Ipv4Addr>, IpamError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -164,13 +164,21 @@ impl Records {
         let mut out = Vec::new();
         for e in entries {
             let e = e.map_err(io_err(&self.dir))?;
-            let Some(ip) = e.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else { continue };
+            out.extend(e.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// All allocations: (address, container id, ifname).
+    pub fn list(&self) -> Result<Vec<(Ipv4Addr, String, String)>, IpamError> {
+        let mut out = Vec::new();
+        for ip in self.addresses()? {
             // A file can vanish between readdir and read (a concurrent DEL): skip it.
-            let Ok(content) = fs::read_to_string(e.path()) else { continue };
+            let Ok(content) = fs::read_to_string(self.dir.join(ip.to_string())) else { continue };
             let (id, ifname) = parse_record(&content);
             out.push((ip, id, ifname));
         }
-        out.sort();
         Ok(out)
     }
 
